@@ -1,0 +1,64 @@
+"""The auth session state machine (lifecycle.md, "Two state machines").
+
+    initializing --vm ready, login started--> awaiting_user --captured--> completed
+         +----------- error / cancel / login deadline ---+--> failed | cancelled | expired
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from airlock.domain import IllegalTransition
+
+
+class SessionStatus(StrEnum):
+    INITIALIZING = "initializing"
+    AWAITING_USER = "awaiting_user"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.CANCELLED, SessionStatus.EXPIRED}
+)
+
+_ENDINGS = frozenset({SessionStatus.FAILED, SessionStatus.CANCELLED, SessionStatus.EXPIRED})
+
+TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
+    # A capture can race the "login started" report, so initializing may complete directly.
+    SessionStatus.INITIALIZING: frozenset({SessionStatus.AWAITING_USER, SessionStatus.COMPLETED})
+    | _ENDINGS,
+    SessionStatus.AWAITING_USER: frozenset({SessionStatus.COMPLETED}) | _ENDINGS,
+    SessionStatus.COMPLETED: frozenset(),
+    SessionStatus.FAILED: frozenset(),
+    SessionStatus.CANCELLED: frozenset(),
+    SessionStatus.EXPIRED: frozenset(),
+}
+
+
+def can_move(current: SessionStatus, target: SessionStatus) -> bool:
+    return target in TRANSITIONS[current]
+
+
+def move(current: SessionStatus, target: SessionStatus) -> SessionStatus:
+    """Return ``target`` if the table allows it, else raise ``IllegalTransition``."""
+    if not can_move(current, target):
+        raise IllegalTransition("session", current.value, target.value)
+    return target
+
+
+class FailureReason(StrEnum):
+    """Why a session failed, in words a person can act on (invariant 4)."""
+
+    VM_BOOT_FAILED = "vm_boot_failed"
+    VM_LOST = "vm_lost"
+    LOGIN_FAILED = "login_failed"
+    CAPTURE_FAILED = "capture_failed"
+    CONTROLLER_RESTARTED = "controller_restarted"
+    LOGIN_TIMEOUT = "login_timeout"

@@ -1,0 +1,82 @@
+"""The VM state machine (lifecycle.md, "Two state machines").
+
+    creating -> running -> draining -> destroying -> destroyed
+                     \\-> retained (debug keep of a failed VM)   \\-> lost (vanished early)
+
+``destroyed`` and ``lost`` are terminal; rows are never deleted (they are tombstones).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from airlock.domain import IllegalTransition
+
+
+class VmRole(StrEnum):
+    BROWSER = "browser"
+    CLI = "cli"
+
+
+class VmState(StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    DRAINING = "draining"
+    RETAINED = "retained"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    LOST = "lost"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def live(self) -> bool:
+        return self not in TERMINAL
+
+
+TERMINAL = frozenset({VmState.DESTROYED, VmState.LOST})
+LIVE = frozenset(set(VmState) - TERMINAL)
+
+TRANSITIONS: dict[VmState, frozenset[VmState]] = {
+    # creating -> destroying: boot failed, cancelled, or the login deadline passed mid-boot.
+    VmState.CREATING: frozenset(
+        {VmState.RUNNING, VmState.DRAINING, VmState.RETAINED, VmState.DESTROYING, VmState.LOST}
+    ),
+    VmState.RUNNING: frozenset(
+        {VmState.DRAINING, VmState.RETAINED, VmState.DESTROYING, VmState.LOST}
+    ),
+    VmState.DRAINING: frozenset({VmState.DESTROYING, VmState.LOST}),
+    VmState.RETAINED: frozenset({VmState.DESTROYING, VmState.LOST}),
+    # destroying -> destroying: a failed destroy is retried under a fresh lease.
+    VmState.DESTROYING: frozenset({VmState.DESTROYING, VmState.DESTROYED}),
+    VmState.DESTROYED: frozenset(),
+    VmState.LOST: frozenset(),
+}
+
+
+def can_move(current: VmState, target: VmState) -> bool:
+    return target in TRANSITIONS[current]
+
+
+def move(current: VmState, target: VmState) -> VmState:
+    """Return ``target`` if the table allows it, else raise ``IllegalTransition``."""
+    if not can_move(current, target):
+        raise IllegalTransition("vm", current.value, target.value)
+    return target
+
+
+class DestroyReason(StrEnum):
+    """Why a VM was (or will be) destroyed: the tombstone's answer to "what happened"."""
+
+    COMPLETED = "completed"  # the frontend called complete
+    GRACE_ENDED = "grace_ended"  # the success grace period or max drain ran out
+    FAILED = "failed"  # the session failed; grace_failure ran out
+    CANCELLED = "cancelled"
+    LOGIN_TIMEOUT = "login_timeout"
+    RETENTION_ENDED = "retention_ended"
+    OWNER_DELETE = "owner_delete"
+    ORPHAN = "orphan"
+    VANISHED = "vanished"  # the runtime no longer runs it (lost, or gone while due)
+    BOOT_FAILED = "boot_failed"

@@ -1,0 +1,143 @@
+"""Every setting Airlock reads, from ``AIRLOCK_*`` environment variables or a ``.env`` file.
+
+Settings are built where the process starts (``create_app()``, the CLI), never at import,
+so tests can make as many differently configured controllers as they like.
+Durations are milliseconds in the environment (the contract of ``http-api.md``) and
+exposed as ``timedelta`` properties, so no code below does unit arithmetic.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RuntimeName = Literal["sandbox", "qemu", "firecracker"]
+
+
+class Settings(BaseSettings):
+    """The controller's configuration. Each field is documented in the README."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AIRLOCK_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    # --- where it listens -------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(4000, ge=0, le=65535, description="Port the HTTP API listens on.")
+    public_url: str | None = Field(
+        None, description="Base URL users reach the API at; builds novncURL. Default http://{host}:{port}."
+    )
+
+    # --- where it keeps things --------------------------------------------------------
+    data_dir: Path = Field(Path("./data"), description="Database, keys and VM state.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL. Default: SQLite file in the data dir."
+    )
+    runtime: RuntimeName = Field("sandbox", description="Which VM runtime runs the VMs.")
+    secret_key_file: Path | None = Field(
+        None, description="AES-GCM key file for credentials; created 0600 on first start."
+    )
+
+    # --- the lifecycle (lifecycle.md, "Deadlines are data") ---------------------------
+    grace_success_ms: int = Field(
+        30_000,
+        ge=0,
+        validation_alias=AliasChoices(
+            "AIRLOCK_GRACE_SUCCESS_MS", "BROWSER_VM_GRACE_PERIOD_MS", "grace_success_ms"
+        ),
+        description="How long a browser VM stays after a successful login.",
+    )
+    grace_failure_ms: int = Field(5_000, ge=0, description="How long it stays after a failure.")
+    max_drain_ms: int = Field(120_000, ge=0, description="Cap on keepalives after completion.")
+    login_timeout_ms: int = Field(600_000, gt=0, description="Login deadline from session start.")
+    max_session_ms: int = Field(1_800_000, gt=0, description="Cap on viewer extensions.")
+    idle_extension_ms: int = Field(120_000, ge=0, description="Extension per viewer keepalive.")
+    debug_keep_failed_vms: bool = Field(False, description="Retain failed VMs for debugging.")
+    debug_retention_ms: int = Field(
+        3_600_000, ge=0, description="How long a retained VM is kept; 0 keeps it until deleted."
+    )
+    reconcile_interval_ms: int = Field(5_000, gt=0, description="Reconciler period.")
+    warm_pool: int = Field(0, ge=0, description="Booted browser VMs kept ready.")
+    credential_export: bool = Field(
+        False, description="Allow service tokens to read secret credential values."
+    )
+
+    # --- the demo identity provider and the generic oauth2 provider -------------------
+    demo_user: str = Field("demo", description="The demo identity provider's user name.")
+    demo_password: str = Field("demo", description="The demo identity provider's password.")
+    demo_idp_port: int = Field(4001, ge=0, le=65535, description="Port of the demo IdP.")
+    oauth2_authorize_url: str | None = Field(None, description="oauth2 provider: authorize URL.")
+    oauth2_token_url: str | None = Field(None, description="oauth2 provider: token URL.")
+    oauth2_client_id: str | None = Field(None, description="oauth2 provider: client id.")
+    oauth2_scopes: str = Field("openid profile", description="oauth2 provider: scopes.")
+    oauth2_allowed_hosts: str = Field(
+        "", description="Extra host:port pairs the browser VM may reach (comma separated)."
+    )
+
+    # --- operations -------------------------------------------------------------------
+    log_level: str = Field("INFO", description="Logging level.")
+    log_json: bool | None = Field(None, description="JSON logs; default: when not a TTY.")
+    vm_boot_timeout_ms: int = Field(60_000, gt=0, description="How long a VM may take to boot.")
+    max_concurrent_vms: int = Field(64, gt=0, description="Live browser VMs a controller runs.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # Derived values: one place that turns settings into what the code uses.
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'airlock.db'}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+    @property
+    def grace_success(self) -> timedelta:
+        return timedelta(milliseconds=self.grace_success_ms)
+
+    @property
+    def grace_failure(self) -> timedelta:
+        return timedelta(milliseconds=self.grace_failure_ms)
+
+    @property
+    def max_drain(self) -> timedelta:
+        return timedelta(milliseconds=self.max_drain_ms)
+
+    @property
+    def login_timeout(self) -> timedelta:
+        return timedelta(milliseconds=self.login_timeout_ms)
+
+    @property
+    def max_session(self) -> timedelta:
+        return timedelta(milliseconds=self.max_session_ms)
+
+    @property
+    def idle_extension(self) -> timedelta:
+        return timedelta(milliseconds=self.idle_extension_ms)
+
+    @property
+    def debug_retention(self) -> timedelta | None:
+        return timedelta(milliseconds=self.debug_retention_ms) if self.debug_retention_ms else None
+
+    @property
+    def reconcile_interval(self) -> timedelta:
+        return timedelta(milliseconds=self.reconcile_interval_ms)
+
+    @property
+    def vm_boot_timeout(self) -> timedelta:
+        return timedelta(milliseconds=self.vm_boot_timeout_ms)
