@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
     port: int = Field(4000, ge=0, le=65535, description="Port the HTTP API listens on.")
     public_url: str | None = Field(
-        None, description="Base URL users reach the API at; builds novncURL. Default http://{host}:{port}."
+        None,
+        description="Base URL users reach the API at; builds novncURL. Default http://{host}:{port}.",
     )
 
     # --- where it keeps things --------------------------------------------------------

@@ -1,7 +1,7 @@
 """The auth session state machine (lifecycle.md, "Two state machines").
 
-    initializing --vm ready, login started--> awaiting_user --captured--> completed
-         +----------- error / cancel / login deadline ---+--> failed | cancelled | expired
+initializing --vm ready, login started--> awaiting_user --captured--> completed
+     +----------- error / cancel / login deadline ---+--> failed | cancelled | expired
 """
 
 from __future__ import annotations

@@ -1,0 +1,650 @@
+"""The egress proxy: the only way out of a browser VM.
+
+A browser VM has no network but loopback. Its Chromium (``--proxy-server``) and its login
+programs (``HTTPS_PROXY``) talk to ``127.0.0.1:3128`` inside the VM, which the guest agent
+forwards to a Unix socket on the host where one ``EgressProxy`` per VM listens. The proxy
+lets a connection through only to the ``host:port`` pairs of that VM's allowlist (the
+provider's ``Route``s), optionally mapping a name that exists only for Airlock (the demo
+IdP's ``idp.airlock.test``) to a real address, and logs every connection.
+
+It speaks just enough HTTP/1.1 to be a forward proxy: ``CONNECT host:port`` for TLS tunnels
+and absolute-form requests (``GET http://host:port/path``) for plain HTTP, one request per
+connection (``Connection: close`` both ways), so that every request is checked against the
+allowlist and nothing is smuggled behind a first, allowed one. It never logs request lines,
+headers or bodies: they may carry authorization codes and tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import socket
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+log = logging.getLogger("airlock.egress")
+
+MAX_HEAD = 16 * 1024  # request head (request line + headers), bytes
+MAX_RESPONSE_HEAD = 64 * 1024  # upstream response head for plain-HTTP requests, bytes
+CHUNK = 64 * 1024  # one read while piping; with drain() this bounds what we buffer
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own: never forwarded.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    408: "Request Timeout",
+    411: "Length Required",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class RouteLike(Protocol):
+    """What the proxy needs of a ``providers.base.Route``. Structural, so that this adapter
+    does not import ``providers`` (a sibling layer, see the import-linter contract)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def target(self) -> tuple[str, int] | None: ...
+
+
+class _Reject(Exception):
+    """Answer the client with ``status`` and close; ``reason`` is for the log only."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Request:
+    method: str
+    host: str
+    port: int
+    target: str  # origin-form for plain HTTP, empty for CONNECT
+    headers: list[tuple[str, str]]
+    length: int = 0  # request body bytes (Content-Length) for plain HTTP
+
+
+@dataclass(slots=True)
+class _Conn:
+    """What one connection did, for its log line."""
+
+    started: float
+    method: str = "-"
+    dest: str = "-"
+    decision: str = "-"
+    status: int = 0
+    up: int = 0  # client -> upstream, bytes
+    down: int = 0  # upstream -> client, bytes
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+class EgressProxy:
+    """One browser VM's forward proxy on a Unix socket, allowing only ``routes``.
+
+    ``await serve(path)`` binds and returns once listening; connections are then handled in
+    tasks this object owns until ``await close()``, which stops the listener, cancels every
+    connection and removes the socket file. Also an async context manager for ``close``.
+    """
+
+    def __init__(
+        self,
+        routes: Iterable[RouteLike],
+        *,
+        vm_id: str,
+        head_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+        max_connections: int = 256,
+        max_head: int = MAX_HEAD,
+    ) -> None:
+        self.vm_id = vm_id
+        self._routes: dict[tuple[str, int], tuple[str, int]] = {}
+        for route in routes:
+            host = _normalise_host(route.host)
+            if host is None or not 0 < route.port < 65536:
+                raise ValueError(f"not a valid egress route: {route.host!r}:{route.port!r}")
+            self._routes[(host, route.port)] = route.target or (host, route.port)
+        self._head_timeout = head_timeout
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
+        self._max_head = max_head
+        self._server: asyncio.AbstractServer | None = None
+        self._path: Path | None = None
+        self._inode: tuple[int, int] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    @property
+    def allowlist(self) -> list[tuple[str, int]]:
+        return sorted(self._routes)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._tasks)
+
+    async def serve(self, path: Path) -> None:
+        """Listen on ``path`` (mode 0600) and return. A stale socket there is replaced."""
+        if self._server is not None or self._closing:
+            raise RuntimeError("this EgressProxy has already been started")
+        sock, inode = _bind_unix(path)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._handle, sock=sock, limit=self._max_head
+            )
+        except BaseException:
+            sock.close()
+            _unlink_if(path, inode)
+            raise
+        self._path, self._inode = path, inode
+        log.info(
+            "egress proxy for vm %s listening, allowing %s",
+            self.vm_id,
+            ", ".join(f"{h}:{p}" for h, p in self.allowlist) or "nothing",
+            extra={"vm_id": self.vm_id},
+        )
+
+    async def close(self) -> None:
+        """Stop listening, cancel and await every connection, remove the socket file."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._path is not None and self._inode is not None:
+            _unlink_if(self._path, self._inode)
+            self._inode = None
+
+    async def __aenter__(self) -> EgressProxy:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- one connection ------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._closing:
+            writer.close()
+            return
+        self._tasks.add(task)  # asyncio's server made this task; we own it from here on
+        conn = _Conn(started=time.monotonic())
+        try:
+            if len(self._tasks) > self._max_connections:
+                raise _Reject(503, "too many connections")
+            await self._serve_one(reader, writer, conn)
+        except _Reject as exc:
+            conn.status = exc.status
+            if conn.decision == "-":
+                conn.decision = "rejected"
+            await _send_error(writer, exc.status, exc.reason if exc.status == 403 else None)
+            log.warning(
+                "egress vm=%s %s %s %s: %s",
+                self.vm_id,
+                conn.method,
+                conn.dest,
+                conn.decision,
+                exc.reason,
+                extra={"vm_id": self.vm_id, "egress_dest": conn.dest, "egress": conn.decision},
+            )
+            return
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            conn.decision = "aborted" if conn.decision == "-" else conn.decision
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        if conn.decision in ("allowed", "aborted") and conn.method != "-":
+            log.info(
+                "egress vm=%s %s %s %s status=%d up=%d down=%d ms=%d",
+                self.vm_id,
+                conn.method,
+                conn.dest,
+                conn.decision,
+                conn.status,
+                conn.up,
+                conn.down,
+                (time.monotonic() - conn.started) * 1000,
+                extra={
+                    "vm_id": self.vm_id,
+                    "egress_dest": conn.dest,
+                    "egress": conn.decision,
+                    "bytes_up": conn.up,
+                    "bytes_down": conn.down,
+                },
+            )
+
+    async def _serve_one(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn
+    ) -> None:
+        try:
+            async with asyncio.timeout(self._head_timeout):
+                lines = await _read_head(reader, self._max_head)
+        except TimeoutError:
+            raise _Reject(408, "no complete request head in time") from None
+        if lines is None:
+            return  # connected and closed without a word: nothing to do or log
+        request = _parse_request(lines)
+        conn.method = request.method
+        conn.dest = f"{request.host}:{request.port}"
+        target = self._routes.get((request.host, request.port))
+        if target is None:
+            conn.decision = "denied"
+            raise _Reject(403, f"{conn.dest} is not on this VM's allowlist")
+        conn.decision = "allowed"
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                up_reader, up_writer = await asyncio.open_connection(
+                    target[0], target[1], limit=MAX_RESPONSE_HEAD
+                )
+        except TimeoutError:
+            raise _Reject(504, "upstream connect timed out") from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise _Reject(502, f"upstream connect failed: {reason}") from None
+        try:
+            if request.method == "CONNECT":
+                writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                await writer.drain()
+                conn.status = 200
+                await self._tunnel(reader, writer, up_reader, up_writer, conn)
+            else:
+                await self._forward(request, reader, writer, up_reader, up_writer, conn)
+        finally:
+            up_writer.close()
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
+
+    async def _tunnel(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        conn: _Conn,
+    ) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._pipe(reader, up_writer, conn, upstream=True), name="egress-up")
+            group.create_task(
+                self._pipe(up_reader, writer, conn, upstream=False), name="egress-down"
+            )
+
+    async def _forward(
+        self,
+        request: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        conn: _Conn,
+    ) -> None:
+        up_writer.write(_upstream_head(request))
+        await up_writer.drain()
+        # The body goes up while the answer is awaited: an upstream may answer early (an
+        # error, or 100 Continue that the client waits for before sending the body).
+        body = asyncio.create_task(
+            self._send_body(reader, up_writer, request.length, conn), name="egress-body"
+        )
+        try:
+            while True:  # interim 1xx responses pass through, then the final one
+                try:
+                    head = await self._read_response_head(up_reader)
+                except _Reject:
+                    if conn.down:
+                        raise ConnectionResetError from None  # the client has a partial answer
+                    raise
+                status = _status_of(head)
+                if status is None or status == 101:
+                    raise _Reject(502, "upstream sent an unusable response")
+                data = _downstream_head(head, final=status >= 200)
+                writer.write(data)
+                await writer.drain()
+                conn.down += len(data)
+                if status >= 200:
+                    conn.status = status
+                    break
+            await self._pipe(up_reader, writer, conn, upstream=False)
+        finally:
+            body.cancel()
+            await asyncio.wait([body])
+
+    async def _send_body(
+        self,
+        reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        length: int,
+        conn: _Conn,
+    ) -> None:
+        """Exactly ``length`` bytes: whatever follows is not this request's and is dropped."""
+        remaining = length
+        with contextlib.suppress(OSError):
+            while remaining > 0:
+                data = await self._read_idle(reader, min(CHUNK, remaining), conn)
+                if not data:
+                    return
+                remaining -= len(data)
+                conn.up += len(data)
+                up_writer.write(data)
+                await up_writer.drain()
+
+    async def _read_response_head(self, up_reader: asyncio.StreamReader) -> list[str]:
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                lines = await _read_head(up_reader, MAX_RESPONSE_HEAD)
+        except TimeoutError:
+            raise _Reject(504, "upstream did not answer in time") from None
+        except _Reject as exc:
+            raise _Reject(502, f"upstream response: {exc.reason}") from None
+        if lines is None:
+            raise _Reject(502, "upstream closed without answering")
+        return lines
+
+    async def _read_idle(self, src: asyncio.StreamReader, size: int, conn: _Conn) -> bytes:
+        """Read up to ``size`` bytes; b"" at EOF or once the connection (both directions)
+        has been idle for ``idle_timeout``."""
+        while True:
+            try:
+                async with asyncio.timeout(self._idle_timeout):
+                    data = await src.read(size)
+            except TimeoutError:
+                if time.monotonic() - conn.last_activity >= self._idle_timeout:
+                    return b""
+                continue
+            conn.last_activity = time.monotonic()
+            return data
+
+    async def _pipe(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        conn: _Conn,
+        *,
+        upstream: bool,
+    ) -> None:
+        """Copy until EOF with bounded reads and drain(), then half-close ``dst``."""
+        with contextlib.suppress(OSError):
+            while data := await self._read_idle(src, CHUNK, conn):
+                dst.write(data)
+                await dst.drain()
+                if upstream:
+                    conn.up += len(data)
+                else:
+                    conn.down += len(data)
+            if dst.can_write_eof():
+                dst.write_eof()
+            else:
+                dst.close()
+
+
+# --- HTTP/1.1 parsing: small, strict, bounded ------------------------------------------
+
+
+async def _read_head(reader: asyncio.StreamReader, limit: int) -> list[str] | None:
+    """The lines of one message head, or None on a clean EOF before any byte."""
+    lines: list[str] = []
+    total = 0
+    while True:
+        try:
+            raw = await reader.readline()
+        except ValueError:  # a line longer than the stream's limit
+            raise _Reject(431, "request head too large") from None
+        if not raw:
+            if total == 0:
+                return None
+            raise _Reject(400, "connection closed inside the request head")
+        total += len(raw)
+        if total > limit:
+            raise _Reject(431, "request head too large")
+        if not raw.endswith(b"\n"):
+            raise _Reject(400, "connection closed inside the request head")
+        if raw in (b"\r\n", b"\n"):
+            if lines:
+                return lines
+            continue  # RFC 9112 2.2: ignore empty lines before the request line
+        try:
+            line = raw.decode("latin-1").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+            raise _Reject(400, "undecodable request head") from None
+        lines.append(line)
+
+
+def _parse_request(lines: list[str]) -> _Request:
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _Reject(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method) or version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _Reject(400, "malformed request line")
+    headers = _parse_headers(lines[1:])
+    if method == "CONNECT":
+        host, port = _parse_authority(target, default_port=None)
+        return _Request(method, host, port, "", headers)
+    if not target.lower().startswith("http://"):
+        raise _Reject(400, "a proxy request needs an absolute http:// URL or CONNECT")
+    try:
+        url = urlsplit(target)
+    except ValueError:
+        raise _Reject(400, "malformed request URL") from None
+    if "@" in url.netloc:
+        raise _Reject(400, "credentials in the request URL")
+    if _BAD_VALUE.search(target) or " " in target or "#" in target:
+        raise _Reject(400, "malformed request URL")
+    host, port = _parse_authority(url.netloc, default_port=80)
+    origin = url.path or "/"
+    if url.query:
+        origin += "?" + url.query
+    return _Request(method, host, port, origin, headers, _content_length(headers))
+
+
+def _parse_headers(lines: list[str]) -> list[tuple[str, str]]:
+    headers: list[tuple[str, str]] = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN.fullmatch(name):  # also refuses obs-fold (leading space)
+            raise _Reject(400, "malformed header line")
+        value = value.strip(" \t")
+        if _BAD_VALUE.search(value):
+            raise _Reject(400, "control character in a header value")
+        headers.append((name, value))
+    return headers
+
+
+def _parse_authority(authority: str, *, default_port: int | None) -> tuple[str, int]:
+    if authority.startswith("["):
+        host_part, bracket, rest = authority[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise _Reject(400, "malformed host")
+        port_part = rest[1:] if rest else None
+        host = _normalise_host(host_part)
+    else:
+        host_part, colon, port_text = authority.rpartition(":")
+        if not colon:
+            host_part, port_part = authority, None
+        else:
+            port_part = port_text
+        host = _normalise_host(host_part)
+    if host is None:
+        raise _Reject(400, "malformed host")
+    if port_part is None:
+        if default_port is None:
+            raise _Reject(400, "CONNECT needs host:port")
+        return host, default_port
+    if not port_part.isascii() or not port_part.isdigit() or not 0 < int(port_part) < 65536:
+        raise _Reject(400, "malformed port")
+    return host, int(port_part)
+
+
+def _normalise_host(host: str) -> str | None:
+    """Lower-case name or canonical IP literal, or None if it is neither."""
+    host = host.strip().lower().removesuffix(".")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    return host if host.isascii() and _HOSTNAME.fullmatch(host) else None
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int:
+    lengths = {v for k, v in headers if k.lower() == "content-length"}
+    chunked = any(k.lower() == "transfer-encoding" for k, _ in headers)
+    if chunked and lengths:
+        raise _Reject(400, "both Content-Length and Transfer-Encoding")
+    if chunked:
+        raise _Reject(411, "request bodies need a Content-Length")
+    if not lengths:
+        return 0
+    if len(lengths) > 1:
+        raise _Reject(400, "conflicting Content-Length headers")
+    (value,) = lengths
+    if not value.isascii() or not value.isdigit():
+        raise _Reject(400, "malformed Content-Length")
+    return int(value)
+
+
+def _connection_tokens(headers: list[tuple[str, str]]) -> set[str]:
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() in ("connection", "proxy-connection")
+        for token in value.split(",")
+    }
+
+
+def _upstream_head(request: _Request) -> bytes:
+    """Origin-form request line, hop-by-hop and Proxy-* headers dropped, our Host and
+    ``Connection: close`` set."""
+    drop = _HOP_BY_HOP | _connection_tokens(request.headers) | {"host"}
+    host = request.host if ":" not in request.host else f"[{request.host}]"
+    lines = [
+        f"{request.method} {request.target} HTTP/1.1",
+        f"Host: {host}" + ("" if request.port == 80 else f":{request.port}"),
+    ]
+    lines += [
+        f"{name}: {value}"
+        for name, value in request.headers
+        if name.lower() not in drop and not name.lower().startswith("proxy-")
+    ]
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _status_of(head: list[str]) -> int | None:
+    parts = head[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        return None
+    status = int(parts[1])
+    return status if 100 <= status <= 599 else None
+
+
+def _downstream_head(head: list[str], *, final: bool) -> bytes:
+    """The upstream response head, with ``Connection: close`` on the final response."""
+    if not final:
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+    try:
+        headers = _parse_headers(head[1:])
+    except _Reject:
+        raise _Reject(502, "upstream sent malformed headers") from None
+    drop = (_HOP_BY_HOP - {"transfer-encoding", "trailer"}) | _connection_tokens(headers)
+    lines = [head[0]]
+    lines += [f"{name}: {value}" for name, value in headers if name.lower() not in drop]
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _send_error(writer: asyncio.StreamWriter, status: int, detail: str | None) -> None:
+    body = f"{status} {_REASONS.get(status, 'Error')}" + (f": {detail}" if detail else "")
+    data = (body + "\n").encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(data)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    with contextlib.suppress(ConnectionError):
+        writer.write(head.encode() + data)
+        await writer.drain()
+
+
+def _unlink_if(path: Path, inode: tuple[int, int]) -> None:
+    """Remove the socket file if it is still ours (not a successor's at the same path)."""
+    with contextlib.suppress(FileNotFoundError):
+        st = path.lstat()
+        if (st.st_dev, st.st_ino) == inode:
+            path.unlink()
+
+
+def _bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening-ready Unix socket at ``path`` with mode 0600 from the first instant: bound
+    under a temporary name, chmod-ed, then renamed into place."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        path.unlink()  # a stale socket from an earlier controller
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(tmp))
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+        st = path.lstat()
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    sock.setblocking(False)
+    return sock, (st.st_dev, st.st_ino)

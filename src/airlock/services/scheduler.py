@@ -1,0 +1,214 @@
+"""The scheduler: destroys VMs whose ``destroy_after`` is due. The only deadline timer.
+
+It sleeps until the earliest deadline in the database (or until poked because a deadline
+moved), claims due rows, and destroys them. Claims are conditional updates (on PostgreSQL
+under ``FOR UPDATE SKIP LOCKED``) that set a lease, so a row is destroyed by one controller
+once; a destroy that fails or dies with its process comes back when its lease ends, with
+exponential backoff. Nothing lives only in memory: after a crash the same rows are due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from airlock.aio import TaskOwner
+from airlock.clock import Clock
+from airlock.domain.sessions import FailureReason, SessionStatus
+from airlock.domain.vms import DestroyReason, VmState
+from airlock.metrics import Metrics
+from airlock.runtimes.base import Runtime
+from airlock.services import records
+from airlock.services.bus import SessionBus
+from airlock.store.db import Database
+from airlock.store.tables import Vm
+
+log = logging.getLogger("airlock.scheduler")
+
+DESTROY_LEASE = timedelta(seconds=60)
+MAX_SLEEP = 5.0  # seconds: catches deadlines set by another controller sharing the database
+BATCH = 50
+
+
+def retry_backoff(attempts: int) -> timedelta:
+    """0.5 s, 1 s, 2 s ... capped at one minute."""
+    return timedelta(seconds=min(0.5 * 2 ** max(attempts - 1, 0), 60.0))
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        runtime: Runtime,
+        clock: Clock,
+        metrics: Metrics,
+        bus: SessionBus,
+        tasks: TaskOwner,
+        on_destroyed: Callable[[str], Awaitable[None]] | None = None,
+        concurrency: int = 16,
+    ) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.clock = clock
+        self.metrics = metrics
+        self.bus = bus
+        self.tasks = tasks
+        self.on_destroyed = on_destroyed
+        self._poked = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+
+    def poke(self) -> None:
+        """A deadline moved earlier: re-read the next wake-up now."""
+        self._poked.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+                async with self.db.transaction() as repo:
+                    wake = await repo.next_wakeup()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler round failed; retrying")
+                wake = None
+            delay = MAX_SLEEP
+            if wake is not None:
+                delay = min(max((wake - self.clock.now()).total_seconds(), 0.0), MAX_SLEEP)
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self._poked.wait(), delay)
+                except TimeoutError:
+                    pass
+            self._poked.clear()
+
+    async def tick(self) -> int:
+        """Claim every due row and start destroying it; return how many were claimed."""
+        now = self.clock.now()
+        claimed: list[Vm] = []
+        async with self.db.transaction() as repo:
+            for vm in await repo.due_vms(now, BATCH):
+                was = vm.state
+                reason = vm.destroy_reason or DestroyReason.GRACE_ENDED.value
+                if not await repo.claim_destroy(vm, now=now, lease=DESTROY_LEASE, reason=reason):
+                    continue
+                session = await repo.session_of_vm(vm.id)
+                if session is not None and not SessionStatus(session.status).terminal:
+                    await records.move_session(
+                        repo,
+                        session,
+                        SessionStatus.EXPIRED,
+                        now=now,
+                        cause="login_deadline",
+                        actor="scheduler",
+                        failure_reason=FailureReason.LOGIN_TIMEOUT.value,
+                    )
+                    self.metrics.sessions.labels(SessionStatus.EXPIRED.value).inc()
+                if was != VmState.DESTROYING.value:
+                    repo.add_event(
+                        at=now,
+                        kind="vm",
+                        subject_id=vm.id,
+                        vm_id=vm.id,
+                        session_id=session.id if session else None,
+                        from_state=was,
+                        to_state=VmState.DESTROYING.value,
+                        cause=reason,
+                        actor="scheduler",
+                    )
+                vm.state = VmState.DESTROYING.value
+                claimed.append(vm)
+        for vm in claimed:
+            self.tasks.spawn(self._destroy_claimed(vm), name=f"destroy:{vm.id}")
+        return len(claimed)
+
+    async def destroy_now(self, vm_id: str, *, reason: DestroyReason, actor: str) -> bool:
+        """Destroy a VM at once (``complete``, cancel, owner delete). Concurrent callers:
+        one performs the destroy, the others return False at once. Never raises for a
+        VM that is already gone or being destroyed."""
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            vm = await repo.vm(vm_id, lock=True)
+            if vm is None or vm.state in (VmState.DESTROYING.value, *_TERMINAL):
+                return False
+            was = vm.state
+            if not await repo.claim_destroy(vm, now=now, lease=DESTROY_LEASE, reason=reason):
+                return False
+            # The deadline becomes "now": destroy lag measures from the moment it was asked.
+            await repo.set_vm(vm.id, [VmState.DESTROYING], destroy_after=now)
+            session = await repo.session_of_vm(vm.id)
+            repo.add_event(
+                at=now,
+                kind="vm",
+                subject_id=vm.id,
+                vm_id=vm.id,
+                session_id=session.id if session else None,
+                from_state=was,
+                to_state=VmState.DESTROYING.value,
+                cause=reason.value,
+                actor=actor,
+            )
+            vm.state, vm.destroy_after, vm.destroy_reason = VmState.DESTROYING.value, now, reason
+        await self._destroy_claimed(vm)
+        return True
+
+    async def _destroy_claimed(self, vm: Vm) -> None:
+        async with self._slots:
+            try:
+                await self.runtime.destroy(vm.id)
+            except Exception as exc:
+                await self._destroy_failed(vm, exc)
+                return
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            won = await records.move_vm(
+                repo,
+                vm,
+                VmState.DESTROYED,
+                now=now,
+                cause=vm.destroy_reason or "destroyed",
+                actor="scheduler",
+                destroyed_at=now,
+                lease_until=None,
+                last_error=None,
+            )
+            session = await repo.session_of_vm(vm.id)
+        if won:
+            self.metrics.destroys.labels(vm.role, vm.destroy_reason or "").inc()
+            self.metrics.vm_lifetime.labels(vm.role, vm.runtime).observe(
+                (now - vm.created_at).total_seconds()
+            )
+            if vm.destroy_after is not None:
+                self.metrics.destroy_lag.observe(max((now - vm.destroy_after).total_seconds(), 0))
+        if self.on_destroyed is not None:
+            await self.on_destroyed(vm.id)
+        if session is not None:
+            await self.bus.publish(session.id)
+
+    async def _destroy_failed(self, vm: Vm, exc: Exception) -> None:
+        now = self.clock.now()
+        attempts = vm.destroy_attempts + 1
+        log.warning(
+            "destroy failed (attempt %d): %s",
+            attempts,
+            exc,
+            extra={"vm_id": vm.id},
+        )
+        self.metrics.destroy_failures.inc()
+        async with self.db.transaction() as repo:
+            await repo.set_vm(
+                vm.id,
+                [VmState.DESTROYING],
+                destroy_attempts=attempts,
+                lease_until=now + retry_backoff(attempts),
+                last_error=str(exc)[:500],
+                updated_at=now,
+            )
+        vm.destroy_attempts = attempts
+        self.poke()
+
+
+_TERMINAL = (VmState.DESTROYED.value, VmState.LOST.value)

@@ -1,0 +1,611 @@
+"""Auth sessions: start, boot the browser VM, watch for the capture, keepalive, complete,
+cancel, and recovery after a controller restart.
+
+Every deadline comes from ``domain.deadlines.DeadlinePolicy`` and is written to the VM row;
+this module never sleeps until a deadline (the scheduler does). The credentials are stored
+encrypted in the same transaction that marks the session ``completed`` and schedules the
+VM's end (invariant 6), and only then does the agent wipe them from the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import time
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from airlock.agent.client import AgentClient
+from airlock.aio import TaskOwner
+from airlock.clock import Clock
+from airlock.domain.deadlines import DeadlinePolicy
+from airlock.domain.sessions import FailureReason, SessionStatus
+from airlock.domain.vms import DestroyReason, VmRole, VmState
+from airlock.errors import (
+    AirlockError,
+    Conflict,
+    CredentialError,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from airlock.metrics import Metrics
+from airlock.providers.base import Credentials, Provider
+from airlock.runtimes.base import Runtime, VmSpec
+from airlock.services import records
+from airlock.services.bus import SessionBus
+from airlock.services.egress import EgressManager
+from airlock.services.scheduler import Scheduler
+from airlock.store.db import Database
+from airlock.store.tables import AuthSession, Credential, Event, Vm
+from airlock.vault import Vault
+
+log = logging.getLogger("airlock.sessions")
+
+CAPTURE_POLL_S = 10.0
+_ID_ALPHABET = set("0123456789abcdef")
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
+def new_vm_id() -> str:
+    return "vm-" + secrets.token_hex(8)
+
+
+def check_session_id(session_id: str) -> str:
+    if len(session_id) != 32 or not set(session_id) <= _ID_ALPHABET:
+        raise InvalidInput(f"malformed session id {session_id[:40]!r}", code="invalid_id")
+    return session_id
+
+
+class SessionService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        runtime: Runtime,
+        clock: Clock,
+        policy: DeadlinePolicy,
+        providers: dict[str, Provider],
+        vault: Vault,
+        metrics: Metrics,
+        bus: SessionBus,
+        egress: EgressManager,
+        scheduler: Scheduler,
+        tasks: TaskOwner,
+        boot_timeout: float,
+        max_browser_vms: int,
+    ) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.clock = clock
+        self.policy = policy
+        self.providers = providers
+        self.vault = vault
+        self.metrics = metrics
+        self.bus = bus
+        self.egress = egress
+        self.scheduler = scheduler
+        self.tasks = tasks
+        self.boot_timeout = boot_timeout
+        self.max_browser_vms = max_browser_vms
+
+    # --- reading -----------------------------------------------------------------------
+    async def get(self, session_id: str, user_id: str | None) -> tuple[AuthSession, Vm | None]:
+        """The session and its VM; 404 when missing or not ``user_id``'s (None: any)."""
+        check_session_id(session_id)
+        async with self.db.transaction() as repo:
+            session = await repo.auth_session(session_id)
+            if session is None or (user_id is not None and session.user_id != user_id):
+                raise NotFound(
+                    f"no auth session {session_id} for this user", code="session_not_found"
+                )
+            vm = await repo.vm(session.vm_id) if session.vm_id else None
+            return session, vm
+
+    async def list(
+        self, user_id: str | None, status: str | None = None, limit: int = 100
+    ) -> list[tuple[AuthSession, Vm | None]]:
+        if status is not None and status not in {s.value for s in SessionStatus}:
+            raise InvalidInput(f"unknown status {status!r}", code="invalid_status")
+        async with self.db.transaction() as repo:
+            sessions = await repo.auth_sessions(
+                user_id=user_id, statuses=[status] if status else None, limit=limit
+            )
+            vms = {vm.id: vm for vm in await repo.vms(ids=[s.vm_id for s in sessions if s.vm_id])}
+        return [(s, vms.get(s.vm_id) if s.vm_id else None) for s in sessions]
+
+    async def credential(self, session_id: str) -> Credential | None:
+        async with self.db.transaction() as repo:
+            return await repo.credential_of_session(session_id)
+
+    async def events(self, session: AuthSession) -> list[Event]:
+        async with self.db.transaction() as repo:
+            return await repo.events_for_session(
+                session.id, [session.vm_id] if session.vm_id else []
+            )
+
+    def provider(self, provider_id: str) -> Provider:
+        provider = self.providers.get(provider_id)
+        if provider is None:
+            known = ", ".join(sorted(self.providers))
+            raise InvalidInput(
+                f"unknown provider {provider_id!r} (known: {known})", code="unknown_provider"
+            )
+        return provider
+
+    # --- start -------------------------------------------------------------------------
+    async def start(
+        self, *, user_id: str, provider_id: str, actor: str, cli_vm_id: str | None = None
+    ) -> tuple[AuthSession, Vm]:
+        provider = self.provider(provider_id)
+        reason = provider.available()
+        if reason is not None:
+            raise Unavailable(
+                f"provider {provider_id} is not available here: {reason}",
+                code="provider_unavailable",
+            )
+        now = self.clock.now()
+        session_id, vm_id = new_session_id(), new_vm_id()
+        async with self.db.transaction() as repo:
+            if cli_vm_id is not None:
+                target = await repo.vm(cli_vm_id)
+                if (
+                    target is None
+                    or target.user_id != user_id
+                    or target.role != VmRole.CLI.value
+                    or VmState(target.state).terminal
+                ):
+                    raise NotFound(f"no CLI VM {cli_vm_id} for this user", code="vm_not_found")
+            live = await repo.vms(
+                role=VmRole.BROWSER.value, states=[VmState.CREATING.value, VmState.RUNNING.value]
+            )
+            if len(live) >= self.max_browser_vms:
+                raise Unavailable(
+                    "too many logins in progress on this controller; retry soon", code="at_capacity"
+                )
+            vm = Vm(
+                id=vm_id,
+                role=VmRole.BROWSER.value,
+                runtime=self.runtime.name,
+                user_id=user_id,
+                state=VmState.CREATING.value,
+                created_at=now,
+                updated_at=now,
+                destroy_after=self.policy.on_created(now),
+                destroy_reason=DestroyReason.LOGIN_TIMEOUT.value,
+                destroy_attempts=0,
+                warm=False,
+                detail={},
+            )
+            session = AuthSession(
+                id=session_id,
+                user_id=user_id,
+                provider=provider_id,
+                status=SessionStatus.INITIALIZING.value,
+                vm_id=vm_id,
+                cli_vm_id=cli_vm_id,
+                created_at=now,
+                updated_at=now,
+            )
+            repo.add_vm(vm)
+            await repo.session.flush()  # the VM row exists before the session names it
+            repo.add_session(session)
+            repo.add_event(
+                at=now,
+                kind="vm",
+                subject_id=vm_id,
+                vm_id=vm_id,
+                session_id=session_id,
+                to_state=VmState.CREATING.value,
+                cause="session_started",
+                actor=actor,
+            )
+            repo.add_event(
+                at=now,
+                kind="session",
+                subject_id=session_id,
+                session_id=session_id,
+                vm_id=vm_id,
+                to_state=SessionStatus.INITIALIZING.value,
+                cause="started",
+                actor=actor,
+                detail={"provider": provider_id},
+            )
+        log.info(
+            "session started",
+            extra={
+                "session_id": session_id,
+                "vm_id": vm_id,
+                "provider": provider_id,
+                "actor": actor,
+            },
+        )
+        self.scheduler.poke()
+        self.tasks.spawn(self._boot(session_id, vm_id, provider), name=f"boot:{session_id}")
+        return session, vm
+
+    async def _boot(self, session_id: str, vm_id: str, provider: Provider) -> None:
+        started = time.monotonic()
+        spec = VmSpec(vm_id=vm_id, role=VmRole.BROWSER, user_id="")
+        try:
+            running = await asyncio.wait_for(self.runtime.create(spec), self.boot_timeout)
+        except Exception as exc:
+            await self.runtime.destroy(vm_id)
+            await self._fail(
+                session_id,
+                FailureReason.VM_BOOT_FAILED,
+                f"the browser VM did not start: {_short(exc)}",
+            )
+            return
+        self.metrics.vm_boot.labels("browser", self.runtime.name, "cold").observe(
+            time.monotonic() - started
+        )
+        try:
+            await self.egress.start(
+                vm_id, running.state_dir / "egress.sock", provider.egress_routes()
+            )
+            agent = await self._agent(vm_id)
+            try:
+                await agent.start_login(provider.login_plan())
+            finally:
+                await agent.close()
+        except Exception as exc:
+            await self._fail(
+                session_id, FailureReason.LOGIN_FAILED, f"the login could not start: {_short(exc)}"
+            )
+            return
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            vm = await repo.vm(vm_id, lock=True)
+            session = await repo.auth_session(session_id)
+            ready = (
+                vm is not None
+                and session is not None
+                and vm.state == VmState.CREATING.value
+                and session.status == SessionStatus.INITIALIZING.value
+            )
+            if ready and vm is not None and session is not None:
+                await records.move_vm(
+                    repo,
+                    vm,
+                    VmState.RUNNING,
+                    now=now,
+                    cause="booted",
+                    actor="controller",
+                    session_id=session_id,
+                    running_at=now,
+                    detail=dict(running.detail),
+                )
+                await records.move_session(
+                    repo,
+                    session,
+                    SessionStatus.AWAITING_USER,
+                    now=now,
+                    cause="login_started",
+                    actor="controller",
+                    ready_at=now,
+                )
+                self.metrics.session_ready.observe((now - session.created_at).total_seconds())
+        if not ready:
+            # Cancelled or expired while booting: the destroy may have run before the VM
+            # existed, so make sure nothing is left of it.
+            await self.runtime.destroy(vm_id)
+            await self.egress.stop(vm_id)
+            return
+        await self.bus.publish(session_id)
+        self.tasks.spawn(self._watch(session_id, vm_id, provider), name=f"watch:{session_id}")
+
+    async def _agent(self, vm_id: str) -> AgentClient:
+        reader, writer = await self.runtime.open_agent(vm_id)
+        return AgentClient(reader, writer)
+
+    # --- capture -----------------------------------------------------------------------
+    async def _watch(self, session_id: str, vm_id: str, provider: Provider) -> None:
+        """Wait for the agent to report the credentials (once), then store and ack them."""
+        failures = 0
+        while True:
+            async with self.db.transaction() as repo:
+                session = await repo.auth_session(session_id)
+                vm = await repo.vm(vm_id)
+            if (
+                session is None
+                or vm is None
+                or SessionStatus(session.status).terminal
+                or VmState(vm.state).terminal
+                or vm.state == VmState.DESTROYING.value
+            ):
+                return
+            try:
+                agent = await self._agent(vm_id)
+                try:
+                    result = await agent.capture(timeout_s=CAPTURE_POLL_S)
+                    status = None if result.get("captured") else await agent.login_status()
+                finally:
+                    await agent.close()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log.warning(
+                    "agent unreachable (%d): %s",
+                    failures,
+                    _short(exc),
+                    extra={"session_id": session_id, "vm_id": vm_id},
+                )
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                continue
+            if result.get("captured"):
+                files = {p: base64.b64decode(b) for p, b in result["files"].items()}
+                await self._on_capture(session_id, vm_id, provider, files)
+                return
+            if status is not None and status.get("state") == "exited":
+                await self._fail(
+                    session_id,
+                    FailureReason.LOGIN_FAILED,
+                    f"the {provider.id} login program exited with code "
+                    f"{status.get('exit_code')} without credentials",
+                )
+                return
+
+    async def _on_capture(
+        self, session_id: str, vm_id: str, provider: Provider, files: dict[str, bytes]
+    ) -> None:
+        now = self.clock.now()
+        try:
+            creds = provider.normalise(files, now=now)
+        except CredentialError as exc:
+            await self._wipe(vm_id, session_id)
+            await self._fail(session_id, FailureReason.CAPTURE_FAILED, exc.message)
+            return
+        async with self.db.transaction() as repo:
+            session = await repo.auth_session(session_id)
+            vm = await repo.vm(vm_id, lock=True)
+            if session is None or vm is None:
+                return
+            if SessionStatus(session.status).terminal:
+                log.info(
+                    "capture after the session ended; discarded",
+                    extra={"session_id": session_id, "vm_id": vm_id},
+                )
+            else:
+                sealed = self.vault.seal(_plaintext(creds), context=f"{session_id}:{provider.id}")
+                repo.add_credential(
+                    Credential(
+                        id=secrets.token_hex(8),
+                        session_id=session_id,
+                        user_id=session.user_id,
+                        provider=provider.id,
+                        key_id=sealed.key_id,
+                        nonce=sealed.nonce,
+                        ciphertext=sealed.ciphertext,
+                        account=asdict(creds.account),
+                        scopes=list(creds.scopes),
+                        plan=creds.plan,
+                        expires_at=creds.expires_at,
+                        captured_at=now,
+                    )
+                )
+                repo.add_event(
+                    at=now,
+                    kind="credential",
+                    subject_id=session_id,
+                    session_id=session_id,
+                    vm_id=vm_id,
+                    cause="captured",
+                    actor="agent",
+                    detail={"provider": provider.id, "files": sorted(files)},
+                )
+                await records.move_session(
+                    repo,
+                    session,
+                    SessionStatus.COMPLETED,
+                    now=now,
+                    cause="credentials_captured",
+                    actor="agent",
+                    completed_at=now,
+                )
+                self.metrics.sessions.labels(SessionStatus.COMPLETED.value).inc()
+                if vm.state in (VmState.CREATING.value, VmState.RUNNING.value):
+                    plan = self.policy.on_completed(now)
+                    await records.move_vm(
+                        repo,
+                        vm,
+                        plan.state,
+                        now=now,
+                        cause="completed",
+                        actor="controller",
+                        session_id=session_id,
+                        destroy_after=plan.destroy_after,
+                        destroy_reason=DestroyReason.GRACE_ENDED.value,
+                    )
+        await self._wipe(vm_id, session_id)
+        await self.egress.stop(vm_id)
+        self.scheduler.poke()
+        await self.bus.publish(session_id)
+
+    async def _wipe(self, vm_id: str, session_id: str) -> None:
+        try:
+            agent = await self._agent(vm_id)
+            try:
+                wiped = await agent.ack_capture()
+            finally:
+                await agent.close()
+            log.info(
+                "credentials wiped from the browser VM",
+                extra={"session_id": session_id, "vm_id": vm_id, "files": len(wiped)},
+            )
+        except Exception as exc:
+            # The VM is scheduled for destruction anyway; its files go with it.
+            log.warning(
+                "could not wipe the capture: %s",
+                _short(exc),
+                extra={"session_id": session_id, "vm_id": vm_id},
+            )
+
+    async def _fail(self, session_id: str, reason: FailureReason, message: str) -> None:
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            session = await repo.auth_session(session_id)
+            if session is None or SessionStatus(session.status).terminal:
+                return
+            await records.move_session(
+                repo,
+                session,
+                SessionStatus.FAILED,
+                now=now,
+                cause=reason.value,
+                actor="controller",
+                failure_reason=f"{reason.value}: {message}",
+            )
+            self.metrics.sessions.labels(SessionStatus.FAILED.value).inc()
+            vm = await repo.vm(session.vm_id, lock=True) if session.vm_id else None
+            if vm is not None and vm.state in (VmState.CREATING.value, VmState.RUNNING.value):
+                plan = self.policy.on_failed(now)
+                await records.move_vm(
+                    repo,
+                    vm,
+                    plan.state,
+                    now=now,
+                    cause=reason.value,
+                    actor="controller",
+                    session_id=session_id,
+                    destroy_after=plan.destroy_after,
+                    destroy_reason=_reason_after_failure(plan.state),
+                )
+        self.scheduler.poke()
+        await self.bus.publish(session_id)
+
+    # --- what the frontend calls -------------------------------------------------------
+    async def keepalive(self, session_id: str, user_id: str | None) -> datetime | None:
+        """A person is still looking: extend the VM's deadline within the policy's caps."""
+        check_session_id(session_id)
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            session = await repo.auth_session(session_id)
+            if session is None or (user_id is not None and session.user_id != user_id):
+                raise NotFound(
+                    f"no auth session {session_id} for this user", code="session_not_found"
+                )
+            vm = await repo.vm(session.vm_id, lock=True) if session.vm_id else None
+            if vm is None or VmState(vm.state).terminal:
+                return None
+            new = self.policy.on_viewer_activity(
+                now=now,
+                current=vm.destroy_after,
+                vm_state=VmState(vm.state),
+                vm_created_at=vm.created_at,
+                session_status=SessionStatus(session.status),
+                completed_at=session.completed_at,
+            )
+            if new != vm.destroy_after and await repo.set_vm(
+                vm.id, [VmState(vm.state)], destroy_after=new, updated_at=now
+            ):
+                vm.destroy_after = new
+        await self.bus.publish(session_id)
+        return vm.destroy_after
+
+    async def complete(
+        self, session_id: str, user_id: str | None, actor: str
+    ) -> tuple[AuthSession, Vm | None]:
+        """The frontend has what it needs: destroy the browser VM now. Idempotent."""
+        session, vm = await self.get(session_id, user_id)
+        if not SessionStatus(session.status).terminal:
+            raise Conflict(
+                f"session {session_id} is still {session.status}; nothing to complete",
+                code="session_not_finished",
+            )
+        if vm is not None and await self.scheduler.destroy_now(
+            vm.id, reason=DestroyReason.COMPLETED, actor=actor
+        ):
+            if session.completed_at is not None:
+                self.metrics.completion_to_handoff.observe(
+                    (self.clock.now() - session.completed_at).total_seconds()
+                )
+        return await self.get(session_id, user_id)
+
+    async def cancel(
+        self, session_id: str, user_id: str | None, actor: str
+    ) -> tuple[AuthSession, Vm | None]:
+        """Cancel (if not terminal) and destroy the VM now. Idempotent."""
+        _, vm = await self.get(session_id, user_id)
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            fresh = await repo.auth_session(session_id)
+            if fresh is not None and not SessionStatus(fresh.status).terminal:
+                await records.move_session(
+                    repo, fresh, SessionStatus.CANCELLED, now=now, cause="cancelled", actor=actor
+                )
+                self.metrics.sessions.labels(SessionStatus.CANCELLED.value).inc()
+        if vm is not None:
+            await self.scheduler.destroy_now(vm.id, reason=DestroyReason.CANCELLED, actor=actor)
+        await self.bus.publish(session_id)
+        return await self.get(session_id, user_id)
+
+    # --- after a restart ---------------------------------------------------------------
+    async def recover(self) -> None:
+        """Take over from a previous controller process: sessions whose boot was cut off
+        fail (their VM then ends on the failure grace); sessions awaiting the user get
+        their egress proxy and capture watcher back."""
+        async with self.db.transaction() as repo:
+            pending = await repo.auth_sessions(
+                statuses=[SessionStatus.INITIALIZING.value, SessionStatus.AWAITING_USER.value]
+            )
+            vms = {vm.id: vm for vm in await repo.vms(ids=[s.vm_id for s in pending if s.vm_id])}
+        running = {vm.vm_id: vm for vm in await self.runtime.list()}
+        for session in pending:
+            vm = vms.get(session.vm_id or "")
+            if session.status == SessionStatus.INITIALIZING.value:
+                await self._fail(
+                    session.id,
+                    FailureReason.CONTROLLER_RESTARTED,
+                    "the controller restarted while the browser VM was starting",
+                )
+                continue
+            if vm is None or vm.id not in running or vm.state != VmState.RUNNING.value:
+                continue  # the reconciler judges VMs that are gone
+            provider = self.providers.get(session.provider)
+            if provider is None:
+                await self._fail(
+                    session.id,
+                    FailureReason.LOGIN_FAILED,
+                    f"provider {session.provider} is no longer configured",
+                )
+                continue
+            await self.egress.start(
+                vm.id, running[vm.id].state_dir / "egress.sock", provider.egress_routes()
+            )
+            self.tasks.spawn(self._watch(session.id, vm.id, provider), name=f"watch:{session.id}")
+            log.info(
+                "adopted session after restart", extra={"session_id": session.id, "vm_id": vm.id}
+            )
+
+
+def _plaintext(creds: Credentials) -> bytes:
+    body: dict[str, Any] = {
+        "provider": creds.provider,
+        "accessToken": creds.access_token,
+        "refreshToken": creds.refresh_token,
+        "expiresAt": creds.expires_at.isoformat() if creds.expires_at else None,
+        "scopes": creds.scopes,
+        "account": asdict(creds.account),
+        "plan": creds.plan,
+        "raw": {path: base64.b64encode(data).decode() for path, data in creds.raw.items()},
+    }
+    return json.dumps(body).encode()
+
+
+def _reason_after_failure(state: VmState) -> str:
+    if state is VmState.RETAINED:
+        return DestroyReason.RETENTION_ENDED.value
+    return DestroyReason.FAILED.value
+
+
+def _short(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, AirlockError) else str(exc) or type(exc).__name__
+    return text.strip().splitlines()[-1][:300] if text.strip() else type(exc).__name__

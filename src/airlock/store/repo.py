@@ -1,0 +1,273 @@
+"""The queries. A ``Repo`` is bound to one transaction (``Database.transaction()``).
+
+State changes are *conditional* updates (``WHERE state IN (expected)``) that report whether
+they won: two controllers, or a request racing the scheduler, can try the same move and
+exactly one succeeds. That is what makes destroy exactly-once (invariant 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from airlock.domain.sessions import SessionStatus
+from airlock.domain.vms import LIVE, VmState
+from airlock.store.tables import AuthSession, Credential, Event, Token, Vm
+
+# States whose deadline the scheduler acts on (destroying rows come back when their lease ends).
+_SCHEDULED = (VmState.CREATING, VmState.RUNNING, VmState.DRAINING, VmState.RETAINED)
+
+
+class Repo:
+    def __init__(self, session: AsyncSession, *, postgres: bool) -> None:
+        self.session = session
+        self.postgres = postgres
+
+    async def ping(self) -> None:
+        await self.session.execute(text("SELECT 1"))
+
+    # --- events ------------------------------------------------------------------------
+    def add_event(
+        self,
+        *,
+        at: datetime,
+        kind: str,
+        subject_id: str,
+        cause: str,
+        actor: str,
+        session_id: str | None = None,
+        vm_id: str | None = None,
+        from_state: str | None = None,
+        to_state: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        self.session.add(
+            Event(
+                at=at,
+                kind=kind,
+                subject_id=subject_id,
+                session_id=session_id,
+                vm_id=vm_id,
+                from_state=from_state,
+                to_state=to_state,
+                cause=cause,
+                actor=actor,
+                detail=detail or {},
+            )
+        )
+
+    async def events_for_session(self, session_id: str, vm_ids: Sequence[str]) -> list[Event]:
+        cond = Event.session_id == session_id
+        if vm_ids:
+            cond = or_(cond, Event.vm_id.in_(vm_ids))
+        rows = await self.session.scalars(select(Event).where(cond).order_by(Event.id))
+        return list(rows)
+
+    # --- tokens ------------------------------------------------------------------------
+    def add_token(self, token: Token) -> None:
+        self.session.add(token)
+
+    async def token_by_hash(self, token_hash: str) -> Token | None:
+        return await self.session.scalar(select(Token).where(Token.token_hash == token_hash))
+
+    async def tokens(self) -> list[Token]:
+        return list(await self.session.scalars(select(Token).order_by(Token.created_at)))
+
+    async def token(self, token_id: str) -> Token | None:
+        return await self.session.get(Token, token_id)
+
+    # --- vms ---------------------------------------------------------------------------
+    def add_vm(self, vm: Vm) -> None:
+        self.session.add(vm)
+
+    async def vm(self, vm_id: str, *, lock: bool = False) -> Vm | None:
+        query = select(Vm).where(Vm.id == vm_id)
+        if lock and self.postgres:
+            query = query.with_for_update()
+        return await self.session.scalar(query.execution_options(populate_existing=True))
+
+    async def vms(
+        self,
+        *,
+        user_id: str | None = None,
+        role: str | None = None,
+        states: Iterable[str] | None = None,
+        ids: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> list[Vm]:
+        query = select(Vm).order_by(Vm.created_at.desc())
+        if user_id is not None:
+            query = query.where(Vm.user_id == user_id)
+        if role is not None:
+            query = query.where(Vm.role == role)
+        if states is not None:
+            query = query.where(Vm.state.in_(list(states)))
+        if ids is not None:
+            query = query.where(Vm.id.in_(list(ids)))
+        if limit is not None:
+            query = query.limit(limit)
+        return list(await self.session.scalars(query.execution_options(populate_existing=True)))
+
+    async def live_vms(self) -> list[Vm]:
+        return await self.vms(states=[s.value for s in LIVE])
+
+    async def move_vm(
+        self, vm_id: str, expect: Iterable[VmState], to: VmState, **values: Any
+    ) -> bool:
+        """Move a VM to ``to`` if it is still in one of ``expect``; report whether it did."""
+        result = await self.session.execute(
+            update(Vm)
+            .where(Vm.id == vm_id, Vm.state.in_([s.value for s in expect]))
+            .values(state=to.value, **values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def set_vm(self, vm_id: str, expect: Iterable[VmState], **values: Any) -> bool:
+        """Update fields of a VM still in one of ``expect`` (its state stays)."""
+        result = await self.session.execute(
+            update(Vm)
+            .where(Vm.id == vm_id, Vm.state.in_([s.value for s in expect]))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def due_vms(self, now: datetime, limit: int) -> list[Vm]:
+        """Rows whose deadline is due, or whose destroy lease ran out (a destroy that
+        crashed or failed). On PostgreSQL the rows are locked and rows another
+        controller holds are skipped, so each due row is claimed by one controller."""
+        query = (
+            select(Vm)
+            .where(
+                or_(
+                    and_(Vm.state.in_([s.value for s in _SCHEDULED]), Vm.destroy_after <= now),
+                    and_(
+                        Vm.state == VmState.DESTROYING.value,
+                        or_(Vm.lease_until.is_(None), Vm.lease_until <= now),
+                    ),
+                )
+            )
+            .order_by(Vm.destroy_after)
+            .limit(limit)
+        )
+        if self.postgres:
+            query = query.with_for_update(skip_locked=True)
+        return list(await self.session.scalars(query.execution_options(populate_existing=True)))
+
+    async def claim_destroy(
+        self, vm: Vm, *, now: datetime, lease: timedelta, reason: str | None
+    ) -> bool:
+        """Take the destroy of ``vm``: live -> destroying, or an expired lease renewed."""
+        stale_lease = or_(Vm.lease_until.is_(None), Vm.lease_until <= now)
+        values: dict[str, Any] = {
+            "state": VmState.DESTROYING.value,
+            "lease_until": now + lease,
+            "updated_at": now,
+        }
+        if reason is not None and vm.state != VmState.DESTROYING.value:
+            values["destroy_reason"] = reason
+        result = await self.session.execute(
+            update(Vm)
+            .where(
+                Vm.id == vm.id,
+                or_(
+                    Vm.state.in_([s.value for s in _SCHEDULED]),
+                    and_(Vm.state == VmState.DESTROYING.value, stale_lease),
+                ),
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def next_wakeup(self) -> datetime | None:
+        """The earliest moment the scheduler has something to do."""
+        deadline = await self.session.scalar(
+            select(func.min(Vm.destroy_after)).where(Vm.state.in_([s.value for s in _SCHEDULED]))
+        )
+        lease = await self.session.scalar(
+            select(func.min(Vm.lease_until)).where(Vm.state == VmState.DESTROYING.value)
+        )
+        candidates = [_aware(t) for t in (deadline, lease) if t is not None]
+        return min(candidates) if candidates else None
+
+    async def count_vms(self) -> list[tuple[str, str, int]]:
+        rows = await self.session.execute(
+            select(Vm.role, Vm.state, func.count()).group_by(Vm.role, Vm.state)
+        )
+        return [(r, s, int(n)) for r, s, n in rows.all()]
+
+    # --- auth sessions -----------------------------------------------------------------
+    def add_session(self, session: AuthSession) -> None:
+        self.session.add(session)
+
+    async def auth_session(self, session_id: str) -> AuthSession | None:
+        return await self.session.scalar(
+            select(AuthSession)
+            .where(AuthSession.id == session_id)
+            .execution_options(populate_existing=True)
+        )
+
+    async def auth_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        statuses: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> list[AuthSession]:
+        query = select(AuthSession).order_by(AuthSession.created_at.desc())
+        if user_id is not None:
+            query = query.where(AuthSession.user_id == user_id)
+        if statuses is not None:
+            query = query.where(AuthSession.status.in_(list(statuses)))
+        if limit is not None:
+            query = query.limit(limit)
+        rows = await self.session.scalars(query.execution_options(populate_existing=True))
+        return list(rows)
+
+    async def session_of_vm(self, vm_id: str) -> AuthSession | None:
+        return await self.session.scalar(
+            select(AuthSession)
+            .where(AuthSession.vm_id == vm_id)
+            .execution_options(populate_existing=True)
+        )
+
+    async def move_session(
+        self, session_id: str, expect: Iterable[SessionStatus], to: SessionStatus, **values: Any
+    ) -> bool:
+        result = await self.session.execute(
+            update(AuthSession)
+            .where(
+                AuthSession.id == session_id,
+                AuthSession.status.in_([s.value for s in expect]),
+            )
+            .values(status=to.value, **values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    # --- credentials -------------------------------------------------------------------
+    def add_credential(self, credential: Credential) -> None:
+        self.session.add(credential)
+
+    async def credential_of_session(self, session_id: str) -> Credential | None:
+        return await self.session.scalar(
+            select(Credential).where(Credential.session_id == session_id)
+        )
+
+    async def credentials_of(self, session_ids: Sequence[str]) -> dict[str, Credential]:
+        if not session_ids:
+            return {}
+        rows = await self.session.scalars(
+            select(Credential).where(Credential.session_id.in_(list(session_ids)))
+        )
+        return {c.session_id: c for c in rows}
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value

@@ -1,0 +1,156 @@
+"""The tables, as SQLAlchemy 2 mapped classes. The migrations in ``migrations/`` create
+exactly these; a test compares the two.
+
+Times are stored as timezone-aware UTC (``UtcDateTime``) on both SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, whatever the backend keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: dict[Any, Any] = {
+        datetime: UtcDateTime,
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+    }
+
+
+class Token(Base):
+    """An API token. Only its SHA-256 is kept; the value is shown once at creation."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # user | service
+    subject: Mapped[str] = mapped_column(String(128))  # user id or service name
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class Vm(Base):
+    """A browser VM or CLI VM. Never deleted: a destroyed row is the tombstone."""
+
+    __tablename__ = "vms"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    runtime: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    running_at: Mapped[datetime | None]
+    destroy_after: Mapped[datetime | None]
+    destroy_reason: Mapped[str | None] = mapped_column(String(32))
+    destroyed_at: Mapped[datetime | None]
+    # A claim on the destroy: whoever holds an unexpired lease is destroying it right now.
+    lease_until: Mapped[datetime | None]
+    destroy_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    warm: Mapped[bool] = mapped_column(Boolean, default=False)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (Index("ix_vms_state_destroy_after", "state", "destroy_after"),)
+
+
+class AuthSession(Base):
+    """One login of one provider for one user."""
+
+    __tablename__ = "auth_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    vm_id: Mapped[str | None] = mapped_column(ForeignKey("vms.id"))
+    cli_vm_id: Mapped[str | None] = mapped_column(ForeignKey("vms.id"))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    ready_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_auth_sessions_status", "status"),)
+
+
+class Credential(Base):
+    """Captured credentials, AES-GCM encrypted (``vault``). Metadata stays readable."""
+
+    __tablename__ = "credentials"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("auth_sessions.id"), unique=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    account: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    plan: Mapped[str | None] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None]
+    captured_at: Mapped[datetime]
+    injected_vm_id: Mapped[str | None] = mapped_column(String(64))
+    injected_at: Mapped[datetime | None]
+    injected_verified: Mapped[bool | None]
+
+
+class Event(Base):
+    """Append-only audit: every transition, its cause, who caused it, when."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(16))  # session | vm | credential | token
+    subject_id: Mapped[str] = mapped_column(String(64))
+    session_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    vm_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str | None] = mapped_column(String(16))
+    cause: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(160))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

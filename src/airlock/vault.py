@@ -1,0 +1,86 @@
+"""AES-GCM envelope for captured credentials.
+
+The key file holds one or more 256-bit keys as JSON (``{"current": id, "keys": {id:
+base64}}``), created 0600 on first start. A file readable by group or others is refused,
+not silently used. Each ciphertext records its key id, so older keys stay readable while
+``airlock vault rotate`` (a later issue) re-encrypts under a new one. The associated data
+binds a ciphertext to its session and provider: a row copied elsewhere does not decrypt.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from airlock.errors import AirlockError
+
+
+class VaultError(AirlockError):
+    code = "vault_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    key_id: str
+    nonce: bytes
+    ciphertext: bytes
+
+
+class Vault:
+    def __init__(self, keys: dict[str, bytes], current: str) -> None:
+        if current not in keys:
+            raise VaultError(f"current key {current!r} is not in the key file")
+        self._keys = keys
+        self.current = current
+
+    @classmethod
+    def open(cls, path: Path) -> Vault:
+        """Load the key file, creating it (0600) with a fresh key when it does not exist."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key_id = secrets.token_hex(4)
+            body = {"current": key_id, "keys": {key_id: _b64(AESGCM.generate_key(256))}}
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise VaultError(
+                f"key file {path} has mode {mode:04o}; it must be readable by its owner only "
+                f"(chmod 600 {path})"
+            )
+        try:
+            body = json.loads(path.read_text())
+            keys = {k: base64.b64decode(v) for k, v in body["keys"].items()}
+            current = body["current"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VaultError(f"key file {path} is not a valid Airlock key file: {exc}") from None
+        if any(len(k) != 32 for k in keys.values()):
+            raise VaultError(f"key file {path} holds a key that is not 256 bits")
+        return cls(keys, current)
+
+    def seal(self, plaintext: bytes, *, context: str) -> Sealed:
+        nonce = secrets.token_bytes(12)
+        ct = AESGCM(self._keys[self.current]).encrypt(nonce, plaintext, context.encode())
+        return Sealed(self.current, nonce, ct)
+
+    def open_sealed(self, sealed: Sealed, *, context: str) -> bytes:
+        key = self._keys.get(sealed.key_id)
+        if key is None:
+            raise VaultError(f"credential sealed with unknown key {sealed.key_id!r}")
+        try:
+            return AESGCM(key).decrypt(sealed.nonce, sealed.ciphertext, context.encode())
+        except InvalidTag:
+            raise VaultError("credential does not decrypt: wrong key or tampered row") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
