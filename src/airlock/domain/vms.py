@@ -49,8 +49,9 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     ),
     VmState.DRAINING: frozenset({VmState.DESTROYING, VmState.LOST}),
     VmState.RETAINED: frozenset({VmState.DESTROYING, VmState.LOST}),
-    # destroying -> destroying: a failed destroy is retried under a fresh lease.
-    VmState.DESTROYING: frozenset({VmState.DESTROYING, VmState.DESTROYED}),
+    # A failed destroy is retried under a fresh lease (``store.repo``), not by a new move:
+    # leaving ``destroying`` happens once.
+    VmState.DESTROYING: frozenset({VmState.DESTROYED}),
     VmState.DESTROYED: frozenset(),
     VmState.LOST: frozenset(),
 }
