@@ -1,0 +1,509 @@
+"""The demo identity provider: a small but real OAuth 2.0 authorization server.
+
+A demo server for offline use and tests, not for real accounts: one user, one public client,
+state in memory (bounded, expiring), a signing key made per process. What it does, it does
+by the book, so that the ``oauth2`` provider is exercised against real protocol behaviour:
+
+- RFC 8414 metadata at ``/.well-known/oauth-authorization-server``;
+- the authorization code grant (RFC 6749 4.1) with PKCE S256 required (RFC 7636) and
+  loopback redirect URIs only, any port (RFC 8252 7.3); errors are shown on a page until
+  the redirect URI is validated, then redirected to it (RFC 6749 4.1.2.1);
+- codes that are random, single use, valid 60 s and bound to the client, redirect URI and
+  PKCE challenge; a replayed code revokes what it was exchanged for (RFC 6749 4.1.2);
+- rotating refresh tokens: each use returns a new one, and presenting a rotated one
+  revokes the whole grant (RFC 9700 4.14.2);
+- an HS256 ``id_token`` when ``openid`` is asked for, and ``/userinfo`` for bearer tokens.
+
+The sign-in form puts the user name first (autofocus), then the password, then the submit
+button, so that a person or a test typing through VNC can sign in with the keyboard alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+CODE_TTL = 60.0
+ACCESS_TTL = 3600
+REFRESH_TTL = 30 * 24 * 3600.0
+PENDING_TTL = 600.0
+MAX_ENTRIES = 10_000  # per table: the demo's memory stays bounded whatever callers do
+MAX_FORM = 64 * 1024
+MAX_SIGN_IN_FAILURES = 5
+SCOPES_SUPPORTED = ("openid", "profile", "email", "offline_access")
+DEFAULT_SCOPE = "openid profile"
+
+_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256, unpadded
+_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 4.1
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+T = TypeVar("T")
+
+
+class _Expiring(Generic[T]):
+    """A dict whose entries expire and whose size is capped (oldest go first)."""
+
+    def __init__(self, clock: Callable[[], float], max_entries: int = MAX_ENTRIES) -> None:
+        self._clock = clock
+        self._max = max_entries
+        self._items: dict[str, tuple[float, T]] = {}
+
+    def put(self, key: str, value: T, ttl: float) -> None:
+        now = self._clock()
+        for old in [k for k, (expires, _) in self._items.items() if expires <= now]:
+            del self._items[old]
+        while len(self._items) >= self._max:
+            del self._items[next(iter(self._items))]
+        self._items[key] = (now + ttl, value)
+
+    def get(self, key: str) -> T | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[0] <= self._clock():
+            del self._items[key]
+            return None
+        return item[1]
+
+    def pop(self, key: str) -> T | None:
+        value = self.get(key)
+        self._items.pop(key, None)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An authorization request waiting for the user to sign in."""
+
+    client_id: str
+    redirect_uri: str
+    code_challenge: str
+    scope: str
+    state: str | None
+    nonce: str | None
+    failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Code:
+    client_id: str
+    redirect_uri: str
+    code_challenge: str
+    scope: str
+    nonce: str | None
+    grant: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    client_id: str
+    scope: str
+    grant: str
+
+
+class _State:
+    """Everything the server remembers, each table bounded and expiring."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.pending = _Expiring[_Pending](clock)
+        self.codes = _Expiring[_Code](clock)
+        self.used_codes = _Expiring[str](clock)  # code -> grant, to revoke on replay
+        self.access = _Expiring[_Token](clock)
+        self.refresh = _Expiring[_Token](clock)
+        self.rotated = _Expiring[str](clock)  # a rotated refresh token -> grant
+        self.revoked = _Expiring[bool](clock)  # grant ids
+
+
+class _OAuthError(Exception):
+    """An RFC 6749 5.2 error response from the token endpoint."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+def create_idp_app(
+    *,
+    issuer: str,
+    user: str,
+    password: str,
+    client_id: str = "airlock-demo",
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The demo authorization server for ``issuer`` (e.g. ``http://idp.airlock.test:4001``),
+    with one user and one public client. ``clock`` (epoch seconds) is for tests."""
+    parts = urlsplit(issuer)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"issuer must be an http(s) URL without query or fragment: {issuer!r}")
+    if not user or not password:
+        raise ValueError("the demo user needs a name and a password")
+    issuer = issuer.rstrip("/")
+    state = _State(clock)
+    signing_key = secrets.token_bytes(32)  # per process: tokens die with the demo server
+    login_page = Template(_template("login.html"))
+    error_page = Template(_template("error.html"))
+    subject = user
+    email = f"{user}@airlock.test"
+
+    app = FastAPI(
+        title="Airlock demo identity provider", docs_url=None, redoc_url=None, openapi_url=None
+    )
+
+    def page(template: Template, status: int, **values: str) -> HTMLResponse:
+        text = template.substitute({k: html.escape(v) for k, v in values.items()})
+        return HTMLResponse(text, status_code=status, headers=_PAGE_HEADERS)
+
+    def error_page_response(message: str, status: int = 400) -> HTMLResponse:
+        return page(
+            error_page,
+            status,
+            title="Demo identity provider — error",
+            heading="This sign-in request cannot be completed",
+            message=message,
+        )
+
+    def login_form(request_id: str, pending: _Pending, error: str | None) -> HTMLResponse:
+        text = login_page.substitute(
+            title=html.escape("Demo identity provider — sign in"),
+            client_id=html.escape(pending.client_id),
+            scope=html.escape(pending.scope),
+            action=html.escape(f"{issuer}/authorize"),
+            request_id=html.escape(request_id),
+            error=f'<div class="error" role="alert">{html.escape(error)}</div>' if error else "",
+        )
+        return HTMLResponse(text, status_code=200, headers=_PAGE_HEADERS)
+
+    def issue(client: str, scope: str, grant: str, nonce: str | None) -> dict[str, Any]:
+        now = int(clock())
+        access_token = secrets.token_urlsafe(32)
+        refresh_token = secrets.token_urlsafe(48)
+        state.access.put(access_token, _Token(client, scope, grant), ACCESS_TTL)
+        state.refresh.put(refresh_token, _Token(client, scope, grant), REFRESH_TTL)
+        body: dict[str, Any] = {
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": ACCESS_TTL,
+            "refresh_token": refresh_token,
+            "scope": scope,
+        }
+        if "openid" in scope.split():
+            claims: dict[str, Any] = {
+                "iss": issuer,
+                "sub": subject,
+                "aud": client,
+                "iat": now,
+                "exp": now + ACCESS_TTL,
+                "email": email,
+                "email_verified": True,
+                "name": f"{user} (demo)",
+            }
+            if nonce is not None:
+                claims["nonce"] = nonce
+            body["id_token"] = _jwt_hs256(claims, signing_key)
+        return body
+
+    @app.get("/.well-known/oauth-authorization-server")
+    async def metadata() -> JSONResponse:
+        return JSONResponse(
+            {
+                "issuer": issuer,
+                "authorization_endpoint": f"{issuer}/authorize",
+                "token_endpoint": f"{issuer}/token",
+                "userinfo_endpoint": f"{issuer}/userinfo",
+                "response_types_supported": ["code"],
+                "response_modes_supported": ["query"],
+                "grant_types_supported": ["authorization_code", "refresh_token"],
+                "code_challenge_methods_supported": ["S256"],
+                "token_endpoint_auth_methods_supported": ["none"],
+                "scopes_supported": list(SCOPES_SUPPORTED),
+                "id_token_signing_alg_values_supported": ["HS256"],
+                "authorization_response_iss_parameter_supported": True,
+            }
+        )
+
+    @app.get("/authorize")
+    async def authorize(request: Request) -> Response:
+        params: dict[str, str] = {}
+        for key, value in request.query_params.multi_items():
+            if key in params:  # RFC 6749 3.1: no parameter twice
+                return error_page_response(f"The parameter {key} appears more than once.")
+            params[key] = value
+        if params.get("client_id") != client_id:
+            return error_page_response("The application (client_id) is not known here.")
+        redirect_uri = params.get("redirect_uri", "")
+        problem = _redirect_uri_problem(redirect_uri)
+        if problem:
+            return error_page_response(f"The redirect URI is not acceptable: {problem}.")
+        # From here on errors go back to the (validated) application, RFC 6749 4.1.2.1.
+        client_state = params.get("state")
+
+        def fail(error: str, description: str) -> RedirectResponse:
+            query = {"error": error, "error_description": description, "iss": issuer}
+            if client_state is not None:
+                query["state"] = client_state
+            return RedirectResponse(_with_query(redirect_uri, query), status_code=302)
+
+        if params.get("response_type") != "code":
+            return fail("unsupported_response_type", "only response_type=code is supported")
+        challenge = params.get("code_challenge")
+        if challenge is None:
+            return fail("invalid_request", "code_challenge is required (PKCE)")
+        if params.get("code_challenge_method") != "S256":
+            return fail("invalid_request", "code_challenge_method must be S256")
+        if not _CHALLENGE.fullmatch(challenge):
+            return fail("invalid_request", "code_challenge is not a base64url SHA-256")
+        scope = _normalise_scope(params.get("scope", DEFAULT_SCOPE))
+        if scope is None:
+            return fail("invalid_scope", f"supported scopes: {' '.join(SCOPES_SUPPORTED)}")
+        pending = _Pending(
+            client_id, redirect_uri, challenge, scope, client_state, params.get("nonce")
+        )
+        request_id = secrets.token_urlsafe(24)
+        state.pending.put(request_id, pending, PENDING_TTL)
+        return login_form(request_id, pending, None)
+
+    @app.post("/authorize")
+    async def sign_in(request: Request) -> Response:
+        try:
+            form = await _read_form(request)
+        except _OAuthError as exc:
+            return error_page_response(exc.description)
+        request_id = form.get("request_id", "")
+        pending = state.pending.get(request_id)
+        if pending is None:
+            return error_page_response(
+                "This sign-in request has expired or was already used. "
+                "Start again from the application."
+            )
+        # Compare both, always, so the time taken does not tell which one was wrong.
+        user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
+        password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
+        if not (user_ok and password_ok):
+            pending.failures += 1
+            if pending.failures >= MAX_SIGN_IN_FAILURES:
+                state.pending.pop(request_id)
+                return error_page_response(
+                    "Too many wrong attempts. Start again from the application.", 403
+                )
+            return login_form(request_id, pending, "Wrong user name or password.")
+        state.pending.pop(request_id)
+        code = secrets.token_urlsafe(32)
+        grant = secrets.token_urlsafe(12)
+        state.codes.put(
+            code,
+            _Code(
+                pending.client_id,
+                pending.redirect_uri,
+                pending.code_challenge,
+                pending.scope,
+                pending.nonce,
+                grant,
+            ),
+            CODE_TTL,
+        )
+        query = {"code": code, "iss": issuer}
+        if pending.state is not None:
+            query["state"] = pending.state
+        return RedirectResponse(_with_query(pending.redirect_uri, query), status_code=302)
+
+    @app.post("/token")
+    async def token(request: Request) -> JSONResponse:
+        try:
+            form = await _read_form(request)
+            if form.get("client_id") != client_id:
+                raise _OAuthError("invalid_client", "unknown client_id", 401)
+            grant_type = form.get("grant_type")
+            if grant_type == "authorization_code":
+                body = exchange_code(form)
+            elif grant_type == "refresh_token":
+                body = refresh(form)
+            elif grant_type is None:
+                raise _OAuthError("invalid_request", "grant_type is required")
+            else:
+                raise _OAuthError("unsupported_grant_type", f"{grant_type} is not supported")
+        except _OAuthError as exc:
+            headers = dict(_TOKEN_HEADERS)
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = 'Basic realm="demo"'
+            return JSONResponse(
+                {"error": exc.error, "error_description": exc.description},
+                status_code=exc.status,
+                headers=headers,
+            )
+        return JSONResponse(body, headers=_TOKEN_HEADERS)
+
+    def exchange_code(form: dict[str, str]) -> dict[str, Any]:
+        code_value = _required(form, "code")
+        redirect_uri = _required(form, "redirect_uri")
+        verifier = _required(form, "code_verifier")
+        code = state.codes.pop(code_value)  # single use, whatever happens next
+        if code is None:
+            replayed = state.used_codes.get(code_value)
+            if replayed is not None:
+                state.revoked.put(replayed, True, REFRESH_TTL)
+                raise _OAuthError("invalid_grant", "authorization code already used")
+            raise _OAuthError("invalid_grant", "authorization code unknown or expired")
+        state.used_codes.put(code_value, code.grant, REFRESH_TTL)
+        if code.client_id != form["client_id"]:
+            raise _OAuthError("invalid_grant", "code was issued to another client")
+        if code.redirect_uri != redirect_uri:
+            raise _OAuthError("invalid_grant", "redirect_uri does not match the authorization")
+        if not _VERIFIER.fullmatch(verifier):
+            raise _OAuthError("invalid_request", "code_verifier is malformed")
+        if not hmac.compare_digest(_s256(verifier), code.code_challenge):
+            raise _OAuthError("invalid_grant", "code_verifier does not match code_challenge")
+        return issue(code.client_id, code.scope, code.grant, code.nonce)
+
+    def refresh(form: dict[str, str]) -> dict[str, Any]:
+        value = _required(form, "refresh_token")
+        current = state.refresh.get(value)
+        if current is None:
+            replayed = state.rotated.get(value)
+            if replayed is not None:  # a rotated token came back: someone has a copy
+                state.revoked.put(replayed, True, REFRESH_TTL)
+                raise _OAuthError("invalid_grant", "refresh token already used")
+            raise _OAuthError("invalid_grant", "refresh token unknown or expired")
+        if state.revoked.get(current.grant):
+            raise _OAuthError("invalid_grant", "this grant has been revoked")
+        if current.client_id != form["client_id"]:
+            raise _OAuthError("invalid_grant", "refresh token was issued to another client")
+        scope = current.scope
+        if "scope" in form:
+            asked = _normalise_scope(form["scope"])
+            if asked is None or not set(asked.split()) <= set(current.scope.split()):
+                raise _OAuthError("invalid_scope", "a refresh cannot widen the scope")
+            scope = asked
+        state.refresh.pop(value)
+        state.rotated.put(value, current.grant, REFRESH_TTL)
+        return issue(current.client_id, scope, current.grant, None)
+
+    @app.get("/userinfo")
+    async def userinfo(request: Request) -> JSONResponse:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        record = state.access.get(value.strip()) if scheme.lower() == "bearer" else None
+        if record is None or state.revoked.get(record.grant):
+            return JSONResponse(
+                {"error": "invalid_token"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return JSONResponse(
+            {"sub": subject, "email": email, "name": f"{user} (demo)", "preferred_username": user},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    app.state.idp = state  # for tests that check the tables stay bounded
+    return app
+
+
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+}
+_TOKEN_HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def _template(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def _redirect_uri_problem(uri: str) -> str | None:
+    """Why ``uri`` is not a loopback redirect URI (RFC 8252 7.3), or None if it is one."""
+    if not uri:
+        return "it is missing"
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return "it is not a URL"
+    del port  # any port is fine; reading it validated it
+    if parts.scheme != "http":
+        return "it must use http on the loopback interface"
+    if parts.hostname not in _LOOPBACK_HOSTS:
+        return "it must point to 127.0.0.1, ::1 or localhost"
+    if parts.username is not None or parts.password is not None:
+        return "it must not carry credentials"
+    if parts.fragment or "#" in uri:
+        return "it must not have a fragment"
+    return None
+
+
+def _with_query(uri: str, params: dict[str, str]) -> str:
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _normalise_scope(scope: str) -> str | None:
+    wanted = scope.split()
+    if not wanted or any(s not in SCOPES_SUPPORTED for s in wanted):
+        return None
+    return " ".join(dict.fromkeys(wanted))
+
+
+def _required(form: dict[str, str], name: str) -> str:
+    value = form.get(name)
+    if not value:
+        raise _OAuthError("invalid_request", f"{name} is required")
+    return value
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    """A small urlencoded form, each field once (RFC 6749 3.2)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != (
+        "application/x-www-form-urlencoded"
+    ):
+        raise _OAuthError("invalid_request", "expected application/x-www-form-urlencoded")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise _OAuthError("invalid_request", "request body too large")
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise _OAuthError("invalid_request", "request body is not UTF-8") from None
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        if key in form:
+            raise _OAuthError("invalid_request", f"{key} appears more than once")
+        form[key] = value
+    return form
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _s256(verifier: str) -> str:
+    return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+def _jwt_hs256(claims: dict[str, Any], key: bytes) -> str:
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signature = hmac.new(key, f"{header}.{payload}".encode("ascii"), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(signature)}"
