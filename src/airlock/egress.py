@@ -112,6 +112,7 @@ class _Conn:
     status: int = 0
     up: int = 0  # client -> upstream, bytes
     down: int = 0  # upstream -> client, bytes
+    note: str = ""
     last_activity: float = field(default_factory=time.monotonic)
 
 
@@ -149,7 +150,8 @@ class EgressProxy:
         self._server: asyncio.AbstractServer | None = None
         self._path: Path | None = None
         self._inode: tuple[int, int] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # one per connection, ours
+        self._handlers: set[asyncio.Task[Any]] = set()  # asyncio's server tasks awaiting ours
         self._closing = False
 
     @property
@@ -190,12 +192,10 @@ class EgressProxy:
         self._closing = True
         if self._server is not None:
             self._server.close()
-        while self._tasks:
-            tasks = list(self._tasks)
-            for task in tasks:
+        while self._tasks or self._handlers:
+            for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._tasks.difference_update(tasks)
+            await asyncio.wait(self._tasks | self._handlers)
         if self._server is not None:
             await self._server.wait_closed()
         if self._path is not None and self._inode is not None:
@@ -211,12 +211,26 @@ class EgressProxy:
     # --- one connection ------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if self._closing:
+        """asyncio's server runs this in a task of its own. The work runs in a task we own,
+        which ``close()`` cancels: cancelling the server's task trips a Python 3.11 bug
+        (``StreamReaderProtocol`` calls ``exception()`` on the cancelled task)."""
+        handler = asyncio.current_task()
+        if self._closing or handler is None:
             writer.close()
             return
-        self._tasks.add(task)  # asyncio's server made this task; we own it from here on
+        work = asyncio.create_task(self._connection(reader, writer), name=f"egress:{self.vm_id}")
+        self._tasks.add(work)
+        self._handlers.add(handler)
+        try:
+            await asyncio.wait([work])
+        finally:
+            self._handlers.discard(handler)
+            if not work.done():
+                work.cancel()  # the loop is shutting down under us
+            elif not work.cancelled() and (exc := work.exception()) is not None:
+                log.error("egress vm=%s: connection handler failed", self.vm_id, exc_info=exc)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(started=time.monotonic())
         try:
             if len(self._tasks) > self._max_connections:
@@ -224,45 +238,50 @@ class EgressProxy:
             await self._serve_one(reader, writer, conn)
         except _Reject as exc:
             conn.status = exc.status
+            conn.note = exc.reason
             if conn.decision == "-":
                 conn.decision = "rejected"
             await _send_error(writer, exc.status, exc.reason if exc.status == 403 else None)
-            log.warning(
-                "egress vm=%s %s %s %s: %s",
-                self.vm_id,
-                conn.method,
-                conn.dest,
-                conn.decision,
-                exc.reason,
-                extra={"vm_id": self.vm_id, "egress_dest": conn.dest, "egress": conn.decision},
-            )
-            return
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            conn.decision = "aborted" if conn.decision == "-" else conn.decision
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            conn.note = "connection lost"
+        except asyncio.CancelledError:
+            conn.note = "closed with the proxy"
+            raise
         finally:
-            self._tasks.discard(task)
+            current = asyncio.current_task()
+            if current is not None:
+                self._tasks.discard(current)
             writer.close()
+            self._log(conn)
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-        if conn.decision in ("allowed", "aborted") and conn.method != "-":
-            log.info(
-                "egress vm=%s %s %s %s status=%d up=%d down=%d ms=%d",
-                self.vm_id,
-                conn.method,
-                conn.dest,
-                conn.decision,
-                conn.status,
-                conn.up,
-                conn.down,
-                (time.monotonic() - conn.started) * 1000,
-                extra={
-                    "vm_id": self.vm_id,
-                    "egress_dest": conn.dest,
-                    "egress": conn.decision,
-                    "bytes_up": conn.up,
-                    "bytes_down": conn.down,
-                },
-            )
+
+    def _log(self, conn: _Conn) -> None:
+        """One line per connection: never a path, header or body, they may hold secrets."""
+        if conn.decision == "-" and conn.method == "-" and not conn.status:
+            return  # connected and left without a word
+        failed = conn.decision != "allowed" or conn.status >= 500
+        level = logging.WARNING if failed else logging.INFO
+        log.log(
+            level,
+            "egress vm=%s %s %s %s status=%d up=%d down=%d ms=%d%s",
+            self.vm_id,
+            conn.method,
+            conn.dest,
+            conn.decision,
+            conn.status,
+            conn.up,
+            conn.down,
+            (time.monotonic() - conn.started) * 1000,
+            f" ({conn.note})" if conn.note else "",
+            extra={
+                "vm_id": self.vm_id,
+                "egress_dest": conn.dest,
+                "egress": conn.decision,
+                "bytes_up": conn.up,
+                "bytes_down": conn.down,
+            },
+        )
 
     async def _serve_one(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn
@@ -353,7 +372,8 @@ class EgressProxy:
                 if status >= 200:
                     conn.status = status
                     break
-            await self._pipe(up_reader, writer, conn, upstream=False)
+            length = _response_length(request.method, status, head)
+            await self._pipe(up_reader, writer, conn, upstream=False, length=length)
         finally:
             body.cancel()
             await asyncio.wait([body])
@@ -410,16 +430,25 @@ class EgressProxy:
         conn: _Conn,
         *,
         upstream: bool,
+        length: int | None = None,
     ) -> None:
-        """Copy until EOF with bounded reads and drain(), then half-close ``dst``."""
+        """Copy until EOF (or ``length`` bytes) with bounded reads and drain(), then
+        half-close ``dst``."""
+        remaining = length
         with contextlib.suppress(OSError):
-            while data := await self._read_idle(src, CHUNK, conn):
+            while remaining is None or remaining > 0:
+                size = CHUNK if remaining is None else min(CHUNK, remaining)
+                data = await self._read_idle(src, size, conn)
+                if not data:
+                    break
                 dst.write(data)
                 await dst.drain()
                 if upstream:
                     conn.up += len(data)
                 else:
                     conn.down += len(data)
+                if remaining is not None:
+                    remaining -= len(data)
             if dst.can_write_eof():
                 dst.write_eof()
             else:
@@ -584,6 +613,21 @@ def _status_of(head: list[str]) -> int | None:
         return None
     status = int(parts[1])
     return status if 100 <= status <= 599 else None
+
+
+def _response_length(method: str, status: int, head: list[str]) -> int | None:
+    """The body length of a response (RFC 9112 6.3), or None for "until the upstream
+    closes" (chunked or unframed: ``Connection: close`` makes the upstream close)."""
+    if method == "HEAD" or status in (204, 304):
+        return 0
+    headers = _parse_headers(head[1:])
+    if any(name.lower() == "transfer-encoding" for name, _ in headers):
+        return None
+    lengths = {value for name, value in headers if name.lower() == "content-length"}
+    if len(lengths) != 1:
+        return None
+    (value,) = lengths
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def _downstream_head(head: list[str], *, final: bool) -> bytes:
