@@ -169,7 +169,7 @@ time.sleep(60)
 async def test_login_capture_and_ack_wipe(start_agent: StartAgent) -> None:
     agent = await start_agent()
     async with await agent.client() as client:
-        assert (await client.login_status()).state == "idle"
+        assert (await client.login_status())["state"] == "idle"
         plan = LoginPlan(
             provider="tool",
             argv=["{python}", "-c", CAPTURE_SCRIPT],
@@ -178,24 +178,24 @@ async def test_login_capture_and_ack_wipe(start_agent: StartAgent) -> None:
         )
         await client.start_login(plan)
         status = await client.login_status()
-        assert status.state == "running" and not status.captured
+        assert status["state"] == "running" and not status["captured"]
         with pytest.raises(AgentError) as twice:
             await client.start_login(plan)
         assert twice.value.code == "conflict"
 
-        assert await client.capture(0.1) is None  # not there yet: the long poll times out
-        files = await client.capture(10)
+        assert await client.capture_files(0.1) is None  # not there yet: the long poll times out
+        files = await client.capture_files(10)
         assert files is not None
         data = json.loads(files[".tool/auth.json"])  # > 64 KiB: the client reads past limits
         assert data["access_token"] == "abc" and data["refresh_token"] == "def"
-        assert await client.capture(0) == files  # reported again until acknowledged
-        assert (await client.login_status()).captured
+        assert await client.capture_files(0) == files  # reported again until acknowledged
+        assert (await client.login_status())["captured"]
 
         assert await client.ack_capture() == [".tool/auth.json"]
         gone = await client.run(["ls", "-A", f"{HOME}/.tool"])
         assert gone.exit_code == 0 and gone.stdout == ""
         assert await client.ack_capture() == []
-        assert not (await client.login_status()).captured
+        assert not (await client.login_status())["captured"]
 
 
 async def test_login_exit_code_and_browser_helper_url(start_agent: StartAgent) -> None:
@@ -211,17 +211,17 @@ async def test_login_exit_code_and_browser_helper_url(start_agent: StartAgent) -
         )
         for _ in range(100):
             status = await client.login_status()
-            if status.state == "exited":
+            if status["state"] == "exited":
                 break
             await asyncio.sleep(0.05)
-        assert (status.state, status.exit_code, status.url) == ("exited", 7, url)
+        assert (status["state"], status["exit_code"], status["url"]) == ("exited", 7, url)
 
         await client.start_login(  # a finished login may be replaced
             LoginPlan(provider="t", argv=["sh", "-c", '"$BROWSER" file:///etc/passwd'], watch=[])
         )
         await asyncio.sleep(0.5)
         status = await client.login_status()
-        assert status.exit_code == 1 and status.url is None  # only http(s) is opened
+        assert status["exit_code"] == 1 and status["url"] is None  # only http(s) is opened
 
 
 async def test_connect_pipes_to_a_port_inside(start_agent: StartAgent) -> None:
@@ -302,4 +302,4 @@ async def test_browser_role_opens_the_login_url_as_the_only_page(start_agent: St
                     pass  # DevTools not listening yet
             await asyncio.sleep(0.1)
         assert [p["url"] for p in pages] == [url]
-        assert (await client.login_status()).url == url
+        assert (await client.login_status())["url"] == url

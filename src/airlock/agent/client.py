@@ -60,14 +60,6 @@ class RunResult:
     truncated: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class LoginStatus:
-    state: str  # "idle" | "running" | "exited"
-    exit_code: int | None
-    url: str | None
-    captured: bool
-
-
 async def read_line(reader: asyncio.StreamReader, limit: int = protocol.MAX_MESSAGE) -> bytes:
     """One message line of at most ``limit`` bytes, whatever the reader's own buffer limit
     (a runtime may hand us a reader with asyncio's 64 KiB default)."""
@@ -226,18 +218,20 @@ class AgentClient:
     async def start_login(self, plan: SupportsToWire) -> None:
         await self.request("start_login", {"login": plan.to_wire()})
 
-    async def login_status(self) -> LoginStatus:
-        r = await self.request("login_status")
-        return LoginStatus(
-            state=str(r.get("state")),
-            exit_code=r.get("exit_code"),
-            url=r.get("url"),
-            captured=bool(r.get("captured")),
+    async def login_status(self) -> dict[str, Any]:
+        """``{state: "idle"|"running"|"exited", exit_code, url, captured}``."""
+        return await self.request("login_status")
+
+    async def capture(self, timeout_s: float) -> dict[str, Any]:
+        """Long poll, as on the wire: ``{captured: false}`` or ``{captured: true, files:
+        {home-relative path: base64}}``. ``capture_files`` decodes it."""
+        return await self.request(
+            "capture", {"timeout_s": timeout_s}, timeout_s=timeout_s + MARGIN_S
         )
 
-    async def capture(self, timeout_s: float) -> dict[str, bytes] | None:
+    async def capture_files(self, timeout_s: float) -> dict[str, bytes] | None:
         """Long poll: the captured files by home-relative path, or None if not yet."""
-        r = await self.request("capture", {"timeout_s": timeout_s}, timeout_s=timeout_s + MARGIN_S)
+        r = await self.capture(timeout_s)
         if not r.get("captured"):
             return None
         files = r.get("files")
