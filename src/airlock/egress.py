@@ -113,6 +113,7 @@ class _Conn:
     up: int = 0  # client -> upstream, bytes
     down: int = 0  # upstream -> client, bytes
     note: str = ""
+    head_bytes: int = 0  # of the request head read so far
     last_activity: float = field(default_factory=time.monotonic)
 
 
@@ -288,8 +289,10 @@ class EgressProxy:
     ) -> None:
         try:
             async with asyncio.timeout(self._head_timeout):
-                lines = await _read_head(reader, self._max_head)
+                lines = await _read_head(reader, self._max_head, conn)
         except TimeoutError:
+            if not conn.head_bytes:
+                return  # an idle (pre)connection: close it quietly, answer nothing
             raise _Reject(408, "no complete request head in time") from None
         if lines is None:
             return  # connected and closed without a word: nothing to do or log
@@ -458,7 +461,9 @@ class EgressProxy:
 # --- HTTP/1.1 parsing: small, strict, bounded ------------------------------------------
 
 
-async def _read_head(reader: asyncio.StreamReader, limit: int) -> list[str] | None:
+async def _read_head(
+    reader: asyncio.StreamReader, limit: int, conn: _Conn | None = None
+) -> list[str] | None:
     """The lines of one message head, or None on a clean EOF before any byte."""
     lines: list[str] = []
     total = 0
@@ -472,6 +477,8 @@ async def _read_head(reader: asyncio.StreamReader, limit: int) -> list[str] | No
                 return None
             raise _Reject(400, "connection closed inside the request head")
         total += len(raw)
+        if conn is not None:
+            conn.head_bytes = total
         if total > limit:
             raise _Reject(431, "request head too large")
         if not raw.endswith(b"\n"):

@@ -343,6 +343,11 @@ async def test_a_slow_request_head_times_out(proxy_factory: MakeProxy, sock_path
         answer = await reader.read()
     writer.close()
     assert status_of(answer) == 408
+    # A connection that never says anything (a browser's preconnect) is closed quietly.
+    reader, writer = await asyncio.open_unix_connection(sock_path)
+    async with asyncio.timeout(TIMEOUT):
+        assert await reader.read() == b""
+    writer.close()
 
 
 async def test_upstream_connect_failure_is_502(proxy_factory: MakeProxy, sock_path: Path) -> None:
@@ -400,3 +405,13 @@ async def _wait_for(predicate: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached in time")
+
+
+async def test_connections_beyond_the_cap_get_503(sock_path: Path) -> None:
+    async with EgressProxy([Route("a.example", 80)], vm_id="vm-cap", max_connections=1) as proxy:
+        await proxy.serve(sock_path)
+        _, holder = await asyncio.open_unix_connection(sock_path)  # holds the only slot
+        await _wait_for(lambda: proxy.active_connections == 1)
+        answer = await exchange(sock_path, b"GET http://a.example/ HTTP/1.1\r\n\r\n")
+        assert status_of(answer) == 503
+        holder.close()
