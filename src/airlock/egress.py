@@ -674,6 +674,19 @@ def _unlink_if(path: Path, inode: tuple[int, int]) -> None:
             path.unlink()
 
 
+def _bind_long(sock: socket.socket, path: Path) -> None:
+    """Bind even when ``path`` is longer than sun_path allows (deep data dirs), by naming
+    it through ``/proc/self/fd`` of its directory."""
+    if len(os.fsencode(path)) < 100:
+        sock.bind(os.fspath(path))
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.bind(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
+
+
 def _bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
     """A listening-ready Unix socket at ``path`` with mode 0600 from the first instant: bound
     under a temporary name, chmod-ed, then renamed into place."""
@@ -685,10 +698,10 @@ def _bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(f"{path} exists and is not a socket")
         path.unlink()  # a stale socket from an earlier controller
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{secrets.token_hex(4)}")  # short: AF_UNIX paths max 107 bytes
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(os.fspath(tmp))
+        _bind_long(sock, tmp)
         os.chmod(tmp, 0o600)
         os.rename(tmp, path)
         st = path.lstat()

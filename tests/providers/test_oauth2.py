@@ -36,6 +36,7 @@ from airlock.providers.oauth2 import (
     OAuth2Provider,
     demo_idp_issuer,
     demo_oauth2_provider,
+    parse_routes,
 )
 
 NOW = datetime(2027, 1, 15, 8, 0, 30, tzinfo=UTC)
@@ -207,6 +208,17 @@ def test_egress_routes() -> None:
         Route("auth.example.com", 443),
         Route("api.example.com", 8443),
     ]
+
+
+def test_parse_routes_from_the_setting() -> None:
+    assert parse_routes(" api.Example.com:443, [::1]:8080 ,") == [
+        Route("api.example.com", 443),
+        Route("::1", 8080),
+    ]
+    assert parse_routes("") == []
+    for bad in ("api.example.com", "a:0", "a:x", "a/b:1", "u@a:1", "[::1]", "https://a:1"):
+        with pytest.raises(ValueError, match="host:port"):
+            parse_routes(bad)
 
 
 # --- the login, end to end on the host ---------------------------------------------------

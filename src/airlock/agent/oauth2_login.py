@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace, extra: dict[str, str]) -> int:
             "response_type": "code",
             "client_id": args.client_id,
             "redirect_uri": session.redirect_uri,
-            "scope": args.scope,
+            **({"scope": args.scope} if args.scope.strip() else {}),
             "state": session.state,
             "code_challenge": _b64url(hashlib.sha256(verifier.encode("ascii")).digest()),
             "code_challenge_method": "S256",

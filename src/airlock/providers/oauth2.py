@@ -157,6 +157,24 @@ def demo_idp_issuer(idp_port: int) -> str:
     return f"http://{DEMO_IDP_HOST}:{idp_port}"
 
 
+def parse_routes(text: str) -> list[Route]:
+    """Routes from ``host:port`` pairs separated by commas (``AIRLOCK_OAUTH2_ALLOWED_HOSTS``);
+    a bracketed IPv6 literal is ``[::1]:443``. Raises ValueError naming a bad pair."""
+    routes: list[Route] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            parts = urlsplit(f"//{item}")
+            port = parts.port
+        except ValueError:
+            port = None
+        if not port or not parts.hostname or parts.path or parts.query or "@" in item:
+            raise ValueError(f"not a host:port pair: {item!r}")
+        routes.append(Route(parts.hostname.lower(), port))
+    return routes
+
+
 def _endpoint(url: str) -> tuple[str, int] | None:
     try:
         parts = urlsplit(url)
