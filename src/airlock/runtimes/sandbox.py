@@ -1,0 +1,777 @@
+"""The ``sandbox`` runtime: every VM is a bubblewrap sandbox on this host.
+
+A sandbox gets its own pid, ipc, uts and network namespaces (loopback only: the browser
+reaches the outside only through the egress socket), a read-only view of the system
+(``/usr``, ``/etc``, the Python that runs the agent), a private ``/tmp`` and home, and its
+state directory at ``/run/airlock``. The data dir (database, ``secret.key``) is never
+mounted. Inside runs the guest agent (``agent.server``), which for a browser VM also runs
+Xvnc and Chromium.
+
+A sandbox outlives the controller, like a Firecracker VM outlives the process that started
+it: no ``--die-with-parent``, its own session. Its state dir holds everything a restarted
+controller needs to find it (``meta.json``, ``pid`` with the host pid of the sandbox's init
+and that process's start time, so a reused pid is never mistaken for it) and to reach it
+(``agent.secret``, ``agent.sock``, ``vnc.sock``). Killing the sandbox's init kills its whole
+pid namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import airlock
+from airlock.agent.client import AgentClient, AgentError, http_get
+from airlock.agent.protocol import DEVTOOLS_PORT, MAX_MESSAGE
+from airlock.domain.vms import VmRole
+from airlock.errors import RuntimeFailure
+from airlock.runtimes.base import RunningVm, Stream, VmSpec
+
+log = logging.getLogger(__name__)
+
+VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+INNER_STATE = "/run/airlock"
+INNER_HOME = "/home/airlock"
+INNER_EGRESS_DIR = "/run/airlock-egress"
+# System directories every sandbox sees read-only (symlinks, as on merged-/usr, are recreated).
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+# Chromium scans every font without fontconfig's cache: ~1 s more per boot.
+OPTIONAL_RO_PATHS = ("/var/cache/fontconfig",)
+# Secrets of the host that /etc would otherwise show to the sandbox's root.
+MASKED_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-")
+MASKED_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/airlock")
+# Files in the state dir that the controller writes and the sandbox must not change.
+CONTROLLER_FILES = ("meta.json", "agent.secret", "pid", "agent.log")
+CREATING_GRACE_S = 60.0  # a state dir without a pid this young may be a create in flight
+LOG_TAIL = 4000
+UNIX_PATH_MAX = 107
+INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
+
+
+@dataclass(frozen=True, slots=True)
+class PidRecord:
+    """The host pid of a sandbox's init and its start time (``/proc/PID/stat`` field 22)."""
+
+    pid: int
+    start_time: int
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process, or None if there is none."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()  # the command may contain spaces and ")"
+    try:
+        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def _is_alive(record: PidRecord) -> bool:
+    stat = _proc_stat(record.pid)
+    return stat is not None and stat[1] == record.start_time and stat[0] not in ("Z", "X")
+
+
+def _read_pid(state_dir: Path) -> PidRecord | None:
+    try:
+        pid, start = (state_dir / "pid").read_text().split()
+        return PidRecord(int(pid), int(start))
+    except (OSError, ValueError):
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+
+
+def _ns_members(ns: tuple[int, int]) -> list[int]:
+    """Host pids of every process in the pid namespace identified by (dev, inode)."""
+    members = []
+    for pid in _pids():
+        try:
+            st = os.stat(f"/proc/{pid}/ns/pid")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == ns:
+            members.append(pid)
+    return members
+
+
+def _sandbox_inits(state_dir: Path) -> list[int]:
+    """Inits of live sandboxes for this state dir, found by command line (bwrap's init is a
+    fork of bwrap, in a pid namespace other than ours): the fallback when the pid file does not
+    name a live sandbox, e.g. a controller died between starting it and writing the pid."""
+    needle = b"\0" + os.fsencode(state_dir) + b"\0" + INNER_STATE.encode() + b"\0"
+    try:
+        own = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return []
+    found = []
+    for pid in _pids():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if needle not in cmdline or os.path.basename(cmdline.split(b"\0", 1)[0]) != b"bwrap":
+                continue
+            ns = os.stat(f"/proc/{pid}/ns/pid")
+        except OSError:
+            continue
+        if (ns.st_dev, ns.st_ino) != (own.st_dev, own.st_ino):
+            found.append(pid)  # not the outer bwrap, which stays in our namespace
+    return found
+
+
+def _wait_fd_readable(fd: int, timeout_s: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(int(timeout_s * 1000)))
+
+
+def _kill_init(record: PidRecord) -> bool:
+    """SIGKILL a sandbox's init through a pidfd (no pid-reuse race), wait until it and every
+    process of its pid namespace are gone. False if it was not running."""
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not _is_alive(record):  # checked after pidfd_open: the pidfd pins this process
+            return False
+        try:
+            st = os.stat(f"/proc/{record.pid}/ns/pid")
+            ns: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            ns = None
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if not _wait_fd_readable(pidfd, 10):
+            raise RuntimeFailure(f"sandbox init {record.pid} did not die within 10 s")
+    finally:
+        os.close(pidfd)
+    if ns is not None:
+        deadline = time.monotonic() + 5
+        while survivors := _ns_members(ns):
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"processes {survivors} of a killed sandbox survive")
+            for pid in survivors:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    def onerror(func: Any, failed: str, exc_info: Any) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    for attempt in range(3):  # a dying agent may still have been creating a socket
+        try:
+            shutil.rmtree(path, onerror=onerror)
+            return
+        except OSError:
+            if attempt == 2:
+                raise
+            time.sleep(0.05)
+
+
+def _log_tail(state_dir: Path) -> str:
+    try:
+        with open(state_dir / "agent.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return "(no agent.log)"
+
+
+async def _open_unix(path: Path, *, limit: int = 2**16) -> Stream:
+    """Connect to a Unix socket whose path may be longer than sun_path allows, by going
+    through ``/proc/self/fd`` of its directory."""
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return await asyncio.open_unix_connection(str(path), limit=limit)
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}/{path.name}", limit=limit)
+    finally:
+        os.close(fd)
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _default_chromium() -> str | None:
+    # Debian's /usr/bin/chromium is a shell wrapper that sources /etc/chromium.d (extensions,
+    # an shm probe); the binary itself starts faster and takes exactly our flags.
+    for candidate in ("/usr/lib/chromium/chromium",):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+def _within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+class SandboxRuntime:
+    """VMs as bubblewrap sandboxes; see the module docstring."""
+
+    name = "sandbox"
+
+    def __init__(
+        self,
+        vms_dir: Path,
+        *,
+        bwrap: str | Path | None = None,
+        xvnc: str | Path | None = None,
+        chromium: str | Path | None = None,
+        python: str | Path | None = None,
+        boot_timeout_s: float = 20.0,
+    ) -> None:
+        self.vms_dir = Path(vms_dir).absolute()
+        self.bwrap = str(bwrap) if bwrap else shutil.which("bwrap")
+        self.xvnc = str(xvnc) if xvnc else shutil.which("Xvnc")
+        self.chromium = str(chromium) if chromium else _default_chromium()
+        self.python = str(python or sys.executable)
+        self.boot_timeout_s = boot_timeout_s
+        # Where ``import airlock`` comes from; the agent inside needs it on its path.
+        self.package_root = Path(airlock.__file__).resolve().parent.parent
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}  # outer bwrap, to reap
+        self._creating: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        with contextlib.suppress(OSError):  # if this fails, list() and check() say so
+            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def _state_dir(self, vm_id: str) -> Path:
+        if not VM_ID.fullmatch(vm_id):
+            raise RuntimeFailure(f"not a valid VM id: {vm_id!r}", code="bad_vm_id")
+        return self.vms_dir / vm_id
+
+    def exposed_paths(self) -> list[Path]:
+        """Every host directory a sandbox sees (read-only), besides its own state dir."""
+        paths: list[Path] = []
+        for p in (*SYSTEM_PATHS, *OPTIONAL_RO_PATHS):
+            if os.path.isdir(p) and not os.path.islink(p):
+                paths.append(Path(p))
+        extra = [
+            Path(sys.prefix),
+            Path(sys.base_prefix),
+            self.package_root,
+            Path(os.path.realpath(self.python)).parent,
+        ]
+        for binary in (self.xvnc, self.chromium):
+            if binary:
+                extra.append(Path(os.path.realpath(binary)).parent)
+        for e in sorted({e.resolve() for e in extra}, key=lambda e: len(e.parts)):
+            if e.is_dir() and not any(_within(e, q) for q in paths):
+                paths.append(e)
+        return paths
+
+    def _data_dir_exposed(self) -> Path | None:
+        data_dir = self.vms_dir.parent.resolve()
+        for p in self.exposed_paths():
+            if _within(data_dir, p) or _within(p, data_dir):
+                return p
+        return None
+
+    def _bwrap_argv(self, spec: VmSpec, state_dir: Path, info_fd: int) -> list[str]:
+        assert self.bwrap is not None
+        argv = [
+            self.bwrap,
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-net",  # loopback only; bwrap brings lo up
+            "--hostname",
+            f"airlock-{spec.vm_id[:8]}",
+            "--new-session",
+            "--info-fd",
+            str(info_fd),
+        ]
+        for p in SYSTEM_PATHS:
+            if os.path.islink(p):
+                argv += ["--symlink", os.readlink(p), p]
+        for exposed in self.exposed_paths():
+            argv += ["--ro-bind", str(exposed), str(exposed)]
+        for f in MASKED_FILES:
+            if os.path.isfile(f):
+                argv += ["--ro-bind", "/dev/null", f]
+        for d in MASKED_DIRS:
+            if os.path.isdir(d):
+                argv += ["--tmpfs", d, "--remount-ro", d]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        if spec.role is VmRole.CLI:
+            argv += ["--bind", str(state_dir / "home"), INNER_HOME]
+        else:
+            argv += ["--perms", "0700", "--tmpfs", INNER_HOME]
+        argv += ["--bind", str(state_dir), INNER_STATE]
+        for name in CONTROLLER_FILES:
+            argv += ["--ro-bind", str(state_dir / name), f"{INNER_STATE}/{name}"]
+        agent = [
+            self.python,
+            "-s",
+            "-m",
+            "airlock.agent.server",
+            "--state-dir",
+            INNER_STATE,
+            "--role",
+            spec.role.value,
+            "--screen",
+            f"{spec.screen[0]}x{spec.screen[1]}",
+            "--xvnc",
+            self.xvnc or "Xvnc",
+            "--chromium",
+            self.chromium or "chromium",
+        ]
+        egress = spec.egress_socket
+        if egress is not None and egress.absolute() != state_dir / "egress.sock":
+            # The directory, not the socket: a proxy that restarts makes a new socket inode.
+            egress = egress.absolute()
+            argv += ["--ro-bind", str(egress.parent), INNER_EGRESS_DIR]
+            agent += ["--egress-socket", f"{INNER_EGRESS_DIR}/{egress.name}"]
+        argv += ["--chdir", INNER_HOME, "--", *agent]
+        return argv
+
+    def _sandbox_env(self) -> dict[str, str]:
+        """The sandbox's whole environment: nothing of the controller's (database URLs,
+        tokens) leaks in."""
+        return {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": INNER_HOME,
+            "LANG": "C.UTF-8",
+            "TMPDIR": "/tmp",
+            "PYTHONPATH": str(self.package_root),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+
+    # -- create -----------------------------------------------------------------------------
+
+    async def create(self, spec: VmSpec) -> RunningVm:
+        state_dir = self._state_dir(spec.vm_id)
+        missing = [] if self.bwrap else ["bwrap"]
+        if spec.role is VmRole.BROWSER:
+            missing += [n for n, b in (("Xvnc", self.xvnc), ("chromium", self.chromium)) if not b]
+        if missing:
+            raise RuntimeFailure(f"missing {', '.join(missing)}: {INSTALL_HINT}")
+        if (exposed := self._data_dir_exposed()) is not None:
+            raise RuntimeFailure(f"the data dir would be visible in sandboxes (via {exposed})")
+        started = time.monotonic()
+        deadline = started + self.boot_timeout_s
+        self._creating.add(spec.vm_id)
+        prepared = False
+        record: PidRecord | None = None
+        try:
+            secret = await asyncio.to_thread(self._prepare, spec, state_dir)
+            prepared = True
+            record = await self._launch(spec, state_dir, deadline)
+            await self._wait_ready(spec, state_dir, secret, deadline)
+        except BaseException as exc:
+            tail = _log_tail(state_dir) if prepared else ""
+            if prepared:
+                # In a thread: it completes even if this task is being cancelled.
+                await asyncio.to_thread(self._teardown, spec.vm_id, state_dir)
+            if isinstance(exc, RuntimeFailure) and prepared:
+                raise RuntimeFailure(
+                    f"VM {spec.vm_id} did not boot: {exc.message}\n--- agent.log ---\n{tail}"
+                ) from exc
+            raise
+        finally:
+            self._creating.discard(spec.vm_id)
+        boot_ms = round((time.monotonic() - started) * 1000)
+        log.info("sandbox %s (%s) up in %d ms", spec.vm_id, spec.role.value, boot_ms)
+        return RunningVm(
+            vm_id=spec.vm_id,
+            role=spec.role,
+            pid=record.pid,
+            state_dir=state_dir,
+            detail={"boot_ms": str(boot_ms), "hostname": f"airlock-{spec.vm_id[:8]}"},
+        )
+
+    def _prepare(self, spec: VmSpec, state_dir: Path) -> str:
+        """Make the state dir and the files the sandbox reads; return the agent's secret."""
+        self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            state_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists") from None
+        os.chmod(state_dir, 0o700)
+        meta = {
+            "vm_id": spec.vm_id,
+            "role": spec.role.value,
+            "user_id": spec.user_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "runtime": self.name,
+            "screen": f"{spec.screen[0]}x{spec.screen[1]}",
+            "labels": spec.labels,
+        }
+        _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+        secret = secrets.token_urlsafe(32)
+        _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
+        _write_private(state_dir / "pid", b"")  # filled in place once bwrap tells us the pid
+        _write_private(state_dir / "agent.log", b"")
+        if spec.role is VmRole.CLI:
+            (state_dir / "home").mkdir(mode=0o700)
+        return secret
+
+    async def _launch(self, spec: VmSpec, state_dir: Path, deadline: float) -> PidRecord:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        log_fd = os.open(state_dir / "agent.log", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            proc = await asyncio.to_thread(
+                subprocess.Popen,
+                self._bwrap_argv(spec, state_dir, write_fd),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=(write_fd,),
+                start_new_session=True,  # not in the controller's process group or session
+                env=self._sandbox_env(),
+            )
+        except OSError as exc:
+            os.close(read_fd)
+            raise RuntimeFailure(f"cannot start bwrap: {exc}") from None
+        finally:
+            os.close(write_fd)
+            os.close(log_fd)
+        self._procs[spec.vm_id] = proc
+        try:
+            info = await self._read_info(read_fd, deadline)
+        finally:
+            os.close(read_fd)
+        pid = info.get("child-pid")
+        if not isinstance(pid, int):
+            raise RuntimeFailure(f"bwrap did not say its child pid (exit {proc.poll()})")
+        stat = _proc_stat(pid)
+        if stat is None:
+            raise RuntimeFailure(f"the sandbox (pid {pid}) exited at once")
+        record = PidRecord(pid, stat[1])
+        # In place (not rename): the sandbox sees this inode through a read-only bind.
+        fd = os.open(state_dir / "pid", os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, f"{record.pid} {record.start_time}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return record
+
+    async def _read_info(self, fd: int, deadline: float) -> dict[str, Any]:
+        """bwrap's --info-fd JSON: written once the sandbox exists, then the fd is closed."""
+        loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        data = b""
+        while True:
+            readable = loop.create_future()
+            loop.add_reader(fd, _set_once, readable)
+            try:
+                await asyncio.wait_for(readable, max(deadline - time.monotonic(), 0.01))
+            except TimeoutError:
+                raise RuntimeFailure("bwrap did not start the sandbox in time") from None
+            finally:
+                loop.remove_reader(fd)
+            chunk = os.read(fd, 65536)
+            data += chunk
+            if not chunk:
+                break
+            with contextlib.suppress(ValueError):
+                info = json.loads(data)
+                if isinstance(info, dict):
+                    return info
+        raise RuntimeFailure("bwrap failed before starting the sandbox")
+
+    async def _wait_ready(
+        self, spec: VmSpec, state_dir: Path, secret: str, deadline: float
+    ) -> None:
+        """Until the agent answers ping; for a browser VM also until VNC speaks RFB and
+        Chromium's DevTools answers (through the agent, as the controller will reach it)."""
+        proc = self._procs.get(spec.vm_id)
+
+        async def attempt(what: str, probe: Callable[[], Awaitable[None]]) -> None:
+            last: Exception | None = None
+            while True:
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeFailure(f"the sandbox exited with {proc.returncode}")
+                try:
+                    await asyncio.wait_for(probe(), max(deadline - time.monotonic(), 0.01))
+                    return
+                except AgentError as exc:
+                    if exc.code == "unauthorized":
+                        raise
+                    last = exc
+                except (OSError, TimeoutError, ValueError) as exc:
+                    last = exc
+                if time.monotonic() > deadline:
+                    raise RuntimeFailure(f"{what} not ready in {self.boot_timeout_s:g} s: {last}")
+                await asyncio.sleep(0.02)
+
+        async def ping() -> None:
+            async with await self._client(state_dir, secret) as client:
+                await client.ping()
+
+        async def vnc() -> None:
+            reader, writer = await _open_unix(state_dir / "vnc.sock")
+            try:
+                banner = await reader.readexactly(12)
+            finally:
+                writer.close()
+            if not banner.startswith(b"RFB "):
+                raise ValueError(f"not an RFB server: {banner!r}")
+
+        async def devtools() -> None:
+            client = await self._client(state_dir, secret)
+            try:
+                reader, writer = await client.connect_port(DEVTOOLS_PORT)
+            except BaseException:
+                await client.close()
+                raise
+            try:
+                status, body = await http_get((reader, writer), "/json/version")
+            finally:
+                writer.close()
+            if status != 200 or "Browser" not in json.loads(body):
+                raise ValueError(f"DevTools answered {status}")
+
+        await attempt("agent", ping)
+        if spec.role is VmRole.BROWSER:
+            await attempt("VNC", vnc)
+            await attempt("DevTools", devtools)
+
+    async def _client(self, state_dir: Path, secret: str) -> AgentClient:
+        reader, writer = await _open_unix(state_dir / "agent.sock", limit=MAX_MESSAGE + 1)
+        return await AgentClient.connect(reader, writer, secret, timeout_s=10)
+
+    # -- destroy ----------------------------------------------------------------------------
+
+    def _teardown(self, vm_id: str, state_dir: Path) -> bool:
+        """Kill the sandbox (by its pid file, else by command line), reap, remove the dir."""
+        killed = False
+        record = _read_pid(state_dir)
+        if record is not None:
+            killed = _kill_init(record)
+        for pid in _sandbox_inits(state_dir):  # a sandbox the pid file does not name
+            stat = _proc_stat(pid)
+            if stat is not None:
+                killed = _kill_init(PidRecord(pid, stat[1])) or killed
+        proc = self._procs.pop(vm_id, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        if state_dir.exists():
+            _remove_tree(state_dir)
+        return killed
+
+    async def destroy(self, vm_id: str) -> bool:
+        try:
+            state_dir = self._state_dir(vm_id)
+        except RuntimeFailure:
+            return False  # no such id can exist
+        lock = self._locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            if not state_dir.exists():
+                self._reap(vm_id)
+                return False
+            killed = await asyncio.to_thread(self._teardown, vm_id, state_dir)
+        self._locks.pop(vm_id, None)
+        log.info("sandbox %s destroyed (was running: %s)", vm_id, killed)
+        return killed
+
+    def _reap(self, vm_id: str) -> None:
+        proc = self._procs.get(vm_id)
+        if proc is not None and proc.poll() is not None:
+            del self._procs[vm_id]
+
+    # -- list -------------------------------------------------------------------------------
+
+    async def list(self) -> list[RunningVm]:
+        for vm_id in list(self._procs):
+            self._reap(vm_id)
+        return await asyncio.to_thread(self._scan, frozenset(self._creating))
+
+    def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
+        try:
+            entries = sorted(os.scandir(self.vms_dir), key=lambda e: e.name)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
+        found: builtins.list[RunningVm] = []
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) or not VM_ID.fullmatch(entry.name):
+                continue
+            state_dir = Path(entry.path)
+            meta = self._read_meta(state_dir)
+            record = _read_pid(state_dir)
+            pid: int | None = None
+            state = "running"
+            if record is not None and _is_alive(record):
+                pid = record.pid
+            elif _sandbox_inits(state_dir):
+                state = "unrecorded"  # runs, but the pid file does not say so: destroy it
+            elif entry.name in creating or (record is None and self._young(meta)):
+                state = "creating"
+            else:
+                log.info("sandbox %s is gone; removing its state dir", entry.name)
+                with contextlib.suppress(OSError):
+                    _remove_tree(state_dir)
+                continue
+            try:
+                role = VmRole(str(meta.get("role")))
+            except ValueError:
+                role = VmRole.BROWSER  # unreadable meta: still report it, so it gets reaped
+            found.append(
+                RunningVm(
+                    vm_id=entry.name,
+                    role=role,
+                    pid=pid,
+                    state_dir=state_dir,
+                    detail={
+                        "state": state,
+                        "created_at": str(meta.get("created_at", "")),
+                        "user_id": str(meta.get("user_id", "")),
+                    },
+                )
+            )
+        return found
+
+    @staticmethod
+    def _read_meta(state_dir: Path) -> dict[str, Any]:
+        try:
+            meta = json.loads((state_dir / "meta.json").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    @staticmethod
+    def _young(meta: dict[str, Any]) -> bool:
+        try:
+            created = datetime.fromisoformat(str(meta["created_at"]))
+        except (KeyError, ValueError):
+            return False
+        return (datetime.now(UTC) - created).total_seconds() < CREATING_GRACE_S
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def _existing(self, vm_id: str) -> Path:
+        state_dir = self._state_dir(vm_id)
+        if not state_dir.is_dir():
+            raise RuntimeFailure(f"no VM {vm_id} in this runtime", code="vm_not_found")
+        return state_dir
+
+    async def agent_client(self, vm_id: str) -> AgentClient:
+        """A connected, authenticated ``AgentClient`` (``open_agent`` returns its stream)."""
+        state_dir = self._existing(vm_id)
+        try:
+            secret = (state_dir / "agent.secret").read_text().strip()
+            return await self._client(state_dir, secret)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot reach the agent of {vm_id}: {exc}") from None
+
+    async def open_agent(self, vm_id: str) -> Stream:
+        return (await self.agent_client(vm_id)).stream
+
+    async def open_vnc(self, vm_id: str) -> Stream:
+        state_dir = self._existing(vm_id)
+        try:
+            return await _open_unix(state_dir / "vnc.sock")
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
+
+    # -- check ------------------------------------------------------------------------------
+
+    async def check(self) -> builtins.list[str]:
+        return await asyncio.to_thread(self._check)
+
+    def _check(self) -> builtins.list[str]:
+        problems: builtins.list[str] = []
+        for what, path, package in (
+            ("bwrap", self.bwrap, "bubblewrap"),
+            ("Xvnc", self.xvnc, "tigervnc-standalone-server"),
+            ("chromium", self.chromium, "chromium"),
+        ):
+            if not path or not os.access(path, os.X_OK):
+                problems.append(
+                    f"{what} not found ({path or 'not on PATH'}): apt-get install {package}"
+                    f" (all of them: {INSTALL_HINT})"
+                )
+        if self.bwrap and os.access(self.bwrap, os.X_OK):
+            probe = [
+                self.bwrap,
+                "--unshare-pid",
+                "--unshare-ipc",
+                "--unshare-uts",
+                "--unshare-net",
+                "--ro-bind",
+                "/",
+                "/",
+                "--proc",
+                "/proc",
+                "--dev",
+                "/dev",
+                "true",
+            ]
+            try:
+                done = subprocess.run(probe, capture_output=True, timeout=10, check=False)
+                if done.returncode != 0:
+                    problems.append(
+                        "bwrap cannot create namespaces here: "
+                        + done.stderr.decode("utf-8", "replace").strip()
+                    )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                problems.append(f"bwrap does not run: {exc}")
+        if self.xvnc and os.access(self.xvnc, os.X_OK):
+            try:
+                done = subprocess.run(
+                    [self.xvnc, "-help"], capture_output=True, timeout=10, check=False
+                )
+                if b"rfbunixpath" not in done.stdout + done.stderr:
+                    problems.append(
+                        "this Xvnc cannot serve VNC on a Unix socket (no -rfbunixpath): "
+                        "install TigerVNC's tigervnc-standalone-server"
+                    )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                problems.append(f"Xvnc does not run: {exc}")
+        if not hasattr(os, "pidfd_open"):
+            problems.append("this Python or kernel lacks pidfd_open (Linux >= 5.3 needed)")
+        if (exposed := self._data_dir_exposed()) is not None:
+            problems.append(
+                f"the data dir {self.vms_dir.parent} lies in {exposed}, which every sandbox "
+                "sees: move the data dir"
+            )
+        try:
+            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not os.access(self.vms_dir, os.W_OK | os.X_OK):
+                problems.append(f"{self.vms_dir} is not writable")
+        except OSError as exc:
+            problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
+        return problems
