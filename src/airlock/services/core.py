@@ -16,8 +16,8 @@ from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
 from airlock.metrics import Metrics
-from airlock.providers.base import Provider, Route
-from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider
+from airlock.providers.base import Provider
+from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider, parse_routes
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
@@ -55,7 +55,7 @@ def make_runtime(settings: Settings) -> Runtime:
 
 
 def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
-    extra = [_route(hp) for hp in settings.oauth2_allowed_hosts.split(",") if hp.strip()]
+    extra = parse_routes(settings.oauth2_allowed_hosts)
     if demo:
         oauth2 = demo_oauth2_provider(settings.demo_idp_port)
     else:
@@ -67,11 +67,6 @@ def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
             routes=extra,
         )
     return {oauth2.id: oauth2}
-
-
-def _route(host_port: str) -> Route:
-    host, _, port = host_port.strip().rpartition(":")
-    return Route(host=host, port=int(port))
 
 
 class Core:

@@ -6,7 +6,6 @@ controller can bind a fresh socket at the same path and the running VM sees it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -22,9 +21,7 @@ class EgressManager:
 
     async def start(self, vm_id: str, socket_path: Path, routes: list[Route]) -> None:
         await self.stop(vm_id)
-        with contextlib.suppress(FileNotFoundError):
-            socket_path.unlink()
-        proxy = EgressProxy(routes, label=vm_id)
+        proxy = EgressProxy(routes, vm_id=vm_id)
         await proxy.serve(socket_path)
         self._proxies[vm_id] = proxy
 

@@ -325,8 +325,8 @@ class SessionService:
             try:
                 agent = await self._agent(vm_id)
                 try:
-                    result = await agent.capture(timeout_s=CAPTURE_POLL_S)
-                    status = None if result.get("captured") else await agent.login_status()
+                    files = await agent.capture_files(timeout_s=CAPTURE_POLL_S)
+                    status = None if files is not None else await agent.login_status()
                 finally:
                     await agent.close()
                 failures = 0
@@ -340,8 +340,7 @@ class SessionService:
                 )
                 await asyncio.sleep(min(0.2 * 2**failures, 5.0))
                 continue
-            if result.get("captured"):
-                files = {p: base64.b64decode(b) for p, b in result["files"].items()}
+            if files is not None:
                 await self._on_capture(session_id, vm_id, provider, files)
                 return
             if status is not None and status.get("state") == "exited":

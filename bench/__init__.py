@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``): figures printed, compared with targets and peers."""

@@ -1,0 +1,13 @@
+"""``make bench``: run every benchmark and print its figures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import lifecycle
+
+if __name__ == "__main__":
+    lifecycle.main()

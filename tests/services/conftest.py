@@ -1,0 +1,53 @@
+"""A real controller core (real database, real sandbox runtime) per test, with short
+lifecycle durations, and a guarantee that no sandbox outlives the test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airlock.runtimes.sandbox import SandboxRuntime
+from airlock.services.core import Core
+from airlock.settings import Settings
+
+CoreFactory = Callable[..., Awaitable[Core]]
+
+FAST = {
+    "grace_success_ms": 1500,
+    "grace_failure_ms": 800,
+    "max_drain_ms": 4000,
+    "login_timeout_ms": 60_000,
+    "idle_extension_ms": 2000,
+    "reconcile_interval_ms": 500,
+}
+
+
+@pytest.fixture
+async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
+    cores: list[Core] = []
+    data_dir = tmp_path / "data"
+
+    async def factory(*, start: bool = True, **overrides: Any) -> Core:
+        values = {**FAST, **overrides}
+        settings = Settings(
+            _env_file=None, data_dir=data_dir, database_url=db_url, demo_idp_port=4999, **values
+        )
+        core = Core(settings, demo=True)
+        cores.append(core)
+        if start:
+            await core.start()
+        else:
+            await core.open()
+        return core
+
+    yield factory
+    for core in cores:
+        await core.close()
+    leftover = SandboxRuntime(data_dir / "vms")
+    running = await leftover.list()
+    for vm in running:
+        await leftover.destroy(vm.vm_id)
+    assert [vm.vm_id for vm in await leftover.list()] == []
