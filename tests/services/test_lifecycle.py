@@ -147,11 +147,9 @@ async def test_complete_destroys_at_once_and_ten_calls_make_one_destroy(
     assert VmState.DESTROYED.value in states
     assert (await vm_row(core, vm_id)).state == VmState.DESTROYED.value
     assert vm_id not in await running_ids(core.runtime)
-    destroyed = [
-        e
-        for e in await core.sessions.events((await core.sessions.get(session_id, None))[0])
-        if e.to_state == VmState.DESTROYED.value
-    ]
+    session, _ = await core.sessions.get(session_id, None)
+    events = await core.sessions.events(session)
+    destroyed = [e for e in events if e.to_state == VmState.DESTROYED.value]
     assert len(destroyed) == 1
     assert metric(core, "airlock_vm_destroys_total", role="browser", reason="completed") == 1
 

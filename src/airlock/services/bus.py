@@ -7,6 +7,7 @@ on a timer, so a change made by another controller process is seen too, only lat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 
 
@@ -31,8 +32,6 @@ class SessionBus:
             async with self._changed:
                 await self._changed.wait_for(lambda: self._versions[session_id] != seen)
 
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(moved(), timeout)
-        except TimeoutError:
-            pass
         return self._versions[session_id]

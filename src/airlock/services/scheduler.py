@@ -10,6 +10,7 @@ exponential backoff. Nothing lives only in memory: after a crash the same rows a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -79,10 +80,8 @@ class Scheduler:
             if wake is not None:
                 delay = min(max((wake - self.clock.now()).total_seconds(), 0.0), MAX_SLEEP)
             if delay > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poked.wait(), delay)
-                except TimeoutError:
-                    pass
             self._poked.clear()
 
     async def tick(self) -> int:

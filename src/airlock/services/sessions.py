@@ -519,13 +519,13 @@ class SessionService:
                 f"session {session_id} is still {session.status}; nothing to complete",
                 code="session_not_finished",
             )
-        if vm is not None and await self.scheduler.destroy_now(
+        destroyed_here = vm is not None and await self.scheduler.destroy_now(
             vm.id, reason=DestroyReason.COMPLETED, actor=actor
-        ):
-            if session.completed_at is not None:
-                self.metrics.completion_to_handoff.observe(
-                    (self.clock.now() - session.completed_at).total_seconds()
-                )
+        )
+        if destroyed_here and session.completed_at is not None:
+            self.metrics.completion_to_handoff.observe(
+                (self.clock.now() - session.completed_at).total_seconds()
+            )
         return await self.get(session_id, user_id)
 
     async def cancel(
