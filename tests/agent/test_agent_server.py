@@ -69,7 +69,7 @@ async def test_unknown_and_malformed_requests_are_answered_not_fatal(
     await raw_exchange(reader, writer, {"op": "hello", "secret": agent.secret})
     writer.write(b"this is not json\n")
     answer = protocol.decode(await reader.readline())
-    assert answer["error"]["code"] == "bad_message"  # type: ignore[index]
+    assert answer["error"]["code"] == "bad_message"
 
 
 async def test_write_files_is_atomic_private_and_validated_first(start_agent: StartAgent) -> None:

@@ -62,6 +62,7 @@ CONTROLLER_FILES = ("meta.json", "agent.secret", "pid", "agent.log")
 CREATING_GRACE_S = 60.0  # a state dir without a pid this young may be a create in flight
 LOG_TAIL = 4000
 UNIX_PATH_MAX = 107
+AGENT_WRAPPER = '"$@"; kill -KILL -1'  # -1 in a pid namespace: all but init and the shell
 INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
 
 
@@ -362,7 +363,10 @@ class SandboxRuntime:
             egress = egress.absolute()
             argv += ["--ro-bind", str(egress.parent), INNER_EGRESS_DIR]
             agent += ["--egress-socket", f"{INNER_EGRESS_DIR}/{egress.name}"]
-        argv += ["--chdir", INNER_HOME, "--", *agent]
+        # The agent is the VM: when it exits, for whatever reason, everything else in the
+        # sandbox is killed, so its init (which waits for all children) exits and the VM is
+        # gone, visibly, instead of lingering as a screen nobody can reach.
+        argv += ["--chdir", INNER_HOME, "--", "/bin/sh", "-c", AGENT_WRAPPER, "airlock-vm", *agent]
         return argv
 
     def _sandbox_env(self) -> dict[str, str]:
