@@ -34,16 +34,24 @@ def test_viewer_activity_extends_but_never_past_max_session() -> None:
     current = created + s(600)
     late = created + s(1750)
     new = POLICY.on_viewer_activity(
-        now=late, current=current, vm_state=VmState.RUNNING, vm_created_at=created,
-        session_status=SessionStatus.AWAITING_USER, completed_at=None,
+        now=late,
+        current=current,
+        vm_state=VmState.RUNNING,
+        vm_created_at=created,
+        session_status=SessionStatus.AWAITING_USER,
+        completed_at=None,
     )
     assert new == created + s(1800)  # capped, not late + 120
 
 
 def test_viewer_activity_never_shortens() -> None:
     new = POLICY.on_viewer_activity(
-        now=T0 + s(1), current=T0 + s(600), vm_state=VmState.RUNNING, vm_created_at=T0,
-        session_status=SessionStatus.AWAITING_USER, completed_at=None,
+        now=T0 + s(1),
+        current=T0 + s(600),
+        vm_state=VmState.RUNNING,
+        vm_created_at=T0,
+        session_status=SessionStatus.AWAITING_USER,
+        completed_at=None,
     )
     assert new == T0 + s(600)
 
@@ -58,13 +66,21 @@ def test_keepalive_while_draining_extends_up_to_max_drain() -> None:
     completed = T0
     current = completed + s(30)
     new = POLICY.on_viewer_activity(
-        now=completed + s(20), current=current, vm_state=VmState.DRAINING, vm_created_at=T0,
-        session_status=SessionStatus.COMPLETED, completed_at=completed,
+        now=completed + s(20),
+        current=current,
+        vm_state=VmState.DRAINING,
+        vm_created_at=T0,
+        session_status=SessionStatus.COMPLETED,
+        completed_at=completed,
     )
     assert new == completed + s(50)
     capped = POLICY.on_viewer_activity(
-        now=completed + s(110), current=new, vm_state=VmState.DRAINING, vm_created_at=T0,
-        session_status=SessionStatus.COMPLETED, completed_at=completed,
+        now=completed + s(110),
+        current=new,
+        vm_state=VmState.DRAINING,
+        vm_created_at=T0,
+        session_status=SessionStatus.COMPLETED,
+        completed_at=completed,
     )
     assert capped == completed + s(120)
 
@@ -88,8 +104,12 @@ def test_explicit_destroys_are_due_now() -> None:
 
 def test_viewer_activity_after_failure_changes_nothing() -> None:
     new = POLICY.on_viewer_activity(
-        now=T0 + s(1), current=T0 + s(5), vm_state=VmState.DRAINING, vm_created_at=T0,
-        session_status=SessionStatus.FAILED, completed_at=None,
+        now=T0 + s(1),
+        current=T0 + s(5),
+        vm_state=VmState.DRAINING,
+        vm_created_at=T0,
+        session_status=SessionStatus.FAILED,
+        completed_at=None,
     )
     assert new == T0 + s(5)
 
@@ -129,8 +149,12 @@ def test_deadlines_respect_caps_and_never_move_earlier_on_activity(
             break  # the scheduler destroys it here; nothing after matters
         if kind == "viewer":
             new = policy.on_viewer_activity(
-                now=now, current=deadline, vm_state=state, vm_created_at=T0,
-                session_status=status, completed_at=completed_at,
+                now=now,
+                current=deadline,
+                vm_state=state,
+                vm_created_at=T0,
+                session_status=status,
+                completed_at=completed_at,
             )
             assert deadline is not None and new is not None
             assert new >= deadline
@@ -143,7 +167,10 @@ def test_deadlines_respect_caps_and_never_move_earlier_on_activity(
         elif status is SessionStatus.AWAITING_USER:
             plan = policy.on_completed(now)
             status, state, completed_at, deadline = (
-                SessionStatus.COMPLETED, plan.state, now, plan.destroy_after,
+                SessionStatus.COMPLETED,
+                plan.state,
+                now,
+                plan.destroy_after,
             )
             assert deadline is not None and deadline >= now
             assert deadline <= now + d.max_drain

@@ -27,7 +27,10 @@ def row(vm_id: str, state: VmState, *, due_in: float | None = 60, age: float = 1
 
 def run(observed: list[str] | None, rows: list[RecordedVm]) -> list[Action]:
     return decide(
-        observed=observed, observed_at=T0, recorded={r.vm_id: r for r in rows}, now=T0,
+        observed=observed,
+        observed_at=T0,
+        recorded={r.vm_id: r for r in rows},
+        now=T0,
         boot_timeout=BOOT,
     )
 

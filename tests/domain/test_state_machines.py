@@ -75,9 +75,7 @@ def test_concurrent_destroy_claims_destroy_once(targets: list[VmState], claimers
     ``destroying`` and one into ``destroyed`` are ever allowed."""
     state = VmState.CREATING
     for target in targets:
-        if target not in (VmState.DESTROYING, VmState.DESTROYED) and vm_sm.can_move(
-            state, target
-        ):
+        if target not in (VmState.DESTROYING, VmState.DESTROYED) and vm_sm.can_move(state, target):
             state = vm_sm.move(state, target)
     claims = destroyed = 0
     for _ in range(claimers):
