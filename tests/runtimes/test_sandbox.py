@@ -10,7 +10,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -495,3 +495,45 @@ async def test_when_the_agent_dies_the_whole_vm_goes(runtime: SandboxRuntime) ->
         await asyncio.sleep(0.02)
     assert processes_in(ns) == []  # Xvnc and Chromium did not outlive it
     assert await runtime.list() == []
+
+
+async def test_the_vm_cannot_point_the_controller_at_a_host_socket(
+    runtime: SandboxRuntime, tmp_path: Path
+) -> None:
+    vm = await runtime.create(VmSpec(vm_id="sym1", role=VmRole.BROWSER, user_id="u1"))
+    connections: list[str] = []
+
+    def counter(name: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
+        def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(name)
+            writer.close()
+
+        return count
+
+    host_socket = tmp_path / "host.sock"  # some socket of the host the VM would like to reach
+    server = await asyncio.start_unix_server(counter("host"), path=str(host_socket))
+    try:
+        async with await agent(runtime, "sym1") as client:
+            swap = await client.run(
+                [
+                    "sh",
+                    "-c",
+                    f"rm /run/airlock/vnc.sock && ln -s {host_socket} /run/airlock/vnc.sock",
+                ]
+            )
+            assert swap.exit_code == 0, swap.stderr
+        with pytest.raises(RuntimeFailure):
+            await runtime.open_vnc("sym1")
+        # Even a real socket there (a swap racing our check) must be served from inside the VM.
+        (vm.state_dir / "vnc.sock").unlink()
+        impostor = await asyncio.start_unix_server(
+            counter("impostor"), path=str(vm.state_dir / "vnc.sock")
+        )
+        try:
+            with pytest.raises(RuntimeFailure):
+                await runtime.open_vnc("sym1")
+        finally:
+            impostor.close()
+    finally:
+        server.close()
+    assert "host" not in connections  # the symlink was never followed

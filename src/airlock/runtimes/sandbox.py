@@ -28,6 +28,9 @@ import secrets
 import select
 import shutil
 import signal
+import socket
+import stat
+import struct
 import subprocess
 import sys
 import time
@@ -88,8 +91,8 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
 
 
 def _is_alive(record: PidRecord) -> bool:
-    stat = _proc_stat(record.pid)
-    return stat is not None and stat[1] == record.start_time and stat[0] not in ("Z", "X")
+    found = _proc_stat(record.pid)
+    return found is not None and found[1] == record.start_time and found[0] not in ("Z", "X")
 
 
 def _read_pid(state_dir: Path) -> PidRecord | None:
@@ -213,6 +216,33 @@ async def _open_unix(path: Path, *, limit: int = 2**16) -> Stream:
         return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}/{path.name}", limit=limit)
     finally:
         os.close(fd)
+
+
+def _same_pid_ns(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.stat(f"/proc/{a}/ns/pid"), os.stat(f"/proc/{b}/ns/pid")
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+async def _open_vm_socket(state_dir: Path, name: str, *, limit: int = 2**16) -> Stream:
+    """Connect to a socket the sandbox serves in its state dir. The sandbox can write that
+    directory: a symlink there would lead the controller to a socket of the host. So only a
+    socket is accepted, and its listener must live in the sandbox's pid namespace."""
+    path = state_dir / name
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise OSError(f"{name} is not a socket")
+    reader, writer = await _open_unix(path, limit=limit)
+    record = _read_pid(state_dir)
+    if record is not None:
+        sock = writer.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid = struct.unpack("3i", creds)[0]
+        if not _same_pid_ns(peer_pid, record.pid):
+            writer.close()
+            raise OSError(f"{name} is not served from inside the VM")
+    return reader, writer
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
@@ -479,10 +509,10 @@ class SandboxRuntime:
         pid = info.get("child-pid")
         if not isinstance(pid, int):
             raise RuntimeFailure(f"bwrap did not say its child pid (exit {proc.poll()})")
-        stat = _proc_stat(pid)
-        if stat is None:
+        found = _proc_stat(pid)
+        if found is None:
             raise RuntimeFailure(f"the sandbox (pid {pid}) exited at once")
-        record = PidRecord(pid, stat[1])
+        record = PidRecord(pid, found[1])
         # In place (not rename): the sandbox sees this inode through a read-only bind.
         fd = os.open(state_dir / "pid", os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         try:
@@ -546,7 +576,7 @@ class SandboxRuntime:
                 await client.ping()
 
         async def vnc() -> None:
-            reader, writer = await _open_unix(state_dir / "vnc.sock")
+            reader, writer = await _open_vm_socket(state_dir, "vnc.sock")
             try:
                 banner = await reader.readexactly(12)
             finally:
@@ -574,7 +604,7 @@ class SandboxRuntime:
             await attempt("DevTools", devtools)
 
     async def _client(self, state_dir: Path, secret: str) -> AgentClient:
-        reader, writer = await _open_unix(state_dir / "agent.sock", limit=MAX_MESSAGE + 1)
+        reader, writer = await _open_vm_socket(state_dir, "agent.sock", limit=MAX_MESSAGE + 1)
         return await AgentClient.connect(reader, writer, secret, timeout_s=10)
 
     # -- destroy ----------------------------------------------------------------------------
@@ -586,9 +616,9 @@ class SandboxRuntime:
         if record is not None:
             killed = _kill_init(record)
         for pid in _sandbox_inits(state_dir):  # a sandbox the pid file does not name
-            stat = _proc_stat(pid)
-            if stat is not None:
-                killed = _kill_init(PidRecord(pid, stat[1])) or killed
+            found = _proc_stat(pid)
+            if found is not None:
+                killed = _kill_init(PidRecord(pid, found[1])) or killed
         proc = self._procs.pop(vm_id, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -707,7 +737,7 @@ class SandboxRuntime:
     async def open_vnc(self, vm_id: str) -> Stream:
         state_dir = self._existing(vm_id)
         try:
-            return await _open_unix(state_dir / "vnc.sock")
+            return await _open_vm_socket(state_dir, "vnc.sock")
         except OSError as exc:
             raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
 
