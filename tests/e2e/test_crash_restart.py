@@ -1,0 +1,77 @@
+"""kill -9 of the controller during a grace period, then a restart: the browser VM is
+destroyed at its deadline, not before, and nothing else is destroyed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Server
+from tests.lifecycle_helpers import finish_login
+
+pytestmark = pytest.mark.e2e
+
+GRACE_MS = 8000
+
+
+async def poll(
+    client: httpx.AsyncClient, path: str, key: str, want: str, timeout: float = 30
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = (await client.get(path)).json()
+        if body[key] == want:
+            return body
+        assert time.monotonic() < deadline, f"{path}: {body[key]}"
+        await asyncio.sleep(0.05)
+
+
+def parse(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+async def test_kill9_during_grace_then_restart(server_factory: Any) -> None:
+    server: Server = server_factory(grace_success_ms=GRACE_MS, reconcile_interval_ms=500)
+    server.start()
+    token = server.cli("tokens", "create", "--user", "alice")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as client:
+        cli_vm = (await client.post("/api/vms", json={"role": "cli"})).json()
+        assert cli_vm["state"] == "running", cli_vm
+        body = (await client.post("/api/auth/start", json={"provider": "oauth2"})).json()
+        session_id, vm_id = body["sessionId"], body["vm"]["vmId"]
+        await poll(client, f"/api/auth/session/{session_id}", "status", "awaiting_user")
+        await finish_login(server.runtime, vm_id)
+        done = await poll(client, f"/api/auth/session/{session_id}", "status", "completed")
+        destroy_after = parse(done["vm"]["destroyAfter"])
+
+    server.kill9()  # mid-grace: no shutdown code runs
+    running = {v.vm_id for v in await server.runtime.list()}
+    assert {vm_id, cli_vm["vmId"]} <= running  # the VMs outlive the controller
+
+    server.start()
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as client:
+        # Never early: still running shortly before the deadline.
+        wait = (destroy_after - datetime.now(destroy_after.tzinfo)).total_seconds() - 0.5
+        assert wait > 1, "the restart took longer than the grace period; raise GRACE_MS"
+        await asyncio.sleep(wait)
+        assert vm_id in {v.vm_id for v in await server.runtime.list()}
+        vm = (await client.get(f"/api/vms/{vm_id}")).json()
+        assert vm["state"] == "draining"
+        # Destroyed at the deadline by the new process.
+        gone = await poll(client, f"/api/vms/{vm_id}", "state", "destroyed", timeout=5)
+        assert parse(gone["destroyedAt"]) >= destroy_after
+        assert (parse(gone["destroyedAt"]) - destroy_after).total_seconds() < 1.0
+        assert vm_id not in {v.vm_id for v in await server.runtime.list()}
+        # Nothing else was destroyed.
+        cli_now = (await client.get(f"/api/vms/{cli_vm['vmId']}")).json()
+        assert cli_now["state"] == "running"
+        assert cli_vm["vmId"] in {v.vm_id for v in await server.runtime.list()}
+        metrics = (await client.get("/metrics")).text
+        assert "airlock_orphan_vms_reaped_total 0.0" in metrics
+        assert "airlock_premature_vm_destructions_total 0.0" in metrics
