@@ -143,6 +143,13 @@ async def test_run_reports_exit_output_timeouts_and_caps_output(start_agent: Sta
         leftovers = await client.run(["sh", "-c", "ps -e -o comm= | grep -c '^sleep$' || true"])
         assert leftovers.stdout.strip() == "0"  # the whole process group was killed
 
+        started = time.monotonic()
+        daemon = await client.run(["sh", "-c", "sleep 30 & echo left a child"])
+        assert daemon.exit_code == 0 and daemon.stdout == "left a child\n"
+        assert time.monotonic() - started < 1  # not waiting for the child's end of the pipe
+        leftovers = await client.run(["sh", "-c", "ps -e -o comm= | grep -c '^sleep$' || true"])
+        assert leftovers.stdout.strip() == "0"
+
         big = await client.run(["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x"])
         assert big.truncated and len(big.stdout) == 64 * 1024 and big.exit_code == 0
 

@@ -357,12 +357,12 @@ class Agent:
                 await asyncio.wait_for(server.wait_closed(), 1)
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        """SIGKILL the process group we started it in, then reap."""
+        """SIGKILL the process group we started it in, then reap. Not ``proc.kill()``: it polls,
+        and so may reap the child behind asyncio's child watcher (which then reports 255)."""
         if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            for kill, target in ((os.killpg, proc.pid), (os.kill, proc.pid)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    kill(target, signal.SIGKILL)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(proc.wait(), 5)
         self._children.discard(proc)
@@ -667,11 +667,12 @@ class Agent:
         readers = asyncio.gather(drain(proc.stdout, out), drain(proc.stderr, err))
         timed_out = False
         try:
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except TimeoutError:
-                timed_out = True
-            await self._kill(proc)  # the whole group: no stray child outlives a ``run``
+            timed_out = not await _exited(proc, timeout)
+            await self._kill(proc)
+            # The group outlives its leader while a child is left: no stray child outlives a
+            # ``run`` (and none keeps its pipes open). The pgid is not reused while it exists.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
             # Output still in the pipes after exit; a child that left the group is cut off.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(readers), 1.0)
@@ -917,6 +918,26 @@ class Agent:
         self._children.add(proc)
         log.info("chromium started: pid %d", proc.pid)
         return proc
+
+
+async def _exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    """Whether the process itself exits within ``timeout``. Not ``Process.wait()``: that also
+    waits for its pipes, which a child it left in the background may hold open."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return True  # gone and reaped already
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(pidfd, exited.set)
+    try:
+        await asyncio.wait_for(exited.wait(), timeout)
+        return True
+    except TimeoutError:
+        return proc.returncode is not None
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def _error(rid: Any, code: str, message: str) -> dict[str, Any]:
