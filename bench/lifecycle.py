@@ -14,9 +14,10 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.lifecycle_helpers import finish_login, wait_for
+from tests.lifecycle_helpers import finish_login
 
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmState
@@ -30,23 +31,24 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def one_session(core: Core, user: str) -> tuple[float, float]:
-    session, vm = await core.sessions.start(user_id=user, provider_id="oauth2", actor="bench")
-
-    async def status_is(status: SessionStatus) -> bool:
-        row, _ = await core.sessions.get(session.id, None)
+async def until(core: Core, session_id: str, reached: Callable[[str, str], bool]) -> None:
+    """Wait on the controller's change notifications (not a tight poll, which would load
+    the very event loop being measured) until ``reached(session status, vm state)``."""
+    while True:
+        seen = core.bus.version(session_id)  # before the read: no change slips between
+        row, vm = await core.sessions.get(session_id, None)
         if row.status == SessionStatus.FAILED.value:
             raise RuntimeError(f"session failed: {row.failure_reason}")
-        return row.status == status.value
+        if reached(row.status, vm.state if vm else ""):
+            return
+        await core.bus.wait(session_id, seen, 2.0)
 
-    await wait_for(lambda: status_is(SessionStatus.AWAITING_USER), timeout=60, interval=0.02)
+
+async def one_session(core: Core, user: str) -> tuple[float, float]:
+    session, vm = await core.sessions.start(user_id=user, provider_id="oauth2", actor="bench")
+    await until(core, session.id, lambda s, _: s == SessionStatus.AWAITING_USER.value)
     await finish_login(core.runtime, vm.id)
-    await wait_for(lambda: status_is(SessionStatus.COMPLETED), timeout=60, interval=0.02)
-
-    async def destroyed() -> bool:
-        return (await core.vms.get(vm.id, None)).state == VmState.DESTROYED.value
-
-    await wait_for(destroyed, timeout=60, interval=0.05)
+    await until(core, session.id, lambda _, v: v == VmState.DESTROYED.value)
     row, vm_row = await core.sessions.get(session.id, None)
     assert row.ready_at is not None and vm_row is not None
     assert vm_row.destroyed_at is not None and vm_row.destroy_after is not None

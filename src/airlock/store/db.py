@@ -1,12 +1,14 @@
 """The engine: SQLite (WAL) by default, PostgreSQL via asyncpg, schema through Alembic.
 
-SQLite transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout
-instead of failing on a read-to-write upgrade; PostgreSQL uses its own row locks
+On SQLite, one process's transactions queue on an asyncio lock (SQLite has one writer
+anyway) and start with ``BEGIN IMMEDIATE``, so another process (the CLI) waits on the busy
+timeout instead of failing on a read-to-write upgrade. PostgreSQL uses its own row locks
 (``FOR UPDATE SKIP LOCKED`` in ``repo``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -73,6 +75,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._serial = None if self.is_postgres else asyncio.Lock()
 
     @property
     def is_postgres(self) -> bool:
@@ -85,8 +88,14 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repo]:
-        async with self._sessions() as session, session.begin():
-            yield Repo(session, postgres=self.is_postgres)
+        if self._serial is None:
+            async with self._sessions() as session, session.begin():
+                yield Repo(session, postgres=True)
+            return
+        # SQLite has one writer at a time; queueing here, in FIFO order, beats many
+        # connections spinning on the busy handler (and starving past its timeout).
+        async with self._serial, self._sessions() as session, session.begin():
+            yield Repo(session, postgres=False)
 
     async def ping(self) -> None:
         async with self.transaction() as repo:
