@@ -205,6 +205,27 @@ async def test_login_capture_and_ack_wipe(start_agent: StartAgent) -> None:
         assert not (await client.login_status())["captured"]
 
 
+async def test_an_unacknowledged_capture_blocks_a_new_login(start_agent: StartAgent) -> None:
+    agent = await start_agent()
+    plan = LoginPlan(
+        provider="quick",
+        argv=["sh", "-c", 'echo \'{"t": 1}\' > "$HOME/c.json"'],
+        watch=["c.json"],
+    )
+    async with await agent.client() as client:
+        await client.start_login(plan)
+        assert await client.capture_files(5) == {"c.json": b'{"t": 1}\n'}
+        for _ in range(100):
+            if (await client.login_status())["state"] == "exited":
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(AgentError) as stranded:
+            await client.start_login(plan)
+        assert stranded.value.code == "conflict"
+        assert await client.ack_capture() == ["c.json"]
+        await client.start_login(plan)  # now it may run again
+
+
 async def test_login_exit_code_and_browser_helper_url(start_agent: StartAgent) -> None:
     agent = await start_agent()
     url = "https://idp.example/authorize?client_id=x&state=a%2Fb&scope=a+b#frag"

@@ -493,6 +493,8 @@ class Agent:
             raise OpError("bad_request", "provider must be a string")
         if self._login is not None and self._login.proc.returncode is None:
             raise OpError("conflict", "a login is already running in this VM")
+        if self._login is not None and self._login.captured is not None:
+            raise OpError("conflict", "a capture awaits ack_capture; it would be stranded")
         if self._watcher is not None:
             self._watcher.cancel()
         env = self._child_env()
