@@ -423,9 +423,11 @@ class SandboxRuntime:
             raise RuntimeFailure(f"missing {', '.join(missing)}: {INSTALL_HINT}")
         if (exposed := self._data_dir_exposed()) is not None:
             raise RuntimeFailure(f"the data dir would be visible in sandboxes (via {exposed})")
+        if spec.vm_id in self._creating:
+            raise RuntimeFailure(f"VM {spec.vm_id} is being created", code="vm_exists")
         started = time.monotonic()
         deadline = started + self.boot_timeout_s
-        self._creating.add(spec.vm_id)
+        self._creating.add(spec.vm_id)  # list() must not take it for a dead VM's leftovers
         prepared = False
         record: PidRecord | None = None
         try:
@@ -438,9 +440,10 @@ class SandboxRuntime:
             if prepared:
                 # In a thread: it completes even if this task is being cancelled.
                 await asyncio.to_thread(self._teardown, spec.vm_id, state_dir)
-            if isinstance(exc, RuntimeFailure) and prepared:
+            if isinstance(exc, Exception) and prepared:
+                reason = exc.message if isinstance(exc, RuntimeFailure) else repr(exc)
                 raise RuntimeFailure(
-                    f"VM {spec.vm_id} did not boot: {exc.message}\n--- agent.log ---\n{tail}"
+                    f"VM {spec.vm_id} did not boot: {reason}\n--- agent.log ---\n{tail}"
                 ) from exc
             raise
         finally:
@@ -456,12 +459,24 @@ class SandboxRuntime:
         )
 
     def _prepare(self, spec: VmSpec, state_dir: Path) -> str:
-        """Make the state dir and the files the sandbox reads; return the agent's secret."""
-        self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Make the state dir and the files the sandbox reads; return the agent's secret.
+        On failure nothing is left behind."""
         try:
+            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             state_dir.mkdir(mode=0o700)
         except FileExistsError:
             raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists") from None
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
+        try:
+            return self._fill_state_dir(spec, state_dir)
+        except BaseException as exc:
+            _remove_tree(state_dir)
+            if isinstance(exc, OSError):
+                raise RuntimeFailure(f"cannot prepare {state_dir}: {exc.strerror}") from None
+            raise
+
+    def _fill_state_dir(self, spec: VmSpec, state_dir: Path) -> str:
         os.chmod(state_dir, 0o700)
         meta = {
             "vm_id": spec.vm_id,
