@@ -9,6 +9,7 @@ services do, from durable deadlines. Each VM keeps a labelled state directory
 from __future__ import annotations
 
 import asyncio
+import builtins
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -73,6 +74,6 @@ class Runtime(Protocol):
         """A fresh stream to the VM's VNC server (RFB), for the controller's VNC proxy."""
         ...
 
-    async def check(self) -> list[str]:
+    async def check(self) -> builtins.list[str]:
         """Problems that stop this runtime from working here (missing binaries, ...)."""
         ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import json
 import logging
 import secrets
@@ -125,7 +126,7 @@ class SessionService:
         async with self.db.transaction() as repo:
             return await repo.credential_of_session(session_id)
 
-    async def events(self, session: AuthSession) -> list[Event]:
+    async def events(self, session: AuthSession) -> builtins.list[Event]:
         async with self.db.transaction() as repo:
             return await repo.events_for_session(
                 session.id, [session.vm_id] if session.vm_id else []
