@@ -1,0 +1,241 @@
+"""``create_app()``: the FastAPI application, its lifespan and its error mapping.
+
+The lifespan owns one ``Core`` (built from ``Settings`` unless one is handed in): it is
+started before the first request and closed after the last. With ``demo=True`` the bundled
+demo identity provider is served as well, on ``127.0.0.1:{demo_idp_port}``, by a second
+uvicorn server that the lifespan owns.
+
+Every error answers ``{"error": {"code", "message"}}``: ``AirlockError`` with its own status
+and code, an illegal state move 409, bad input 400/413/422, unknown routes 404/405, and
+anything unexpected 500 ``internal`` (logged here, with no detail in the answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import airlock
+from airlock.aio import TaskOwner
+from airlock.api.deps import ViewerSigner
+from airlock.api.routes import ROUTERS
+from airlock.api.schemas import error_body
+from airlock.domain import IllegalTransition
+from airlock.errors import AirlockError, Unauthorized
+from airlock.services.core import Core
+from airlock.settings import Settings
+
+log = logging.getLogger("airlock.api")
+
+MAX_BODY_BYTES = 64 * 1024
+IDP_START_TIMEOUT_S = 10.0
+IDP_STOP_TIMEOUT_S = 5.0
+
+
+def create_app(
+    settings: Settings | None = None, *, demo: bool = False, core: Core | None = None
+) -> FastAPI:
+    """The controller's HTTP app. ``core``: use this one (tests); its settings win."""
+    if core is not None:
+        settings = core.settings
+    elif settings is None:
+        settings = Settings()
+    cfg = settings
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = core or Core(cfg, demo=demo)
+        await owned.start()
+        tasks = TaskOwner("api")
+        try:
+            app.state.core = owned
+            app.state.viewer_signer = ViewerSigner.open(cfg.data_dir / "viewer.key")
+            idp = await _start_demo_idp(cfg, tasks) if demo else None
+            try:
+                yield
+            finally:
+                if idp is not None:
+                    server, task = idp
+                    server.should_exit = True  # a graceful stop first; close() cancels
+                    await asyncio.wait({task}, timeout=IDP_STOP_TIMEOUT_S)
+        finally:
+            await tasks.close()
+            await owned.close()
+
+    app = FastAPI(
+        title="Airlock",
+        version=airlock.__version__,
+        description="Control plane for per-user AI-coding microVMs: browser-VM logins, "
+        "credential capture and handoff. Every `/api` route needs `Authorization: Bearer "
+        "<token>` (`airlock tokens create`). Errors answer "
+        '`{"error": {"code": ..., "message": ...}}`.',
+        lifespan=lifespan,
+    )
+    for router in ROUTERS:
+        app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(InternalErrors)  # outermost of ours: catches whatever escapes
+    return app
+
+
+# --- errors -------------------------------------------------------------------------------
+def _json_error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers or None)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def airlock_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AirlockError)
+        if exc.status >= 500:
+            log.warning("request failed: %s (%s)", exc.code, exc.message)
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        return _json_error(exc.status, exc.code, exc.message, **headers)
+
+    async def illegal_transition(_: Request, exc: Exception) -> JSONResponse:
+        return _json_error(409, "conflict", str(exc))
+
+    async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _json_error(422, "invalid_request", _describe(exc.errors()))
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return _json_error(exc.status_code, code, message, **(exc.headers or {}))
+
+    app.add_exception_handler(AirlockError, airlock_error)
+    app.add_exception_handler(IllegalTransition, illegal_transition)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _describe(errors: Any) -> str:
+    """``body.userId: String should match pattern ...; query.limit: ...``"""
+    parts = []
+    for err in list(errors)[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", ""))
+    return "; ".join(parts) or "invalid request"
+
+
+class InternalErrors:
+    """Anything no handler took: log it with its traceback, answer 500 ``internal`` with no
+    detail. (Starlette's own last-resort handler re-raises to the server, which would log
+    the same error twice.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise  # the answer is on its way: only the server can end it
+            response = _json_error(500, "internal", "internal error; see the controller's log")
+            await response(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413: by ``Content-Length`` up front, or
+    while a body without one streams in (raised from ``receive``, so the route's body
+    parsing hands it to the HTTP error handler)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"request body over {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _json_error(413, "body_too_large", self._message())(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+
+# --- the demo identity provider -----------------------------------------------------------
+class _NestedServer(uvicorn.Server):
+    """A uvicorn server inside another one's process: the outer server handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _start_demo_idp(
+    settings: Settings, tasks: TaskOwner
+) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    # Imported here: the API works without the demo IdP module.
+    from airlock.demo_idp.app import create_idp_app
+    from airlock.providers.oauth2 import demo_idp_issuer
+
+    idp_app = create_idp_app(
+        issuer=demo_idp_issuer(settings.demo_idp_port),
+        user=settings.demo_user,
+        password=settings.demo_password,
+    )
+    # Bind first, so a busy port is a clear error here instead of uvicorn exiting the process.
+    try:
+        sock = socket.create_server(("127.0.0.1", settings.demo_idp_port))
+    except OSError as exc:
+        raise RuntimeError(
+            f"the demo IdP cannot listen on 127.0.0.1:{settings.demo_idp_port}: {exc} "
+            "(set AIRLOCK_DEMO_IDP_PORT)"
+        ) from exc
+    config = uvicorn.Config(idp_app, log_config=None, lifespan="off", access_log=False)
+    server = _NestedServer(config)
+    task = tasks.spawn(server.serve(sockets=[sock]), name="demo-idp")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + IDP_START_TIMEOUT_S
+    while not server.started:
+        if task.done() or loop.time() > deadline:
+            sock.close()
+            raise RuntimeError("the demo IdP did not start")
+        await asyncio.sleep(0.02)
+    log.info("demo IdP on 127.0.0.1:%d", settings.demo_idp_port)
+    return server, task

@@ -1,0 +1,316 @@
+"""``/api/auth``: auth sessions (http-api.md, "Auth sessions").
+
+Each route: check who asks and for whom (``Principal.user_for``), call ``SessionService``,
+serialize. Another user's session is a 404 exactly like a missing one, because the service
+is asked with the caller's user id. The viewer page (``/novnc``) and the VNC WebSocket
+(``/vnc``) are not served here yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, status
+from fastapi.responses import StreamingResponse
+
+from airlock.api import schemas
+from airlock.api.deps import CoreDep, PrincipalDep, SignerDep, ViewerSigner
+from airlock.domain.sessions import SessionStatus
+from airlock.domain.vms import VmState
+from airlock.errors import Forbidden, NotFound
+from airlock.services.core import Core
+from airlock.services.tokens import Principal
+from airlock.store.tables import AuthSession, Credential, Vm
+from airlock.vault import Sealed
+
+log = logging.getLogger("airlock.api")
+
+router = APIRouter(prefix="/api/auth", tags=["auth sessions"])
+
+SSE_WAKE_S = 2.0  # re-read the row at least this often: other controllers' changes
+SSE_HEARTBEAT_S = 15.0
+
+UserQuery = Annotated[
+    str | None,
+    Query(
+        alias="userId",
+        max_length=128,
+        description="Service tokens: whose session. User tokens: only their own name.",
+    ),
+]
+SessionIdPath = Annotated[
+    str, Path(alias="sessionId", description="32 hex digits, as POST /start answered it.")
+]
+StatusQuery = Annotated[SessionStatus | None, Query(alias="status")]
+
+
+def _reader(principal: Principal, user_id: str | None) -> str | None:
+    """Whose sessions may be read: the user's own, or (service tokens) any, or the one
+    named."""
+    return principal.user_for(user_id, required=False)
+
+
+async def _credentials(core: Core, session_ids: list[str]) -> dict[str, Credential]:
+    # SessionService has no batch read yet: one query for the whole page, not one per row.
+    async with core.db.transaction() as repo:
+        return await repo.credentials_of(session_ids)
+
+
+def _out(
+    core: Core,
+    signer: ViewerSigner,
+    session: AuthSession,
+    vm: Vm | None,
+    cred: Credential | None,
+) -> schemas.SessionOut:
+    token = signer.mint(session.id, vm.id) if schemas.viewable(vm) and vm is not None else None
+    return schemas.session_out(
+        session, vm, cred, base_url=core.settings.base_url, viewer_token=token
+    )
+
+
+async def _session_view(
+    core: Core, signer: ViewerSigner, session_id: str, user_id: str | None
+) -> schemas.SessionOut:
+    session, vm = await core.sessions.get(session_id, user_id)
+    cred = await core.sessions.credential(session.id)
+    return _out(core, signer, session, vm, cred)
+
+
+@router.post(
+    "/start",
+    status_code=status.HTTP_201_CREATED,
+    response_model=schemas.SessionOut,
+    summary="Start a login: create a session and its browser VM",
+)
+async def start(
+    body: schemas.StartRequest, core: CoreDep, signer: SignerDep, principal: PrincipalDep
+) -> schemas.SessionOut:
+    user_id = principal.user_for(body.userId)
+    assert user_id is not None  # required=True: a service token must name the user
+    session, vm = await core.sessions.start(
+        user_id=user_id, provider_id=body.provider, actor=principal.actor, cli_vm_id=body.cliVmId
+    )
+    return _out(core, signer, session, vm, None)
+
+
+@router.get(
+    "/sessions",
+    response_model=list[schemas.SessionOut],
+    summary="The caller's sessions, newest first",
+)
+async def list_sessions(
+    core: CoreDep,
+    signer: SignerDep,
+    principal: PrincipalDep,
+    user_id: UserQuery = None,
+    status_filter: StatusQuery = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[schemas.SessionOut]:
+    rows = await core.sessions.list(
+        _reader(principal, user_id),
+        status_filter.value if status_filter is not None else None,
+        limit=limit,
+    )
+    creds = await _credentials(core, [s.id for s, _ in rows])
+    return [_out(core, signer, s, vm, creds.get(s.id)) for s, vm in rows]
+
+
+@router.get("/session/{sessionId}", response_model=schemas.SessionOut, summary="One session")
+async def get_session(
+    session_id: SessionIdPath,
+    core: CoreDep,
+    signer: SignerDep,
+    principal: PrincipalDep,
+    user_id: UserQuery = None,
+) -> schemas.SessionOut:
+    return await _session_view(core, signer, session_id, _reader(principal, user_id))
+
+
+@router.get(
+    "/session/{sessionId}/events",
+    summary="Server-Sent Events: the session at every change",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def session_events(
+    session_id: SessionIdPath,
+    core: CoreDep,
+    signer: SignerDep,
+    principal: PrincipalDep,
+    user_id: UserQuery = None,
+) -> StreamingResponse:
+    """``event: session`` with the session JSON at once and after every change, a comment
+    line every 15 s to keep proxies from closing an idle stream, and the end of the stream
+    once the VM is gone (destroyed or lost), after its final state was sent."""
+    reader = _reader(principal, user_id)
+    version = core.bus.version(session_id)  # before the read: no change falls in between
+    first = await _session_view(core, signer, session_id, reader)  # 404 before streaming
+    return StreamingResponse(
+        _event_stream(core, signer, session_id, reader, first, version),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _event_stream(
+    core: Core,
+    signer: ViewerSigner,
+    session_id: SessionIdPath,
+    reader: str | None,
+    first: schemas.SessionOut,
+    version: int,
+) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    view = first
+    last_key: str | None = None
+    last_write = loop.time()
+    while True:
+        # The viewer token in novncURL changes with time, so it does not count as a change.
+        key = view.model_dump_json(exclude={"novncURL"})
+        if key != last_key:
+            last_key = key
+            last_write = loop.time()
+            yield f"event: session\ndata: {view.model_dump_json(by_alias=True)}\n\n"
+        if view.vm is None or VmState(view.vm.state).terminal:
+            return
+        version = await core.bus.wait(session_id, version, SSE_WAKE_S)
+        if loop.time() - last_write >= SSE_HEARTBEAT_S:
+            last_write = loop.time()
+            yield ": keepalive\n\n"
+        try:
+            view = await _session_view(core, signer, session_id, reader)
+        except NotFound:
+            return
+
+
+@router.post(
+    "/session/{sessionId}/keepalive",
+    response_model=schemas.KeepaliveOut,
+    summary="A person is still here: extend the browser VM's deadline",
+)
+async def keepalive(
+    session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
+) -> schemas.KeepaliveOut:
+    destroy_after = await core.sessions.keepalive(session_id, _reader(principal, user_id))
+    return schemas.KeepaliveOut(destroyAfter=destroy_after)
+
+
+@router.post(
+    "/session/{sessionId}/complete",
+    response_model=schemas.CompleteOut,
+    summary="The frontend has what it needs: destroy the browser VM now",
+    responses={409: {"model": schemas.ErrorBody, "description": "Not over yet."}},
+)
+async def complete(
+    session_id: SessionIdPath,
+    core: CoreDep,
+    signer: SignerDep,
+    principal: PrincipalDep,
+    user_id: UserQuery = None,
+) -> schemas.CompleteOut:
+    session, vm = await core.sessions.complete(
+        session_id, _reader(principal, user_id), principal.actor
+    )
+    cred = await core.sessions.credential(session.id)
+    return schemas.CompleteOut(session=_out(core, signer, session, vm, cred))
+
+
+@router.delete(
+    "/session/{sessionId}",
+    response_model=schemas.SessionOut,
+    summary="Cancel the session (if not over) and destroy its VM",
+)
+async def cancel(
+    session_id: SessionIdPath,
+    core: CoreDep,
+    signer: SignerDep,
+    principal: PrincipalDep,
+    user_id: UserQuery = None,
+) -> schemas.SessionOut:
+    session, vm = await core.sessions.cancel(
+        session_id, _reader(principal, user_id), principal.actor
+    )
+    cred = await core.sessions.credential(session.id)
+    return _out(core, signer, session, vm, cred)
+
+
+@router.get(
+    "/session/{sessionId}/credentials",
+    response_model=schemas.CredentialsOut,
+    response_model_exclude_none=False,
+    summary="What was captured (metadata; secret values only when exported)",
+)
+async def credentials(
+    session_id: SessionIdPath,
+    core: CoreDep,
+    principal: PrincipalDep,
+    user_id: UserQuery = None,
+    include_secrets: Annotated[
+        bool,
+        Query(
+            alias="secrets",
+            description="Include the decrypted values. Service tokens only, and only when "
+            "AIRLOCK_CREDENTIAL_EXPORT=true; each read is recorded in the timeline.",
+        ),
+    ] = False,
+) -> schemas.CredentialsOut:
+    session, _ = await core.sessions.get(session_id, _reader(principal, user_id))
+    cred = await core.sessions.credential(session.id)
+    if cred is None:
+        raise NotFound(
+            f"no credentials captured for session {session_id}", code="credentials_not_found"
+        )
+    if not include_secrets:
+        return schemas.credentials_out(cred)
+    if not principal.is_service:
+        raise Forbidden("secret credential values are never given to user tokens")
+    if not core.settings.credential_export:
+        raise Forbidden(
+            "credential export is off on this controller (AIRLOCK_CREDENTIAL_EXPORT=false)",
+            code="credential_export_disabled",
+        )
+    return schemas.credentials_out(cred, await _export(core, session, cred, principal.actor))
+
+
+async def _export(core: Core, session: AuthSession, cred: Credential, actor: str) -> dict[str, Any]:
+    """Decrypt, then record the read; the value leaves only once the record is written."""
+    if core.vault is None:
+        raise RuntimeError("the vault is not open")
+    plaintext = core.vault.open_sealed(
+        Sealed(cred.key_id, cred.nonce, cred.ciphertext),
+        context=f"{session.id}:{cred.provider}",
+    )
+    secret: dict[str, Any] = json.loads(plaintext)
+    async with core.db.transaction() as repo:
+        repo.add_event(
+            at=core.clock.now(),
+            kind="credential",
+            subject_id=session.id,
+            session_id=session.id,
+            vm_id=session.vm_id,
+            cause="secret_read",
+            actor=actor,
+            detail={"provider": cred.provider},
+        )
+    log.info(
+        "credential secret exported",
+        extra={"session_id": session.id, "provider": cred.provider, "actor": actor},
+    )
+    return secret
+
+
+@router.get(
+    "/session/{sessionId}/timeline",
+    response_model=list[schemas.TimelineEntry],
+    summary="The session's audit trail: every transition of it and its VM (our extension)",
+)
+async def timeline(
+    session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
+) -> list[schemas.TimelineEntry]:
+    session, _ = await core.sessions.get(session_id, _reader(principal, user_id))
+    return schemas.timeline_out(await core.sessions.events(session))

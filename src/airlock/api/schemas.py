@@ -1,0 +1,273 @@
+"""The JSON the HTTP API speaks (http-api.md): request bodies, and the objects it answers.
+
+Field names are the wire names (camelCase, ``novncURL`` as the original frontends spell
+it), so the models read like the contract. Times are ISO 8601 UTC ending in ``Z``.
+Request bodies forbid unknown fields and carry the same constraints the services check,
+so bad input is refused before anything happens. The ``*_out`` functions turn store rows
+into these models; they do no I/O.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+
+from airlock.domain.vms import VmState
+from airlock.errors import InvalidInput
+from airlock.services.tokens import check_name
+from airlock.store.tables import AuthSession, Credential, Event, Vm
+
+
+def iso(value: datetime) -> str:
+    """``2026-11-27T23:43:33.123Z``: UTC, milliseconds, ``Z``."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+UtcTime = Annotated[datetime, PlainSerializer(iso, return_type=str, when_used="json")]
+
+
+def _user_id(value: str) -> str:
+    try:
+        return check_name(value)
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
+
+
+UserId = Annotated[str, AfterValidator(_user_id)]
+ProviderId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
+VmId = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^vm-[A-Za-z0-9]+$")]
+
+# VMs whose screen a person can still look at; novncURL is null otherwise.
+VIEWABLE = frozenset({VmState.CREATING, VmState.RUNNING, VmState.DRAINING})
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors -------------------------------------------------------------------------------
+class ErrorDetail(_Out):
+    code: str = Field(examples=["session_not_found"])
+    message: str
+
+
+class ErrorBody(_Out):
+    error: ErrorDetail
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+# --- requests -----------------------------------------------------------------------------
+class StartRequest(_In):
+    provider: ProviderId = Field(description="A provider id from GET /api/providers.")
+    userId: UserId | None = Field(
+        None, description="Required for service tokens; a user token may only name itself."
+    )
+    cliVmId: VmId | None = Field(
+        None, description="The user's CLI VM that should receive the credentials."
+    )
+
+
+class CreateVmRequest(_In):
+    role: Literal["cli"] = Field(description="Only CLI VMs are created directly.")
+    userId: UserId | None = Field(
+        None, description="Required for service tokens; a user token may only name itself."
+    )
+
+
+# --- VMs ----------------------------------------------------------------------------------
+class VmOut(_Out):
+    vmId: str
+    role: str
+    runtime: str
+    state: str
+    createdAt: UtcTime
+    destroyAfter: UtcTime | None
+    destroyedAt: UtcTime | None
+    destroyReason: str | None
+
+
+class VmDetail(VmOut):
+    """A VM as ``/api/vms`` answers it: the session object's ``vm`` plus its owner."""
+
+    userId: str
+    lastError: str | None
+
+
+def vm_out(vm: Vm) -> VmOut:
+    return VmOut(
+        vmId=vm.id,
+        role=vm.role,
+        runtime=vm.runtime,
+        state=vm.state,
+        createdAt=vm.created_at,
+        destroyAfter=vm.destroy_after,
+        destroyedAt=vm.destroyed_at,
+        destroyReason=vm.destroy_reason,
+    )
+
+
+def vm_detail(vm: Vm) -> VmDetail:
+    return VmDetail(**vm_out(vm).model_dump(), userId=vm.user_id, lastError=vm.last_error)
+
+
+# --- sessions -----------------------------------------------------------------------------
+class InjectedOut(_Out):
+    vmId: str
+    at: UtcTime
+    verified: bool
+
+
+class CredentialsSummary(_Out):
+    captured: bool
+    capturedAt: UtcTime | None
+    injected: InjectedOut | None
+
+
+class SessionOut(_Out):
+    sessionId: str
+    userId: str
+    provider: str
+    status: str
+    failureReason: str | None
+    createdAt: UtcTime
+    updatedAt: UtcTime
+    completedAt: UtcTime | None
+    novncURL: str | None = Field(
+        description="The viewer page, while the VM can be viewed (creating, running, "
+        "draining); null otherwise."
+    )
+    eventsURL: str
+    vm: VmOut | None
+    credentials: CredentialsSummary
+
+
+class CompleteOut(_Out):
+    success: Literal[True] = True
+    session: SessionOut
+
+
+class KeepaliveOut(_Out):
+    destroyAfter: UtcTime | None = Field(
+        description="The browser VM's deadline after the extension; null when it has none."
+    )
+
+
+def injected_out(cred: Credential | None) -> InjectedOut | None:
+    if cred is None or cred.injected_vm_id is None or cred.injected_at is None:
+        return None
+    return InjectedOut(
+        vmId=cred.injected_vm_id, at=cred.injected_at, verified=bool(cred.injected_verified)
+    )
+
+
+def viewable(vm: Vm | None) -> bool:
+    return vm is not None and VmState(vm.state) in VIEWABLE
+
+
+def session_out(
+    session: AuthSession,
+    vm: Vm | None,
+    cred: Credential | None,
+    *,
+    base_url: str,
+    viewer_token: str | None,
+) -> SessionOut:
+    """The session object. ``viewer_token`` is only used while the VM is viewable."""
+    path = f"{base_url}/api/auth/session/{session.id}"
+    novnc = f"{path}/novnc?token={viewer_token or ''}" if viewable(vm) else None
+    return SessionOut(
+        sessionId=session.id,
+        userId=session.user_id,
+        provider=session.provider,
+        status=session.status,
+        failureReason=session.failure_reason,
+        createdAt=session.created_at,
+        updatedAt=session.updated_at,
+        completedAt=session.completed_at,
+        novncURL=novnc,
+        eventsURL=f"{path}/events",
+        vm=vm_out(vm) if vm is not None else None,
+        credentials=CredentialsSummary(
+            captured=cred is not None,
+            capturedAt=cred.captured_at if cred is not None else None,
+            injected=injected_out(cred),
+        ),
+    )
+
+
+# --- credentials and timeline (our extensions) --------------------------------------------
+class AccountOut(_Out):
+    id: str | None = None
+    email: str | None = None
+    organization: str | None = None
+
+
+class CredentialsOut(_Out):
+    sessionId: str
+    provider: str
+    account: AccountOut
+    scopes: list[str]
+    plan: str | None
+    expiresAt: UtcTime | None
+    capturedAt: UtcTime
+    injected: InjectedOut | None
+    secret: dict[str, Any] | None = Field(
+        None,
+        description="The decrypted credentials: only with ?secrets=true, for service tokens, "
+        "when AIRLOCK_CREDENTIAL_EXPORT=true. Every such read is recorded.",
+    )
+
+
+def credentials_out(cred: Credential, secret: dict[str, Any] | None = None) -> CredentialsOut:
+    account = {k: v for k, v in (cred.account or {}).items() if k in AccountOut.model_fields}
+    return CredentialsOut(
+        sessionId=cred.session_id,
+        provider=cred.provider,
+        account=AccountOut(**account),
+        scopes=list(cred.scopes or []),
+        plan=cred.plan,
+        expiresAt=cred.expires_at,
+        capturedAt=cred.captured_at,
+        injected=injected_out(cred),
+        secret=secret,
+    )
+
+
+class TimelineEntry(_Out):
+    at: UtcTime
+    kind: str = Field(examples=["session", "vm", "credential"])
+    from_: str | None = Field(alias="from")
+    to: str | None
+    cause: str
+    actor: str
+
+
+def timeline_out(events: list[Event]) -> list[TimelineEntry]:
+    return [
+        TimelineEntry(
+            at=e.at,
+            kind=e.kind,
+            from_=e.from_state,
+            to=e.to_state,
+            cause=e.cause,
+            actor=e.actor,
+        )
+        for e in events
+    ]
+
+
+# --- providers ----------------------------------------------------------------------------
+class ProviderOut(_Out):
+    id: str
+    name: str
+    available: bool
+    reason: str | None = Field(None, description="Why it is not available (absent if it is).")
