@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from airlock.api import schemas
 from airlock.domain.sessions import SessionStatus
 from airlock.errors import AirlockError
 from airlock.services.core import Core, make_runtime
@@ -100,9 +101,7 @@ def _print_json(value: Any) -> None:
 
 
 def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return schemas.iso(value) if value is not None else None
 
 
 def relative(value: datetime | None, now: datetime) -> str:
@@ -260,18 +259,7 @@ def _session_json(session: AuthSession, vm: Vm | None) -> dict[str, Any]:
 
 
 def _vm_json(vm: Vm) -> dict[str, Any]:
-    return {
-        "vmId": vm.id,
-        "role": vm.role,
-        "runtime": vm.runtime,
-        "userId": vm.user_id,
-        "state": vm.state,
-        "createdAt": _iso(vm.created_at),
-        "destroyAfter": _iso(vm.destroy_after),
-        "destroyedAt": _iso(vm.destroyed_at),
-        "destroyReason": vm.destroy_reason,
-        "lastError": vm.last_error,
-    }
+    return schemas.vm_detail(vm).model_dump(mode="json")  # as GET /api/vms answers
 
 
 @sessions_app.command("ls")
