@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 from airlock.clock import Clock
 from airlock.services.tokens import TokenService
 from airlock.store.db import Database
+from airlock.store.tables import AuthSession, Vm
 
 AIRLOCK = Path(sys.executable).parent / "airlock"
 
@@ -212,3 +215,70 @@ def test_serve_demo_prints_a_token_serves_the_api_and_the_idp(cli: Cli) -> None:
     assert "Application shutdown complete" in err
     assert "Traceback" not in err
     assert token not in err  # printed once, above, and never logged
+
+
+def test_vms_and_sessions_ls_show_what_runs(cli: Cli) -> None:
+    cli("tokens", "create", "--user", "alice")  # makes the database
+    now = datetime.now(UTC)
+
+    async def write() -> None:
+        db = Database(f"sqlite+aiosqlite:///{cli.data_dir / 'airlock.db'}")
+        try:
+            async with db.transaction() as repo:
+                for vm_id, state, after in (
+                    ("vm-live1", "running", now + timedelta(seconds=25)),
+                    ("vm-gone1", "destroyed", None),
+                ):
+                    repo.add_vm(
+                        Vm(
+                            id=vm_id,
+                            role="browser",
+                            runtime="sandbox",
+                            user_id="alice",
+                            state=state,
+                            created_at=now,
+                            updated_at=now,
+                            destroy_after=after,
+                            destroy_attempts=0,
+                            warm=False,
+                            detail={},
+                        )
+                    )
+                await repo.session.flush()
+                repo.add_session(
+                    AuthSession(
+                        id="a" * 32,
+                        user_id="alice",
+                        provider="oauth2",
+                        status="awaiting_user",
+                        vm_id="vm-live1",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        finally:
+            await db.close()
+
+    asyncio.run(write())
+    [live] = cli.json("vms", "ls")
+    assert (live["vmId"], live["state"], live["userId"]) == ("vm-live1", "running", "alice")
+    assert live["destroyAfter"].endswith("Z")
+    assert {v["vmId"] for v in cli.json("vms", "ls", "--all")} == {"vm-live1", "vm-gone1"}
+    table = cli("vms", "ls").stdout
+    assert "vm-live1" in table and "vm-gone1" not in table
+    assert re.search(r"in 2\d s", table), table
+    [session] = cli.json("sessions", "ls")
+    assert session["sessionId"] == "a" * 32 and session["vm"]["vmId"] == "vm-live1"
+    assert "a" * 32 in cli("sessions", "ls").stdout
+    report = cli.json("reap", "--dry-run")
+    # vm-live1 is a row whose VM the sandbox runtime does not run: the reconciler would
+    # call it lost (it vanished before its deadline); a dry run only says so.
+    assert report["actions"] == [
+        {"action": "mark_lost", "vmId": "vm-live1", "expectedState": "running"}
+    ]
+    assert cli.json("vms", "ls")[0]["state"] == "running"
+    applied = cli.json("reap")
+    assert applied["dryRun"] is False and len(applied["actions"]) == 1
+    assert cli.json("vms", "ls") == []
+    [session] = cli.json("sessions", "ls", "--all")
+    assert session["status"] == "failed" and session["vm"]["state"] == "lost"
