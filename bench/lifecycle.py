@@ -82,6 +82,8 @@ async def run(sessions: int, concurrency: int, data_dir: Path) -> dict[str, floa
         await asyncio.gather(*(guarded(i) for i in range(sessions)))
     finally:
         await core.close()
+        for vm in await core.runtime.list():  # VMs outlive a controller: leave none behind
+            await core.runtime.destroy(vm.vm_id)
     wall = time.monotonic() - started
     return {
         "sessions": sessions,

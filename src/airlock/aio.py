@@ -40,6 +40,10 @@ class TaskOwner:
                 extra={"task": task.get_name()},
             )
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __len__(self) -> int:
         return len(self._tasks)
 

@@ -47,9 +47,7 @@ class Settings(BaseSettings):
     grace_success_ms: int = Field(
         30_000,
         ge=0,
-        validation_alias=AliasChoices(
-            "AIRLOCK_GRACE_SUCCESS_MS", "BROWSER_VM_GRACE_PERIOD_MS", "grace_success_ms"
-        ),
+        validation_alias=AliasChoices("AIRLOCK_GRACE_SUCCESS_MS", "BROWSER_VM_GRACE_PERIOD_MS"),
         description="How long a browser VM stays after a successful login.",
     )
     grace_failure_ms: int = Field(5_000, ge=0, description="How long it stays after a failure.")

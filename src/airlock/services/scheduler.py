@@ -66,7 +66,7 @@ class Scheduler:
         self._poked.set()
 
     async def run(self) -> None:
-        while True:
+        while not self.tasks.closed:
             try:
                 await self.tick()
                 async with self.db.transaction() as repo:
@@ -86,6 +86,8 @@ class Scheduler:
 
     async def tick(self) -> int:
         """Claim every due row and start destroying it; return how many were claimed."""
+        if self.tasks.closed:
+            return 0  # shutting down: claim nothing we could not destroy
         now = self.clock.now()
         claimed: list[Vm] = []
         async with self.db.transaction() as repo:
