@@ -56,9 +56,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = core or Core(cfg, demo=demo)
-        await owned.start()
         tasks = TaskOwner("api")
         try:
+            await owned.start()
             app.state.core = owned
             app.state.viewer_signer = ViewerSigner.open(cfg.data_dir / "viewer.key")
             idp = await _start_demo_idp(cfg, tasks) if demo else None
@@ -95,7 +95,12 @@ def _json_error(status: int, code: str, message: str, **headers: str) -> JSONRes
     return JSONResponse(error_body(code, message), status_code=status, headers=headers or None)
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
