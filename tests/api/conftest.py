@@ -9,7 +9,6 @@ a test needs are written as rows, the way the services write them.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -147,19 +146,6 @@ class Api:
             repo.add_vm(vm)
         return vm
 
-    async def quiesce(self, timeout: float = 10.0) -> None:
-        """Wait until only the core's two loops run (boots of started sessions have failed
-        on ``NoVmRuntime``), then let the scheduler take the wake-up those failures sent.
-
-        Needed because of a Python 3.11 ``asyncio.wait_for`` race that the scheduler's loop
-        hits: a cancel arriving in the same loop turn as ``poke()`` is swallowed, and
-        ``Core.close()`` then waits forever (reported; ``asyncio.timeout`` fixes it)."""
-        for _ in range(int(timeout / 0.01)):
-            if len(self.core.tasks) <= 2:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-
     async def counts(self) -> tuple[int, int]:
         """(sessions, VMs) in the database: to prove a refused request changed nothing."""
         async with self.core.db.transaction() as repo:
@@ -211,7 +197,6 @@ async def make_api(
     yield factory
     for api, lifespan in stack:
         await api.client.aclose()
-        await api.quiesce()
         await lifespan.__aexit__(None, None, None)
 
 
