@@ -32,6 +32,9 @@ class SessionBus:
             async with self._changed:
                 await self._changed.wait_for(lambda: self._versions[session_id] != seen)
 
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands
+        # in the same loop turn as the wait finishing, and a shutdown would then hang.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(moved(), timeout)
+            async with asyncio.timeout(timeout):
+                await moved()
         return self._versions[session_id]

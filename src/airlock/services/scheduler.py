@@ -81,7 +81,8 @@ class Scheduler:
                 delay = min(max((wake - self.clock.now()).total_seconds(), 0.0), MAX_SLEEP)
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._poked.wait(), delay)
+                    async with asyncio.timeout(delay):  # not wait_for: see bus.wait
+                        await self._poked.wait()
             self._poked.clear()
 
     async def tick(self) -> int:

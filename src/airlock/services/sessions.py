@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -30,6 +31,7 @@ from airlock.errors import (
     AirlockError,
     Conflict,
     CredentialError,
+    Forbidden,
     InvalidInput,
     NotFound,
     Unavailable,
@@ -43,7 +45,7 @@ from airlock.services.egress import EgressManager
 from airlock.services.scheduler import Scheduler
 from airlock.store.db import Database
 from airlock.store.tables import AuthSession, Credential, Event, Vm
-from airlock.vault import Vault
+from airlock.vault import Sealed, Vault
 
 log = logging.getLogger("airlock.sessions")
 
@@ -123,8 +125,53 @@ class SessionService:
         return [(s, vms.get(s.vm_id) if s.vm_id else None) for s in sessions]
 
     async def credential(self, session_id: str) -> Credential | None:
+        """The capture's metadata row. Callers check ownership with ``get`` first."""
         async with self.db.transaction() as repo:
             return await repo.credential_of_session(session_id)
+
+    async def credentials_of(self, session_ids: Sequence[str]) -> dict[str, Credential]:
+        async with self.db.transaction() as repo:
+            return await repo.credentials_of(session_ids)
+
+    async def export_secret(
+        self,
+        session: AuthSession,
+        credential: Credential,
+        *,
+        actor: str,
+        is_service: bool,
+        export_enabled: bool,
+    ) -> dict[str, Any]:
+        """Decrypt a capture for a trusted backend. Only service tokens, only with
+        ``AIRLOCK_CREDENTIAL_EXPORT=true``; the read is recorded before the value leaves."""
+        if not is_service:
+            raise Forbidden("secret credential values are never given to user tokens")
+        if not export_enabled:
+            raise Forbidden(
+                "credential export is off on this controller (AIRLOCK_CREDENTIAL_EXPORT=false)",
+                code="credential_export_disabled",
+            )
+        plaintext = self.vault.open_sealed(
+            Sealed(credential.key_id, credential.nonce, credential.ciphertext),
+            context=f"{session.id}:{credential.provider}",
+        )
+        async with self.db.transaction() as repo:
+            repo.add_event(
+                at=self.clock.now(),
+                kind="credential",
+                subject_id=session.id,
+                session_id=session.id,
+                vm_id=session.vm_id,
+                cause="secret_read",
+                actor=actor,
+                detail={"provider": credential.provider},
+            )
+        log.info(
+            "credential secret exported",
+            extra={"session_id": session.id, "provider": credential.provider, "actor": actor},
+        )
+        secret: dict[str, Any] = json.loads(plaintext)
+        return secret
 
     async def events(self, session: AuthSession) -> builtins.list[Event]:
         async with self.db.transaction() as repo:
@@ -236,7 +283,8 @@ class SessionService:
         started = time.monotonic()
         spec = VmSpec(vm_id=vm_id, role=VmRole.BROWSER, user_id="")
         try:
-            running = await asyncio.wait_for(self.runtime.create(spec), self.boot_timeout)
+            async with asyncio.timeout(self.boot_timeout):
+                running = await self.runtime.create(spec)
         except Exception as exc:
             await self.runtime.destroy(vm_id)
             await self._fail(

@@ -101,10 +101,10 @@ class VmService:
             )
         started = asyncio.get_running_loop().time()
         try:
-            running = await asyncio.wait_for(
-                self.runtime.create(VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=user_id)),
-                self.boot_timeout,
-            )
+            async with asyncio.timeout(self.boot_timeout):
+                running = await self.runtime.create(
+                    VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=user_id)
+                )
         except Exception as exc:
             await self.runtime.destroy(vm.id)
             async with self.db.transaction() as repo:

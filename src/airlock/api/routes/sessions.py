@@ -9,10 +9,9 @@ is asked with the caller's user id. The viewer page (``/novnc``) and the VNC Web
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import StreamingResponse
@@ -21,11 +20,10 @@ from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep, SignerDep, ViewerSigner
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmState
-from airlock.errors import Forbidden, NotFound
+from airlock.errors import NotFound
 from airlock.services.core import Core
 from airlock.services.tokens import Principal
 from airlock.store.tables import AuthSession, Credential, Vm
-from airlock.vault import Sealed
 
 log = logging.getLogger("airlock.api")
 
@@ -52,12 +50,6 @@ def _reader(principal: Principal, user_id: str | None) -> str | None:
     """Whose sessions may be read: the user's own, or (service tokens) any, or the one
     named."""
     return principal.user_for(user_id, required=False)
-
-
-async def _credentials(core: Core, session_ids: list[str]) -> dict[str, Credential]:
-    # SessionService has no batch read yet: one query for the whole page, not one per row.
-    async with core.db.transaction() as repo:
-        return await repo.credentials_of(session_ids)
 
 
 def _out(
@@ -116,7 +108,7 @@ async def list_sessions(
         status_filter.value if status_filter is not None else None,
         limit=limit,
     )
-    creds = await _credentials(core, [s.id for s, _ in rows])
+    creds = await core.sessions.credentials_of([s.id for s, _ in rows])
     return [_out(core, signer, s, vm, creds.get(s.id)) for s, vm in rows]
 
 
@@ -267,41 +259,14 @@ async def credentials(
         )
     if not include_secrets:
         return schemas.credentials_out(cred)
-    if not principal.is_service:
-        raise Forbidden("secret credential values are never given to user tokens")
-    if not core.settings.credential_export:
-        raise Forbidden(
-            "credential export is off on this controller (AIRLOCK_CREDENTIAL_EXPORT=false)",
-            code="credential_export_disabled",
-        )
-    return schemas.credentials_out(cred, await _export(core, session, cred, principal.actor))
-
-
-async def _export(core: Core, session: AuthSession, cred: Credential, actor: str) -> dict[str, Any]:
-    """Decrypt, then record the read; the value leaves only once the record is written."""
-    if core.vault is None:
-        raise RuntimeError("the vault is not open")
-    plaintext = core.vault.open_sealed(
-        Sealed(cred.key_id, cred.nonce, cred.ciphertext),
-        context=f"{session.id}:{cred.provider}",
+    secret = await core.sessions.export_secret(
+        session,
+        cred,
+        actor=principal.actor,
+        is_service=principal.is_service,
+        export_enabled=core.settings.credential_export,
     )
-    secret: dict[str, Any] = json.loads(plaintext)
-    async with core.db.transaction() as repo:
-        repo.add_event(
-            at=core.clock.now(),
-            kind="credential",
-            subject_id=session.id,
-            session_id=session.id,
-            vm_id=session.vm_id,
-            cause="secret_read",
-            actor=actor,
-            detail={"provider": cred.provider},
-        )
-    log.info(
-        "credential secret exported",
-        extra={"session_id": session.id, "provider": cred.provider, "actor": actor},
-    )
-    return secret
+    return schemas.credentials_out(cred, secret)
 
 
 @router.get(
