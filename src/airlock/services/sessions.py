@@ -276,12 +276,12 @@ class SessionService:
             },
         )
         self.scheduler.poke()
-        self.tasks.spawn(self._boot(session_id, vm_id, provider), name=f"boot:{session_id}")
+        self.tasks.spawn(self._boot(session_id, vm_id, user_id, provider), name=f"boot:{session_id}")
         return session, vm
 
-    async def _boot(self, session_id: str, vm_id: str, provider: Provider) -> None:
+    async def _boot(self, session_id: str, vm_id: str, user_id: str, provider: Provider) -> None:
         started = time.monotonic()
-        spec = VmSpec(vm_id=vm_id, role=VmRole.BROWSER, user_id="")
+        spec = VmSpec(vm_id=vm_id, role=VmRole.BROWSER, user_id=user_id)
         try:
             async with asyncio.timeout(self.boot_timeout):
                 running = await self.runtime.create(spec)
