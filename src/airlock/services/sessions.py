@@ -276,7 +276,9 @@ class SessionService:
             },
         )
         self.scheduler.poke()
-        self.tasks.spawn(self._boot(session_id, vm_id, user_id, provider), name=f"boot:{session_id}")
+        self.tasks.spawn(
+            self._boot(session_id, vm_id, user_id, provider), name=f"boot:{session_id}"
+        )
         return session, vm
 
     async def _boot(self, session_id: str, vm_id: str, user_id: str, provider: Provider) -> None:
