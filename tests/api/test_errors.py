@@ -201,3 +201,25 @@ async def test_unavailable_runtime_is_503_with_a_tombstone(api: Api) -> None:
     [vm] = r.json()
     assert vm["destroyReason"] == "boot_failed"
     assert vm["lastError"] == "no VMs in API tests"
+
+
+async def test_curls_default_form_type_is_read_as_json(api: Api) -> None:
+    """The issue's own check is `curl -X POST .../api/auth/start -d '{"provider":"oauth2"}'`,
+    which sends application/x-www-form-urlencoded."""
+    r = await api.client.post(
+        "/api/auth/start",
+        content=b'{"provider":"oauth2"}',
+        headers={**api.auth("alice"), "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 201, r.text
+    assert {"sessionId", "status", "novncURL"} <= r.json().keys()
+
+
+async def test_other_content_types_are_still_refused(api: Api) -> None:
+    r = await api.client.post(
+        "/api/auth/start",
+        content=b'{"provider":"oauth2"}',
+        headers={**api.auth("alice"), "Content-Type": "text/plain"},
+    )
+    assert_error(r, 422, "invalid_request")
+    assert await api.counts() == (0, 0)

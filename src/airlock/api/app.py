@@ -85,6 +85,7 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
     _install_error_handlers(app)
+    app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(InternalErrors)  # outermost of ours: catches whatever escapes
     return app
@@ -167,6 +168,25 @@ class InternalErrors:
                 raise  # the answer is on its way: only the server can end it
             response = _json_error(500, "internal", "internal error; see the controller's log")
             await response(scope, receive, send)
+
+
+class JsonByDefault:
+    """The API speaks JSON only, so a body sent as curl's default form type (``curl -d
+    '{...}'``, as the original controller's callers do) or with no type at all is read as
+    JSON. Anything else keeps its type and is refused by validation as before."""
+
+    _FORM = b"application/x-www-form-urlencoded"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+            kind = dict(scope.get("headers", ())).get(b"content-type")
+            if kind is None or kind.split(b";")[0].strip().lower() == self._FORM:
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
