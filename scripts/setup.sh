@@ -133,5 +133,20 @@ if [[ $(cat "$stamp" 2>/dev/null) != "$want" || ! -x $venv/bin/airlock ]]; then
   printf '%s\n' "$want" >"$stamp"
 fi
 
+# --- the viewer page's JavaScript ---------------------------------------------------------
+# noVNC's ES modules, pinned by package-lock.json, served by the controller from node_modules
+# (never committed). npm ci runs only when the lockfile changed since the last install.
+if ! command -v npm >/dev/null; then
+  command -v apt-get >/dev/null || die "npm is missing; install Node.js and npm"
+  apt_install nodejs npm
+fi
+js_stamp=node_modules/.airlock-package-lock.sha256
+js_want=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [[ $(cat "$js_stamp" 2>/dev/null) != "$js_want" || ! -f node_modules/@novnc/novnc/core/rfb.js ]]; then
+  say "installing the viewer's JavaScript: npm ci"
+  npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >&2 || die "npm ci failed"
+  printf '%s\n' "$js_want" >"$js_stamp"
+fi
+
 elapsed_ms=$((($(date +%s%N) - started) / 1000000))
 say "ready in ${elapsed_ms} ms ($("$venv/bin/python" -V), .venv up to date with pyproject.toml)"
