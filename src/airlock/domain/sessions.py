@@ -6,7 +6,9 @@ initializing --vm ready, login started--> awaiting_user --captured--> completed
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from airlock.domain import IllegalTransition
 
@@ -62,3 +64,33 @@ class FailureReason(StrEnum):
     CAPTURE_FAILED = "capture_failed"
     CONTROLLER_RESTARTED = "controller_restarted"
     LOGIN_TIMEOUT = "login_timeout"
+
+
+def record_changes(
+    current: SessionStatus,
+    target: SessionStatus,
+    *,
+    now: datetime,
+    failure_reason: str | None = None,
+) -> dict[str, Any]:
+    """The fields a session record must change for a move, so that it tells the truth
+    (invariant 4): when it became ready, completed and ended, and, for a failure, why.
+
+    Raises ``IllegalTransition`` for a move the table refuses, and ``ValueError`` for a
+    failure without a reason a person can act on, or a reason on a move that is no failure.
+    """
+    move(current, target)
+    changes: dict[str, Any] = {"status": target.value}
+    if target is SessionStatus.FAILED and not (failure_reason and failure_reason.strip()):
+        raise ValueError("a failed session needs a failure reason a person can act on")
+    if failure_reason is not None and target not in (SessionStatus.FAILED, SessionStatus.EXPIRED):
+        raise ValueError(f"a move to {target.value} carries no failure reason")
+    if failure_reason is not None:
+        changes["failure_reason"] = failure_reason
+    if target is SessionStatus.AWAITING_USER:
+        changes["ready_at"] = now
+    if target is SessionStatus.COMPLETED:
+        changes["completed_at"] = now
+    if target.terminal:
+        changes["ended_at"] = now
+    return changes

@@ -69,9 +69,11 @@ async def move_session(
 ) -> bool:
     """Move ``session`` from the status it was read in to ``to``; False if it moved."""
     current = SessionStatus(session.status)
-    session_sm.move(current, to)
-    if to.terminal:
-        values.setdefault("ended_at", now)
+    changes = session_sm.record_changes(
+        current, to, now=now, failure_reason=values.pop("failure_reason", None)
+    )
+    changes.pop("status")
+    values = {**changes, **values}
     won = await repo.move_session(session.id, [current], to, updated_at=now, **values)
     if won:
         repo.add_event(

@@ -341,7 +341,6 @@ class SessionService:
                     now=now,
                     cause="login_started",
                     actor="controller",
-                    ready_at=now,
                 )
                 self.metrics.session_ready.observe((now - session.created_at).total_seconds())
         if not ready:
@@ -458,7 +457,6 @@ class SessionService:
                     now=now,
                     cause="credentials_captured",
                     actor="agent",
-                    completed_at=now,
                 )
                 self.metrics.sessions.labels(SessionStatus.COMPLETED.value).inc()
                 if vm.state in (VmState.CREATING.value, VmState.RUNNING.value):
