@@ -137,6 +137,36 @@ class Repo:
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
+    async def warm_vms(self, states: Iterable[VmState], *, limit: int | None = None) -> list[Vm]:
+        """Warm-pool browser VMs (booted ahead, no session yet), oldest first. On PostgreSQL
+        rows another transaction holds are skipped, so concurrent claims spread out."""
+        query = (
+            select(Vm)
+            .where(Vm.warm.is_(True), Vm.state.in_([s.value for s in states]))
+            .order_by(Vm.created_at)
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        if self.postgres:
+            query = query.with_for_update(skip_locked=True)
+        return list(await self.session.scalars(query.execution_options(populate_existing=True)))
+
+    async def claim_warm(self, vm_id: str, *, now: datetime, **values: Any) -> bool:
+        """Take a running warm VM for a session: exactly one caller wins it (the row stops
+        being warm in the same conditional update), and only before its deadline."""
+        result = await self.session.execute(
+            update(Vm)
+            .where(
+                Vm.id == vm_id,
+                Vm.warm.is_(True),
+                Vm.state == VmState.RUNNING.value,
+                Vm.destroy_after > now,
+            )
+            .values(warm=False, updated_at=now, **values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
     async def due_vms(self, now: datetime, limit: int) -> list[Vm]:
         """Rows whose deadline is due, or whose destroy lease ran out (a destroy that
         crashed or failed). On PostgreSQL the rows are locked and rows another
