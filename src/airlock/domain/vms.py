@@ -81,3 +81,4 @@ class DestroyReason(StrEnum):
     ORPHAN = "orphan"
     VANISHED = "vanished"  # the runtime no longer runs it (lost, or gone while due)
     BOOT_FAILED = "boot_failed"
+    WARM_RETIRED = "warm_retired"  # a warm-pool VM reached its maximum age unused
