@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
@@ -24,6 +24,7 @@ from airlock.runtimes.base import Runtime
 from airlock.services import records
 from airlock.services.bus import SessionBus
 from airlock.store.db import Database
+from airlock.store.repo import Repo
 from airlock.store.tables import Vm
 
 log = logging.getLogger("airlock.scheduler")
@@ -93,36 +94,9 @@ class Scheduler:
         claimed: list[Vm] = []
         async with self.db.transaction() as repo:
             for vm in await repo.due_vms(now, BATCH):
-                was = vm.state
                 reason = vm.destroy_reason or DestroyReason.GRACE_ENDED.value
-                if not await repo.claim_destroy(vm, now=now, lease=DESTROY_LEASE, reason=reason):
-                    continue
-                session = await repo.session_of_vm(vm.id)
-                if session is not None and not SessionStatus(session.status).terminal:
-                    await records.move_session(
-                        repo,
-                        session,
-                        SessionStatus.EXPIRED,
-                        now=now,
-                        cause="login_deadline",
-                        actor="scheduler",
-                        failure_reason=FailureReason.LOGIN_TIMEOUT.value,
-                    )
-                    self.metrics.sessions.labels(SessionStatus.EXPIRED.value).inc()
-                if was != VmState.DESTROYING.value:
-                    repo.add_event(
-                        at=now,
-                        kind="vm",
-                        subject_id=vm.id,
-                        vm_id=vm.id,
-                        session_id=session.id if session else None,
-                        from_state=was,
-                        to_state=VmState.DESTROYING.value,
-                        cause=reason,
-                        actor="scheduler",
-                    )
-                vm.state = VmState.DESTROYING.value
-                claimed.append(vm)
+                if await self._claim(repo, vm, now=now, reason=reason, actor="scheduler"):
+                    claimed.append(vm)
         for vm in claimed:
             self.tasks.spawn(self._destroy_claimed(vm), name=f"destroy:{vm.id}")
         return len(claimed)
@@ -136,12 +110,33 @@ class Scheduler:
             vm = await repo.vm(vm_id, lock=True)
             if vm is None or vm.state in (VmState.DESTROYING.value, *_TERMINAL):
                 return False
-            was = vm.state
-            if not await repo.claim_destroy(vm, now=now, lease=DESTROY_LEASE, reason=reason):
+            if not await self._claim(repo, vm, now=now, reason=reason.value, actor=actor):
                 return False
             # The deadline becomes "now": destroy lag measures from the moment it was asked.
             await repo.set_vm(vm.id, [VmState.DESTROYING], destroy_after=now)
-            session = await repo.session_of_vm(vm.id)
+            vm.destroy_after = now
+        await self._destroy_claimed(vm)
+        return True
+
+    async def _claim(self, repo: Repo, vm: Vm, *, now: datetime, reason: str, actor: str) -> bool:
+        """Take the destroy of ``vm`` (one claimer wins) and record it. A login still in
+        progress when its VM's deadline comes has passed its login deadline: it expires."""
+        was = vm.state
+        if not await repo.claim_destroy(vm, now=now, lease=DESTROY_LEASE, reason=reason):
+            return False
+        session = await repo.session_of_vm(vm.id)
+        if session is not None and not SessionStatus(session.status).terminal:
+            await records.move_session(
+                repo,
+                session,
+                SessionStatus.EXPIRED,
+                now=now,
+                cause="login_deadline",
+                actor=actor,
+                failure_reason=FailureReason.LOGIN_TIMEOUT.value,
+            )
+            self.metrics.sessions.labels(SessionStatus.EXPIRED.value).inc()
+        if was != VmState.DESTROYING.value:
             repo.add_event(
                 at=now,
                 kind="vm",
@@ -150,11 +145,11 @@ class Scheduler:
                 session_id=session.id if session else None,
                 from_state=was,
                 to_state=VmState.DESTROYING.value,
-                cause=reason.value,
+                cause=reason,
                 actor=actor,
             )
-            vm.state, vm.destroy_after, vm.destroy_reason = VmState.DESTROYING.value, now, reason
-        await self._destroy_claimed(vm)
+            vm.destroy_reason = reason
+        vm.state = VmState.DESTROYING.value
         return True
 
     async def _destroy_claimed(self, vm: Vm) -> None:
