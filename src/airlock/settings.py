@@ -61,8 +61,14 @@ class Settings(BaseSettings):
     )
     reconcile_interval_ms: int = Field(5_000, gt=0, description="Reconciler period.")
     warm_pool: int = Field(0, ge=0, description="Booted browser VMs kept ready.")
+    warm_pool_max_age_ms: int = Field(
+        600_000, gt=0, description="A warm VM unused this long is retired and replaced."
+    )
     credential_export: bool = Field(
         False, description="Allow service tokens to read secret credential values."
+    )
+    viewer_token_ttl_ms: int = Field(
+        600_000, gt=0, description="How long a viewer token (in novncURL) opens the viewer."
     )
 
     # --- the demo identity provider and the generic oauth2 provider -------------------
@@ -136,6 +142,14 @@ class Settings(BaseSettings):
     @property
     def reconcile_interval(self) -> timedelta:
         return timedelta(milliseconds=self.reconcile_interval_ms)
+
+    @property
+    def viewer_token_ttl(self) -> timedelta:
+        return timedelta(milliseconds=self.viewer_token_ttl_ms)
+
+    @property
+    def warm_pool_max_age(self) -> timedelta:
+        return timedelta(milliseconds=self.warm_pool_max_age_ms)
 
     @property
     def vm_boot_timeout(self) -> timedelta:
