@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from airlock.errors import AirlockError
 
@@ -66,6 +68,18 @@ class Vault:
         if any(len(k) != 32 for k in keys.values()):
             raise VaultError(f"key file {path} holds a key that is not 256 bits")
         return cls(keys, current)
+
+    def derive(self, label: str) -> list[bytes]:
+        """A 256-bit key per vault key for another purpose (HKDF-SHA256, ``label`` as info),
+        the current key's first: controllers sharing one key file derive the same keys, and
+        the credential keys themselves never serve two purposes."""
+        order = [self.current, *sorted(k for k in self._keys if k != self.current)]
+        return [
+            HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label.encode()).derive(
+                self._keys[key_id]
+            )
+            for key_id in order
+        ]
 
     def seal(self, plaintext: bytes, *, context: str) -> Sealed:
         nonce = secrets.token_bytes(12)

@@ -7,7 +7,7 @@ import asyncio
 import json
 import re
 import secrets
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -120,12 +120,9 @@ async def test_novnc_url_carries_a_viewer_token_while_viewable(api: Api) -> None
     [token] = parse_qs(url.query)["token"]
     signer = api.app.state.viewer_signer
     assert isinstance(signer, ViewerSigner)
-    assert signer.verify(token, session.id, vm.id)
-    assert not signer.verify(token, session.id, "vm-other")
-    assert not signer.verify(token, secrets.token_hex(16), vm.id)
-    assert not signer.verify(token + "x", session.id, vm.id)
-    expiry = int(token.split(".")[0])
-    assert not signer.verify(token, session.id, vm.id, now=expiry + 1)
+    claims = signer.verify(token, session.id, vm.id, now=datetime.now(UTC))
+    assert (claims.session_id, claims.vm_id, claims.view_only) == (session.id, vm.id, False)
+    # The rest of the token rules: tests/api/test_viewer_tokens.py.
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,8 @@ def create_app(
         try:
             await owned.start()
             app.state.core = owned
-            app.state.viewer_signer = ViewerSigner.open(cfg.data_dir / "viewer.key")
+            assert owned.vault is not None  # start() opened it
+            app.state.viewer_signer = ViewerSigner.from_vault(owned.vault, cfg.viewer_token_ttl)
             idp = await _start_demo_idp(cfg, tasks) if demo else None
             try:
                 yield

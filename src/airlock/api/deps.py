@@ -1,5 +1,6 @@
 """What routes depend on: the controller's ``Core``, the caller (a ``Principal`` from the
-bearer token), and the viewer-token signer that ``novncURL`` carries.
+bearer token), and the viewer tokens that ``novncURL`` carries (``ViewerSigner``,
+``verify_viewer_token``).
 
 Identity rules live in ``services.tokens.Principal.user_for``; this module only turns the
 ``Authorization`` header into a principal (401 when it is missing or unknown).
@@ -10,31 +11,34 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
-import secrets
-import time
-from pathlib import Path
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
+from airlock.api.schemas import VIEWABLE
+from airlock.domain.vms import VmState
+from airlock.errors import InvalidInput, NotFound, Unauthorized
 from airlock.services.core import Core
 from airlock.services.tokens import Principal
+from airlock.vault import Vault
 
 _bearer = HTTPBearer(auto_error=False, description="An Airlock API token (alk_...).")
 
-VIEWER_TOKEN_TTL_S = 15 * 60
+VIEWER_KEY_LABEL = "airlock viewer-token v1"
 
 
-def get_core(request: Request) -> Core:
+def get_core(request: HTTPConnection) -> Core:
     core = getattr(request.app.state, "core", None)
     if not isinstance(core, Core):
         raise RuntimeError("the app's lifespan has not started: no Core on app.state")
     return core
 
 
-def get_viewer_signer(request: Request) -> ViewerSigner:
+def get_viewer_signer(request: HTTPConnection) -> ViewerSigner:
     signer = getattr(request.app.state, "viewer_signer", None)
     if not isinstance(signer, ViewerSigner):
         raise RuntimeError("the app's lifespan has not started: no viewer signer")
@@ -55,46 +59,108 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-class ViewerSigner:
-    """Short-lived viewer tokens: ``{expiry}.{hmac}`` over (session id, VM id, expiry),
-    keyed by ``viewer.key`` in the data dir (32 random bytes, created 0600). A token opens
-    one session's viewer, for one VM, until it expires; nothing else accepts it."""
+@dataclass(frozen=True, slots=True)
+class ViewerClaims:
+    """What a valid viewer token grants: this session's viewer, on this VM, until
+    ``expires_at``; with ``view_only`` the VNC proxy drops every input message."""
 
-    def __init__(self, key: bytes, ttl_s: int = VIEWER_TOKEN_TTL_S) -> None:
-        self._key = key
-        self.ttl_s = ttl_s
+    session_id: str
+    vm_id: str
+    view_only: bool
+    expires_at: datetime
+
+
+class ViewerSigner:
+    """Short-lived viewer tokens: ``{expiry ms}.{mode}.{hmac}``, the HMAC-SHA256 over
+    (session id, VM id, expiry, mode), mode ``f`` (full) or ``v`` (view-only).
+
+    The keys are derived from the vault's key file (``Vault.derive``), not kept per data dir,
+    so controllers sharing one database and key file verify each other's tokens. The first
+    key signs; every key verifies (tokens minted before a vault key rotation stay valid until
+    they expire). A token carries no user: it opens one session's viewer, for one VM, until
+    it expires, and nothing else accepts it, so no route can trade it for a fresh one."""
+
+    def __init__(self, keys: list[bytes], ttl: timedelta) -> None:
+        if not keys or any(len(k) < 32 for k in keys):
+            raise ValueError("viewer tokens need at least one 256-bit key")
+        self._keys = keys
+        self.ttl = ttl
 
     @classmethod
-    def open(cls, path: Path) -> ViewerSigner:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise RuntimeError(f"{path} must hold 32 bytes; delete it to make a new one")
-        return cls(key)
+    def from_vault(cls, vault: Vault, ttl: timedelta) -> ViewerSigner:
+        return cls(vault.derive(VIEWER_KEY_LABEL), ttl)
 
-    def _mac(self, session_id: str, vm_id: str, expiry: int) -> str:
-        msg = f"viewer:{session_id}:{vm_id}:{expiry}".encode()
-        digest = hmac.new(self._key, msg, hashlib.sha256).digest()
+    def _mac(self, key: bytes, session_id: str, vm_id: str, expiry: int, mode: str) -> str:
+        msg = f"viewer:{session_id}:{vm_id}:{expiry}:{mode}".encode()
+        digest = hmac.new(key, msg, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def mint(self, session_id: str, vm_id: str, *, now: float | None = None) -> str:
-        expiry = int(now if now is not None else time.time()) + self.ttl_s
-        return f"{expiry}.{self._mac(session_id, vm_id, expiry)}"
+    def mint(self, session_id: str, vm_id: str, *, now: datetime, view_only: bool = False) -> str:
+        expiry = _ms(now + self.ttl)
+        mode = "v" if view_only else "f"
+        return f"{expiry}.{mode}.{self._mac(self._keys[0], session_id, vm_id, expiry, mode)}"
 
-    def verify(self, token: str, session_id: str, vm_id: str, *, now: float | None = None) -> bool:
-        expiry_text, _, mac = token.partition(".")
-        if not expiry_text.isdigit() or len(expiry_text) > 12 or not mac:
-            return False
+    def verify(self, token: str, session_id: str, vm_id: str, *, now: datetime) -> ViewerClaims:
+        """The token's claims; ``Unauthorized`` when it is malformed, forged, for another
+        session or VM (all the same answer), or expired (checked after the signature, so
+        only a genuine token learns that it expired)."""
+        expiry_text, mode, mac = _split(token)
         expiry = int(expiry_text)
-        if expiry < (now if now is not None else time.time()):
-            return False
-        return hmac.compare_digest(mac, self._mac(session_id, vm_id, expiry))
+        if not any(
+            hmac.compare_digest(mac, self._mac(key, session_id, vm_id, expiry, mode))
+            for key in self._keys
+        ):
+            raise Unauthorized("invalid viewer token", code="invalid_viewer_token")
+        if expiry <= _ms(now):
+            raise Unauthorized(
+                "the viewer token has expired: open the viewer again from the session",
+                code="viewer_token_expired",
+            )
+        expires_at = datetime.fromtimestamp(expiry / 1000, UTC)
+        return ViewerClaims(session_id, vm_id, mode == "v", expires_at)
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _split(token: str) -> tuple[str, str, str]:
+    parts = token.split(".")
+    if (
+        len(parts) != 3
+        or not parts[0].isdigit()
+        or len(parts[0]) > 15
+        or parts[1] not in ("f", "v")
+        or not 40 <= len(parts[2]) <= 48
+    ):
+        raise Unauthorized("invalid viewer token", code="invalid_viewer_token")
+    return parts[0], parts[1], parts[2]
+
+
+async def verify_viewer_token(
+    core: Core, signer: ViewerSigner, session_id: str, token: str | None
+) -> ViewerClaims:
+    """What the viewer page and the VNC socket call first: the claims of ``token`` for
+    ``session_id``. ``Unauthorized`` (401) when the token is missing, malformed, forged,
+    for another session or VM, or expired; ``NotFound`` (404) when the session does not
+    exist or its VM can no longer be viewed (destroying, destroyed, lost, retained): a
+    token never outlives its VM."""
+    if not token:
+        raise Unauthorized("a viewer token is required (?token=)", code="invalid_viewer_token")
+    try:
+        session, vm = await core.sessions.get(session_id, None)
+    except (NotFound, InvalidInput):
+        raise Unauthorized("invalid viewer token", code="invalid_viewer_token") from None
+    if session.vm_id is None:
+        raise Unauthorized("invalid viewer token", code="invalid_viewer_token")
+    claims = signer.verify(token, session.id, session.vm_id, now=core.clock.now())
+    if vm is None or VmState(vm.state) not in VIEWABLE:
+        state = vm.state if vm is not None else "gone"
+        raise NotFound(
+            f"the browser VM of session {session_id} is {state}: nothing to view",
+            code="vm_not_viewable",
+        )
+    return claims
 
 
 SignerDep = Annotated[ViewerSigner, Depends(get_viewer_signer)]

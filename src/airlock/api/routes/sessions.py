@@ -59,7 +59,11 @@ def _out(
     vm: Vm | None,
     cred: Credential | None,
 ) -> schemas.SessionOut:
-    token = signer.mint(session.id, vm.id) if schemas.viewable(vm) and vm is not None else None
+    token = (
+        signer.mint(session.id, vm.id, now=core.clock.now())
+        if schemas.viewable(vm) and vm is not None
+        else None
+    )
     return schemas.session_out(
         session, vm, cred, base_url=core.settings.base_url, viewer_token=token
     )
