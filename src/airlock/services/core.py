@@ -26,6 +26,7 @@ from airlock.services.scheduler import Scheduler
 from airlock.services.sessions import SessionService
 from airlock.services.tokens import TokenService
 from airlock.services.vms import VmService
+from airlock.services.warm_pool import WarmPool
 from airlock.settings import Settings
 from airlock.store.db import Database
 from airlock.vault import Vault
@@ -118,6 +119,17 @@ class Core:
             scheduler=self.scheduler,
             boot_timeout=settings.vm_boot_timeout.total_seconds(),
         )
+        self.warm_pool = WarmPool(
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            metrics=self.metrics,
+            scheduler=self.scheduler,
+            tasks=self.tasks,
+            size=settings.warm_pool,
+            max_age=settings.warm_pool_max_age,
+            boot_timeout=settings.vm_boot_timeout.total_seconds(),
+        )
         self._sessions: SessionService | None = None
 
     @property
@@ -146,6 +158,7 @@ class Core:
             tasks=self.tasks,
             boot_timeout=self.settings.vm_boot_timeout.total_seconds(),
             max_browser_vms=self.settings.max_concurrent_vms,
+            warm_pool=self.warm_pool,
         )
 
     async def start(self) -> None:
@@ -162,6 +175,9 @@ class Core:
         await self.sessions.recover()
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
+        if self.settings.warm_pool > 0:
+            await self.warm_pool.recover()
+            self.tasks.spawn(self.warm_pool.run(), name="warm-pool")
 
     async def close(self) -> None:
         await self.tasks.close()

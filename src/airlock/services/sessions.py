@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from airlock.agent.client import AgentClient
@@ -43,6 +44,7 @@ from airlock.services import records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.scheduler import Scheduler
+from airlock.services.warm_pool import WarmPool
 from airlock.store.db import Database
 from airlock.store.tables import AuthSession, Credential, Event, Vm
 from airlock.vault import Sealed, Vault
@@ -84,6 +86,7 @@ class SessionService:
         tasks: TaskOwner,
         boot_timeout: float,
         max_browser_vms: int,
+        warm_pool: WarmPool | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -98,6 +101,7 @@ class SessionService:
         self.tasks = tasks
         self.boot_timeout = boot_timeout
         self.max_browser_vms = max_browser_vms
+        self.warm_pool = warm_pool
 
     # --- reading -----------------------------------------------------------------------
     async def get(self, session_id: str, user_id: str | None) -> tuple[AuthSession, Vm | None]:
@@ -211,27 +215,44 @@ class SessionService:
                     or VmState(target.state).terminal
                 ):
                     raise NotFound(f"no CLI VM {cli_vm_id} for this user", code="vm_not_found")
-            live = await repo.vms(
-                role=VmRole.BROWSER.value, states=[VmState.CREATING.value, VmState.RUNNING.value]
-            )
-            if len(live) >= self.max_browser_vms:
-                raise Unavailable(
-                    "too many logins in progress on this controller; retry soon", code="at_capacity"
+            # A warm VM if one is ready (a conditional claim: it goes to one session only).
+            warm = (
+                await self.warm_pool.claim(
+                    repo,
+                    user_id=user_id,
+                    now=now,
+                    destroy_after=self.policy.on_created(now),
+                    reason=DestroyReason.LOGIN_TIMEOUT.value,
                 )
-            vm = Vm(
-                id=vm_id,
-                role=VmRole.BROWSER.value,
-                runtime=self.runtime.name,
-                user_id=user_id,
-                state=VmState.CREATING.value,
-                created_at=now,
-                updated_at=now,
-                destroy_after=self.policy.on_created(now),
-                destroy_reason=DestroyReason.LOGIN_TIMEOUT.value,
-                destroy_attempts=0,
-                warm=False,
-                detail={},
+                if self.warm_pool is not None
+                else None
             )
+            if warm is None:
+                live = await repo.vms(
+                    role=VmRole.BROWSER.value,
+                    states=[VmState.CREATING.value, VmState.RUNNING.value],
+                )
+                if len(live) >= self.max_browser_vms:
+                    raise Unavailable(
+                        "too many logins in progress on this controller; retry soon",
+                        code="at_capacity",
+                    )
+                vm = Vm(
+                    id=vm_id,
+                    role=VmRole.BROWSER.value,
+                    runtime=self.runtime.name,
+                    user_id=user_id,
+                    state=VmState.CREATING.value,
+                    created_at=now,
+                    updated_at=now,
+                    destroy_after=self.policy.on_created(now),
+                    destroy_reason=DestroyReason.LOGIN_TIMEOUT.value,
+                    destroy_attempts=0,
+                    warm=False,
+                    detail={},
+                )
+            else:
+                vm, vm_id = warm, warm.id
             session = AuthSession(
                 id=session_id,
                 user_id=user_id,
@@ -242,8 +263,9 @@ class SessionService:
                 created_at=now,
                 updated_at=now,
             )
-            repo.add_vm(vm)
-            await repo.session.flush()  # the VM row exists before the session names it
+            if warm is None:
+                repo.add_vm(vm)
+                await repo.session.flush()  # the VM row exists before the session names it
             repo.add_session(session)
             repo.add_event(
                 at=now,
@@ -251,8 +273,8 @@ class SessionService:
                 subject_id=vm_id,
                 vm_id=vm_id,
                 session_id=session_id,
-                to_state=VmState.CREATING.value,
-                cause="session_started",
+                to_state=VmState.CREATING.value if warm is None else None,
+                cause="session_started" if warm is None else "warm_claimed",
                 actor=actor,
             )
             repo.add_event(
@@ -276,6 +298,14 @@ class SessionService:
             },
         )
         self.scheduler.poke()
+        if warm is not None and self.warm_pool is not None:
+            # Booted already: start the login now, so the answer may say awaiting_user.
+            self.warm_pool.poke()
+            await self._start_login(
+                session_id, vm_id, provider, Path(str(warm.detail.get("state_dir", ""))), {}
+            )
+            fresh, fresh_vm = await self.get(session_id, None)
+            return fresh, fresh_vm or vm
         self.tasks.spawn(
             self._boot(session_id, vm_id, user_id, provider), name=f"boot:{session_id}"
         )
@@ -298,10 +328,21 @@ class SessionService:
         self.metrics.vm_boot.labels("browser", self.runtime.name, "cold").observe(
             time.monotonic() - started
         )
+        await self._start_login(
+            session_id, vm_id, provider, running.state_dir, dict(running.detail)
+        )
+
+    async def _start_login(
+        self,
+        session_id: str,
+        vm_id: str,
+        provider: Provider,
+        state_dir: Path,
+        detail: dict[str, str],
+    ) -> None:
+        """On a booted VM (just booted, or warm): egress proxy, login, awaiting_user."""
         try:
-            await self.egress.start(
-                vm_id, running.state_dir / "egress.sock", provider.egress_routes()
-            )
+            await self.egress.start(vm_id, state_dir / "egress.sock", provider.egress_routes())
             agent = await self._agent(vm_id)
             try:
                 await agent.start_login(provider.login_plan())
@@ -319,10 +360,10 @@ class SessionService:
             ready = (
                 vm is not None
                 and session is not None
-                and vm.state == VmState.CREATING.value
+                and vm.state in (VmState.CREATING.value, VmState.RUNNING.value)
                 and session.status == SessionStatus.INITIALIZING.value
             )
-            if ready and vm is not None and session is not None:
+            if ready and vm is not None and vm.state == VmState.CREATING.value:
                 await records.move_vm(
                     repo,
                     vm,
@@ -332,8 +373,9 @@ class SessionService:
                     actor="controller",
                     session_id=session_id,
                     running_at=now,
-                    detail=dict(running.detail),
+                    detail=detail,
                 )
+            if ready and session is not None:
                 await records.move_session(
                     repo,
                     session,
