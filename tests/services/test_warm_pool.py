@@ -1,0 +1,114 @@
+"""The warm pool with real sandboxes, on SQLite and PostgreSQL: it fills to N, a start takes
+a warm VM (and answers ``awaiting_user`` at once), the pool refills, two concurrent starts
+never share a VM, old warm VMs are retired at their maximum age, and a restarted controller
+adopts the pool instead of booting a new one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from airlock.domain.sessions import SessionStatus
+from airlock.domain.vms import DestroyReason, VmState
+from airlock.services.core import Core
+from tests.lifecycle_helpers import finish_login, running_ids, wait_for
+from tests.services.conftest import CoreFactory
+
+pytestmark = pytest.mark.sandbox
+
+
+async def warm_ids(core: Core, *states: VmState) -> set[str]:
+    async with core.db.transaction() as repo:
+        rows = await repo.warm_vms(states or (VmState.RUNNING,))
+    return {vm.id for vm in rows}
+
+
+async def pool_ready(core: Core, size: int) -> set[str]:
+    async def full() -> bool:
+        return len(await warm_ids(core)) == size
+
+    await wait_for(full, timeout=30)
+    return await warm_ids(core)
+
+
+async def test_start_takes_a_warm_vm_then_the_pool_refills(make_core: CoreFactory) -> None:
+    core = await make_core(warm_pool=1)
+    pool = await pool_ready(core, 1)
+    assert pool <= await running_ids(core.runtime)
+
+    session, vm = await core.sessions.start(user_id="alice", provider_id="oauth2", actor="test")
+
+    assert vm.id in pool
+    assert session.status == SessionStatus.AWAITING_USER.value  # in the start's own answer
+    row = await core.vms.get(vm.id, "alice")  # the VM is now alice's, no longer warm
+    assert not row.warm and row.state == VmState.RUNNING.value
+    assert row.destroy_reason == DestroyReason.LOGIN_TIMEOUT.value
+    refilled = await pool_ready(core, 1)
+    assert vm.id not in refilled
+    # The claimed VM is an ordinary session VM: the capture completes the session.
+    await finish_login(core.runtime, vm.id)
+
+    async def completed() -> bool:
+        s, _ = await core.sessions.get(session.id, None)
+        return s.status == SessionStatus.COMPLETED.value
+
+    await wait_for(completed)
+
+
+async def test_concurrent_starts_never_share_a_warm_vm(make_core: CoreFactory) -> None:
+    core = await make_core(warm_pool=1)
+    pool = await pool_ready(core, 1)
+    results = await asyncio.gather(
+        *(
+            core.sessions.start(user_id=user, provider_id="oauth2", actor="test")
+            for user in ("alice", "bob")
+        )
+    )
+    vm_ids = [vm.id for _, vm in results]
+    assert len(set(vm_ids)) == 2
+    assert len(pool & set(vm_ids)) == 1  # one took the warm VM, the other booted cold
+    cold = next(s for s, vm in results if vm.id not in pool)
+    assert cold.status == SessionStatus.INITIALIZING.value
+
+    async def both_ready() -> bool:
+        rows = [await core.sessions.get(s.id, None) for s, _ in results]
+        return all(s.status == SessionStatus.AWAITING_USER.value for s, _ in rows)
+
+    await wait_for(both_ready, timeout=30)
+
+
+async def test_warm_vms_retire_at_max_age_and_are_replaced(make_core: CoreFactory) -> None:
+    core = await make_core(warm_pool=1, warm_pool_max_age_ms=2500)
+    first = await pool_ready(core, 1)
+    (old,) = first
+
+    async def replaced() -> bool:
+        return (await core.vms.get(old, None)).state == VmState.DESTROYED.value and len(
+            await warm_ids(core)
+        ) == 1
+
+    await wait_for(replaced, timeout=30)
+    tomb = await core.vms.get(old, None)
+    assert tomb.destroy_reason == DestroyReason.WARM_RETIRED.value
+    assert tomb.destroyed_at is not None and tomb.destroy_after is not None
+    assert tomb.destroyed_at >= tomb.destroy_after  # never before its maximum age
+    assert old not in await running_ids(core.runtime)
+    # Retired by its deadline, not reaped by the reconciler as an orphan or lost VM.
+    assert core.metrics.registry.get_sample_value("airlock_orphan_vms_reaped_total") == 0
+    assert core.metrics.registry.get_sample_value("airlock_premature_vm_destructions_total") == 0
+
+
+async def test_a_restarted_controller_adopts_the_pool(make_core: CoreFactory) -> None:
+    first = await make_core(warm_pool=1)
+    pool = await pool_ready(first, 1)
+    await first.close()  # the VMs outlive the controller
+    assert pool <= await running_ids(first.runtime)
+
+    second = await make_core(warm_pool=1)
+    report = await second.reconciler.reconcile_once()
+    assert report.actions == []  # a live row: not an orphan
+    await asyncio.sleep(1.5)  # more than one pool round
+    assert await warm_ids(second, VmState.CREATING, VmState.RUNNING) == pool  # no new boot
+    session, vm = await second.sessions.start(user_id="bob", provider_id="oauth2", actor="test")
+    assert vm.id in pool and session.status == SessionStatus.AWAITING_USER.value
