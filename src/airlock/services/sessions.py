@@ -299,11 +299,12 @@ class SessionService:
         )
         self.scheduler.poke()
         if warm is not None and self.warm_pool is not None:
-            # Booted already: start the login now, so the answer may say awaiting_user.
-            self.warm_pool.poke()
+            # Booted already: start the login now, so the answer may say awaiting_user;
+            # then refill (not before: a boot would compete with this login for the CPU).
             await self._start_login(
                 session_id, vm_id, provider, Path(str(warm.detail.get("state_dir", ""))), {}
             )
+            self.warm_pool.poke()
             fresh, fresh_vm = await self.get(session_id, None)
             return fresh, fresh_vm or vm
         self.tasks.spawn(
