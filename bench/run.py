@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import lifecycle
+from bench import lifecycle, warm_pool
 
 if __name__ == "__main__":
     lifecycle.main()
+    warm_pool.main()
