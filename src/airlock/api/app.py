@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import airlock
 from airlock.aio import TaskOwner
+from airlock.api import static
 from airlock.api.deps import ViewerSigner
 from airlock.api.routes import ROUTERS
 from airlock.api.schemas import error_body
@@ -85,6 +86,7 @@ def create_app(
     )
     for router in ROUTERS:
         app.include_router(router)
+    static.mount(app)  # the dashboard at /, our scripts, noVNC's modules
     _install_error_handlers(app)
     app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)

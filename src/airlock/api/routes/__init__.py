@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from airlock.api.routes import ops, providers, sessions, vms
+from airlock.api.routes import ops, providers, sessions, viewer, vms
 
-ROUTERS: tuple[APIRouter, ...] = (sessions.router, vms.router, providers.router, ops.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    sessions.router,
+    viewer.router,
+    vms.router,
+    providers.router,
+    ops.router,
+)
