@@ -226,7 +226,7 @@ def test_vms_and_sessions_ls_show_what_runs(cli: Cli) -> None:
         try:
             async with db.transaction() as repo:
                 for vm_id, state, after in (
-                    ("vm-live1", "running", now + timedelta(seconds=25)),
+                    ("vm-live1", "running", now + timedelta(minutes=50)),
                     ("vm-gone1", "destroyed", None),
                 ):
                     repo.add_vm(
@@ -266,7 +266,7 @@ def test_vms_and_sessions_ls_show_what_runs(cli: Cli) -> None:
     assert {v["vmId"] for v in cli.json("vms", "ls", "--all")} == {"vm-live1", "vm-gone1"}
     table = cli("vms", "ls").stdout
     assert "vm-live1" in table and "vm-gone1" not in table
-    assert re.search(r"in 2\d s", table), table
+    assert re.search(r"in (49|50) min", table), table  # robust to a slow CLI start
     [session] = cli.json("sessions", "ls")
     assert session["sessionId"] == "a" * 32 and session["vm"]["vmId"] == "vm-live1"
     assert "a" * 32 in cli("sessions", "ls").stdout
