@@ -3,11 +3,13 @@
 A provider says how to start a login inside the browser VM (a ``LoginPlan`` the guest agent
 runs), which files hold the result, how to validate and normalise them into ``Credentials``,
 which hosts the browser VM may reach for it (the egress allowlist), and, for the handoff,
-which files to write into a CLI VM and how to verify them.
+which files to write into a CLI VM (``injection``) and how the CLI itself confirms them
+(``verification``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -55,6 +57,37 @@ class Credentials:
     account: Account
     plan: str | None
     raw: dict[str, bytes]  # the original files, byte for byte, by home-relative path
+    refreshed_at: datetime | None = None  # UTC; when the vendor last issued the tokens
+
+
+@dataclass(frozen=True, slots=True)
+class InjectFile:
+    """One file the handoff writes into a CLI VM (home-relative path). Companion settings
+    are ``only_if_absent``: the user's own settings in a VM are never overwritten."""
+
+    path: str
+    content: bytes
+    mode: int = 0o600
+    only_if_absent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    exit_code: int | None
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """A command run in the CLI VM after the injection, and how to read its result:
+    ``judge`` answers (logged in?, a one-line summary without secrets). ``check`` says which
+    check this is and why it is the best this CLI offers."""
+
+    argv: list[str]
+    check: str
+    judge: Callable[[RunOutcome], tuple[bool, str]]
+    timeout_s: float = 60.0
 
 
 class Provider(Protocol):
@@ -71,4 +104,13 @@ class Provider(Protocol):
 
     def normalise(self, files: dict[str, bytes], *, now: datetime) -> Credentials:
         """Validate captured files and normalise them. Raises ``CredentialError``."""
+        ...
+
+    def injection(self, creds: Credentials) -> list[InjectFile]:
+        """The files that log the CLI in inside a CLI VM: the vendor's own format, from
+        ``creds.raw``, plus companion settings it needs to start without prompts."""
+        ...
+
+    def verification(self) -> Verification | None:
+        """The CLI's own check that it is logged in, or None when there is no CLI."""
         ...

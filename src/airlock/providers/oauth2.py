@@ -20,7 +20,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from airlock.errors import CredentialError, Unavailable
-from airlock.providers.base import Account, Credentials, LoginPlan, Route
+from airlock.providers.base import (
+    Account,
+    Credentials,
+    InjectFile,
+    LoginPlan,
+    Route,
+    Verification,
+)
 
 TOKENS_PATH = ".airlock/oauth2/tokens.json"  # relative to the VM user's home
 DEMO_IDP_HOST = "idp.airlock.test"  # a name only the egress proxy resolves (to loopback)
@@ -133,6 +140,14 @@ class OAuth2Provider:
             plan=None,
             raw={TOKENS_PATH: bytes(raw)},
         )
+
+    def injection(self, creds: Credentials) -> list[InjectFile]:
+        """The token response at the same path in the CLI VM, for whatever reads it there."""
+        return [InjectFile(TOKENS_PATH, creds.raw[TOKENS_PATH])]
+
+    def verification(self) -> Verification | None:
+        """No CLI to ask: the handoff's read-back (content hash, mode, owner) is the check."""
+        return None
 
 
 def demo_oauth2_provider(

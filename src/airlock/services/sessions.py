@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -101,6 +101,8 @@ class SessionService:
         self.tasks = tasks
         self.boot_timeout = boot_timeout
         self.max_browser_vms = max_browser_vms
+        # Set by Core: the handoff into the session's CLI VM, after the capture is stored.
+        self.after_capture: Callable[[str], Awaitable[None]] | None = None
         self.warm_pool = warm_pool
 
     # --- reading -----------------------------------------------------------------------
@@ -449,6 +451,7 @@ class SessionService:
         self, session_id: str, vm_id: str, provider: Provider, files: dict[str, bytes]
     ) -> None:
         now = self.clock.now()
+        stored = False
         try:
             creds = provider.normalise(files, now=now)
         except CredentialError as exc:
@@ -502,6 +505,7 @@ class SessionService:
                     actor="agent",
                 )
                 self.metrics.sessions.labels(SessionStatus.COMPLETED.value).inc()
+                stored = True
                 if vm.state in (VmState.CREATING.value, VmState.RUNNING.value):
                     plan = self.policy.on_completed(now)
                     await records.move_vm(
@@ -519,6 +523,8 @@ class SessionService:
         await self.egress.stop(vm_id)
         self.scheduler.poke()
         await self.bus.publish(session_id)
+        if stored and self.after_capture is not None:
+            await self.after_capture(session_id)
 
     async def _wipe(self, vm_id: str, session_id: str) -> None:
         try:
