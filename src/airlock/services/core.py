@@ -17,9 +17,13 @@ from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
+from airlock.providers.claude_code import ClaudeCodeProvider
+from airlock.providers.codex import CodexProvider
+from airlock.providers.gemini_cli import GeminiCliProvider
 from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider, parse_routes
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
+from airlock.services.handoff import HandoffService
 from airlock.services.egress import EgressManager
 from airlock.services.reconciler import Reconciler
 from airlock.services.scheduler import Scheduler
@@ -67,7 +71,8 @@ def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
             scopes=settings.oauth2_scopes.split(),
             routes=extra,
         )
-    return {oauth2.id: oauth2}
+    vendors: list[Provider] = [ClaudeCodeProvider(), CodexProvider(), GeminiCliProvider()]
+    return {p.id: p for p in (oauth2, *vendors)}
 
 
 class Core:
@@ -160,6 +165,15 @@ class Core:
             max_browser_vms=self.settings.max_concurrent_vms,
             warm_pool=self.warm_pool,
         )
+        self.handoff = HandoffService(
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            vault=self.vault,
+            providers=self.providers,
+            bus=self.bus,
+        )
+        self._sessions.after_capture = self.handoff.after_capture
 
     async def start(self) -> None:
         """Open, adopt what runs, recover sessions, then run the loops."""
