@@ -8,6 +8,7 @@ exposed as ``timedelta`` properties, so no code below does unit arithmetic.
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -84,6 +85,13 @@ class Settings(BaseSettings):
     )
 
     # --- operations -------------------------------------------------------------------
+    node_name: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=128,
+        description="This host's name on VM rows: a controller schedules and reconciles only "
+        "its own node's VMs when several share one database.",
+    )
     log_level: str = Field("INFO", description="Logging level.")
     log_json: bool | None = Field(None, description="JSON logs; default: when not a TTY.")
     vm_boot_timeout_ms: int = Field(60_000, gt=0, description="How long a VM may take to boot.")

@@ -27,13 +27,22 @@ FAST = {
 
 @pytest.fixture
 async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
+    """``await make_core(**settings)``; ``node="b"`` makes a second host's controller (its
+    own data dir and node name) on the same database."""
     cores: list[Core] = []
-    data_dir = tmp_path / "data"
+    data_dirs: set[Path] = set()
 
-    async def factory(*, start: bool = True, **overrides: Any) -> Core:
+    async def factory(*, start: bool = True, node: str = "a", **overrides: Any) -> Core:
         values = {**FAST, **overrides}
+        data_dir = tmp_path / f"data-{node}"
+        data_dirs.add(data_dir)
         settings = Settings(
-            _env_file=None, data_dir=data_dir, database_url=db_url, demo_idp_port=4999, **values
+            _env_file=None,
+            data_dir=data_dir,
+            database_url=db_url,
+            demo_idp_port=4999,
+            node_name=f"node-{node}",
+            **values,
         )
         core = Core(settings, demo=True)
         cores.append(core)
@@ -46,8 +55,8 @@ async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
     yield factory
     for core in cores:
         await core.close()
-    leftover = SandboxRuntime(data_dir / "vms")
-    running = await leftover.list()
-    for vm in running:
-        await leftover.destroy(vm.vm_id)
-    assert [vm.vm_id for vm in await leftover.list()] == []
+    for data_dir in data_dirs:
+        leftover = SandboxRuntime(data_dir / "vms")
+        for vm in await leftover.list():
+            await leftover.destroy(vm.vm_id)
+        assert [vm.vm_id for vm in await leftover.list()] == []

@@ -291,3 +291,21 @@ async def test_cli_vm_has_no_deadline_and_survives_reconciles(make_core: CoreFac
     assert vm.id in await running_ids(core.runtime)
     gone = await core.vms.delete(vm.id, user_id="alice", actor="user:alice")
     assert gone.state == VmState.DESTROYED.value
+
+
+async def test_two_hosts_on_one_database_leave_each_others_vms_alone(
+    make_core: CoreFactory,
+) -> None:
+    """Scale-out: host b's reconciler does not list host a's VMs, and must not call them
+    lost; host b's scheduler must not try to destroy them."""
+    a = await make_core(node="a", grace_success_ms=1500)
+    b = await make_core(node="b", reconcile_interval_ms=300)
+    session_id, vm_id, vm = await complete_login(a)
+    await asyncio.sleep(1.0)  # several of b's reconcile rounds during a's grace period
+    assert (await vm_row(b, vm_id)).state == VmState.DRAINING.value
+    assert metric(b, "airlock_premature_vm_destructions_total") == 0
+    done = await wait_vm_state(a, vm_id, VmState.DESTROYED, timeout=5)
+    assert vm.destroy_after is not None and done.destroyed_at is not None
+    assert done.destroyed_at >= vm.destroy_after
+    assert metric(a, "airlock_vm_destroys_total", role="browser", reason="grace_ended") == 1
+    assert metric(b, "airlock_vm_destroys_total", role="browser", reason="grace_ended") == 0

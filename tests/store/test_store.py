@@ -121,3 +121,25 @@ async def test_conditional_moves_report_the_winner(db: Database) -> None:
     async with db.transaction() as repo:
         assert await repo.move_vm("vm-m", [VmState.RUNNING], VmState.DRAINING, updated_at=T0)
         assert not await repo.move_vm("vm-m", [VmState.RUNNING], VmState.LOST, updated_at=T0)
+
+
+async def test_a_node_sees_only_its_own_vms(db_url: str) -> None:
+    """Several controllers on one database, one per host: a host's scheduler and
+    reconciler never see another host's VMs as due or live."""
+    here, there = Database(db_url, node="host-a"), Database(db_url, node="host-b")
+    try:
+        await here.migrate()
+        async with here.transaction() as repo:
+            repo.add_vm(vm_row("vm-here", due=T0))
+        async with there.transaction() as repo:
+            repo.add_vm(vm_row("vm-there", due=T0 - timedelta(seconds=5)))
+        async with here.transaction() as repo:
+            assert [v.id for v in await repo.due_vms(T0, 10)] == ["vm-here"]
+            assert [v.id for v in await repo.live_vms()] == ["vm-here"]
+            assert await repo.next_wakeup() == T0
+            assert {v.id for v in await repo.vms()} == {"vm-here", "vm-there"}  # reads: all
+        async with there.transaction() as repo:
+            assert [v.id for v in await repo.due_vms(T0, 10)] == ["vm-there"]
+    finally:
+        await here.close()
+        await there.close()

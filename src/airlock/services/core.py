@@ -23,8 +23,8 @@ from airlock.providers.gemini_cli import GeminiCliProvider
 from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider, parse_routes
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
-from airlock.services.handoff import HandoffService
 from airlock.services.egress import EgressManager
+from airlock.services.handoff import HandoffService
 from airlock.services.reconciler import Reconciler
 from airlock.services.scheduler import Scheduler
 from airlock.services.sessions import SessionService
@@ -87,7 +87,7 @@ class Core:
     ) -> None:
         self.settings = settings
         self.clock = clock or Clock()
-        self.db = Database(settings.db_url)
+        self.db = Database(settings.db_url, node=settings.node_name)
         self.runtime = runtime or make_runtime(settings)
         self.providers = providers if providers is not None else make_providers(settings, demo=demo)
         self.metrics = Metrics()

@@ -71,8 +71,9 @@ class Database:
     """The engine plus a ``transaction()`` that hands out a ``Repo`` bound to one
     transaction: committed when the block ends, rolled back when it raises."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, node: str = "") -> None:
         self.url = url
+        self.node = node
         self.engine = make_engine(url)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._serial = None if self.is_postgres else asyncio.Lock()
@@ -90,12 +91,12 @@ class Database:
     async def transaction(self) -> AsyncIterator[Repo]:
         if self._serial is None:
             async with self._sessions() as session, session.begin():
-                yield Repo(session, postgres=True)
+                yield Repo(session, postgres=True, node=self.node)
             return
         # SQLite has one writer at a time; queueing here, in FIFO order, beats many
         # connections spinning on the busy handler (and starving past its timeout).
         async with self._serial, self._sessions() as session, session.begin():
-            yield Repo(session, postgres=False)
+            yield Repo(session, postgres=False, node=self.node)
 
     async def ping(self) -> None:
         async with self.transaction() as repo:

@@ -23,9 +23,10 @@ _SCHEDULED = (VmState.CREATING, VmState.RUNNING, VmState.DRAINING, VmState.RETAI
 
 
 class Repo:
-    def __init__(self, session: AsyncSession, *, postgres: bool) -> None:
+    def __init__(self, session: AsyncSession, *, postgres: bool, node: str = "") -> None:
         self.session = session
         self.postgres = postgres
+        self.node = node  # this controller's host: the rows its runtime can act on
 
     async def ping(self) -> None:
         await self.session.execute(text("SELECT 1"))
@@ -82,6 +83,8 @@ class Repo:
 
     # --- vms ---------------------------------------------------------------------------
     def add_vm(self, vm: Vm) -> None:
+        if not vm.node:
+            vm.node = self.node
         self.session.add(vm)
 
     async def vm(self, vm_id: str, *, lock: bool = False) -> Vm | None:
@@ -98,8 +101,11 @@ class Repo:
         states: Iterable[str] | None = None,
         ids: Iterable[str] | None = None,
         limit: int | None = None,
+        node: str | None = None,
     ) -> list[Vm]:
         query = select(Vm).order_by(Vm.created_at.desc())
+        if node is not None:
+            query = query.where(Vm.node == node)
         if user_id is not None:
             query = query.where(Vm.user_id == user_id)
         if role is not None:
@@ -113,7 +119,8 @@ class Repo:
         return list(await self.session.scalars(query.execution_options(populate_existing=True)))
 
     async def live_vms(self) -> list[Vm]:
-        return await self.vms(states=[s.value for s in LIVE])
+        """The live rows of this node (another host's VMs are not ours to judge)."""
+        return await self.vms(states=[s.value for s in LIVE], node=self.node)
 
     async def move_vm(
         self, vm_id: str, expect: Iterable[VmState], to: VmState, **values: Any
@@ -142,7 +149,7 @@ class Repo:
         rows another transaction holds are skipped, so concurrent claims spread out."""
         query = (
             select(Vm)
-            .where(Vm.warm.is_(True), Vm.state.in_([s.value for s in states]))
+            .where(Vm.node == self.node, Vm.warm.is_(True), Vm.state.in_([s.value for s in states]))
             .order_by(Vm.created_at)
         )
         if limit is not None:
@@ -174,13 +181,14 @@ class Repo:
         query = (
             select(Vm)
             .where(
+                Vm.node == self.node,
                 or_(
                     and_(Vm.state.in_([s.value for s in _SCHEDULED]), Vm.destroy_after <= now),
                     and_(
                         Vm.state == VmState.DESTROYING.value,
                         or_(Vm.lease_until.is_(None), Vm.lease_until <= now),
                     ),
-                )
+                ),
             )
             .order_by(Vm.destroy_after)
             .limit(limit)
@@ -218,10 +226,14 @@ class Repo:
     async def next_wakeup(self) -> datetime | None:
         """The earliest moment the scheduler has something to do."""
         deadline = await self.session.scalar(
-            select(func.min(Vm.destroy_after)).where(Vm.state.in_([s.value for s in _SCHEDULED]))
+            select(func.min(Vm.destroy_after)).where(
+                Vm.node == self.node, Vm.state.in_([s.value for s in _SCHEDULED])
+            )
         )
         lease = await self.session.scalar(
-            select(func.min(Vm.lease_until)).where(Vm.state == VmState.DESTROYING.value)
+            select(func.min(Vm.lease_until)).where(
+                Vm.node == self.node, Vm.state == VmState.DESTROYING.value
+            )
         )
         candidates = [_aware(t) for t in (deadline, lease) if t is not None]
         return min(candidates) if candidates else None

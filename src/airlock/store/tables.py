@@ -75,6 +75,8 @@ class Vm(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     role: Mapped[str] = mapped_column(String(16))
     runtime: Mapped[str] = mapped_column(String(32))
+    # The host whose runtime runs it: only that host's controller can destroy or observe it.
+    node: Mapped[str] = mapped_column(String(128), default="")
     user_id: Mapped[str] = mapped_column(String(128), index=True)
     state: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
@@ -90,7 +92,10 @@ class Vm(Base):
     warm: Mapped[bool] = mapped_column(Boolean, default=False)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
-    __table_args__ = (Index("ix_vms_state_destroy_after", "state", "destroy_after"),)
+    __table_args__ = (
+        Index("ix_vms_state_destroy_after", "state", "destroy_after"),
+        Index("ix_vms_node_state", "node", "state"),
+    )
 
 
 class AuthSession(Base):
