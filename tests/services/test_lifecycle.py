@@ -300,7 +300,7 @@ async def test_two_hosts_on_one_database_leave_each_others_vms_alone(
     lost; host b's scheduler must not try to destroy them."""
     a = await make_core(node="a", grace_success_ms=1500)
     b = await make_core(node="b", reconcile_interval_ms=300)
-    session_id, vm_id, vm = await complete_login(a)
+    _, vm_id, vm = await complete_login(a)
     await asyncio.sleep(1.0)  # several of b's reconcile rounds during a's grace period
     assert (await vm_row(b, vm_id)).state == VmState.DRAINING.value
     assert metric(b, "airlock_premature_vm_destructions_total") == 0
