@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
+from pydantic import BaseModel, ConfigDict, Field
 
 from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep
 from airlock.domain.vms import VmRole, VmState
+from airlock.services.handoff import Injection
 
 router = APIRouter(prefix="/api/vms", tags=["vms"])
 
@@ -80,3 +82,58 @@ async def delete_vm(
         vm_id, user_id=principal.user_for(user_id, required=False), actor=principal.actor
     )
     return schemas.vm_detail(vm)
+
+
+class InjectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(min_length=1, max_length=64)
+    userId: str | None = Field(None, max_length=128)
+
+
+class InjectOut(BaseModel):
+    vmId: str
+    provider: str
+    sessionId: str = Field(description="The login whose credentials were injected.")
+    injected: schemas.InjectedOut
+    check: str = Field(description="Which check verified the login, and why it is the best.")
+    result: str
+    files: list[str]
+    otherHolders: list[str] = Field(
+        description="Other live VMs holding this user's refresh token for the provider."
+    )
+    notice: str | None = Field(
+        None, description="Set when other VMs may be logged out by this handoff."
+    )
+
+
+def _inject_out(i: Injection) -> InjectOut:
+    return InjectOut(
+        vmId=i.vm_id,
+        provider=i.provider,
+        sessionId=i.session_id,
+        injected=schemas.InjectedOut(vmId=i.vm_id, at=i.at, verified=i.verified),
+        check=i.check,
+        result=i.summary,
+        files=i.files,
+        otherHolders=i.other_holders,
+        notice=i.notice,
+    )
+
+
+@router.post(
+    "/{vmId}/credentials",
+    response_model=InjectOut,
+    summary="Log a CLI VM in with the user's latest credentials for a provider",
+    responses={409: {"model": schemas.ErrorBody, "description": "The VM is not running."}},
+)
+async def inject_credentials(
+    vm_id: VmIdPath, body: InjectRequest, core: CoreDep, principal: PrincipalDep
+) -> InjectOut:
+    user_id = principal.user_for(body.userId)
+    assert user_id is not None
+    await core.vms.get(vm_id, user_id)  # 404 for a foreign or malformed id, before anything
+    injection = await core.handoff.inject_latest(
+        vm_id=vm_id, user_id=user_id, provider_id=body.provider, actor=principal.actor
+    )
+    return _inject_out(injection)
