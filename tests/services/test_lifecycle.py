@@ -256,7 +256,7 @@ async def test_sandbox_started_behind_the_databases_back_is_reaped(
     await core.runtime.create(VmSpec(vm_id="vm-0rphan", role=VmRole.CLI, user_id="nobody"))
     assert "vm-0rphan" in await running_ids(core.runtime)
     took = await wait_for(lambda: _gone(core, "vm-0rphan"), timeout=10)
-    # One period (0.5 s) plus the listing and the destroy; measured about 0.6 s on a quiet
+    # One period (0.5 s) plus the listing and the destroy; measured 0.23 s on a quiet
     # machine. The bound leaves room for a loaded 2-core CI run, where one sandbox destroy
     # alone has taken over a second.
     assert took < 0.5 + 3.0, f"orphan reaped after {took:.2f} s"
