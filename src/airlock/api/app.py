@@ -32,6 +32,7 @@ from airlock.api import static
 from airlock.api.deps import ViewerSigner
 from airlock.api.routes import ROUTERS
 from airlock.api.schemas import error_body
+from airlock.api.vnc_proxy import ViewerRegistry
 from airlock.domain import IllegalTransition
 from airlock.errors import AirlockError, Unauthorized
 from airlock.services.core import Core
@@ -63,10 +64,12 @@ def create_app(
             app.state.core = owned
             assert owned.vault is not None  # start() opened it
             app.state.viewer_signer = ViewerSigner.from_vault(owned.vault, cfg.viewer_token_ttl)
+            app.state.viewers = viewers = ViewerRegistry(owned)
             idp = await _start_demo_idp(cfg, tasks) if demo else None
             try:
                 yield
             finally:
+                await viewers.close()  # open VNC sockets close with 1001
                 if idp is not None:
                     server, task = idp
                     server.should_exit = True  # a graceful stop first; close() cancels

@@ -1,14 +1,16 @@
-"""The HTTP routes, one module per group: auth sessions, VMs, providers, operations."""
+"""The HTTP routes, one module per group: auth sessions, the VNC
+socket and viewer tokens, VMs, providers, operations."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from airlock.api.routes import ops, providers, sessions, viewer, vms
+from airlock.api.routes import ops, providers, sessions, viewer, vms, vnc
 
 ROUTERS: tuple[APIRouter, ...] = (
     sessions.router,
     viewer.router,
+    vnc.router,
     vms.router,
     providers.router,
     ops.router,

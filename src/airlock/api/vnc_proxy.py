@@ -1,0 +1,425 @@
+"""The VNC proxy: ``WS /api/auth/session/{sessionId}/vnc?token=`` carries binary RFB between
+a browser (noVNC) and the VM's VNC server, through ``Runtime.open_vnc`` (no port open to
+the world).
+
+Backpressure both ways, with nothing unbounded: VM -> browser reads at most ``CHUNK`` bytes
+and waits until the WebSocket send is accepted (uvicorn waits while its transport is over
+its high-water mark); browser -> VM takes the next WebSocket message only after the last
+one's bytes are drained into the VM's socket (uvicorn stops reading the TCP socket until
+the app asks for the next message). The only buffer of our own is the client's unfinished
+RFB message, capped at ``MAX_CLIENT_MESSAGE``.
+
+The client's stream is parsed message by message (``RfbClientFilter``), so that a view-only
+token's input (keys, pointer, clipboard, resize) is dropped exactly, and a message noVNC
+never sends closes the socket. ``ClientInit`` is always sent as shared, so a second viewer
+never disconnects the first.
+
+Presence: an open viewer socket is a person looking (lifecycle.md). ``ViewerRegistry``
+keeps the sockets per session and, while a session has any, one named task per session
+sends ``SessionService.keepalive`` on connect and then every ``keepalive_interval`` (a few
+seconds, shorter than the grace period), and watches the ``SessionBus`` (and the database
+on a timer, for other controllers' changes): when the VM is going or gone every socket of
+the session closes with a code and reason a page can show.
+
+Close codes: 4001 ``vm destroyed``, 4002 ``vm lost``, 4003 ``vm <state>`` (no longer
+viewable otherwise), 4004 ``vnc server closed``, 4400 a client message the proxy refuses,
+1001 ``controller shutting down``; 1003 for a text frame. A refused handshake answers an
+HTTP error (401 bad or expired token, 404 VM not viewable, 503 VNC not reachable yet) in
+the API's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketState
+
+from airlock.aio import TaskOwner, cancel_and_wait
+from airlock.api.deps import ViewerClaims, ViewerSigner, get_core, get_viewer_signer
+from airlock.api.deps import verify_viewer_token as verify_token
+from airlock.api.schemas import error_body
+from airlock.domain.vms import VmState
+from airlock.errors import AirlockError, NotFound
+from airlock.services.core import Core
+
+log = logging.getLogger("airlock.vnc")
+
+CHUNK = 64 * 1024  # one read from the VM's socket, one WebSocket frame
+WRITE_HIGH_WATER = 256 * 1024  # the VM socket's write buffer before drain() waits
+MAX_CLIENT_MESSAGE = 1024 * 1024  # the longest client RFB message we buffer (clipboard)
+MAX_KEEPALIVE_INTERVAL_S = 5.0
+MIN_KEEPALIVE_INTERVAL_S = 0.1
+CLOSE_TIMEOUT_S = 2.0
+
+CLOSE_VM_DESTROYED = 4001
+CLOSE_VM_LOST = 4002
+CLOSE_VM_NOT_VIEWABLE = 4003
+CLOSE_VNC_CLOSED = 4004
+CLOSE_BAD_MESSAGE = 4400
+CLOSE_SHUTDOWN = 1001
+CLOSE_TEXT_FRAME = 1003
+
+
+# --- the client's RFB stream --------------------------------------------------------------
+class RfbViolation(Exception):
+    """The client sent something noVNC never sends: the socket is closed."""
+
+
+# Client -> server message types (RFC 6143 section 7.5, and the extensions noVNC uses with
+# TigerVNC). Input types are the ones a view-only viewer must not send.
+SET_PIXEL_FORMAT = 0
+SET_ENCODINGS = 2
+FB_UPDATE_REQUEST = 3
+KEY_EVENT = 4
+POINTER_EVENT = 5
+CLIENT_CUT_TEXT = 6
+ENABLE_CONTINUOUS_UPDATES = 150
+CLIENT_FENCE = 248
+XVP = 250
+SET_DESKTOP_SIZE = 251
+QEMU = 255  # subtype 0: QEMU extended key event
+INPUT_TYPES = frozenset({KEY_EVENT, POINTER_EVENT, CLIENT_CUT_TEXT, XVP, SET_DESKTOP_SIZE, QEMU})
+FIXED_SIZES = {
+    SET_PIXEL_FORMAT: 20,
+    FB_UPDATE_REQUEST: 10,
+    KEY_EVENT: 8,
+    POINTER_EVENT: 6,
+    ENABLE_CONTINUOUS_UPDATES: 10,
+    XVP: 4,
+}
+
+
+class RfbClientFilter:
+    """Splits the client's byte stream into RFB messages and forwards them, dropping input
+    when ``view_only``. Handshake (client side): ProtocolVersion (12 bytes), the security
+    type (1 byte; none in 3.3), a VNC-auth response (16 bytes) if that type was chosen,
+    ClientInit (1 byte, rewritten to shared). Only whole messages are forwarded, so a
+    message is dropped or passed as a unit whatever the WebSocket framing was."""
+
+    def __init__(self, *, view_only: bool) -> None:
+        self.view_only = view_only
+        self._buf = bytearray()
+        self._stage = "version"  # version -> security -> [auth] -> init -> messages
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to send on to the VNC server now (possibly none)."""
+        self._buf += data
+        out = bytearray()
+        buf = self._buf
+        pos = 0
+        while True:
+            size = self._next_size(buf, pos)
+            if size is None or len(buf) - pos < size:
+                break
+            message = buf[pos : pos + size]
+            pos += size
+            if self._stage == "messages":
+                if self.view_only and message[0] in INPUT_TYPES:
+                    self.dropped += 1
+                    continue
+                out += message
+            else:
+                out += self._handshake(message)
+        del buf[:pos]
+        if len(buf) > MAX_CLIENT_MESSAGE:
+            raise RfbViolation("client message too long")
+        return bytes(out)
+
+    def _handshake(self, message: bytearray) -> bytes:
+        if self._stage == "version":
+            if message[:4] != b"RFB " or message[11:12] != b"\n":
+                raise RfbViolation("not an RFB client")
+            minor = message[8:11]
+            self._stage = "init" if minor == b"003" else "security"
+        elif self._stage == "security":
+            if message[0] == 2:
+                self._stage = "auth"
+            elif message[0] == 1:
+                self._stage = "init"
+            else:
+                raise RfbViolation(f"unsupported security type {message[0]}")
+        elif self._stage == "auth":
+            self._stage = "init"
+        else:  # init: ClientInit's shared-flag, always shared
+            self._stage = "messages"
+            return b"\x01"
+        return bytes(message)
+
+    def _next_size(self, buf: bytearray, pos: int) -> int | None:
+        """The length of the message at ``pos``; None until enough of it is there to tell."""
+        stage = self._stage
+        if stage != "messages":
+            return {"version": 12, "security": 1, "auth": 16, "init": 1}[stage]
+        if len(buf) <= pos:
+            return None
+        kind = buf[pos]
+        fixed = FIXED_SIZES.get(kind)
+        if fixed is not None:
+            return fixed
+        avail = len(buf) - pos
+        if kind == SET_ENCODINGS:
+            return None if avail < 4 else 4 + 4 * struct.unpack_from(">H", buf, pos + 2)[0]
+        if kind == CLIENT_CUT_TEXT:  # a negative length: the extended clipboard format
+            return None if avail < 8 else 8 + abs(struct.unpack_from(">i", buf, pos + 4)[0])
+        if kind == CLIENT_FENCE:
+            return None if avail < 9 else 9 + buf[pos + 8]
+        if kind == SET_DESKTOP_SIZE:
+            return None if avail < 8 else 8 + 16 * buf[pos + 6]
+        if kind == QEMU:
+            if avail < 2:
+                return None
+            if buf[pos + 1] != 0:
+                raise RfbViolation(f"unsupported QEMU message subtype {buf[pos + 1]}")
+            return 12
+        raise RfbViolation(f"unknown client message type {kind}")
+
+
+# --- presence and the VM's end, per session -----------------------------------------------
+def keepalive_interval(core: Core) -> float:
+    """Often enough that an open socket keeps a draining VM (grace_success) and a running
+    one (idle_extension) alive; at most every few seconds, never per message."""
+    s = core.settings
+    shortest = min(s.grace_success, s.idle_extension, timedelta(seconds=15)).total_seconds()
+    return max(MIN_KEEPALIVE_INTERVAL_S, min(MAX_KEEPALIVE_INTERVAL_S, shortest / 3))
+
+
+@dataclass(eq=False)
+class ViewerSocket:
+    """One open viewer: ``stop`` ends its proxying with a close code and reason."""
+
+    session_id: str
+    view_only: bool
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    close_code: int = 1000
+    close_reason: str = ""
+
+    def stop(self, code: int, reason: str) -> None:
+        if not self.stopped.is_set():
+            self.close_code, self.close_reason = code, reason
+            self.stopped.set()
+
+
+def close_for(state: VmState) -> tuple[int, str] | None:
+    """How a viewer socket closes when its VM is in ``state``; None while viewable."""
+    if state in (VmState.CREATING, VmState.RUNNING, VmState.DRAINING):
+        return None
+    if state in (VmState.DESTROYING, VmState.DESTROYED):
+        return CLOSE_VM_DESTROYED, "vm destroyed"
+    if state == VmState.LOST:
+        return CLOSE_VM_LOST, "vm lost"
+    return CLOSE_VM_NOT_VIEWABLE, f"vm {state.value}"
+
+
+class ViewerRegistry:
+    """The open viewer sockets of this controller, per session, and one watcher task per
+    session that has any (owned here; ``close`` stops every socket and task)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.tasks = TaskOwner("viewers")
+        self._sockets: dict[str, set[ViewerSocket]] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self.interval = keepalive_interval(core)
+
+    def count(self, session_id: str | None = None) -> int:
+        if session_id is not None:
+            return len(self._sockets.get(session_id, ()))
+        return sum(len(s) for s in self._sockets.values())
+
+    def attach(self, sock: ViewerSocket) -> None:
+        self._sockets.setdefault(sock.session_id, set()).add(sock)
+        watcher = self._watchers.get(sock.session_id)
+        if watcher is None or watcher.done():
+            self._watchers[sock.session_id] = self.tasks.spawn(
+                self._watch(sock.session_id), name=f"watch:{sock.session_id}"
+            )
+
+    def detach(self, sock: ViewerSocket) -> None:
+        group = self._sockets.get(sock.session_id)
+        if group is None:
+            return
+        group.discard(sock)
+        if not group:
+            del self._sockets[sock.session_id]
+            watcher = self._watchers.pop(sock.session_id, None)
+            if watcher is not None:
+                watcher.cancel()
+
+    def _stop_all(self, session_id: str, code: int, reason: str) -> None:
+        for sock in self._sockets.get(session_id, ()):
+            sock.stop(code, reason)
+
+    async def _watch(self, session_id: str) -> None:
+        """Keepalive every ``interval`` while the session has sockets; close them all when
+        its VM is no longer viewable. Wakes on the bus (this controller's changes) or after
+        ``interval`` (another controller's)."""
+        bus, sessions = self.core.bus, self.core.sessions
+        loop = asyncio.get_running_loop()
+        version = bus.version(session_id)
+        last_keepalive = loop.time()  # the socket's own connect sent the first one
+        while session_id in self._sockets:
+            wait = max(0.0, last_keepalive + self.interval - loop.time())
+            version = await bus.wait(session_id, version, wait)
+            try:
+                _, vm = await sessions.get(session_id, None)
+                closing = close_for(VmState(vm.state)) if vm is not None else None
+                if vm is None:
+                    closing = CLOSE_VM_DESTROYED, "vm destroyed"
+                if closing is not None:
+                    self._stop_all(session_id, *closing)
+                    return
+                if loop.time() - last_keepalive >= self.interval:
+                    last_keepalive = loop.time()
+                    await sessions.keepalive(session_id, None)
+            except NotFound:
+                self._stop_all(session_id, CLOSE_VM_DESTROYED, "vm destroyed")
+                return
+            except Exception:  # a database hiccup must not drop the viewers: retry
+                log.warning("viewer watcher failed; retrying", exc_info=True)
+                await asyncio.sleep(self.interval)
+
+    async def close(self) -> None:
+        """Shutdown: every socket closes with 1001, every watcher stops."""
+        for session_id in list(self._sockets):
+            self._stop_all(session_id, CLOSE_SHUTDOWN, "controller shutting down")
+        await self.tasks.close()
+
+
+def get_registry(ws: WebSocket) -> ViewerRegistry:
+    registry = getattr(ws.app.state, "viewers", None)
+    if not isinstance(registry, ViewerRegistry):
+        raise RuntimeError("the app's lifespan has not started: no viewer registry")
+    return registry
+
+
+# --- one viewer socket --------------------------------------------------------------------
+async def serve_viewer(ws: WebSocket, session_id: str, token: str | None) -> None:
+    """The whole life of one viewer socket: check the token, count the viewer as present,
+    open the VM's VNC stream, accept (subprotocol ``binary`` when asked), proxy, close."""
+    core = get_core(ws)
+    signer: ViewerSigner = get_viewer_signer(ws)
+    try:
+        claims = await verify_token(core, signer, session_id, token)
+        await core.sessions.keepalive(session_id, None)  # a viewer connected: presence
+        reader, writer = await core.runtime.open_vnc(claims.vm_id)
+    except AirlockError as exc:
+        await _deny(ws, exc)
+        return
+    subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", ()) else None
+    registry = get_registry(ws)
+    try:
+        await ws.accept(subprotocol=subprotocol)
+    except BaseException:
+        writer.close()
+        raise
+    sock = ViewerSocket(session_id, claims.view_only)
+    registry.attach(sock)
+    try:
+        await _proxy(ws, sock, claims, core, reader, writer)
+    finally:
+        registry.detach(sock)
+
+
+async def _deny(ws: WebSocket, exc: AirlockError) -> None:
+    status = 503 if exc.status >= 500 else exc.status
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(JSONResponse(error_body(exc.code, exc.message), status))
+    else:
+        await ws.close(code=1008, reason=exc.code)
+
+
+async def _proxy(
+    ws: WebSocket,
+    sock: ViewerSocket,
+    claims: ViewerClaims,
+    core: Core,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+    rfb = RfbClientFilter(view_only=claims.view_only)
+
+    async def to_vm() -> None:
+        while True:
+            try:
+                message = await ws.receive()
+            except (OSError, RuntimeError):
+                sock.stop(1000, "")
+                return
+            if message["type"] == "websocket.disconnect":
+                sock.stop(1000, "")
+                return
+            data = message.get("bytes")
+            if data is None:
+                sock.stop(CLOSE_TEXT_FRAME, "binary frames only")
+                return
+            try:
+                out = rfb.feed(data)
+            except RfbViolation as exc:
+                sock.stop(CLOSE_BAD_MESSAGE, str(exc))
+                return
+            if out:
+                try:
+                    writer.write(out)
+                    await writer.drain()
+                except OSError:
+                    break
+        await vm_closed()
+
+    async def to_browser() -> None:
+        while True:
+            try:
+                data = await reader.read(CHUNK)
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                await ws.send_bytes(data)
+            except (OSError, RuntimeError):  # the browser went away mid-send
+                sock.stop(1000, "")
+                return
+        await vm_closed()
+
+    async def vm_closed() -> None:
+        """The VNC server closed: say why, from the VM's state if it is going."""
+        try:
+            _, vm = await core.sessions.get(sock.session_id, None)
+            closing = close_for(VmState(vm.state)) if vm is not None else None
+        except AirlockError:
+            closing = None
+        sock.stop(*(closing or (CLOSE_VNC_CLOSED, "vnc server closed")))
+
+    tasks = TaskOwner(f"vnc:{sock.session_id}")
+    pumps = [
+        tasks.spawn(to_vm(), name="browser-to-vm"),
+        tasks.spawn(to_browser(), name="vm-to-browser"),
+    ]
+    stopped = tasks.spawn(sock.stopped.wait(), name="stopped")
+    client_gone = False
+    try:
+        await asyncio.wait([*pumps, stopped], return_when=asyncio.FIRST_COMPLETED)
+        client_gone = sock.close_code == 1000 and not sock.close_reason
+    finally:
+        await cancel_and_wait(*pumps, stopped)
+        await tasks.close()
+        writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await writer.wait_closed()
+        if not client_gone and ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close(code=sock.close_code, reason=sock.close_reason)
+    if rfb.dropped:
+        log.info(
+            "view-only viewer closed; input messages dropped",
+            extra={"session_id": sock.session_id, "dropped": rfb.dropped},
+        )

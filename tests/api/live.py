@@ -1,0 +1,45 @@
+"""A real uvicorn server in the test's own event loop, on a free loopback port, so a
+WebSocket client (``websockets``) reaches the app the way a browser does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+
+class _QuietServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # pytest owns the signals
+
+
+@contextlib.asynccontextmanager
+async def serve(app: FastAPI, *, lifespan: bool, port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` on ``127.0.0.1:{free port}``; yields its base URL (``http://...``).
+    ``lifespan=False`` when the test already runs the app's lifespan itself."""
+    sock = socket.create_server(("127.0.0.1", port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_config=None, lifespan="on" if lifespan else "off", access_log=False
+    )
+    server = _QuietServer(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="uvicorn")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the server did not start")
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        try:
+            async with asyncio.timeout(15):
+                await task
+        finally:
+            sock.close()

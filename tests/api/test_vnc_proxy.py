@@ -1,0 +1,272 @@
+"""The VNC proxy end to end: a real uvicorn server in process, a real sandbox (Xvnc +
+Chromium on the demo IdP's login page), and an RFB client over ``websockets``, as noVNC
+would connect. Input that arrives (or does not) is read back from the page through the
+VM's Chromium DevTools. Lifecycle: an open viewer keeps a draining VM up to ``max_drain``;
+closing it lets the VM go at the end of the grace period. On SQLite only: the proxy does
+nothing database-specific, and each test boots a VM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from playwright.async_api import async_playwright
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from airlock.api.app import create_app
+from airlock.runtimes.sandbox import SandboxRuntime
+from airlock.services.core import Core
+from airlock.settings import Settings
+from tests.api.live import serve
+from tests.e2e.conftest import devtools_port, free_port
+from tests.lifecycle_helpers import finish_login, wait_for
+from tests.rfb import RfbClient, WsTransport
+
+pytestmark = pytest.mark.sandbox
+
+FAST = {
+    "grace_success_ms": 1500,
+    "grace_failure_ms": 800,
+    "idle_extension_ms": 2000,
+    "login_timeout_ms": 60_000,
+    "reconcile_interval_ms": 500,
+}
+XK_A = 0x61  # keysyms for a, b, c, ...
+
+
+@dataclass
+class Live:
+    url: str
+    core: Core
+    client: httpx.AsyncClient  # as alice
+    service: httpx.AsyncClient  # as a service (support staff's backend)
+
+    async def start(self) -> tuple[str, str, str]:
+        """A session on the demo IdP, awaiting the user: (session id, VM id, viewer token)."""
+        r = await self.client.post("/api/auth/start", json={"provider": "oauth2"})
+        assert r.status_code == 201, r.text
+        session_id = r.json()["sessionId"]
+        deadline = time.monotonic() + 60
+        while True:
+            body = (await self.client.get(f"/api/auth/session/{session_id}")).json()
+            if body["status"] == "awaiting_user":
+                break
+            assert body["status"] == "initializing", body
+            assert time.monotonic() < deadline, "the VM never became ready"
+            await asyncio.sleep(0.1)
+        [token] = parse_qs(urlsplit(body["novncURL"]).query)["token"]
+        return session_id, body["vm"]["vmId"], token
+
+    def vnc_url(self, session_id: str, token: str | None) -> str:
+        ws = "ws" + self.url.removeprefix("http")
+        query = f"?token={token}" if token is not None else ""
+        return f"{ws}/api/auth/session/{session_id}/vnc{query}"
+
+    async def vm_state(self, session_id: str) -> str:
+        body = (await self.client.get(f"/api/auth/session/{session_id}")).json()
+        return str(body["vm"]["state"])
+
+
+LiveFactory = Callable[..., Awaitable[Live]]
+
+
+@pytest.fixture
+async def make_live(
+    tmp_path: Path, settings_factory: Callable[..., Settings]
+) -> AsyncIterator[LiveFactory]:
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def factory(**overrides: Any) -> Live:
+            port = free_port()
+            settings = settings_factory(
+                public_url=f"http://127.0.0.1:{port}",
+                demo_idp_port=free_port(),
+                **{**FAST, **overrides},
+            )
+            core = Core(settings, demo=True)
+            url = await stack.enter_async_context(
+                serve(create_app(core=core, demo=True), lifespan=True, port=port)
+            )
+            alice = (await core.tokens.create("user", "alice")).value
+            support = (await core.tokens.create("service", "support")).value
+            client, service = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        base_url=url, headers={"Authorization": f"Bearer {t}"}, timeout=30
+                    )
+                )
+                for t in (alice, support)
+            ]
+            return Live(url, core, client, service)
+
+        try:
+            yield factory
+        finally:
+            await stack.aclose()
+            runtime = SandboxRuntime(tmp_path / "data" / "vms")
+            for vm in await runtime.list():
+                await runtime.destroy(vm.vm_id)
+
+
+@contextlib.asynccontextmanager
+async def viewer(live: Live, session_id: str, token: str) -> AsyncIterator[RfbClient]:
+    async with connect(
+        live.vnc_url(session_id, token), subprotocols=["binary"], max_size=None
+    ) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "binary"
+        client = RfbClient(WsTransport(ws))
+        init = await client.handshake()
+        assert (init.width, init.height) == (1280, 800)
+        yield client
+
+
+async def closed(ws: ClientConnection, timeout: float = 15) -> tuple[int, str]:
+    """Wait for the server to close ``ws`` (reading and discarding what still comes)."""
+    async with asyncio.timeout(timeout):
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.recv()
+    assert ws.close_code is not None
+    return ws.close_code, ws.close_reason or ""
+
+
+async def page_value(port: int, expression: str) -> str:
+    async with async_playwright() as pw:
+        browser = await pw.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
+        try:
+            for context in browser.contexts:
+                for page in context.pages:
+                    if "/authorize" in page.url:
+                        return str(await page.evaluate(expression))
+            raise AssertionError("no login page in the VM's Chromium")
+        finally:
+            await browser.close()
+
+
+async def test_rfb_through_the_proxy_input_view_only_and_the_vm_going(
+    make_live: LiveFactory,
+) -> None:
+    live = await make_live()
+    session_id, vm_id, token = await live.start()
+
+    runtime = live.core.runtime
+    assert isinstance(runtime, SandboxRuntime)
+    async with devtools_port(runtime, vm_id) as port, viewer(live, session_id, token) as rfb:
+        # A real handshake (in viewer()) and a full framebuffer update through the proxy.
+        await rfb.request_update(incremental=False)
+        assert await rfb.read_update() == 1280 * 800 * 4
+        seen: list[str] = []
+
+        async def typed(value: str) -> bool:
+            seen.append(
+                await page_value(
+                    port,
+                    "document.activeElement?.id + '=' + document.getElementById('username').value",
+                )
+            )
+            return seen[-1] == f"username={value}"
+
+        await wait_for(lambda: typed(""), timeout=20, interval=0.3)  # the page is ready
+        # Keys from a normal token arrive: the login page's focused user name field.
+        await rfb.pointer(640, 400)
+        for i in range(3):
+            await rfb.key(XK_A + i)
+        with _shows(seen):
+            await wait_for(lambda: typed("abc"), timeout=20, interval=0.3)
+        # A view-only token (minted by support staff): its input is dropped, its
+        # framebuffer requests pass.
+        r = await live.service.post(
+            f"/api/auth/session/{session_id}/viewer-token", json={"viewOnly": True}
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["viewOnly"] is True
+        async with viewer(live, session_id, r.json()["token"]) as watcher:
+            await watcher.pointer(10, 10, buttons=1)
+            for i in range(3):
+                await watcher.key(XK_A + 23 + i)  # x, y, z
+            await watcher.request_update(incremental=False)
+            assert await watcher.read_update() == 1280 * 800 * 4  # Xvnc has seen it all
+            await rfb.key(XK_A + 3)  # d, through the normal viewer again
+            with _shows(seen):
+                await wait_for(lambda: typed("abcd"), timeout=20, interval=0.3)
+            # A message noVNC never sends closes the socket.
+            await watcher.t.send(b"\x63" + b"\0" * 7)
+            assert isinstance(watcher.t, WsTransport)
+            assert await closed(watcher.t.ws) == (4400, "unknown client message type 99")
+
+        # The VM goes (cancel): the open socket closes with 4001, and the token is refused.
+        assert isinstance(rfb.t, WsTransport)
+        r = await live.client.delete(f"/api/auth/session/{session_id}")
+        assert r.status_code == 200, r.text
+        assert await closed(rfb.t.ws) == (4001, "vm destroyed")
+
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(live.vnc_url(session_id, token)):
+            pass
+    assert refused.value.response.status_code == 404
+    assert b"vm_not_viewable" in refused.value.response.body
+
+
+async def test_open_viewer_keeps_a_draining_vm_up_to_max_drain(make_live: LiveFactory) -> None:
+    live = await make_live(max_drain_ms=5000)
+    session_id, vm_id, token = await live.start()
+    async with viewer(live, session_id, token) as rfb:
+        await finish_login(live.core.runtime, vm_id)
+        await wait_for(lambda: _status_is(live, session_id, "completed"))
+        completed = time.monotonic()
+        # Past the grace period (1.5 s), the viewer keeps the VM.
+        await asyncio.sleep(3.0)
+        assert await live.vm_state(session_id) == "draining"
+        assert isinstance(rfb.t, WsTransport)
+        assert await closed(rfb.t.ws, timeout=10) == (4001, "vm destroyed")
+        held = time.monotonic() - completed
+    # Destroyed at max_drain (5 s after completion; a little later for the scheduler).
+    assert 4.5 <= held <= 7.5, held
+
+    async def gone() -> bool:
+        return await live.vm_state(session_id) == "destroyed"
+
+    await wait_for(gone, timeout=10)
+
+
+async def test_closing_the_viewer_lets_the_vm_go_after_the_grace_period(
+    make_live: LiveFactory,
+) -> None:
+    live = await make_live(max_drain_ms=30_000)
+    session_id, vm_id, token = await live.start()
+    async with viewer(live, session_id, token):
+        await finish_login(live.core.runtime, vm_id)
+        await wait_for(lambda: _status_is(live, session_id, "completed"))
+        await asyncio.sleep(3.0)  # twice the grace period: the viewer keeps it
+        assert await live.vm_state(session_id) == "draining"
+
+    async def gone() -> bool:
+        return await live.vm_state(session_id) == "destroyed"
+
+    waited = await wait_for(gone, timeout=10, interval=0.1)  # from the viewer's close
+    # The last keepalive was at most one interval (0.5 s) before the close: the VM goes
+    # at most a grace period (1.5 s) after that, plus the scheduler's own lag.
+    assert waited <= 3.0, waited
+
+
+async def _status_is(live: Live, session_id: str, status: str) -> bool:
+    body = (await live.client.get(f"/api/auth/session/{session_id}")).json()
+    return bool(body["status"] == status)
+
+
+@contextlib.contextmanager
+def _shows(seen: list[str]) -> Iterator[None]:
+    """On failure, say what the field held instead."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the field held {seen[-3:]!r}") from None

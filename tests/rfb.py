@@ -1,0 +1,148 @@
+"""A minimal RFB (VNC) client for tests and benchmarks: the handshake with security None,
+raw-encoded framebuffer updates, key and pointer events. It speaks over a WebSocket
+(``websockets``, as noVNC does through our proxy or websockify) or a plain stream (straight
+to Xvnc), so the same code measures every path."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from websockets.asyncio.client import ClientConnection
+
+
+class Transport(Protocol):
+    async def send(self, data: bytes) -> None: ...
+    async def recv(self) -> bytes: ...
+    async def close(self) -> None: ...
+
+
+class WsTransport:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send(data)
+
+    async def recv(self) -> bytes:
+        data = await self.ws.recv()
+        assert isinstance(data, bytes), f"expected binary frames, got {data!r}"
+        return data
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class StreamTransport:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self) -> bytes:
+        data = await self.reader.read(256 * 1024)
+        if not data:
+            raise EOFError("the VNC server closed the connection")
+        return data
+
+    async def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class ServerInit:
+    width: int
+    height: int
+    bpp: int
+    name: str
+
+
+class RfbClient:
+    def __init__(self, transport: Transport) -> None:
+        self.t = transport
+        self._buf = bytearray()
+        self.init: ServerInit | None = None
+
+    async def read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._buf += await self.t.recv()
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def handshake(self) -> ServerInit:
+        version = await self.read(12)
+        assert version == b"RFB 003.008\n", version
+        await self.t.send(b"RFB 003.008\n")
+        count = (await self.read(1))[0]
+        types = await self.read(count)
+        assert 1 in types, f"security None not offered: {list(types)}"
+        await self.t.send(b"\x01")
+        assert await self.read(4) == b"\0\0\0\0", "security result: failed"
+        await self.t.send(b"\x01")  # ClientInit: shared
+        w, h = struct.unpack(">HH", await self.read(4))
+        pixel_format = await self.read(16)
+        (name_len,) = struct.unpack(">I", await self.read(4))
+        name = (await self.read(name_len)).decode()
+        self.init = ServerInit(w, h, pixel_format[0], name)
+        await self.t.send(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: Raw only
+        return self.init
+
+    async def request_update(
+        self,
+        *,
+        incremental: bool,
+        x: int = 0,
+        y: int = 0,
+        w: int | None = None,
+        h: int | None = None,
+    ) -> None:
+        assert self.init is not None
+        await self.t.send(
+            struct.pack(
+                ">BBHHHH",
+                3,
+                int(incremental),
+                x,
+                y,
+                self.init.width if w is None else w,
+                self.init.height if h is None else h,
+            )
+        )
+
+    async def read_update(self) -> int:
+        """Read server messages until a framebuffer update; return its pixel bytes."""
+        assert self.init is not None
+        while True:
+            kind = (await self.read(1))[0]
+            if kind == 0:
+                break
+            if kind == 2:  # Bell
+                continue
+            if kind == 3:  # ServerCutText
+                _, length = struct.unpack(">3sI", await self.read(7))
+                await self.read(length)
+                continue
+            raise AssertionError(f"unexpected server message {kind}")
+        (rects,) = struct.unpack(">xH", await self.read(3))
+        total = 0
+        for _ in range(rects):
+            _x, _y, w, h, enc = struct.unpack(">HHHHi", await self.read(12))
+            assert enc == 0, f"encoding {enc} (only Raw was asked for)"
+            size = w * h * self.init.bpp // 8
+            await self.read(size)
+            total += size
+        return total
+
+    async def key(self, keysym: int) -> None:
+        await self.t.send(struct.pack(">BBxxI", 4, 1, keysym) + struct.pack(">BBxxI", 4, 0, keysym))
+
+    async def pointer(self, x: int, y: int, buttons: int = 0) -> None:
+        await self.t.send(struct.pack(">BBHH", 5, buttons, x, y))
+
+    async def close(self) -> None:
+        await self.t.close()
