@@ -283,6 +283,12 @@ class AgentClient:
     async def wipe(self, paths: Sequence[str]) -> list[str]:
         return _paths(await self.request("wipe", {"paths": list(paths)}), "wiped")
 
+    async def restored(self, new_secret: str, entropy: bytes) -> dict[str, Any]:
+        """After a snapshot restore: fresh entropy, machine id and secret in the guest."""
+        return await self.request(
+            "restored", {"secret": new_secret, "entropy": base64.b64encode(entropy).decode()}
+        )
+
     async def connect_port(self, port: int) -> Stream:
         """Turn this connection into a raw pipe to ``127.0.0.1:port`` inside the VM. The
         client is used up: the returned stream belongs to the caller."""

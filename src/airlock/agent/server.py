@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import fcntl
 import hmac
 import json
 import logging
@@ -27,6 +28,7 @@ import secrets
 import signal
 import socket
 import stat
+import struct
 import sys
 import tempfile
 import time
@@ -274,6 +276,7 @@ class Agent:
             "write_files": self._op_write_files,
             "run": self._op_run,
             "wipe": self._op_wipe,
+            "restored": self._op_restored,
         }
 
     # -- task ownership ---------------------------------------------------------------------
@@ -697,6 +700,29 @@ class Agent:
         log.info("wiped %d file(s)", len(wiped))
         return {"wiped": wiped}
 
+    async def _op_restored(self, message: dict[str, Any]) -> dict[str, Any]:
+        """This VM was resumed from a snapshot that other VMs share: take fresh entropy from
+        the host into the kernel's pool, a new machine id, and a new secret (the snapshot's
+        is known to every clone). Firecracker's VMGenID already reseeds the kernel's CRNG on
+        Linux >= 5.18; this covers what it does not (ids, our secret) and older kernels."""
+        secret = message.get("secret")
+        if not isinstance(secret, str) or len(secret) < 32 or not secret.isprintable():
+            raise OpError("bad_request", "secret must be a printable string of >= 32 chars")
+        try:
+            entropy = base64.b64decode(str(message.get("entropy", "")), validate=True)
+        except (binascii.Error, ValueError):
+            raise OpError("bad_request", "entropy must be base64") from None
+        if not 32 <= len(entropy) <= 512:
+            raise OpError("bad_request", "entropy must be 32 to 512 bytes")
+        reseeded = reseed_kernel_rng(entropy)
+        machine_id = False
+        with contextlib.suppress(OSError):  # read-only where /etc is the host's (sandbox)
+            write_atomic(Path("/etc/machine-id"), secrets.token_hex(16).encode() + b"\n", 0o444)
+            machine_id = True
+        self._secret = secret.encode()
+        log.info("restored from a snapshot: rng %s, machine id %s", reseeded, machine_id)
+        return {"reseeded": reseeded, "machine_id": machine_id}
+
     async def _op_connect(
         self,
         rid: Any,
@@ -945,6 +971,26 @@ async def _exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
+def reseed_kernel_rng(entropy: bytes) -> str:
+    """Mix ``entropy`` into the kernel's pool, credited and with a CRNG reseed where we may
+    (``RNDADDENTROPY`` + ``RNDRESEEDCRNG``, needs CAP_SYS_ADMIN: Firecracker's
+    random-for-clones.md), else as a plain write (mixed, not credited). Returns which."""
+    with open("/dev/urandom", "wb", buffering=0) as dev:
+        try:
+            info = struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
+            fcntl.ioctl(dev.fileno(), RNDADDENTROPY, info)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(dev.fileno(), RNDRESEEDCRNG)
+            return "ioctl"
+        except OSError:
+            dev.write(entropy)
+            return "write"
 
 
 def _error(rid: Any, code: str, message: str) -> dict[str, Any]:
