@@ -148,5 +148,28 @@ if [[ $(cat "$js_stamp" 2>/dev/null) != "$js_want" || ! -f node_modules/@novnc/n
   printf '%s\n' "$js_want" >"$js_stamp"
 fi
 
+# --- the vendor CLIs (Claude Code, Codex, Gemini CLI) ---------------------------------------
+# Pinned in vendor-clis/package-lock.json, installed with `npm ci` under /usr/local, which
+# every sandbox VM sees read-only (with /usr): the browser VM logs in with the same binary
+# the CLI VM is verified with. Skipped while the lockfile's hash is unchanged. Debian 12's
+# own nodejs is 18: Claude Code and Codex run on it, Gemini CLI needs 20 and is then
+# reported unavailable by GET /api/providers.
+vendor_dir=/usr/local/lib/airlock/vendor-clis
+if ! command -v npm >/dev/null; then
+  command -v apt-get >/dev/null || die "npm is missing: install Node.js and npm"
+  apt_install nodejs npm
+fi
+vendor_stamp=$vendor_dir/.airlock-lock.sha256
+vendor_want=$(sha256sum vendor-clis/package-lock.json | cut -d' ' -f1)
+if [[ $(cat "$vendor_stamp" 2>/dev/null) != "$vendor_want" ]]; then
+  say "installing the vendor CLIs: npm ci in $vendor_dir (about 900 MB, once)"
+  as_root mkdir -p "$vendor_dir"
+  as_root cp vendor-clis/package.json vendor-clis/package-lock.json "$vendor_dir/"
+  if ! (cd "$vendor_dir" && as_root npm ci --no-audit --no-fund --loglevel=error) >&2 9>&-; then
+    die "npm ci of the vendor CLIs failed"
+  fi
+  printf '%s\n' "$vendor_want" | as_root tee "$vendor_stamp" >/dev/null
+fi
+
 elapsed_ms=$((($(date +%s%N) - started) / 1000000))
 say "ready in ${elapsed_ms} ms ($("$venv/bin/python" -V), .venv up to date with pyproject.toml)"
