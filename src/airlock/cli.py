@@ -51,6 +51,8 @@ vms_app = typer.Typer(help="Browser VMs and CLI VMs.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(vms_app, name="vms")
+vault_app = typer.Typer(help="The credentials key file.", no_args_is_help=True)
+app.add_typer(vault_app, name="vault")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -238,6 +240,32 @@ def tokens_revoke(token_id: Annotated[str, typer.Argument(help="The token's id."
     """Revoke a token at once (idempotent)."""
     token = _with_core(_settings(), lambda core: core.tokens.revoke(token_id))
     err.print(f"revoked {token.kind} token {token.id} ({token.subject})")
+
+
+# --- vault --------------------------------------------------------------------------------
+@vault_app.command("rotate")
+def vault_rotate(as_json: JsonOpt = False) -> None:
+    """Re-encrypt every credential under a new key; old keys are dropped only at the end.
+    Safe while the server runs (it reloads the key file) and safe to re-run after a crash."""
+    from airlock.services.keys import rotate
+
+    async def action(core: Core) -> Any:
+        assert core.vault is not None
+        return await rotate(core.db, core.vault, core.clock)
+
+    report = _with_core(_settings(), action)
+    result = {
+        "newKey": report.new_key,
+        "reencrypted": report.reencrypted,
+        "droppedKeys": report.dropped,
+    }
+    if as_json:
+        _print_json(result)
+    else:
+        err.print(
+            f"current key {report.new_key}: {report.reencrypted} credential(s) re-encrypted, "
+            f"{len(report.dropped)} old key(s) dropped"
+        )
 
 
 # --- sessions and VMs ---------------------------------------------------------------------
