@@ -1,0 +1,708 @@
+"""The ``qemu`` runtime: every VM is a real QEMU virtual machine booting a guest image
+(``airlock.images``), with KVM where it works for a stock kernel and TCG elsewhere.
+
+A VM gets a qcow2 overlay over its flavor's shared ``rootfs.ext4``, a config disk (its agent
+secret and role: not the kernel command line, which ``ps`` shows every host user), and no
+network device at all. One virtio-serial port carries every stream: a host-side
+multiplexer (``agent.mux``, its own process) listens on ``agent.sock`` and ``vnc.sock`` in
+the VM's state dir and serves the VM's ``egress`` channel from the controller's egress proxy
+socket, so the guest reaches exactly that proxy and the host reaches the guest only through
+Unix sockets in a 0700 directory. QEMU is controlled through QMP (``qmp.sock``).
+
+QEMU daemonizes and the multiplexer runs in its own session: both outlive the controller.
+The state dir ``{vms_dir}/{vm_id}/`` holds what a restarted controller needs: ``meta.json``,
+``pid`` (QEMU's pid and start time, so a reused pid is never taken for it), ``mux.pid``,
+``agent.secret``; ``console.log`` is the guest's serial console.
+
+KVM or TCG: ``/dev/kvm`` can exist and still run no stock kernel (kvm-pvm hangs one), so
+``accel="auto"`` boots the image's kernel once under KVM and waits for its first console
+line; the answer is cached in ``{cache}/kvm-probe.json`` per guest kernel and host kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+import airlock
+from airlock.agent.client import AgentClient, AgentError
+from airlock.agent.protocol import MAX_MESSAGE
+from airlock.domain.vms import VmRole
+from airlock.errors import RuntimeFailure
+from airlock.images import Image, find_image
+from airlock.runtimes.base import RunningVm, Stream, VmSpec
+
+log = logging.getLogger(__name__)
+
+VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CONFIG_DISK_SIZE = 4096
+MUX_PORT = "org.airlock.mux"
+CREATING_GRACE_S = 120.0
+PROBE_TIMEOUT_S = 8.0
+DEFAULT_FLAVORS = {VmRole.BROWSER: "browser", VmRole.CLI: "minimal"}
+INSTALL_HINT = "apt-get install qemu-system-x86 qemu-utils (scripts/setup.sh --with-qemu)"
+
+
+# -- processes ------------------------------------------------------------------------------
+def _start_time(pid: int) -> int | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _read_pid(path: Path) -> tuple[int, int] | None:
+    try:
+        pid, start = path.read_text().split()
+        return int(pid), int(start)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(record: tuple[int, int] | None) -> bool:
+    return record is not None and _start_time(record[0]) == record[1]
+
+
+def _write_pid(path: Path, pid: int) -> tuple[int, int]:
+    start = _start_time(pid)
+    if start is None:
+        raise RuntimeFailure(f"process {pid} exited at once")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{pid} {start}\n")
+    os.replace(tmp, path)
+    return pid, start
+
+
+def _kill(record: tuple[int, int] | None, timeout_s: float = 5.0) -> bool:
+    """SIGKILL through a pidfd (no pid-reuse race) and wait until it is gone."""
+    if record is None:
+        return False
+    try:
+        pidfd = os.pidfd_open(record[0])
+    except ProcessLookupError:
+        return False
+    try:
+        if _start_time(record[0]) != record[1]:
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while _start_time(record[0]) == record[1]:
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"process {record[0]} did not die within {timeout_s:g} s")
+            time.sleep(0.01)
+        return True
+    finally:
+        os.close(pidfd)
+
+
+def _find_qemu(state_dir: Path) -> list[int]:
+    """QEMU processes started for this state dir (by their QMP socket path on the command
+    line): for a VM whose pid file was never written (a controller died mid-create)."""
+    needle = os.fsencode(state_dir / "qmp.sock")
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            if b"qemu-system" in cmdline.split(b"\0", 1)[0] and needle in cmdline:
+                found.append(int(name))
+    return found
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+# -- KVM or TCG -----------------------------------------------------------------------------
+def kvm_openable() -> str | None:
+    """None if /dev/kvm can be opened, else why not."""
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return f"/dev/kvm: {exc.strerror}"
+    return None
+
+
+def probe_kvm(qemu: str, image: Image, cache_dir: Path) -> tuple[bool, str]:
+    """Whether KVM boots this image's stock kernel: (usable, why). Cached per guest kernel
+    and host kernel; the probe itself takes at most ``PROBE_TIMEOUT_S`` once."""
+    if (why := kvm_openable()) is not None:
+        return False, why
+    key = f"{image.kernel_version}@{os.uname().release}"
+    cache = cache_dir / "kvm-probe.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        known = json.loads(cache.read_text())[key]
+        return bool(known["usable"]), str(known["why"])
+    usable, why = _boot_probe(qemu, image)
+    with contextlib.suppress(OSError, ValueError):
+        data: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(cache.read_text())
+        data[key] = {"usable": usable, "why": why, "at": datetime.now(UTC).isoformat()}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, cache)
+    return usable, why
+
+
+def _boot_probe(qemu: str, image: Image) -> tuple[bool, str]:
+    argv = [
+        qemu,
+        "-M",
+        "q35",
+        "-accel",
+        "kvm",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-kernel",
+        str(image.vmlinuz),
+        "-append",
+        "console=ttyS0 panic=-1 rdinit=/bin/busybox",  # never gets far: the first line is enough
+        "-no-reboot",
+    ]
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    except OSError as exc:
+        return False, f"cannot run {qemu}: {exc}"
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    seen = b""
+    try:
+        while time.monotonic() - started < PROBE_TIMEOUT_S:
+            with contextlib.suppress(BlockingIOError, TypeError):
+                seen += proc.stdout.read() or b""
+            if b"Linux version" in seen:
+                took = time.monotonic() - started
+                return True, f"a stock kernel printed its first line under KVM in {took:.1f} s"
+            if proc.poll() is not None:
+                tail = seen.decode(errors="replace").strip()[-300:]
+                return False, f"QEMU with KVM exited {proc.returncode}: {tail}"
+            time.sleep(0.05)
+        return False, (
+            f"a stock kernel printed nothing under KVM in {PROBE_TIMEOUT_S:g} s "
+            "(e.g. kvm-pvm runs only special guest kernels)"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+# -- the runtime ----------------------------------------------------------------------------
+class QemuRuntime:
+    """VMs as QEMU guests; see the module docstring."""
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        vms_dir: Path,
+        image_dir: Path,
+        *,
+        flavors: Mapping[VmRole, str] | None = None,
+        memory_mb: int = 512,
+        cpus: int = 1,
+        accel: str = "auto",
+        boot_timeout_s: float = 60.0,
+        qemu: str | None = None,
+        python: str | None = None,
+    ) -> None:
+        if accel not in ("auto", "kvm", "tcg"):
+            raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
+        self.vms_dir = Path(vms_dir).absolute()
+        self.image_dir = Path(image_dir).absolute()
+        self.flavors = dict(flavors or DEFAULT_FLAVORS)
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.accel_setting = accel
+        self.boot_timeout_s = boot_timeout_s
+        self.qemu = qemu or shutil.which("qemu-system-x86_64")
+        self.qemu_img = shutil.which("qemu-img")
+        self.python = python or sys.executable
+        self.package_root = Path(airlock.__file__).resolve().parent.parent
+        self._accel: dict[str, tuple[str, str]] = {}  # kernel version -> (accel, why)
+        self._muxes: dict[str, subprocess.Popen[bytes]] = {}  # to reap
+        self._creating: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _state_dir(self, vm_id: str) -> Path:
+        if not VM_ID.fullmatch(vm_id):
+            raise RuntimeFailure(f"not a valid VM id: {vm_id!r}", code="bad_vm_id")
+        return self.vms_dir / vm_id
+
+    def image_for(self, role: VmRole) -> Image:
+        flavor = self.flavors[role]
+        image = find_image(self.image_dir, flavor)
+        if image is None:
+            raise RuntimeFailure(
+                f"no {flavor} guest image in {self.image_dir}: "
+                f"run `airlock image build --flavor {flavor}`",
+                code="image_missing",
+            )
+        return image
+
+    async def accel_for(self, image: Image) -> tuple[str, str]:
+        """("kvm" | "tcg", why), probed once per kernel and cached on disk and here."""
+        if self.accel_setting != "auto":
+            return self.accel_setting, f"AIRLOCK_QEMU_ACCEL={self.accel_setting}"
+        known = self._accel.get(image.kernel_version)
+        if known is None:
+            assert self.qemu is not None
+            usable, why = await asyncio.to_thread(probe_kvm, self.qemu, image, self.image_dir)
+            known = ("kvm" if usable else "tcg", why)
+            self._accel[image.kernel_version] = known
+            log.info("qemu will use %s for kernel %s: %s", known[0], image.kernel_version, why)
+        return known
+
+    # -- create -----------------------------------------------------------------------------
+    async def create(self, spec: VmSpec) -> RunningVm:
+        state_dir = self._state_dir(spec.vm_id)
+        if not self.qemu or not self.qemu_img:
+            raise RuntimeFailure(f"QEMU not found: {INSTALL_HINT}")
+        image = self.image_for(spec.role)
+        if spec.vm_id in self._creating:
+            raise RuntimeFailure(f"VM {spec.vm_id} is being created", code="vm_exists")
+        accel, _why = await self.accel_for(image)
+        started = time.monotonic()
+        deadline = started + self.boot_timeout_s
+        self._creating.add(spec.vm_id)
+        prepared = False
+        try:
+            secret = await asyncio.to_thread(self._prepare, spec, state_dir, image, accel)
+            prepared = True
+            pid = await self._launch(spec, state_dir, image, accel)
+            await self._wait_ready(state_dir, secret, deadline)
+        except BaseException as exc:
+            tail = self._console_tail(state_dir) if prepared else ""
+            if prepared:
+                await asyncio.to_thread(self._teardown, spec.vm_id, state_dir, False)
+            if isinstance(exc, Exception) and prepared:
+                reason = exc.message if isinstance(exc, RuntimeFailure) else repr(exc)
+                raise RuntimeFailure(
+                    f"VM {spec.vm_id} did not boot: {reason}\n--- console ---\n{tail}"
+                ) from exc
+            raise
+        finally:
+            self._creating.discard(spec.vm_id)
+        boot_ms = round((time.monotonic() - started) * 1000)
+        log.info("qemu VM %s (%s, %s) up in %d ms", spec.vm_id, spec.role.value, accel, boot_ms)
+        return RunningVm(
+            vm_id=spec.vm_id,
+            role=spec.role,
+            pid=pid,
+            state_dir=state_dir,
+            detail={"accel": accel, "boot_ms": str(boot_ms), "image": image.path.name},
+        )
+
+    def _prepare(self, spec: VmSpec, state_dir: Path, image: Image, accel: str) -> str:
+        try:
+            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            state_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists") from None
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
+        try:
+            meta = {
+                "vm_id": spec.vm_id,
+                "role": spec.role.value,
+                "user_id": spec.user_id,
+                "created_at": datetime.now(UTC).isoformat(),
+                "runtime": self.name,
+                "accel": accel,
+                "image": str(image.path),
+                "screen": f"{spec.screen[0]}x{spec.screen[1]}",
+                "labels": spec.labels,
+            }
+            _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+            secret = secrets.token_urlsafe(32)
+            _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
+            config = json.dumps(
+                {"secret": secret, "role": spec.role.value, "screen": meta["screen"]}
+            ).encode()
+            _write_private(state_dir / "config.img", config.ljust(CONFIG_DISK_SIZE, b"\0"))
+            assert self.qemu_img is not None
+            done = subprocess.run(
+                [
+                    self.qemu_img,
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "raw",
+                    "-b",
+                    str(image.rootfs),
+                    str(state_dir / "disk.qcow2"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeFailure(f"qemu-img create failed: {done.stderr.strip()}")
+            return secret
+        except BaseException as exc:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise RuntimeFailure(f"cannot prepare {state_dir}: {exc.strerror}") from None
+            raise
+
+    def _qemu_argv(self, spec: VmSpec, state_dir: Path, image: Image, accel: str) -> list[str]:
+        assert self.qemu is not None
+        s = str(state_dir)
+        return [
+            self.qemu,
+            "-name",
+            f"airlock-{spec.vm_id},process=airlock-{spec.vm_id[:20]}",
+            "-M",
+            "q35",
+            "-accel",
+            accel,
+            "-cpu",
+            "max" if accel == "tcg" else "host",
+            "-m",
+            str(self.memory_mb),
+            "-smp",
+            str(self.cpus),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-nic",
+            "none",  # no network device: the egress proxy comes over the serial port
+            "-kernel",
+            str(image.vmlinuz),
+            "-initrd",
+            str(image.initrd),
+            "-append",
+            image.cmdline,
+            "-drive",
+            f"file={s}/disk.qcow2,if=virtio,format=qcow2,discard=unmap",
+            "-drive",
+            f"file={s}/config.img,if=virtio,format=raw,readonly=on",
+            "-device",
+            "virtio-serial-pci",
+            "-chardev",
+            f"socket,id=mux,path={s}/mux.sock,server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=mux,name={MUX_PORT}",
+            "-device",
+            "virtio-rng-pci",
+            "-serial",
+            f"file:{s}/console.log",
+            "-qmp",
+            f"unix:{s}/qmp.sock,server=on,wait=off",
+            "-pidfile",
+            f"{s}/qemu.pid",
+            "-daemonize",
+        ]
+
+    async def _launch(self, spec: VmSpec, state_dir: Path, image: Image, accel: str) -> int:
+        argv = self._qemu_argv(spec, state_dir, image, accel)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)  # returns once daemonized
+        if proc.returncode != 0:
+            raise RuntimeFailure(f"QEMU failed to start: {out.decode(errors='replace').strip()}")
+        try:
+            pid = int((state_dir / "qemu.pid").read_text().strip())
+        except (OSError, ValueError):
+            raise RuntimeFailure("QEMU did not write its pid file") from None
+        await asyncio.to_thread(_write_pid, state_dir / "pid", pid)
+        mux = [
+            self.python,
+            "-s",
+            "-m",
+            "airlock.agent.mux",
+            "--connect",
+            f"{state_dir}/mux.sock",
+            "--listen",
+            f"agent={state_dir}/agent.sock",
+            "--listen",
+            f"vnc={state_dir}/vnc.sock",
+        ]
+        if spec.egress_socket is not None:
+            mux += ["--target", f"egress={spec.egress_socket.absolute()}"]
+        log_fd = os.open(state_dir / "mux.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            popen = subprocess.Popen(  # noqa: ASYNC220 (returns at once; reaped by list/destroy)
+                mux,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                start_new_session=True,
+                env={
+                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "PYTHONPATH": str(self.package_root),
+                    "PYTHONUNBUFFERED": "1",
+                },
+            )
+        finally:
+            os.close(log_fd)
+        self._muxes[spec.vm_id] = popen
+        await asyncio.to_thread(_write_pid, state_dir / "mux.pid", popen.pid)
+        return pid
+
+    async def _wait_ready(self, state_dir: Path, secret: str, deadline: float) -> None:
+        record = _read_pid(state_dir / "pid")
+        last: Exception | None = None
+        while True:
+            if not _alive(record):
+                raise RuntimeFailure("QEMU exited")
+            try:
+                client = await asyncio.wait_for(self._client(state_dir, secret, 3), 5)
+                async with client:
+                    await client.ping()
+                return
+            except AgentError as exc:
+                if exc.code == "unauthorized":
+                    raise
+                last = exc
+            except (OSError, TimeoutError) as exc:
+                last = exc
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"agent not ready in {self.boot_timeout_s:g} s: {last}")
+            await asyncio.sleep(0.2)
+
+    async def _client(self, state_dir: Path, secret: str, timeout_s: float = 10) -> AgentClient:
+        reader, writer = await asyncio.open_unix_connection(
+            str(state_dir / "agent.sock"), limit=MAX_MESSAGE + 1
+        )
+        return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
+
+    @staticmethod
+    def _console_tail(state_dir: Path, size: int = 3000) -> str:
+        try:
+            with open(state_dir / "console.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                return f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return "(no console.log)"
+
+    # -- destroy ----------------------------------------------------------------------------
+    async def destroy(self, vm_id: str) -> bool:
+        try:
+            state_dir = self._state_dir(vm_id)
+        except RuntimeFailure:
+            return False
+        lock = self._locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            if not state_dir.exists():
+                self._reap(vm_id)
+                return False
+            record = _read_pid(state_dir / "pid")
+            quit_ok = False
+            if _alive(record):
+                quit_ok = await self._qmp_quit(state_dir)
+            killed = await asyncio.to_thread(self._teardown, vm_id, state_dir, quit_ok)
+        self._locks.pop(vm_id, None)
+        log.info("qemu VM %s destroyed (was running: %s)", vm_id, killed)
+        return killed
+
+    async def _qmp_quit(self, state_dir: Path) -> bool:
+        """Ask QEMU to quit over QMP; True if it said yes. The kill comes after regardless."""
+        qmp = QMPClient(f"airlock-{state_dir.name}")
+        try:
+            await asyncio.wait_for(qmp.connect(str(state_dir / "qmp.sock")), 2)
+            await asyncio.wait_for(qmp.execute("quit"), 2)
+            return True
+        except Exception as exc:  # any QMP failure: the kill below still ends it
+            log.info("QMP quit of %s failed (%s); killing it", state_dir.name, exc)
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(qmp.disconnect(), 2)
+
+    def _teardown(self, vm_id: str, state_dir: Path, quit_sent: bool) -> bool:
+        """Wait briefly for a QEMU that was told to quit, kill what is left (QEMU, also one the
+        pid file does not name, and the multiplexer), remove every file."""
+        record = _read_pid(state_dir / "pid")
+        was_running = _alive(record)
+        if quit_sent:
+            deadline = time.monotonic() + 3
+            while _alive(record) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        _kill(record)
+        for pid in _find_qemu(state_dir):
+            start = _start_time(pid)
+            if start is not None:
+                was_running = _kill((pid, start)) or was_running
+        _kill(_read_pid(state_dir / "mux.pid"))
+        popen = self._muxes.pop(vm_id, None)
+        if popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=5)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if state_dir.exists():
+            raise RuntimeFailure(f"could not remove {state_dir}")
+        return was_running
+
+    def _reap(self, vm_id: str) -> None:
+        popen = self._muxes.get(vm_id)
+        if popen is not None and popen.poll() is not None:
+            del self._muxes[vm_id]
+
+    # -- list -------------------------------------------------------------------------------
+    async def list(self) -> builtins.list[RunningVm]:
+        for vm_id in builtins.list(self._muxes):
+            self._reap(vm_id)
+        return await asyncio.to_thread(self._scan, frozenset(self._creating))
+
+    def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
+        if not self.vms_dir.exists():
+            return []
+        try:
+            entries = sorted(os.scandir(self.vms_dir), key=lambda e: e.name)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
+        found: builtins.list[RunningVm] = []
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) or not VM_ID.fullmatch(entry.name):
+                continue
+            state_dir = Path(entry.path)
+            meta = _read_meta(state_dir)
+            record = _read_pid(state_dir / "pid")
+            pid: int | None = None
+            state = "running"
+            if _alive(record):
+                assert record is not None
+                pid = record[0]
+            elif _find_qemu(state_dir):
+                state = "unrecorded"  # runs, but the pid file does not say so: destroy it
+            elif entry.name in creating or (record is None and _young(meta)):
+                state = "creating"
+            else:
+                log.info("qemu VM %s is gone; removing its state dir", entry.name)
+                with contextlib.suppress(RuntimeFailure, OSError):
+                    self._teardown(entry.name, state_dir, False)
+                continue
+            try:
+                role = VmRole(str(meta.get("role")))
+            except ValueError:
+                role = VmRole.BROWSER
+            found.append(
+                RunningVm(
+                    vm_id=entry.name,
+                    role=role,
+                    pid=pid,
+                    state_dir=state_dir,
+                    detail={
+                        "state": state,
+                        "accel": str(meta.get("accel", "")),
+                        "created_at": str(meta.get("created_at", "")),
+                        "user_id": str(meta.get("user_id", "")),
+                    },
+                )
+            )
+        return found
+
+    # -- streams ----------------------------------------------------------------------------
+    def _existing(self, vm_id: str) -> Path:
+        state_dir = self._state_dir(vm_id)
+        if not state_dir.is_dir():
+            raise RuntimeFailure(f"no VM {vm_id} in this runtime", code="vm_not_found")
+        return state_dir
+
+    async def agent_client(self, vm_id: str) -> AgentClient:
+        state_dir = self._existing(vm_id)
+        try:
+            secret = (state_dir / "agent.secret").read_text().strip()
+            return await self._client(state_dir, secret)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot reach the agent of {vm_id}: {exc}") from None
+
+    async def open_agent(self, vm_id: str) -> Stream:
+        return (await self.agent_client(vm_id)).stream
+
+    async def open_vnc(self, vm_id: str) -> Stream:
+        state_dir = self._existing(vm_id)
+        try:
+            return await asyncio.open_unix_connection(str(state_dir / "vnc.sock"))
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
+
+    # -- check ------------------------------------------------------------------------------
+    async def check(self) -> builtins.list[str]:
+        problems: builtins.list[str] = []
+        if not self.qemu or not os.access(self.qemu, os.X_OK):
+            problems.append(f"qemu-system-x86_64 not found: {INSTALL_HINT}")
+        if not self.qemu_img:
+            problems.append(f"qemu-img not found: {INSTALL_HINT}")
+        for flavor in sorted(set(self.flavors.values())):
+            try:
+                if find_image(self.image_dir, flavor) is None:
+                    problems.append(
+                        f"no {flavor} guest image in {self.image_dir}: "
+                        f"airlock image build --flavor {flavor}"
+                    )
+            except Exception as exc:
+                problems.append(f"{flavor} image: {exc}")
+        try:
+            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
+        return problems
+
+
+def _read_meta(state_dir: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((state_dir / "meta.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _young(meta: dict[str, Any]) -> bool:
+    try:
+        created = datetime.fromisoformat(str(meta["created_at"]))
+    except (KeyError, ValueError):
+        return False
+    return (datetime.now(UTC) - created).total_seconds() < CREATING_GRACE_S
