@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy async URL. Default: SQLite file in the data dir."
     )
     runtime: RuntimeName = Field("sandbox", description="Which VM runtime runs the VMs.")
+    image_dir: Path = Field(
+        Path("~/.cache/airlock/images"),
+        description="Guest images for the qemu and firecracker runtimes (content-addressed).",
+    )
+    qemu_memory_mb: int = Field(512, ge=128, description="Memory of each qemu VM, in MiB.")
+    qemu_accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="qemu accelerator: auto probes whether KVM runs a stock kernel."
+    )
     secret_key_file: Path | None = Field(
         None, description="AES-GCM key file for credentials; created 0600 on first start."
     )
@@ -96,6 +104,11 @@ class Settings(BaseSettings):
     log_json: bool | None = Field(None, description="JSON logs; default: when not a TTY.")
     vm_boot_timeout_ms: int = Field(60_000, gt=0, description="How long a VM may take to boot.")
     max_concurrent_vms: int = Field(64, gt=0, description="Live browser VMs a controller runs.")
+
+    @field_validator("image_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
 
     @field_validator("data_dir")
     @classmethod

@@ -56,6 +56,16 @@ def make_runtime(settings: Settings) -> Runtime:
         from airlock.runtimes.sandbox import SandboxRuntime
 
         return SandboxRuntime(settings.vms_dir)
+    if settings.runtime == "qemu":
+        from airlock.runtimes.qemu import QemuRuntime
+
+        return QemuRuntime(
+            settings.vms_dir,
+            settings.image_dir,
+            memory_mb=settings.qemu_memory_mb,
+            accel=settings.qemu_accel,
+            boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
+        )
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
 
