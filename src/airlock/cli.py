@@ -53,6 +53,8 @@ app.add_typer(sessions_app, name="sessions")
 app.add_typer(vms_app, name="vms")
 vault_app = typer.Typer(help="The credentials key file.", no_args_is_help=True)
 app.add_typer(vault_app, name="vault")
+image_app = typer.Typer(help="Guest images for the qemu and firecracker runtimes.")
+app.add_typer(image_app, name="image")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -397,6 +399,45 @@ def reap(
         err.print(f"{skipped} action(s) were not applied (the row moved meanwhile or failed)")
 
 
+# --- image --------------------------------------------------------------------------------
+@image_app.command("build")
+def image_build(
+    flavor: Annotated[
+        str, typer.Option("--flavor", help="browser (Xvnc + Chromium), cli, or minimal.")
+    ] = "minimal",
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a guest image from Debian packages (cached by content: a no-op when built)."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from airlock.images import ImageBuildError, build_image
+
+    settings = _settings()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=as_json,
+    ) as progress:
+        task = progress.add_task(f"{flavor} image", total=None)
+
+        def report(what: str, step: int, steps: int) -> None:
+            progress.update(task, description=f"{flavor}: {what}", completed=step, total=steps)
+
+        try:
+            image = build_image(settings.image_dir, flavor, progress=report, force=force)
+        except ImageBuildError as exc:
+            _fail(str(exc))
+    manifest = json.loads((image.path / "manifest.json").read_text())
+    if as_json:
+        _print_json({"path": str(image.path), **manifest})
+        return
+    out.print(str(image.path))
+
+
 # --- doctor -------------------------------------------------------------------------------
 @dataclass
 class Check:
@@ -417,7 +458,29 @@ def _binary(
     return Check(name, False, required, f"not found ({why})", f"apt-get install {package}")
 
 
-def _kvm_check(runtime: str) -> Check:
+def _kvm_probe(image_dir: Path, accel: str) -> Check | None:
+    """What the qemu runtime will choose, by its own probe (cached) with a built image."""
+    from airlock.images import find_image
+    from airlock.runtimes.qemu import probe_kvm
+
+    qemu = shutil.which("qemu-system-x86_64")
+    image = next((i for f in ("minimal", "browser") if (i := find_image(image_dir, f))), None)
+    if qemu is None or image is None:
+        return None
+    if accel == "tcg":
+        return Check("kvm", True, False, "present; qemu will use TCG (AIRLOCK_QEMU_ACCEL=tcg)")
+    usable, why = probe_kvm(qemu, image, image_dir)
+    if usable:
+        return Check("kvm", True, False, f"usable for stock kernels ({why}); qemu will use KVM")
+    return Check(
+        "kvm",
+        True,
+        False,
+        f"KVM present but unusable for stock kernels ({why}); qemu will use TCG",
+    )
+
+
+def _kvm_check(runtime: str, image_dir: Path, accel: str = "auto") -> Check:
     kvm = Path("/dev/kvm")
     required = runtime == "firecracker"
     if not kvm.exists():
@@ -438,22 +501,25 @@ def _kvm_check(runtime: str) -> Check:
             f"/dev/kvm present but not openable: {exc.strerror}; qemu would use TCG",
             "add this user to the kvm group (usermod -aG kvm $USER)",
         )
+    probed = _kvm_probe(image_dir, accel)
+    if probed is not None:
+        return probed if not required or probed.ok else Check("kvm", False, True, probed.detail)
     pvm = Path("/sys/module/kvm_pvm").exists()
     if pvm:
         return Check(
             "kvm",
             not required,
             required,
-            "/dev/kvm is served by kvm-pvm: only specially built guest kernels run; a stock "
-            "kernel hangs, so qemu would use TCG",
+            "KVM present but unusable for stock kernels (served by kvm-pvm: only specially "
+            "built guest kernels run); qemu will use TCG",
             "use TCG (qemu) or a PVM guest kernel" if required else None,
         )
     return Check(
         "kvm",
         True,
         required,
-        "present and openable; usability probe for a stock kernel not built yet (qemu "
-        "runtime issue)",
+        "present and openable; not probed for a stock kernel yet (no guest image: "
+        "airlock image build --flavor minimal)",
     )
 
 
@@ -546,7 +612,7 @@ def doctor_checks(settings: Settings) -> list[Check]:
             required=runtime == "qemu",
             why="the qemu runtime",
         ),
-        _kvm_check(runtime),
+        _kvm_check(runtime, settings.image_dir, settings.qemu_accel),
         _data_dir_check(settings.data_dir),
     ]
     if runtime == "firecracker":
