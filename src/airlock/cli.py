@@ -145,6 +145,7 @@ def serve(
     import uvicorn
 
     from airlock.api.app import create_app
+    from airlock.api.vnc_proxy import SERVER_OPTIONS
     from airlock.logs import setup_logging
 
     settings = _settings()
@@ -175,6 +176,7 @@ def serve(
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=5,
+        **SERVER_OPTIONS,
     )
     uvicorn.Server(config).run()
 

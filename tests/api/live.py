@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from airlock.api.vnc_proxy import SERVER_OPTIONS
+
 
 class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
@@ -25,7 +27,11 @@ async def serve(app: FastAPI, *, lifespan: bool, port: int = 0) -> AsyncIterator
     sock = socket.create_server(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_config=None, lifespan="on" if lifespan else "off", access_log=False
+        app,
+        log_config=None,
+        lifespan="on" if lifespan else "off",
+        access_log=False,
+        **SERVER_OPTIONS,  # as `airlock serve` runs it
     )
     server = _QuietServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="uvicorn")
