@@ -40,7 +40,7 @@ packages=(
   chromium fonts-liberation fonts-dejavu-core
 )
 ((with_postgres)) && packages+=(postgresql)
-((with_qemu)) && packages+=(qemu-system-x86 qemu-utils)
+((with_qemu)) && packages+=(qemu-system-x86 qemu-utils mmdebstrap lz4 e2fsprogs)
 
 as_root() {
   if ((EUID == 0)); then
