@@ -1,0 +1,1043 @@
+"""The ``firecracker`` runtime: every VM is a Firecracker microVM driven over its API socket.
+
+Boot (``boot_calls``): ``PUT /machine-config``, ``/boot-source`` (the image's uncompressed
+``vmlinux``, its initrd and command line), ``/drives/rootfs`` (the VM's own copy of the root
+filesystem), ``/drives/config`` (a small read-only disk: JSON with the agent's secret, role
+and screen, as ``images`` documents it), ``/network-interfaces/eth0`` (a tap inside a
+network namespace of the VM's own, with no route anywhere), ``/vsock``, ``/entropy``
+(virtio-rng), then ``PUT /actions {InstanceStart}``.
+
+Streams: the agent and the VNC server are reached over vsock, host-initiated: connect to the
+VM's vsock Unix socket, send ``CONNECT <port>\\n``, read ``OK <host port>\\n``, then bytes flow
+(Firecracker closes the connection when nothing listens on that guest port). The egress
+proxy is reached from the guest the other way: Firecracker forwards a guest connection to
+host port ``EGRESS_PORT`` to ``{vsock socket}_{EGRESS_PORT}``, a relative symlink to the
+``egress.sock`` the controller serves in the state dir.
+
+Warm starts (``snapshot`` / ``restore``): a template VM is paused and snapshotted, then
+destroyed without ever resuming (Firecracker's "secure usage" of a snapshot); each clone is
+loaded into a fresh Firecracker with its own tap and vsock socket (``network_overrides``,
+``vsock_override``) and resumed. Clones share the template's memory, so their uniqueness is
+restored: Firecracker always attaches a VMGenID device and changes its id on restore, and
+Linux >= 5.18 (Debian bookworm's 6.1) reseeds its CRNG from it; identifiers and our own
+secret are not covered by that, so the controller sends the agent ``restored`` with fresh
+host entropy and a new secret (the agent mixes the entropy in with ``RNDADDENTROPY`` and
+``RNDRESEEDCRNG``, writes a new ``/etc/machine-id``, and refuses the snapshot's secret from
+then on). See Firecracker's ``docs/snapshotting/snapshot-support.md`` ("Snapshot security
+and uniqueness", "Vsock device limitation") and ``random-for-clones.md``.
+
+Jailer (optional): ``jailer --id --exec-file --uid --gid --chroot-base-dir --netns`` with
+the kernel hard-linked (or copied) and the root filesystem copied into the chroot, which is
+also the VM's state dir (``{vms_dir}/{vm_id}`` is a symlink to it), so the sockets are where
+both sides see them. The jailer leaves clean-up to its caller; ``destroy`` removes the
+chroot, the cgroups it made (v1 and v2 layouts), the network namespace and with it the tap.
+
+Like a sandbox, a microVM outlives the controller: its state dir holds ``meta.json`` and
+``pid`` (pid and start time of the Firecracker process), and ``list`` finds it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from airlock.agent.client import AgentClient, AgentError
+from airlock.agent.protocol import MAX_MESSAGE
+from airlock.domain.vms import VmRole
+from airlock.errors import RuntimeFailure
+from airlock.runtimes.base import RunningVm, Stream, VmSpec
+
+log = logging.getLogger(__name__)
+
+VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")  # the jailer allows [A-Za-z0-9-]
+AGENT_PORT = 1024  # guest vsock ports
+VNC_PORT = 5900
+EGRESS_PORT = 3128  # host side: guest connections to it reach {vsock}_3128
+GUEST_CID = 3  # per-VM vsock device: the same CID in every VM does not collide
+API_SOCK = "api.sock"
+VSOCK = "v.sock"
+TAP = "tap0"  # one per network namespace, so every VM has its own
+GUEST_MAC = "06:00:ac:10:00:02"
+CONFIG_DISK_BYTES = 4096
+CREATING_GRACE_S = 120.0
+HANDSHAKE_TIMEOUT_S = 5.0
+UNIX_PATH_MAX = 107
+
+
+class FirecrackerApiError(RuntimeFailure):
+    """Firecracker refused a request (its ``fault_message`` is the message)."""
+
+    def __init__(self, method: str, path: str, status: int, fault: str) -> None:
+        super().__init__(f"{method} {path}: {status} {fault}", code="firecracker_api")
+        self.status = status
+        self.fault = fault
+
+
+# --- the requests ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCall:
+    method: str
+    path: str
+    body: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuestImage:
+    """The files of a guest image (``airlock.images``): uncompressed kernel, initrd, root
+    filesystem, and the kernel command line from its manifest."""
+
+    kernel: Path
+    rootfs: Path
+    initrd: Path | None = None
+    boot_args: str = "console=ttyS0 root=/dev/vda rw quiet panic=-1 random.trust_cpu=on"
+
+    @classmethod
+    def from_dir(cls, path: Path) -> GuestImage:
+        manifest: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads((path / "manifest.json").read_text())
+        initrd = path / "initrd.img"
+        image = cls(
+            kernel=path / "vmlinux",
+            rootfs=path / "rootfs.ext4",
+            initrd=initrd if initrd.exists() else None,
+        )
+        if isinstance(manifest.get("cmdline"), str):
+            image = cls(image.kernel, image.rootfs, image.initrd, manifest["cmdline"])
+        return image
+
+    def missing(self) -> list[str]:
+        return [str(p) for p in (self.kernel, self.rootfs) if not p.is_file()]
+
+
+@dataclass(frozen=True, slots=True)
+class BootPlan:
+    """Paths as Firecracker sees them (inside the chroot when jailed)."""
+
+    kernel: str
+    rootfs: str
+    config_disk: str
+    vsock_uds: str
+    boot_args: str
+    initrd: str | None = None
+    vcpus: int = 2
+    mem_mib: int = 1024
+    tap: str = TAP
+    guest_mac: str = GUEST_MAC
+
+
+def boot_calls(plan: BootPlan) -> list[ApiCall]:
+    """The whole cold boot, in order."""
+    boot_source: dict[str, Any] = {"kernel_image_path": plan.kernel, "boot_args": plan.boot_args}
+    if plan.initrd is not None:
+        boot_source["initrd_path"] = plan.initrd
+    return [
+        ApiCall(
+            "PUT",
+            "/machine-config",
+            {"vcpu_count": plan.vcpus, "mem_size_mib": plan.mem_mib, "smt": False},
+        ),
+        ApiCall("PUT", "/boot-source", boot_source),
+        ApiCall(
+            "PUT",
+            "/drives/rootfs",
+            {
+                "drive_id": "rootfs",
+                "path_on_host": plan.rootfs,
+                "is_root_device": True,
+                "is_read_only": False,
+            },
+        ),
+        ApiCall(
+            "PUT",
+            "/drives/config",
+            {
+                "drive_id": "config",
+                "path_on_host": plan.config_disk,
+                "is_root_device": False,
+                "is_read_only": True,
+            },
+        ),
+        ApiCall(
+            "PUT",
+            "/network-interfaces/eth0",
+            {"iface_id": "eth0", "host_dev_name": plan.tap, "guest_mac": plan.guest_mac},
+        ),
+        ApiCall("PUT", "/vsock", {"guest_cid": GUEST_CID, "uds_path": plan.vsock_uds}),
+        ApiCall("PUT", "/entropy", {}),
+        ApiCall("PUT", "/actions", {"action_type": "InstanceStart"}),
+    ]
+
+
+def snapshot_calls(snapshot_path: str, mem_path: str) -> list[ApiCall]:
+    """Pause, then a full snapshot. The template is destroyed afterwards, never resumed."""
+    return [
+        ApiCall("PATCH", "/vm", {"state": "Paused"}),
+        ApiCall(
+            "PUT",
+            "/snapshot/create",
+            {"snapshot_type": "Full", "snapshot_path": snapshot_path, "mem_file_path": mem_path},
+        ),
+    ]
+
+
+def restore_calls(snapshot_path: str, mem_path: str, *, tap: str, vsock_uds: str) -> list[ApiCall]:
+    """Load a snapshot into a fresh Firecracker with this clone's own tap and vsock socket,
+    with the guest clock advanced to now, then resume."""
+    return [
+        ApiCall(
+            "PUT",
+            "/snapshot/load",
+            {
+                "snapshot_path": snapshot_path,
+                "mem_backend": {"backend_type": "File", "backend_path": mem_path},
+                "network_overrides": [{"iface_id": "eth0", "host_dev_name": tap}],
+                "vsock_override": {"uds_path": vsock_uds},
+                "clock_realtime": True,
+                "resume_vm": False,
+            },
+        ),
+        ApiCall("PATCH", "/vm", {"state": "Resumed"}),
+    ]
+
+
+# --- the API client ----------------------------------------------------------------------
+
+
+class FirecrackerApi:
+    """HTTP/1.1 over the API Unix socket."""
+
+    def __init__(self, socket_path: Path, *, timeout_s: float = 10.0) -> None:
+        self.socket_path = socket_path
+        self._client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+            base_url="http://localhost",
+            timeout=timeout_s,
+        )
+
+    async def __aenter__(self) -> FirecrackerApi:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def call(self, call: ApiCall) -> Any:
+        try:
+            response = await self._client.request(call.method, call.path, json=call.body)
+        except httpx.HTTPError as exc:
+            raise RuntimeFailure(f"Firecracker API {call.method} {call.path}: {exc}") from None
+        if response.status_code >= 300:
+            try:
+                fault = str(response.json().get("fault_message", response.text))
+            except ValueError:
+                fault = response.text
+            raise FirecrackerApiError(call.method, call.path, response.status_code, fault[:500])
+        return response.json() if response.content else None
+
+    async def run(self, calls: Sequence[ApiCall]) -> None:
+        for call in calls:
+            await self.call(call)
+
+
+# --- vsock -------------------------------------------------------------------------------
+
+
+async def _open_unix(path: Path, *, limit: int = 2**16) -> Stream:
+    """A Unix socket whose path may be longer than sun_path allows (via /proc/self/fd)."""
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return await asyncio.open_unix_connection(str(path), limit=limit)
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}/{path.name}", limit=limit)
+    finally:
+        os.close(fd)
+
+
+async def vsock_connect(
+    uds_path: Path, port: int, *, timeout_s: float = HANDSHAKE_TIMEOUT_S, limit: int = 2**16
+) -> Stream:
+    """Firecracker's host-initiated vsock handshake: ``CONNECT <port>\\n`` -> ``OK <n>\\n``.
+    Raises ConnectionError when the guest does not accept (Firecracker closes the stream)."""
+    reader, writer = await _open_unix(uds_path, limit=limit)
+    try:
+        writer.write(f"CONNECT {port}\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+    except BaseException:
+        writer.close()
+        raise
+    if not line.endswith(b"\n") or not re.fullmatch(rb"OK \d+\n", line):
+        writer.close()
+        if not line:
+            raise ConnectionError(f"nothing listens on guest vsock port {port}")
+        raise ConnectionError(f"vsock handshake for port {port} failed: {line[:80]!r}")
+    return reader, writer
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PidRecord:
+    pid: int
+    start_time: int
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return fields[0].decode(), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(record: PidRecord) -> bool:
+    found = _proc_stat(record.pid)
+    return found is not None and found[1] == record.start_time and found[0] not in ("Z", "X")
+
+
+def _read_pid(state_dir: Path) -> PidRecord | None:
+    try:
+        pid, start = (state_dir / "pid").read_text().split()
+        return PidRecord(int(pid), int(start))
+    except (OSError, ValueError):
+        return None
+
+
+def _kill(record: PidRecord) -> bool:
+    """SIGKILL through a pidfd (no pid-reuse race) and wait. False if it was not running."""
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not _alive(record):
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)  # readable once the process has exited
+        if not poller.poll(10_000):
+            raise RuntimeFailure(f"Firecracker {record.pid} did not die within 10 s")
+    finally:
+        os.close(pidfd)
+    return True
+
+
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=20, check=False)
+
+
+# --- the per-VM network namespace ----------------------------------------------------------
+
+
+def netns_name(vm_id: str) -> str:
+    return f"airlock-{vm_id}"[:48]
+
+
+def netns_exists(name: str) -> bool:
+    return Path("/var/run/netns", name).exists()
+
+
+def create_netns(name: str, tap: str = TAP) -> None:
+    """A namespace with loopback up and one tap, no address and no route: the VM's NIC
+    leads nowhere (egress goes through the proxy over vsock)."""
+    steps = [
+        ["ip", "netns", "add", name],
+        ["ip", "-n", name, "link", "set", "lo", "up"],
+        ["ip", "-n", name, "tuntap", "add", "dev", tap, "mode", "tap"],
+        ["ip", "-n", name, "link", "set", tap, "up"],
+    ]
+    for i, step in enumerate(steps):
+        done = _run(step)
+        if done.returncode != 0:
+            if i > 0:
+                delete_netns(name)
+            raise RuntimeFailure(f"{' '.join(step)} failed: {done.stderr.strip()}")
+
+
+def delete_netns(name: str) -> bool:
+    """Remove the namespace (its tap goes with it). Idempotent."""
+    if not netns_exists(name):
+        return False
+    done = _run(["ip", "netns", "delete", name])
+    if done.returncode != 0 and netns_exists(name):
+        raise RuntimeFailure(f"ip netns delete {name} failed: {done.stderr.strip()}")
+    return True
+
+
+def netns_links(name: str) -> list[str]:
+    done = _run(["ip", "-n", name, "-o", "link", "show"])
+    if done.returncode != 0:
+        return []
+    return [line.split(":")[1].strip().split("@")[0] for line in done.stdout.splitlines()]
+
+
+# --- the jailer --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Jail:
+    """How the jailer runs Firecracker, and what it leaves behind for us to clean."""
+
+    jailer: str
+    exec_file: str
+    uid: int
+    gid: int
+    chroot_base: Path = Path("/srv/jailer")
+    cgroup_version: int = field(default_factory=lambda: cgroup_version())
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+
+    @property
+    def exec_name(self) -> str:
+        return Path(self.exec_file).name
+
+    def root(self, vm_id: str) -> Path:
+        """The chroot: ``{chroot base}/{exec file name}/{id}/root``."""
+        return self.chroot_base / self.exec_name / vm_id / "root"
+
+    def argv(self, vm_id: str, netns: str | None) -> list[str]:
+        argv = [
+            self.jailer,
+            "--id",
+            vm_id,
+            "--exec-file",
+            self.exec_file,
+            "--uid",
+            str(self.uid),
+            "--gid",
+            str(self.gid),
+            "--chroot-base-dir",
+            str(self.chroot_base),
+            "--cgroup-version",
+            str(self.cgroup_version),
+        ]
+        if netns is not None:
+            argv += ["--netns", f"/var/run/netns/{netns}"]
+        # Everything after "--" goes to Firecracker; paths are inside the chroot.
+        return [*argv, "--", "--api-sock", f"/{API_SOCK}", "--id", vm_id]
+
+    def cgroup_dirs(self, vm_id: str) -> list[Path]:
+        """Where the jailer puts the VM's cgroups: ``{root}/{exec name}/{id}`` on v2, and
+        the same under every controller's hierarchy on v1."""
+        if self.cgroup_version == 2:
+            return [self.cgroup_root / self.exec_name / vm_id]
+        try:
+            controllers = sorted(p for p in self.cgroup_root.iterdir() if p.is_dir())
+        except OSError:
+            return []
+        return [c / self.exec_name / vm_id for c in controllers]
+
+    def cleanup(self, vm_id: str) -> list[str]:
+        """Remove the chroot and the cgroups of one VM (the jailer does not). Returns what
+        it removed; idempotent."""
+        removed: list[str] = []
+        for cgroup in self.cgroup_dirs(vm_id):
+            if cgroup.is_dir():
+                for attempt in range(50):  # a cgroup empties a moment after its last task
+                    try:
+                        cgroup.rmdir()
+                        removed.append(str(cgroup))
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        if attempt == 49:
+                            raise
+                        time.sleep(0.02)
+        instance = self.root(vm_id).parent
+        if instance.exists():
+            shutil.rmtree(instance, ignore_errors=False)
+            removed.append(str(instance))
+        return removed
+
+
+def cgroup_version(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """2 on a unified hierarchy (it has ``cgroup.controllers``), else 1."""
+    return 2 if (root / "cgroup.controllers").exists() else 1
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link where the file system allows (read-only inputs), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _copy_rootfs(src: Path, dst: Path) -> None:
+    """Each VM writes its own root filesystem: a reflink where the file system can, else a
+    sparse copy."""
+    done = _run(["cp", "--reflink=auto", "--sparse=always", str(src), str(dst)])
+    if done.returncode != 0:
+        raise RuntimeFailure(f"cannot copy the root filesystem: {done.stderr.strip()}")
+
+
+def kvm_problem() -> str | None:
+    """Why a stock guest kernel cannot run on this host's KVM, or None."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible"
+    vendor = any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
+    if os.path.isdir("/sys/module/kvm_pvm") and not vendor:
+        return "/dev/kvm is served by kvm-pvm, which runs only special guest kernels"
+    return None
+
+
+# --- the runtime -------------------------------------------------------------------------
+
+
+@dataclass
+class _Vm:
+    """What a create or restore is building, for its clean-up on failure."""
+
+    vm_id: str
+    state_dir: Path
+    netns: str
+    record: PidRecord | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class FirecrackerRuntime:
+    """VMs as Firecracker microVMs; see the module docstring."""
+
+    name = "firecracker"
+
+    def __init__(
+        self,
+        vms_dir: Path,
+        *,
+        image: GuestImage | None = None,
+        firecracker: str | Sequence[str] | None = None,
+        jail: Jail | None = None,
+        vcpus: int = 2,
+        mem_mib: int = 1024,
+        boot_timeout_s: float = 60.0,
+    ) -> None:
+        self.vms_dir = Path(vms_dir).absolute()
+        self.image = image
+        if isinstance(firecracker, str):
+            firecracker = [firecracker]
+        found = shutil.which("firecracker")
+        self.firecracker: list[str] | None = list(firecracker) if firecracker else None
+        if self.firecracker is None and found:
+            self.firecracker = [found]
+        self.jail = jail
+        self.vcpus = vcpus
+        self.mem_mib = mem_mib
+        self.boot_timeout_s = boot_timeout_s
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._creating: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        with contextlib.suppress(OSError):
+            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def _state_dir(self, vm_id: str) -> Path:
+        if not VM_ID.fullmatch(vm_id):
+            raise RuntimeFailure(f"not a valid VM id: {vm_id!r}", code="bad_vm_id")
+        return self.vms_dir / vm_id
+
+    def _fc_path(self, name: str) -> str:
+        """A state-dir file as Firecracker names it: in the chroot's root when jailed, else
+        relative to its working directory (the state dir). Either way a snapshot names no
+        particular VM's files, so its clones open their own."""
+        return f"/{name}" if self.jail is not None else name
+
+    # -- create -----------------------------------------------------------------------------
+
+    async def create(self, spec: VmSpec) -> RunningVm:
+        if self.image is None or self.image.missing():
+            raise RuntimeFailure(
+                "no guest image for Firecracker: build one with `airlock image build --flavor "
+                f"{'browser' if spec.role is VmRole.BROWSER else 'cli'}`"
+            )
+        image = self.image
+        plan = await self._begin(spec)
+        try:
+            secret = await asyncio.to_thread(self._stage_boot, spec, plan, image)
+            await self._launch(plan)
+            async with FirecrackerApi(plan.state_dir / API_SOCK) as api:
+                await api.run(
+                    boot_calls(
+                        BootPlan(
+                            kernel=self._fc_path("vmlinux"),
+                            initrd=self._fc_path("initrd.img") if image.initrd else None,
+                            rootfs=self._fc_path("rootfs.ext4"),
+                            config_disk=self._fc_path("config.img"),
+                            vsock_uds=self._fc_path(VSOCK),
+                            boot_args=image.boot_args,
+                            vcpus=self.vcpus,
+                            mem_mib=self.mem_mib,
+                        )
+                    )
+                )
+            await self._wait_ready(spec.role, plan, secret)
+        except BaseException as exc:
+            raise await self._abort(plan, exc) from exc
+        finally:
+            self._creating.discard(spec.vm_id)
+        return self._running(spec.role, plan)
+
+    async def _begin(self, spec: VmSpec) -> _Vm:
+        state_dir = self._state_dir(spec.vm_id)
+        if not self.firecracker:
+            raise RuntimeFailure("firecracker not found: install it (and the jailer) on PATH")
+        if spec.vm_id in self._creating or await asyncio.to_thread(os.path.lexists, state_dir):
+            raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists")
+        self._creating.add(spec.vm_id)
+        return _Vm(spec.vm_id, state_dir, netns_name(spec.vm_id), extra={"started": "0"})
+
+    def _make_state_dir(self, spec: VmSpec, plan: _Vm, *, kind: str) -> None:
+        """The state dir (the chroot when jailed, with a symlink at the usual place), its
+        meta, and the VM's network namespace."""
+        self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.jail is not None:
+            root = self.jail.root(spec.vm_id)
+            root.mkdir(mode=0o700, parents=True)
+            os.chown(root, self.jail.uid, self.jail.gid)
+            plan.state_dir.symlink_to(root)
+        else:
+            plan.state_dir.mkdir(mode=0o700)
+        meta = {
+            "vm_id": spec.vm_id,
+            "role": spec.role.value,
+            "user_id": spec.user_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "runtime": self.name,
+            "start": kind,
+            "netns": plan.netns,
+            "jailed": self.jail is not None,
+            "labels": spec.labels,
+        }
+        _write_private(plan.state_dir / "meta.json", json.dumps(meta, indent=2).encode())
+        create_netns(plan.netns)
+        # Guest connections to host port EGRESS_PORT land here: the controller's proxy.
+        (plan.state_dir / f"{VSOCK}_{EGRESS_PORT}").symlink_to("egress.sock")
+
+    def _stage_boot(self, spec: VmSpec, plan: _Vm, image: GuestImage) -> str:
+        self._make_state_dir(spec, plan, kind="cold")
+        secret = secrets.token_urlsafe(32)
+        _write_private(plan.state_dir / "agent.secret", secret.encode() + b"\n")
+        config = json.dumps(
+            {
+                "secret": secret,
+                "role": spec.role.value,
+                "screen": f"{spec.screen[0]}x{spec.screen[1]}",
+            }
+        ).encode()
+        if len(config) > CONFIG_DISK_BYTES:
+            raise RuntimeFailure("the VM's config does not fit its config disk")
+        _write_private(plan.state_dir / "config.img", config.ljust(CONFIG_DISK_BYTES, b"\0"))
+        _link_or_copy(image.kernel, plan.state_dir / "vmlinux")
+        if image.initrd is not None:
+            _link_or_copy(image.initrd, plan.state_dir / "initrd.img")
+        _copy_rootfs(image.rootfs, plan.state_dir / "rootfs.ext4")
+        if self.jail is not None:
+            for name in ("config.img", "rootfs.ext4"):
+                os.chown(plan.state_dir / name, self.jail.uid, self.jail.gid)
+        return secret
+
+    def _argv(self, plan: _Vm) -> list[str]:
+        assert self.firecracker is not None
+        if self.jail is not None:
+            return self.jail.argv(plan.vm_id, plan.netns)
+        return [
+            "ip",
+            "netns",
+            "exec",
+            plan.netns,
+            *self.firecracker,
+            "--api-sock",
+            str(plan.state_dir / API_SOCK),
+            "--id",
+            plan.vm_id,
+        ]
+
+    async def _launch(self, plan: _Vm) -> None:
+        log_fd = os.open(
+            plan.state_dir / "firecracker.log",
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            proc = await asyncio.to_thread(
+                subprocess.Popen,
+                self._argv(plan),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                start_new_session=True,  # outlives the controller, like a sandbox
+                cwd=plan.state_dir,
+                env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+            )
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot start Firecracker: {exc}") from None
+        finally:
+            os.close(log_fd)
+        self._procs[plan.vm_id] = proc
+        plan.proc = proc
+        found = _proc_stat(proc.pid)
+        if found is None:
+            raise RuntimeFailure("Firecracker exited at once")
+        # `ip netns exec` and the jailer exec Firecracker in place: this pid is the VMM.
+        plan.record = PidRecord(proc.pid, found[1])
+        _write_private(plan.state_dir / "pid", f"{proc.pid} {found[1]}\n".encode(), replace=True)
+        api = plan.state_dir / API_SOCK
+        deadline = time.monotonic() + min(self.boot_timeout_s, 10.0)
+        while not api.exists():
+            if proc.poll() is not None:
+                raise RuntimeFailure(f"Firecracker exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeFailure("Firecracker did not open its API socket")
+            await asyncio.sleep(0.01)
+
+    async def _wait_ready(self, role: VmRole, plan: _Vm, secret: str) -> None:
+        """Until the agent answers over vsock; a browser VM also until VNC speaks RFB."""
+        deadline = time.monotonic() + self.boot_timeout_s
+        last: Exception | None = None
+        uds = plan.state_dir / VSOCK
+        while True:
+            if plan.proc is not None and plan.proc.poll() is not None:
+                raise RuntimeFailure(f"Firecracker exited with {plan.proc.returncode}")
+            try:
+                reader, writer = await vsock_connect(uds, AGENT_PORT, limit=MAX_MESSAGE + 1)
+                async with await AgentClient.connect(reader, writer, secret, timeout_s=10) as c:
+                    await c.ping()
+                if role is VmRole.BROWSER:
+                    reader, writer = await vsock_connect(uds, VNC_PORT)
+                    try:
+                        banner = await asyncio.wait_for(reader.readexactly(12), 5)
+                    finally:
+                        writer.close()
+                    if not banner.startswith(b"RFB "):
+                        raise ValueError(f"not an RFB server: {banner!r}")
+                return
+            except AgentError as exc:
+                if exc.code == "unauthorized":
+                    raise
+                last = exc
+            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+                last = exc
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"the VM did not come up in {self.boot_timeout_s:g} s: {last}")
+            await asyncio.sleep(0.05)
+
+    async def _abort(self, plan: _Vm, exc: BaseException) -> BaseException:
+        """A create or restore failed: leave nothing behind (in a thread: it completes even
+        while this task is cancelled); return the error to raise, with the log's tail."""
+        tail = _log_tail(plan.state_dir)
+        await asyncio.to_thread(self._teardown, plan.vm_id, plan.state_dir)
+        if not isinstance(exc, Exception):
+            return exc  # cancellation and the like pass through unchanged
+        reason = exc.message if isinstance(exc, RuntimeFailure) else repr(exc)
+        return RuntimeFailure(f"VM {plan.vm_id} did not start: {reason}\n--- log ---\n{tail}")
+
+    def _running(self, role: VmRole, plan: _Vm) -> RunningVm:
+        return RunningVm(
+            vm_id=plan.vm_id,
+            role=role,
+            pid=plan.record.pid if plan.record else None,
+            state_dir=plan.state_dir,
+            detail={"netns": plan.netns, "jailed": str(self.jail is not None).lower()},
+        )
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    async def snapshot(self, vm_id: str, dest: Path) -> Path:
+        """Pause ``vm_id``, write a full snapshot into ``dest``, then destroy the VM: it must
+        never run again once clones may start from its state. Returns ``dest``."""
+        state_dir = self._existing(vm_id)
+        await asyncio.to_thread(dest.mkdir, mode=0o700, parents=True, exist_ok=False)
+        try:
+            async with FirecrackerApi(state_dir / API_SOCK) as api:
+                await api.run(snapshot_calls(self._fc_path("vm.snap"), self._fc_path("vm.mem")))
+            await asyncio.to_thread(self._keep_template, vm_id, state_dir, dest)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, dest, True)
+            raise
+        finally:
+            await self.destroy(vm_id)
+        return dest
+
+    def _keep_template(self, vm_id: str, state_dir: Path, dest: Path) -> None:
+        for name in ("vm.snap", "vm.mem"):
+            os.replace(state_dir / name, dest / name)
+        meta = _read_meta(state_dir)
+        for name in ("agent.secret", "config.img"):  # the snapshot's drive and secret
+            shutil.copyfile(state_dir / name, dest / name)
+            os.chmod(dest / name, 0o600)
+        # The template's root filesystem: its clones continue from this disk state.
+        _copy_rootfs(state_dir / "rootfs.ext4", dest / "rootfs.ext4")
+        template = {"vm_id": vm_id, "role": meta.get("role"), "jailed": self.jail is not None}
+        _write_private(dest / "template.json", json.dumps(template).encode())
+
+    async def restore(self, spec: VmSpec, template: Path) -> RunningVm:
+        """A new VM from a snapshot (``snapshot``): its own Firecracker, tap and vsock
+        socket, then fresh entropy, machine id and secret in the guest (``restored``)."""
+        for name in ("vm.snap", "vm.mem", "agent.secret", "config.img", "rootfs.ext4"):
+            if not (template / name).is_file():
+                raise RuntimeFailure(f"not a snapshot: {template / name} is missing")
+        old_secret = (template / "agent.secret").read_text().strip()
+        plan = await self._begin(spec)
+        try:
+            await asyncio.to_thread(self._stage_restore, spec, plan, template)
+            await self._launch(plan)
+            async with FirecrackerApi(plan.state_dir / API_SOCK) as api:
+                await api.run(
+                    restore_calls(
+                        self._fc_path("vm.snap"),
+                        self._fc_path("vm.mem"),
+                        tap=TAP,
+                        vsock_uds=self._fc_path(VSOCK),
+                    )
+                )
+            new_secret = secrets.token_urlsafe(32)
+            await self._refresh_identity(plan, old_secret, new_secret)
+            await self._wait_ready(spec.role, plan, new_secret)
+        except BaseException as exc:
+            raise await self._abort(plan, exc) from exc
+        finally:
+            self._creating.discard(spec.vm_id)
+        return self._running(spec.role, plan)
+
+    def _stage_restore(self, spec: VmSpec, plan: _Vm, template: Path) -> None:
+        self._make_state_dir(spec, plan, kind="restored")
+        # Firecracker reopens the snapshot's drives by the names it booted with (relative or
+        # chroot paths, see _fc_path): the clone's own copies.
+        for name in ("vm.snap", "vm.mem", "config.img"):
+            _link_or_copy(template / name, plan.state_dir / name)
+        _copy_rootfs(template / "rootfs.ext4", plan.state_dir / "rootfs.ext4")
+        if self.jail is not None:
+            for name in ("vm.mem", "config.img", "rootfs.ext4"):
+                os.chown(plan.state_dir / name, self.jail.uid, self.jail.gid)
+
+    async def _refresh_identity(self, plan: _Vm, old_secret: str, new_secret: str) -> None:
+        """The clone runs the template's agent with the template's secret: swap in fresh
+        entropy and a new secret before anything else talks to it."""
+        deadline = time.monotonic() + self.boot_timeout_s
+        uds = plan.state_dir / VSOCK
+        while True:
+            try:
+                reader, writer = await vsock_connect(uds, AGENT_PORT, limit=MAX_MESSAGE + 1)
+                async with await AgentClient.connect(reader, writer, old_secret) as client:
+                    result = await client.restored(new_secret, secrets.token_bytes(64))
+                break
+            except (OSError, TimeoutError, AgentError) as exc:
+                if isinstance(exc, AgentError) and exc.code != "protocol":
+                    raise RuntimeFailure(f"the restored agent refused: {exc}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeFailure(f"the restored agent did not answer: {exc}") from None
+                await asyncio.sleep(0.05)
+        _write_private(plan.state_dir / "agent.secret", new_secret.encode() + b"\n", replace=True)
+        plan.extra.update({k: str(v) for k, v in result.items()})
+        log.info("VM %s restored from a snapshot: %s", plan.vm_id, result)
+
+    # -- destroy ----------------------------------------------------------------------------
+
+    def _teardown(self, vm_id: str, state_dir: Path) -> bool:
+        killed = False
+        record = _read_pid(state_dir)
+        if record is not None:
+            killed = _kill(record)
+        proc = self._procs.pop(vm_id, None)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+                killed = True
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        delete_netns(netns_name(vm_id))
+        if self.jail is not None:
+            self.jail.cleanup(vm_id)
+        if state_dir.is_symlink():
+            state_dir.unlink()
+        elif state_dir.exists():
+            shutil.rmtree(state_dir)
+        return killed
+
+    async def destroy(self, vm_id: str) -> bool:
+        try:
+            state_dir = self._state_dir(vm_id)
+        except RuntimeFailure:
+            return False
+        lock = self._locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            killed = await asyncio.to_thread(self._teardown, vm_id, state_dir)
+        self._locks.pop(vm_id, None)
+        log.info("firecracker VM %s destroyed (was running: %s)", vm_id, killed)
+        return killed
+
+    # -- list -------------------------------------------------------------------------------
+
+    async def list(self) -> list[RunningVm]:
+        for vm_id, proc in builtins.list(self._procs.items()):
+            if proc.poll() is not None and vm_id not in self._creating:
+                del self._procs[vm_id]
+        return await asyncio.to_thread(self._scan, frozenset(self._creating))
+
+    def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
+        try:
+            entries = sorted(os.scandir(self.vms_dir), key=lambda e: e.name)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
+        found: builtins.list[RunningVm] = []
+        for entry in entries:
+            if not VM_ID.fullmatch(entry.name):
+                continue
+            if not entry.is_dir():  # follows a jailed VM's link to its chroot
+                if entry.is_symlink():  # the chroot is gone: only the link is left
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                continue
+            state_dir = Path(entry.path)
+            meta = _read_meta(state_dir)
+            record = _read_pid(state_dir)
+            if record is not None and _alive(record):
+                state, pid = "running", record.pid
+            elif entry.name in creating or (record is None and _young(meta)):
+                state, pid = "creating", None
+            else:
+                log.info("firecracker VM %s is gone; cleaning up after it", entry.name)
+                with contextlib.suppress(OSError, RuntimeFailure):
+                    self._teardown(entry.name, state_dir)
+                continue
+            try:
+                role = VmRole(str(meta.get("role")))
+            except ValueError:
+                role = VmRole.BROWSER
+            found.append(
+                RunningVm(
+                    vm_id=entry.name,
+                    role=role,
+                    pid=pid,
+                    state_dir=state_dir,
+                    detail={
+                        "state": state,
+                        "created_at": str(meta.get("created_at", "")),
+                        "user_id": str(meta.get("user_id", "")),
+                        "netns": str(meta.get("netns", "")),
+                    },
+                )
+            )
+        return found
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def _existing(self, vm_id: str) -> Path:
+        state_dir = self._state_dir(vm_id)
+        if not state_dir.is_dir():
+            raise RuntimeFailure(f"no VM {vm_id} in this runtime", code="vm_not_found")
+        return state_dir
+
+    async def agent_client(self, vm_id: str) -> AgentClient:
+        state_dir = self._existing(vm_id)
+        try:
+            secret = (state_dir / "agent.secret").read_text().strip()
+            reader, writer = await vsock_connect(
+                state_dir / VSOCK, AGENT_PORT, limit=MAX_MESSAGE + 1
+            )
+            return await AgentClient.connect(reader, writer, secret, timeout_s=10)
+        except (OSError, TimeoutError) as exc:
+            raise RuntimeFailure(f"cannot reach the agent of {vm_id}: {exc}") from None
+
+    async def open_agent(self, vm_id: str) -> Stream:
+        return (await self.agent_client(vm_id)).stream
+
+    async def open_vnc(self, vm_id: str) -> Stream:
+        state_dir = self._existing(vm_id)
+        try:
+            return await vsock_connect(state_dir / VSOCK, VNC_PORT)
+        except (OSError, TimeoutError) as exc:
+            raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
+
+    # -- check ------------------------------------------------------------------------------
+
+    async def check(self) -> builtins.list[str]:
+        return await asyncio.to_thread(self._check)
+
+    def _check(self) -> builtins.list[str]:
+        problems: builtins.list[str] = []
+        if not self.firecracker:
+            problems.append(
+                "firecracker not found on PATH (https://github.com/firecracker-microvm)"
+            )
+        if self.jail is not None and not os.access(self.jail.jailer, os.X_OK):
+            problems.append(f"jailer not found: {self.jail.jailer}")
+        if shutil.which("ip") is None:
+            problems.append("ip (iproute2) not found: apt-get install iproute2")
+        if (kvm := kvm_problem()) is not None:
+            problems.append(f"KVM unusable for Firecracker: {kvm}")
+        if self.image is None:
+            problems.append("no guest image: airlock image build --flavor browser")
+        elif missing := self.image.missing():
+            problems.append(f"guest image incomplete: {', '.join(missing)} missing")
+        return problems
+
+
+def _write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """0600, written whole; ``replace`` swaps it atomically for an existing file."""
+    target = path.with_name(path.name + ".new") if replace else path
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if replace:
+        os.replace(target, path)
+
+
+def _read_meta(state_dir: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((state_dir / "meta.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _young(meta: dict[str, Any]) -> bool:
+    try:
+        created = datetime.fromisoformat(str(meta["created_at"]))
+    except (KeyError, ValueError):
+        return False
+    return (datetime.now(UTC) - created).total_seconds() < CREATING_GRACE_S
+
+
+def _log_tail(state_dir: Path, size: int = 4000) -> str:
+    try:
+        with open(state_dir / "firecracker.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return "(no firecracker.log)"
