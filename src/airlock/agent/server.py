@@ -54,6 +54,8 @@ MAX_CAPTURE_TIMEOUT_S = 300.0
 OPEN_URL_RETRY_S = 60.0  # the helper may hand over a URL before Chromium is up
 PIPE_CHUNK = 64 * 1024
 DISPLAY = ":0"
+X_SOCKET = "/tmp/.X11-unix/X0"
+SCREEN_POLL_S = 0.5  # how soon the kiosk window follows a viewer's resize
 STARTING_PAGE = "data:text/html;charset=utf-8," + urllib.parse.quote(
     "<!doctype html><title>Starting…</title>"
     "<body style='font:20px sans-serif;display:flex;align-items:center;"
@@ -838,10 +840,11 @@ class Agent:
                         self._spawn(xvnc.wait(), "xvnc-wait"),
                         self._spawn(chrome.wait(), "chromium-wait"),
                     ]
+                    fitter = self._spawn(self._fit_window_to_screen(), "fit-window")
                     try:
                         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        for waiter in waits:
+                        for waiter in [*waits, fitter]:
                             waiter.cancel()
                         await self._kill(chrome)
                     log.warning("chromium exited with %s", chrome.returncode)
@@ -859,6 +862,24 @@ class Agent:
             if time.monotonic() - started < 10:
                 failures += 1
                 await asyncio.sleep(min(0.5 * failures, 5))
+
+    async def _fit_window_to_screen(self) -> None:
+        """Keep the kiosk window as large as the X screen. A viewer resizes the screen
+        (noVNC's resizeSession: RFB SetDesktopSize, which Xvnc applies through RandR), but
+        Chromium with no window manager keeps its window size, so the page would be cut off
+        or leave a blank border. Polls the screen size (cheap: an X connection setup) and
+        resizes the window through DevTools when it changed."""
+        fitted = self.config.screen
+        while True:
+            await asyncio.sleep(SCREEN_POLL_S)
+            try:
+                size = await asyncio.to_thread(x_screen_size, X_SOCKET)
+                if size != fitted:
+                    await asyncio.to_thread(devtools_fit_window, *size)
+                    log.info("kiosk window resized to the screen: %dx%d", *size)
+                    fitted = size
+            except (OSError, ValueError, KeyError) as exc:
+                log.debug("cannot fit the window to the screen yet: %r", exc)
 
     async def _start_xvnc(self) -> asyncio.subprocess.Process:
         cfg = self.config
@@ -916,6 +937,7 @@ class Agent:
     async def _start_chromium(self) -> asyncio.subprocess.Process:
         cfg = self.config
         w, h = cfg.screen
+        _no_password_manager(cfg.run_dir / "chromium")
         argv = [
             cfg.chromium,
             "--kiosk",
@@ -1015,6 +1037,68 @@ def devtools_open(url: str) -> None:
     answer = _websocket_call(ws_url.port or DEVTOOLS_PORT, ws_url.path, json.dumps(command))
     if "error" in json.loads(answer):
         raise ValueError(f"Page.navigate refused: {answer[:200]}")
+
+
+def _no_password_manager(user_data_dir: Path) -> None:
+    """A fresh profile whose password manager is off: no "Save password?" bubble over the
+    page after the person signs in, and no password kept in the VM's profile."""
+    prefs = user_data_dir / "Default" / "Preferences"
+    if prefs.exists():
+        return
+    prefs.parent.mkdir(parents=True, exist_ok=True)
+    prefs.write_text(
+        json.dumps(
+            {"credentials_enable_service": False, "profile": {"password_manager_enabled": False}}
+        )
+    )
+
+
+def devtools_fit_window(width: int, height: int) -> None:
+    """Resize Chromium's window to ``width`` x ``height`` at the top left corner, through
+    the browser's DevTools endpoint. Blocking; run it in a thread."""
+    base = f"http://127.0.0.1:{DEVTOOLS_PORT}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    with opener.open(f"{base}/json/version", timeout=3) as resp:
+        browser = urllib.parse.urlsplit(json.load(resp)["webSocketDebuggerUrl"])
+    with opener.open(f"{base}/json/list", timeout=3) as resp:
+        pages = [t for t in json.load(resp) if t.get("type") == "page"]
+    if not pages:
+        raise ValueError("Chromium has no page yet")
+
+    def call(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        command = json.dumps({"id": 1, "method": method, "params": params})
+        answer = json.loads(_websocket_call(browser.port or DEVTOOLS_PORT, browser.path, command))
+        if "error" in answer:
+            raise ValueError(f"{method} refused: {answer['error']}")
+        result: dict[str, Any] = answer["result"]
+        return result
+
+    window = call("Browser.getWindowForTarget", {"targetId": pages[0]["id"]})["windowId"]
+    # Bounds only apply to a normal window; then back to the kiosk's full screen.
+    for bounds in (
+        {"windowState": "normal"},
+        {"left": 0, "top": 0, "width": width, "height": height},
+        {"windowState": "fullscreen"},
+    ):
+        call("Browser.setWindowBounds", {"windowId": window, "bounds": bounds})
+
+
+def x_screen_size(path: str) -> tuple[int, int]:
+    """The X screen's size now, from the connection setup reply (the X server rewrites
+    that block on a RandR resize), without Xlib: ``X_SOCKET`` is Xvnc's, no auth."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        sock.connect(path)
+        sock.sendall(struct.pack("<BxHHHHxx", ord("l"), 11, 0, 0, 0))  # little-endian, X11.0
+        stream = sock.makefile("rb")
+        head = stream.read(8)
+        if len(head) != 8 or head[0] != 1:
+            raise OSError("the X server refused the connection")
+        body = stream.read(struct.unpack_from("<H", head, 6)[0] * 4)
+    vendor_len, formats = struct.unpack_from("<H", body, 16)[0], body[21]
+    screen = 32 + (vendor_len + 3) // 4 * 4 + 8 * formats  # the first SCREEN
+    width, height = struct.unpack_from("<HH", body, screen + 20)
+    return int(width), int(height)
 
 
 def _websocket_call(port: int, path: str, text: str, timeout: float = 5.0) -> str:
