@@ -51,7 +51,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -535,7 +535,7 @@ class FirecrackerRuntime:
         self,
         vms_dir: Path,
         *,
-        image: GuestImage | None = None,
+        image: GuestImage | Callable[[VmRole], GuestImage | None] | None = None,
         firecracker: str | Sequence[str] | None = None,
         jail: Jail | None = None,
         vcpus: int = 2,
@@ -575,13 +575,20 @@ class FirecrackerRuntime:
 
     # -- create -----------------------------------------------------------------------------
 
+    def image_for(self, role: VmRole) -> GuestImage | None:
+        """The image to boot: one for every role, or one per role (a browser image has
+        Xvnc and Chromium, a CLI image the vendor CLIs)."""
+        if self.image is None or isinstance(self.image, GuestImage):
+            return self.image
+        return self.image(role)
+
     async def create(self, spec: VmSpec) -> RunningVm:
-        if self.image is None or self.image.missing():
+        image = self.image_for(spec.role)
+        if image is None or image.missing():
             raise RuntimeFailure(
                 "no guest image for Firecracker: build one with `airlock image build --flavor "
                 f"{'browser' if spec.role is VmRole.BROWSER else 'cli'}`"
             )
-        image = self.image
         plan = await self._begin(spec)
         try:
             secret = await asyncio.to_thread(self._stage_boot, spec, plan, image)
@@ -997,9 +1004,10 @@ class FirecrackerRuntime:
             problems.append("ip (iproute2) not found: apt-get install iproute2")
         if (kvm := kvm_problem()) is not None:
             problems.append(f"KVM unusable for Firecracker: {kvm}")
-        if self.image is None:
-            problems.append("no guest image: airlock image build --flavor browser")
-        elif missing := self.image.missing():
+        image = self.image_for(VmRole.BROWSER)
+        if image is None:
+            problems.append("no browser guest image: airlock image build --flavor browser")
+        elif missing := image.missing():
             problems.append(f"guest image incomplete: {', '.join(missing)} missing")
         return problems
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
+from airlock.domain.vms import VmRole
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
 from airlock.providers.claude_code import ClaudeCodeProvider
@@ -64,6 +65,19 @@ def make_runtime(settings: Settings) -> Runtime:
             settings.image_dir,
             memory_mb=settings.qemu_memory_mb,
             accel=settings.qemu_accel,
+            boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
+        )
+    if settings.runtime == "firecracker":
+        from airlock.images import find_image
+        from airlock.runtimes.firecracker import FirecrackerRuntime, GuestImage
+
+        def image(role: VmRole) -> GuestImage | None:
+            found = find_image(settings.image_dir, role.value)
+            return GuestImage.from_dir(found.path) if found is not None else None
+
+        return FirecrackerRuntime(
+            settings.vms_dir,
+            image=image,
             boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
         )
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
