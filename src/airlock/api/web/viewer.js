@@ -12,6 +12,8 @@ const sessionId = location.pathname.split("/")[4] || "";
 let token = new URLSearchParams(location.search).get("token") || "";
 const base = `/api/auth/session/${encodeURIComponent(sessionId)}`;
 const q = () => `token=${encodeURIComponent(token)}`;
+// A view-only token ({expiry}.v.{mac}): watch only; the server drops any input anyway.
+const viewOnly = token.split(".")[1] === "v";
 
 const bar = document.getElementById("statusbar");
 const statusEl = document.getElementById("status");
@@ -90,9 +92,14 @@ function onSession(next) {
   if (!rfb && !vmGone() && ["running", "draining"].includes(session.vm?.state)) connectVnc();
   if (vmGone()) {
     rfb?.disconnect();
-    note(session.status === "completed" ? "" : "The remote browser is gone.");
+    note(
+      session.status === "completed"
+        ? "You are signed in. The remote browser is closed; you can close this tab."
+        : "The remote browser is gone.",
+    );
   }
-  if (session.status === "completed" && !wasCompleted && !completeSent && !vmGone()) {
+  const first = session.status === "completed" && !wasCompleted;
+  if (first && !viewOnly && !completeSent && !vmGone()) {
     completeTimer = setTimeout(complete, COMPLETE_AFTER_MS);
   }
 }
@@ -169,12 +176,13 @@ async function connectVnc() {
   rfb = new RFB(screenEl, url, { wsProtocols: ["binary"], shared: true });
   rfb.scaleViewport = true; // the whole remote screen, scaled to the window
   rfb.resizeSession = true; // and the remote screen resized to it, where the server can
-  rfb.focusOnClick = true;
+  rfb.viewOnly = viewOnly;
+  rfb.focusOnClick = !viewOnly;
   rfb.background = "#222";
   rfb.addEventListener("connect", () => {
     vncRetry = 0;
     note("");
-    rfb.focus();
+    if (!viewOnly) rfb.focus();
   });
   rfb.addEventListener("disconnect", () => {
     rfb = null;
@@ -203,6 +211,10 @@ window.addEventListener(
   true,
 );
 
+if (viewOnly) {
+  focusButton.hidden = true;
+  document.getElementById("view-only").hidden = false;
+}
 if (!sessionId || !token) {
   say("This viewer link is incomplete: it needs a session and a token.", "bad");
 } else {
