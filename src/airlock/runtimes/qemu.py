@@ -468,8 +468,9 @@ class QemuRuntime:
             "--listen",
             f"vnc={state_dir}/vnc.sock",
         ]
-        if spec.egress_socket is not None:
-            mux += ["--target", f"egress={spec.egress_socket.absolute()}"]
+        # The controller's egress proxy for this VM; it may start listening only later.
+        egress = spec.egress_socket or state_dir / "egress.sock"
+        mux += ["--target", f"egress={egress.absolute()}"]
         log_fd = os.open(state_dir / "mux.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             popen = subprocess.Popen(  # noqa: ASYNC220 (returns at once; reaped by list/destroy)
@@ -538,11 +539,10 @@ class QemuRuntime:
             if not state_dir.exists():
                 self._reap(vm_id)
                 return False
-            record = _read_pid(state_dir / "pid")
-            quit_ok = False
-            if _alive(record):
-                quit_ok = await self._qmp_quit(state_dir)
+            was_running = _alive(_read_pid(state_dir / "pid"))
+            quit_ok = await self._qmp_quit(state_dir) if was_running else False
             killed = await asyncio.to_thread(self._teardown, vm_id, state_dir, quit_ok)
+            killed = killed or was_running
         self._locks.pop(vm_id, None)
         log.info("qemu VM %s destroyed (was running: %s)", vm_id, killed)
         return killed

@@ -1,0 +1,131 @@
+"""The ``qemu`` runtime for real: the minimal guest image booted by QEMU (TCG on machines
+where KVM cannot run a stock kernel), its agent reached over the virtio-serial multiplexer.
+
+Each boot takes seconds under TCG, so one VM serves several checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from airlock.agent.client import FileWrite
+from airlock.domain.vms import VmRole
+from airlock.errors import RuntimeFailure
+from airlock.runtimes.base import VmSpec
+from airlock.runtimes.qemu import QemuRuntime, kvm_openable, probe_kvm
+from tests.qemu_image import image_dir, minimal_image
+
+pytestmark = pytest.mark.qemu
+
+MINIMAL = {VmRole.BROWSER: "minimal", VmRole.CLI: "minimal"}
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[QemuRuntime]:
+    minimal_image()
+    rt = QemuRuntime(tmp_path / "vms", image_dir(), flavors=MINIMAL, boot_timeout_s=90)
+    yield rt
+    for vm in await QemuRuntime(tmp_path / "vms", image_dir(), flavors=MINIMAL).list():
+        await rt.destroy(vm.vm_id)
+    assert not any((tmp_path / "vms").iterdir())
+
+
+def qemu_pids(state_dir: Path) -> list[int]:
+    from airlock.runtimes.qemu import _find_qemu
+
+    return _find_qemu(state_dir)
+
+
+async def test_boot_agent_lifecycle_and_adoption(runtime: QemuRuntime, tmp_path: Path) -> None:
+    vm = await runtime.create(VmSpec(vm_id="q1", role=VmRole.CLI, user_id="alice"))
+    usable, _why = probe_kvm(runtime.qemu or "", minimal_image(), image_dir())
+    assert vm.detail["accel"] == ("kvm" if usable else "tcg")
+    assert vm.pid is not None and qemu_pids(vm.state_dir) == [vm.pid]
+    meta = json.loads((vm.state_dir / "meta.json").read_text())
+    assert meta["accel"] == vm.detail["accel"]
+    # No network device: the guest has loopback only.
+    async with await runtime.agent_client("q1") as agent:
+        assert (await agent.ping()) is not None
+        links = await agent.run(["busybox", "ip", "-o", "link"], timeout_s=20)
+        assert links.exit_code == 0
+        assert [ln.split(":")[1].strip() for ln in links.stdout.splitlines()] == ["lo"]
+        # write_files then read back through run, on a second channel at the same time.
+        await agent.write_files([FileWrite(".airlock/t/hello.txt", b"hi from the host")])
+        async with await runtime.agent_client("q1") as other:
+            cat = await other.run(["cat", "/root/.airlock/t/hello.txt"], timeout_s=20)
+            mode = await other.run(["stat", "-c", "%a", "/root/.airlock/t/hello.txt"])
+        assert cat.exit_code == 0 and cat.stdout == "hi from the host"
+        assert mode.stdout.strip() == "600"
+    # The secret is not on QEMU's command line (any host user can read that).
+    secret = (vm.state_dir / "agent.secret").read_text().strip()
+    cmdline = await asyncio.to_thread(Path(f"/proc/{vm.pid}/cmdline").read_bytes)
+    assert secret.encode() not in cmdline
+
+    # A restarted controller (a new runtime object) finds the VM and talks to it.
+    adopted = QemuRuntime(tmp_path / "vms", image_dir(), flavors=MINIMAL)
+    [found] = await adopted.list()
+    assert (found.vm_id, found.pid, found.role) == ("q1", vm.pid, VmRole.CLI)
+    assert found.detail["accel"] == vm.detail["accel"]
+    async with await adopted.agent_client("q1") as agent:
+        result = await agent.run(["echo", "adopted"], timeout_s=20)
+    assert result.stdout.strip() == "adopted"
+
+    # Destroy: QMP quit, then every process and file is gone; again is a no-op.
+    mux = int((vm.state_dir / "mux.pid").read_text().split()[0])
+    assert await adopted.destroy("q1") is True
+    assert not vm.state_dir.exists() and qemu_pids(vm.state_dir) == []
+    assert _zombie(mux)  # gone (or a zombie its parent, this test process, has yet to reap)
+    assert await adopted.destroy("q1") is False
+    assert await runtime.list() == []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_vm_killed_behind_its_back_is_gone_from_list(runtime: QemuRuntime) -> None:
+    vm = await runtime.create(VmSpec(vm_id="q2", role=VmRole.BROWSER, user_id="bob"))
+    assert vm.pid is not None
+    os.kill(vm.pid, signal.SIGKILL)
+    for _ in range(100):
+        if not qemu_pids(vm.state_dir):
+            break
+        await asyncio.sleep(0.05)
+    assert await runtime.list() == []
+    assert not vm.state_dir.exists()  # list() cleaned up the dead VM's files
+    with pytest.raises(RuntimeFailure):
+        await runtime.open_agent("q2")
+
+
+async def test_bad_input_changes_nothing(runtime: QemuRuntime, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeFailure) as bad:
+        await runtime.create(VmSpec(vm_id="../x", role=VmRole.CLI, user_id="a"))
+    assert bad.value.code == "bad_vm_id"
+    no_images = QemuRuntime(tmp_path / "vms", tmp_path / "no-images")
+    with pytest.raises(RuntimeFailure) as missing:
+        await no_images.create(VmSpec(vm_id="q3", role=VmRole.CLI, user_id="a"))
+    assert missing.value.code == "image_missing"
+    assert "airlock image build --flavor minimal" in str(missing.value)
+    assert any("airlock image build" in p for p in await no_images.check())
+    assert not (tmp_path / "vms" / "q3").exists()
+
+
+def test_kvm_probe_is_cached(tmp_path: Path) -> None:
+    image = minimal_image()
+    if kvm_openable() is not None:
+        pytest.skip(f"no usable /dev/kvm here ({kvm_openable()}): the probe never runs")
+    first = probe_kvm("qemu-system-x86_64", image, tmp_path)
+    cache = json.loads((tmp_path / "kvm-probe.json").read_text())
+    [entry] = cache.values()
+    assert (entry["usable"], entry["why"]) == first
+    # A cached answer is returned without booting (a missing binary would fail a real probe).
+    assert probe_kvm("/nonexistent/qemu", image, tmp_path) == first
