@@ -63,7 +63,16 @@ def _commands(config: dict[str, str]) -> dict[str, list[str]]:
         "--listen",
         f"egress={STATE / 'egress.sock'}",
     ]
+    if _firecracker():
+        # No virtio-serial port for the mux: the streams go over vsock (agent.vsock).
+        return {"agent": agent, "vsock": [*py, "airlock.agent.vsock", "--state-dir", str(STATE)]}
     return {"agent": agent, "mux": mux}
+
+
+def _firecracker() -> bool:
+    """A vsock device and no virtio-serial port: a Firecracker VM (QEMU gives us the port)."""
+    ports = Path("/sys/class/virtio-ports")
+    return Path("/dev/vsock").exists() and not (ports.is_dir() and any(ports.iterdir()))
 
 
 def main() -> None:

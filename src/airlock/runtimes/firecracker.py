@@ -61,6 +61,7 @@ import httpx
 
 from airlock.agent.client import AgentClient, AgentError
 from airlock.agent.protocol import MAX_MESSAGE
+from airlock.agent.vsock import AGENT_PORT, EGRESS_PORT, VNC_PORT  # the guest's bridge
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
@@ -68,9 +69,6 @@ from airlock.runtimes.base import RunningVm, Stream, VmSpec
 log = logging.getLogger(__name__)
 
 VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")  # the jailer allows [A-Za-z0-9-]
-AGENT_PORT = 1024  # guest vsock ports
-VNC_PORT = 5900
-EGRESS_PORT = 3128  # host side: guest connections to it reach {vsock}_3128
 GUEST_CID = 3  # per-VM vsock device: the same CID in every VM does not collide
 API_SOCK = "api.sock"
 VSOCK = "v.sock"
