@@ -265,6 +265,43 @@ async def test_list_after_a_restart_and_a_vmm_killed_behind_its_back(
     assert not (runtime.vms_dir / "vm-adopt").exists()
 
 
+@needs_root
+async def test_warm_starts_restore_a_template_made_once(tmp_path: Path, image: GuestImage) -> None:
+    record = tmp_path / "requests.jsonl"
+    rt = FirecrackerRuntime(
+        tmp_path / "vms",
+        image=image,
+        firecracker=[*DOUBLE, "--record", str(record)],
+        templates_dir=tmp_path / "templates",
+        boot_timeout_s=20,
+    )
+    boot = [f"{c.method} {c.path}" for c in boot_calls(plan())]
+    restore = ["PUT /snapshot/load", "PATCH /vm"]
+    try:
+        a = await rt.create(VmSpec(vm_id="vm-a", role=VmRole.CLI, user_id="u"))
+        b = await rt.create(VmSpec(vm_id="vm-b", role=VmRole.CLI, user_id="u"))
+        sequence = [f"{r['method']} {r['path']}" for r in recorded(tmp_path)]
+        # One boot of the template, its snapshot, then each VM is a restore.
+        assert sequence == [*boot, "PATCH /vm", "PUT /snapshot/create", *restore, *restore]
+        assert sorted(v.vm_id for v in await rt.list()) == ["vm-a", "vm-b"]  # no template VM
+        secrets_ = {(v.state_dir / "agent.secret").read_text() for v in (a, b)}
+        template_secret = (tmp_path / "templates/cli/agent.secret").read_text()
+        assert len(secrets_) == 2 and template_secret not in secrets_
+        async with await rt.agent_client("vm-b") as agent:
+            assert (await agent.ping())["role"] == "cli"
+
+        os.utime(image.rootfs, ns=(1, 1))  # a rebuilt image: the template is remade
+        await rt.create(VmSpec(vm_id="vm-c", role=VmRole.CLI, user_id="u"))
+        sequence = [f"{r['method']} {r['path']}" for r in recorded(tmp_path)]
+        assert sequence[-12:] == [*boot, "PATCH /vm", "PUT /snapshot/create", *restore]
+        for r in recorded(tmp_path):
+            validate(str(r["method"]), str(r["path"]), r["body"])
+    finally:
+        for vm in await rt.list():
+            await rt.destroy(vm.vm_id)
+    assert not any(netns_exists(netns_name(v)) for v in ("vm-a", "vm-b", "vm-c"))
+
+
 # --- the jailer -------------------------------------------------------------------------------
 
 

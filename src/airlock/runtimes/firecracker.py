@@ -76,6 +76,7 @@ TAP = "tap0"  # one per network namespace, so every VM has its own
 GUEST_MAC = "06:00:ac:10:00:02"
 CONFIG_DISK_BYTES = 4096
 CREATING_GRACE_S = 120.0
+TEMPLATE_PREFIX = "tmpl-"
 HANDSHAKE_TIMEOUT_S = 5.0
 UNIX_PATH_MAX = 107
 
@@ -227,8 +228,13 @@ class FirecrackerApi:
 
     def __init__(self, socket_path: Path, *, timeout_s: float = 10.0) -> None:
         self.socket_path = socket_path
+        self._dir_fd: int | None = None
+        uds = str(socket_path)
+        if len(os.fsencode(uds)) > UNIX_PATH_MAX:  # a deep data dir: go through its fd
+            self._dir_fd = os.open(socket_path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            uds = f"/proc/self/fd/{self._dir_fd}/{socket_path.name}"
         self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+            transport=httpx.AsyncHTTPTransport(uds=uds),
             base_url="http://localhost",
             timeout=timeout_s,
         )
@@ -241,6 +247,9 @@ class FirecrackerApi:
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     async def call(self, call: ApiCall) -> Any:
         try:
@@ -539,8 +548,14 @@ class FirecrackerRuntime:
         vcpus: int = 2,
         mem_mib: int = 1024,
         boot_timeout_s: float = 60.0,
+        templates_dir: Path | None = None,
     ) -> None:
         self.vms_dir = Path(vms_dir).absolute()
+        # Warm starts: with a templates dir, a create restores a snapshot of a booted VM of
+        # its role (made on first use, remade when the image changes) instead of booting.
+        self.templates_dir = templates_dir
+        self._templating: set[str] = set()
+        self._template_locks: dict[VmRole, asyncio.Lock] = {}
         self.image = image
         if isinstance(firecracker, str):
             firecracker = [firecracker]
@@ -587,6 +602,47 @@ class FirecrackerRuntime:
                 "no guest image for Firecracker: build one with `airlock image build --flavor "
                 f"{'browser' if spec.role is VmRole.BROWSER else 'cli'}`"
             )
+        if self.templates_dir is not None and not spec.vm_id.startswith(TEMPLATE_PREFIX):
+            template = await self._template(spec.role, image)
+            if template is not None:
+                try:
+                    return await self.restore(spec, template)
+                except RuntimeFailure as exc:
+                    log.warning("restore failed, booting cold; template dropped: %s", exc.message)
+                    await asyncio.to_thread(shutil.rmtree, template, True)
+        return await self._cold(spec, image)
+
+    async def _template(self, role: VmRole, image: GuestImage) -> Path | None:
+        """The snapshot clones of ``role`` start from: a VM booted once and snapshotted
+        after its agent answered (Firecracker: snapshot only a fully booted guest), never
+        resumed. None when one cannot be made (the create then boots cold)."""
+        assert self.templates_dir is not None
+        dest = self.templates_dir / role.value
+        identity = _image_identity(image)
+        async with self._template_locks.setdefault(role, asyncio.Lock()):
+            if (await asyncio.to_thread(_read_json, dest / "template.json")).get(
+                "image"
+            ) == identity:
+                return dest
+            await asyncio.to_thread(shutil.rmtree, dest, True)
+            vm_id = f"{TEMPLATE_PREFIX}{role.value}-{secrets.token_hex(4)}"
+            staging = self.templates_dir / f".{vm_id}"
+            self._templating.add(vm_id)
+            try:
+                await asyncio.to_thread(self.templates_dir.mkdir, 0o700, True, True)
+                await self._cold(VmSpec(vm_id=vm_id, role=role, user_id=""), image)
+                await self.snapshot(vm_id, staging)
+                await asyncio.to_thread(_finish_template, staging, dest, identity)
+            except RuntimeFailure as exc:
+                log.warning("no %s template, booting cold: %s", role.value, exc.message)
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+                return None
+            finally:
+                self._templating.discard(vm_id)
+        log.info("firecracker %s template ready", role.value)
+        return dest
+
+    async def _cold(self, spec: VmSpec, image: GuestImage) -> RunningVm:
         plan = await self._begin(spec)
         try:
             secret = await asyncio.to_thread(self._stage_boot, spec, plan, image)
@@ -683,7 +739,7 @@ class FirecrackerRuntime:
             plan.netns,
             *self.firecracker,
             "--api-sock",
-            str(plan.state_dir / API_SOCK),
+            API_SOCK,  # relative to its working directory, the state dir: always short
             "--id",
             plan.vm_id,
         ]
@@ -917,8 +973,8 @@ class FirecrackerRuntime:
             raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
         found: builtins.list[RunningVm] = []
         for entry in entries:
-            if not VM_ID.fullmatch(entry.name):
-                continue
+            if not VM_ID.fullmatch(entry.name) or entry.name in self._templating:
+                continue  # a template being made is no VM of anyone's
             if not entry.is_dir():  # follows a jailed VM's link to its chroot
                 if entry.is_symlink():  # the chroot is gone: only the link is left
                     with contextlib.suppress(OSError):
@@ -933,6 +989,11 @@ class FirecrackerRuntime:
                 state, pid = "creating", None
             else:
                 log.info("firecracker VM %s is gone; cleaning up after it", entry.name)
+                with contextlib.suppress(OSError, RuntimeFailure):
+                    self._teardown(entry.name, state_dir)
+                continue
+            if entry.name.startswith(TEMPLATE_PREFIX) and state == "running":
+                log.info("removing %s, a template left by an earlier controller", entry.name)
                 with contextlib.suppress(OSError, RuntimeFailure):
                     self._teardown(entry.name, state_dir)
                 continue
@@ -1021,6 +1082,31 @@ def _write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
         os.close(fd)
     if replace:
         os.replace(target, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _image_identity(image: GuestImage) -> str:
+    """Changes when the image's files do: a template of an older image is remade."""
+    parts = []
+    for path in (image.kernel, image.initrd, image.rootfs):
+        if path is not None:
+            st = path.stat()
+            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _finish_template(staging: Path, dest: Path, identity: str) -> None:
+    info = _read_json(staging / "template.json")
+    (staging / "template.json").unlink()
+    _write_private(staging / "template.json", json.dumps({**info, "image": identity}).encode())
+    os.replace(staging, dest)
 
 
 def _read_meta(state_dir: Path) -> dict[str, Any]:

@@ -137,7 +137,9 @@ class FirecrackerDouble:
         self.guest_config: dict[str, str] | None = None
         self.guest: subprocess.Popen[bytes] | None = None
         self.muxer: VsockMuxer | None = None
-        self.guest_dir = Path("guest-" + vm_id).absolute()
+        # Relative to the working directory (the VM's state dir): Unix socket paths stay
+        # short however deep the state dir is.
+        self.guest_dir = Path("guest")
         self.routes: list[tuple[str, re.Pattern[str], Handler, bool]] = [
             # (method, path, handler, pre-boot only)
             ("PUT", re.compile(r"/machine-config"), self._machine_config, True),
@@ -382,7 +384,7 @@ class FirecrackerDouble:
         (guest / "home").mkdir(mode=0o700, exist_ok=True)
         secret = guest / "agent.secret"
         secret.write_text(config["secret"] + "\n")
-        uds = Path(self.vsock["uds_path"]).absolute()
+        uds = Path(self.vsock["uds_path"])
         argv = [
             sys.executable,
             "-m",

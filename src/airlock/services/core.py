@@ -79,6 +79,7 @@ def make_runtime(settings: Settings) -> Runtime:
             settings.vms_dir,
             image=image,
             boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
+            templates_dir=settings.data_dir / "firecracker-templates",  # snapshot warm starts
         )
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
