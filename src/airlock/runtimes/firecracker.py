@@ -14,8 +14,10 @@ proxy is reached from the guest the other way: Firecracker forwards a guest conn
 host port ``EGRESS_PORT`` to ``{vsock socket}_{EGRESS_PORT}``, a relative symlink to the
 ``egress.sock`` the controller serves in the state dir.
 
-Warm starts (``snapshot`` / ``restore``): a template VM is paused and snapshotted, then
-destroyed without ever resuming (Firecracker's "secure usage" of a snapshot); each clone is
+Warm starts (``snapshot`` / ``restore``; automatic with ``templates_dir``: the first create
+of a role makes its template, later ones restore it): a template VM is booted until its
+agent answers, paused and snapshotted, then destroyed without ever resuming (Firecracker's
+"secure usage" of a snapshot; no login URL has been opened in it yet); each clone is
 loaded into a fresh Firecracker with its own tap and vsock socket (``network_overrides``,
 ``vsock_override``) and resumed. Clones share the template's memory, so their uniqueness is
 restored: Firecracker always attaches a VMGenID device and changes its id on restore, and
