@@ -50,11 +50,10 @@ function render() {
   if (!s) return;
   const reason = s.failureReason ? `: ${s.failureReason}` : "";
   const vmState = s.vm?.state;
-  if (s.status === "initializing") say("Starting browser…");
-  else if (s.status === "awaiting_user") {
-    if (vmState === "lost") say(`The browser was lost${reason}. Start the login again.`, "bad");
-    else say(`Sign in with ${s.provider}`);
-  } else if (s.status === "completed") say("Connected ✓", "ok");
+  if (s.status === "completed") say("Connected ✓", "ok");
+  else if (vmState === "lost") say(`The browser VM was lost${reason}. Start the login again.`, "bad");
+  else if (s.status === "initializing") say("Starting browser…");
+  else if (s.status === "awaiting_user") say(`Sign in with ${s.provider}`);
   else if (s.status === "failed") say(`The login failed${reason}`, "bad");
   else if (s.status === "expired") say(`The login timed out${reason}`, "bad");
   else if (s.status === "cancelled") say(`The login was cancelled${reason}`, "bad");
