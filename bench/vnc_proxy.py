@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.rfb import RfbClient, StreamTransport, WsTransport
+from tests.rfb import RawWsTransport, RfbClient, StreamTransport, WsTransport
 from websockets.asyncio.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,27 +165,40 @@ async def latency_ms(open_client: Opener, rounds: int) -> float:
         await rfb.close()
 
 
-async def throughput_mb_s(open_client: Opener, frames: int) -> float:
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds of ``pid`` and its reaped children (websockify forks one per connection)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+async def throughput(open_client: Opener, frames: int, pid: int | None) -> tuple[float, float]:
+    """(MB/s, the proxy's CPU seconds per GB) for ``frames`` full-frame updates."""
+    cpu_before = cpu_s(pid)
     rfb = await open_client()
     await rfb.handshake()
+    total = 0
     try:
         for _ in range(3):
             await rfb.request_update(incremental=False)
-            await rfb.read_update()
-        total = 0
+            total += await rfb.read_update()
         start = time.perf_counter()
+        timed = 0
         for _ in range(frames):
             await rfb.request_update(incremental=False)
-            total += await rfb.read_update()
-        return total / (time.perf_counter() - start) / 1e6
+            timed += await rfb.read_update()
+        mb_s = timed / (time.perf_counter() - start) / 1e6
+        total += timed
     finally:
         await rfb.close()
+    await asyncio.sleep(0.3)  # websockify's child exits and is reaped: its CPU is counted
+    return mb_s, (cpu_s(pid) - cpu_before) / (total / 1e9)
 
 
 def ws_opener(url: str) -> Opener:
     async def open_client() -> RfbClient:
-        ws = await connect(url, subprotocols=["binary"], max_size=None)  # type: ignore[list-item]
-        return RfbClient(WsTransport(ws))
+        return RfbClient(await RawWsTransport.connect(url))
 
     return open_client
 
@@ -198,18 +211,25 @@ def direct_opener(path: Path) -> Opener:
 
 
 async def measure(
-    paths: dict[str, Opener], rounds: int, frames: int, latency_rounds: int
+    paths: dict[str, tuple[Opener, int | None]], rounds: int, frames: int, latency_rounds: int
 ) -> dict[str, dict[str, float]]:
     """Each path ``rounds`` times, interleaved, so a busy machine's drift hits all alike;
     the median of each figure over the rounds."""
     tput: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
     lat: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
-        for name, opener in paths.items():
-            tput[name].append(await throughput_mb_s(opener, frames))
+        for name, (opener, pid) in paths.items():
+            mb_s, cpu_per_gb = await throughput(opener, frames, pid)
+            tput[name].append(mb_s)
+            cpu[name].append(cpu_per_gb)
             lat[name].append(await latency_ms(opener, latency_rounds))
     return {
-        name: {"mb_s": statistics.median(tput[name]), "p50_ms": statistics.median(lat[name])}
+        name: {
+            "mb_s": statistics.median(tput[name]),
+            "cpu_s_per_gb": statistics.median(cpu[name]),
+            "p50_ms": statistics.median(lat[name]),
+        }
         for name in paths
     }
 
@@ -264,7 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             websockify = str(Path(sys.executable).parent / "websockify")
             websockify_argv = [websockify, f"--unix-target={vnc_socket}", f"127.0.0.1:{wsport}"]
             quiet = subprocess.DEVNULL
-            procs.append(subprocess.Popen(websockify_argv, stdout=quiet, stderr=quiet))
+            websockify_proc = subprocess.Popen(websockify_argv, stdout=quiet, stderr=quiet)
+            procs.append(websockify_proc)
             server_argv = [
                 *(sys.executable, "-m", "bench.vnc_proxy", "--serve", str(vnc_socket)),
                 *("--data", str(tmp / "data"), "--port", str(port)),
@@ -275,7 +296,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             assert server.stdout is not None
             sessions = [(sid, token) for sid, token in json.loads(server.stdout.readline())]
             wait_until(lambda: port_open(wsport), "websockify")
-            return asyncio.run(measure_all(args, vnc_socket, wsport, port, server.pid, sessions))
+            return asyncio.run(
+                measure_all(
+                    args, vnc_socket, wsport, port, server.pid, websockify_proc.pid, sessions
+                )
+            )
         finally:
             for proc in reversed(procs):
                 proc.send_signal(signal.SIGTERM)
@@ -293,14 +318,15 @@ async def measure_all(
     wsport: int,
     port: int,
     server_pid: int,
+    websockify_pid: int,
     sessions: list[tuple[str, str]],
 ) -> dict[str, Any]:
     (sid, token), viewers = sessions[0], sessions[1:]
     ours = f"ws://127.0.0.1:{port}/api/auth/session/{sid}/vnc?token={token}"
     paths = {
-        "direct": direct_opener(vnc_socket),
-        "websockify": ws_opener(f"ws://127.0.0.1:{wsport}/"),
-        "airlock": ws_opener(ours),
+        "direct": (direct_opener(vnc_socket), None),
+        "websockify": (ws_opener(f"ws://127.0.0.1:{wsport}/"), websockify_pid),
+        "airlock": (ws_opener(ours), server_pid),
     }
     figures: dict[str, Any] = await measure(paths, args.rounds, args.frames, args.latency_rounds)
     idle = rss_kib(server_pid)
@@ -323,6 +349,10 @@ def report(figures: dict[str, Any]) -> None:
         f"  throughput    direct {direct['mb_s']:7.1f} MB/s   websockify {wsf['mb_s']:7.1f} MB/s"
         f"   airlock {ours['mb_s']:7.1f} MB/s   target >= websockify: "
         f"{ok(ours['mb_s'] >= wsf['mb_s'])}"
+    )
+    print(
+        f"  proxy CPU     websockify {wsf['cpu_s_per_gb']:.2f} s/GB   airlock "
+        f"{ours['cpu_s_per_gb']:.2f} s/GB   (steadier than MB/s on a busy machine)"
     )
     added_wsf, added = wsf["p50_ms"] - direct["p50_ms"], ours["p50_ms"] - direct["p50_ms"]
     print(

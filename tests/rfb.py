@@ -6,9 +6,12 @@ to Xvnc), so the same code measures every path."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import struct
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection
 
@@ -47,6 +50,63 @@ class StreamTransport:
         data = await self.reader.read(256 * 1024)
         if not data:
             raise EOFError("the VNC server closed the connection")
+        return data
+
+    async def close(self) -> None:
+        self.writer.close()
+
+
+class RawWsTransport:
+    """A bare WebSocket client for benchmarks: unmasked server frames are read straight
+    off the stream, payload pieces handed on as they arrive (no reassembly, no copies),
+    so the client costs as little as possible and the proxies are what is measured."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self._left = 0  # payload bytes of the current frame not yet read
+
+    @classmethod
+    async def connect(cls, url: str) -> RawWsTransport:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        writer.write(
+            f"GET {path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise ConnectionError(head.split(b"\r\n")[0].decode())
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        mask = os.urandom(4)
+        n = len(data)
+        head = struct.pack(">BB", 0x82, 0x80 | n) if n < 126 else struct.pack(">BBH", 0x82, 0xFE, n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        self.writer.write(head + mask + masked)
+        await self.writer.drain()
+
+    async def recv(self) -> bytes:
+        while self._left == 0:
+            b0, b1 = await self.reader.readexactly(2)
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack(">H", await self.reader.readexactly(2))
+            elif n == 127:
+                (n,) = struct.unpack(">Q", await self.reader.readexactly(8))
+            if b0 & 0x0F == 0x8:
+                raise EOFError("the server closed the WebSocket")
+            if b0 & 0x0F in (0x9, 0xA):  # ping/pong: not ours to answer in a benchmark
+                await self.reader.readexactly(n)
+                continue
+            self._left = n
+        data = await self.reader.read(min(self._left, 1 << 20))
+        if not data:
+            raise EOFError("connection closed")
+        self._left -= len(data)
         return data
 
     async def close(self) -> None:

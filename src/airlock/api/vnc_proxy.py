@@ -31,12 +31,13 @@ the API's error shape.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import struct
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
@@ -52,8 +53,9 @@ from airlock.services.core import Core
 
 log = logging.getLogger("airlock.vnc")
 
-CHUNK = 256 * 1024  # one read from the VM's socket, one WebSocket frame
-WRITE_HIGH_WATER = 256 * 1024  # the VM socket's write buffer before drain() waits
+CHUNK = 256 * 1024  # the most bytes from the VM sent as one WebSocket frame
+READ_HIGH_WATER = 1024 * 1024  # bytes from the VM waiting for the browser: reading pauses
+WRITE_HIGH_WATER = 256 * 1024  # the VM socket's write buffer before writes wait
 MAX_CLIENT_MESSAGE = 1024 * 1024  # the longest client RFB message we buffer (clipboard)
 MAX_KEEPALIVE_INTERVAL_S = 5.0
 MIN_KEEPALIVE_INTERVAL_S = 0.1
@@ -341,6 +343,96 @@ async def _deny(ws: WebSocket, exc: AirlockError) -> None:
         await ws.close(code=1008, reason=exc.code)
 
 
+class VmStream(asyncio.Protocol):
+    """The VM's VNC socket, read without ``StreamReader``'s copies: each chunk the event
+    loop reads is handed on as it is (a bytes object, no buffer to grow and slice; chunks
+    that queued up while the browser was slow are joined into one frame). Bounded:
+    reading pauses while ``READ_HIGH_WATER`` bytes wait for the browser. Writes wait while
+    the socket's write buffer is over its high-water mark."""
+
+    def __init__(self, transport: asyncio.Transport, pending: bytes) -> None:
+        self.transport = transport
+        self._chunks: collections.deque[bytes] = collections.deque([pending] if pending else [])
+        self._size = len(pending)
+        self._eof = False
+        self._paused = False
+        self._readable: asyncio.Future[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    @classmethod
+    async def take_over(
+        cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> VmStream:
+        """Move the runtime's stream to this protocol. RFB's server speaks first, so the
+        first read returns; nothing else is read before ``set_protocol``, so no byte is
+        left behind in the ``StreamReader``."""
+        pending = await reader.read(CHUNK)
+        # A socket transport reads and writes (uvloop's does not subclass asyncio's).
+        transport = cast(asyncio.Transport, writer.transport)
+        stream = cls(transport, pending)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport.set_protocol(stream)
+        if not pending:
+            stream._eof = True
+        return stream
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size >= READ_HIGH_WATER and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _wake(self) -> None:
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next chunk from the VM; ``b""`` at the end."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._readable = asyncio.get_running_loop().create_future()
+            await self._readable
+        data = self._chunks.popleft()
+        if self._chunks and len(data) < CHUNK:  # several small reads: one frame, one copy
+            parts = [data]
+            size = len(data)
+            while self._chunks and size + len(self._chunks[0]) <= CHUNK:
+                parts.append(self._chunks.popleft())
+                size += len(parts[-1])
+            data = b"".join(parts)
+        self._size -= len(data)
+        if self._paused and self._size < READ_HIGH_WATER // 2:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("the VNC server closed the connection")
+        self.transport.write(data)
+        await self._writable.wait()
+
+
 async def _proxy(
     ws: WebSocket,
     sock: ViewerSocket,
@@ -349,8 +441,15 @@ async def _proxy(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
 ) -> None:
-    writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
     rfb = RfbClientFilter(view_only=claims.view_only)
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S * 5):
+            vm = await VmStream.take_over(reader, writer)
+    except (TimeoutError, OSError):
+        writer.close()
+        with contextlib.suppress(Exception):
+            await ws.close(code=CLOSE_VNC_CLOSED, reason="vnc server not answering")
+        return
 
     async def to_vm() -> None:
         while True:
@@ -373,18 +472,14 @@ async def _proxy(
                 return
             if out:
                 try:
-                    writer.write(out)
-                    await writer.drain()
+                    await vm.write(out)
                 except OSError:
                     break
         await vm_closed()
 
     async def to_browser() -> None:
         while True:
-            try:
-                data = await reader.read(CHUNK)
-            except OSError:
-                break
+            data = await vm.read()
             if not data:
                 break
             try:
@@ -416,10 +511,7 @@ async def _proxy(
     finally:
         await cancel_and_wait(*pumps, stopped)
         await tasks.close()
-        writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await writer.wait_closed()
+        vm.transport.close()
         if not client_gone and ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await ws.close(code=sock.close_code, reason=sock.close_reason)
