@@ -7,9 +7,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import lifecycle, vnc_proxy, warm_pool
+from bench import lifecycle, qemu_boot, vnc_proxy, warm_pool
 
 if __name__ == "__main__":
     lifecycle.main()
     vnc_proxy.main()
     warm_pool.main()
+    qemu_boot.main()

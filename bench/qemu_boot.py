@@ -1,0 +1,71 @@
+"""Boot time of the qemu runtime's minimal image: ``create()`` until the guest agent answers
+a ping (``create`` returns only then), one VM at a time, each destroyed before the next.
+
+The accelerator is whatever the runtime chooses here (its cached KVM probe): on build
+machines where KVM runs no stock kernel, TCG. The image is built first if missing (not
+timed). Also prints the destroy time (QMP quit, kill, files removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from airlock.domain.vms import VmRole
+from airlock.images import build_image
+from airlock.logs import setup_logging
+from airlock.runtimes.base import VmSpec
+from airlock.runtimes.qemu import QemuRuntime
+from airlock.settings import Settings
+from bench.lifecycle import pct
+
+
+async def run(boots: int, vms_dir: Path, image_dir: Path) -> dict[str, object]:
+    runtime = QemuRuntime(
+        vms_dir, image_dir, flavors={VmRole.CLI: "minimal", VmRole.BROWSER: "minimal"}
+    )
+    boot: list[float] = []
+    destroy: list[float] = []
+    accel = ""
+    try:
+        for i in range(boots):
+            t0 = time.monotonic()
+            vm = await runtime.create(VmSpec(vm_id=f"bench-{i}", role=VmRole.CLI, user_id="b"))
+            boot.append(time.monotonic() - t0)
+            accel = vm.detail["accel"]
+            async with await runtime.agent_client(vm.vm_id) as agent:
+                await agent.ping()
+            t0 = time.monotonic()
+            await runtime.destroy(vm.vm_id)
+            destroy.append(time.monotonic() - t0)
+    finally:
+        for left in await runtime.list():
+            await runtime.destroy(left.vm_id)
+    return {"accel": accel, "boot": boot, "destroy": destroy}
+
+
+def main(boots: int = 5) -> None:
+    setup_logging("WARNING")
+    image_dir = Settings(_env_file=None).image_dir
+    build_image(image_dir, "minimal")
+    with tempfile.TemporaryDirectory(prefix="airlock-bench-qemu-") as tmp:
+        r = asyncio.run(run(boots, Path(tmp) / "vms", image_dir))
+    boot = r["boot"]
+    destroy = r["destroy"]
+    assert isinstance(boot, list) and isinstance(destroy, list)
+    print(f"\nqemu runtime, minimal image, {boots} boots one after another ({r['accel']})")
+    print(
+        f"  create -> agent ping  median {statistics.median(boot):.1f} s"
+        f"  p95 {pct(boot, 95):.1f} s  (min {min(boot):.1f} s, max {max(boot):.1f} s)"
+    )
+    print(f"  destroy (QMP quit, kill, clean)  median {statistics.median(destroy) * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--boots", type=int, default=5)
+    main(parser.parse_args().boots)
