@@ -124,6 +124,8 @@ class RfbClientFilter:
         pos = 0
         while True:
             size = self._next_size(buf, pos)
+            if size is not None and size > MAX_CLIENT_MESSAGE:
+                raise RfbViolation("client message too long")
             if size is None or len(buf) - pos < size:
                 break
             message = buf[pos : pos + size]
