@@ -22,7 +22,6 @@ import builtins
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import statistics
@@ -34,7 +33,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.rfb import RawWsTransport, RfbClient, StreamTransport, WsTransport
+from tests.rfb import (
+    RawWsTransport,
+    RfbClient,
+    StreamTransport,
+    WsTransport,
+    start_xvnc,
+    wait_until,
+)
 from websockets.asyncio.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,28 +249,6 @@ async def open_viewers(url: str, sessions: list[tuple[str, str]]) -> list[RfbCli
         await rfb.handshake()
         clients.append(rfb)
     return clients
-
-
-def start_xvnc(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    xvnc = shutil.which("Xvnc")
-    if xvnc is None:
-        raise SystemExit("Xvnc is missing: apt-get install tigervnc-standalone-server")
-    display = next(n for n in range(60, 100) if not Path(f"/tmp/.X11-unix/X{n}").exists())
-    path = tmp / "vnc.sock"
-    argv = [xvnc, f":{display}", "-geometry", "1280x800", "-depth", "24"]
-    argv += ["-rfbunixpath", str(path), "-rfbunixmode", "0600", "-rfbport", "-1"]
-    argv += ["-SecurityTypes", "None", "-nolisten", "tcp"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: path.exists(), "Xvnc's socket")
-    return proc, path
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up")
-        time.sleep(0.05)
 
 
 def port_open(port: int) -> bool:

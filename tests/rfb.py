@@ -8,8 +8,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import shutil
 import struct
+import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -217,3 +222,25 @@ class RfbClient:
 
     async def close(self) -> None:
         await self.t.close()
+
+
+def start_xvnc(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    xvnc = shutil.which("Xvnc")
+    if xvnc is None:
+        raise SystemExit("Xvnc is missing: apt-get install tigervnc-standalone-server")
+    display = next(n for n in range(60, 100) if not Path(f"/tmp/.X11-unix/X{n}").exists())
+    path = tmp / "vnc.sock"
+    argv = [xvnc, f":{display}", "-geometry", "1280x800", "-depth", "24"]
+    argv += ["-rfbunixpath", str(path), "-rfbunixmode", "0600", "-rfbport", "-1"]
+    argv += ["-SecurityTypes", "None", "-nolisten", "tcp"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: path.exists(), "Xvnc's socket")
+    return proc, path
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up")
+        time.sleep(0.05)

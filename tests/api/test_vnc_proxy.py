@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -23,13 +24,16 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from airlock.api.app import create_app
+from airlock.api.vnc_proxy import ViewerRegistry
+from airlock.runtimes.base import Stream
 from airlock.runtimes.sandbox import SandboxRuntime
 from airlock.services.core import Core
 from airlock.settings import Settings
+from tests.api.conftest import ApiFactory
 from tests.api.live import serve
 from tests.e2e.conftest import devtools_port, free_port
 from tests.lifecycle_helpers import finish_login, wait_for
-from tests.rfb import RfbClient, WsTransport
+from tests.rfb import RfbClient, WsTransport, start_xvnc
 
 pytestmark = pytest.mark.sandbox
 
@@ -270,3 +274,54 @@ def _shows(seen: list[str]) -> Iterator[None]:
         yield
     except AssertionError as exc:
         raise AssertionError(f"{exc}; the field held {seen[-3:]!r}") from None
+
+
+@pytest.fixture
+def xvnc(tmp_path: Path) -> Iterator[Path]:
+    """A real Xvnc on a Unix socket, with no VM around it (as bench/vnc_proxy.py runs it)."""
+    proc, path = start_xvnc(tmp_path)
+    try:
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_presence_on_connect_and_shutdown_closes_every_socket(
+    make_api: ApiFactory, xvnc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = await make_api(reconcile_interval_ms=3_600_000)
+
+    async def open_vnc(vm_id: str) -> Stream:
+        return await asyncio.open_unix_connection(xvnc)
+
+    monkeypatch.setattr(api.runtime, "open_vnc", open_vnc)
+    signer = api.app.state.viewer_signer
+    registry: ViewerRegistry = api.app.state.viewers
+    rows = [await api.add_session("alice", destroy_after=timedelta(seconds=5)) for _ in range(2)]
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(serve(api.app, lifespan=False))
+        sockets = []
+        for session, vm in (*rows, rows[0]):
+            token = signer.mint(session.id, vm.id, now=datetime.now(UTC))
+            ws = "ws" + url.removeprefix("http") + f"/api/auth/session/{session.id}/vnc"
+            conn = await stack.enter_async_context(connect(f"{ws}?token={token}"))
+            rfb = RfbClient(WsTransport(conn))
+            await rfb.handshake()
+            sockets.append(conn)
+        assert registry.count() == 3 and registry.count(rows[0][0].id) == 2
+        # A viewer connected: the VM's deadline moved to now + idle_extension (2 min).
+        for session, _ in rows:
+            _, vm = await api.core.sessions.get(session.id, None)
+            assert vm is not None and vm.destroy_after is not None
+            assert vm.destroy_after - datetime.now(UTC) > timedelta(seconds=100)
+        # The controller stops: every socket closes, every watcher ends.
+        await registry.close()
+        for conn in sockets:
+            assert await closed(conn) == (1001, "controller shutting down")
+        await wait_for(lambda: _zero(registry))
+        assert len(registry.tasks) == 0
+
+
+async def _zero(registry: ViewerRegistry) -> bool:
+    return registry.count() == 0
