@@ -183,6 +183,7 @@ def _build(work: Path, flavor: str, key: str, packages: tuple[str, ...], report:
     started = time.monotonic()
     root = work / "root"
     report(f"mmdebstrap {SUITE}: {' '.join(packages)}", 0, STEPS)
+    _check_packages(packages)
     _bootstrap(root, packages)
 
     report(f"kernel: {KERNEL_PACKAGE}", 1, STEPS)
@@ -258,6 +259,26 @@ def _explain(output: str) -> str:
             return f"package or mirror unreachable: {m.group(1)} ({line.strip()})"
     tail = [ln for ln in output.strip().splitlines() if ln.strip()][-5:]
     return " | ".join(tail) or "no output"
+
+
+def _check_packages(packages: tuple[str, ...]) -> None:
+    """Fail in a second, naming the package, rather than minutes into mmdebstrap: ask the
+    host's apt lists (the same Debian mirror) whether each package exists."""
+    missing = []
+    for package in (*packages, KERNEL_PACKAGE):
+        done = subprocess.run(
+            ["apt-cache", "show", "--no-all-versions", package],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0 or not done.stdout.strip():
+            missing.append(package)
+    if missing:
+        raise ImageBuildError(
+            f"package unreachable: {', '.join(missing)} (not in this host's apt lists for "
+            f"{SUITE}; check the name, or run apt-get update)"
+        )
 
 
 def _bootstrap(root: Path, packages: tuple[str, ...]) -> None:
