@@ -311,6 +311,8 @@ class QemuRuntime:
             prepared = True
             pid = await self._launch(spec, state_dir, image, accel)
             await self._wait_ready(state_dir, secret, deadline)
+            if spec.role is VmRole.BROWSER and image.flavor == "browser":
+                await self._wait_vnc(state_dir, deadline)
         except BaseException as exc:
             tail = self._console_tail(state_dir) if prepared else ""
             if prepared:
@@ -511,6 +513,24 @@ class QemuRuntime:
             if time.monotonic() > deadline:
                 raise RuntimeFailure(f"agent not ready in {self.boot_timeout_s:g} s: {last}")
             await asyncio.sleep(0.2)
+
+    async def _wait_vnc(self, state_dir: Path, deadline: float) -> None:
+        """Until the guest's Xvnc speaks RFB through the multiplexer (a screen to show)."""
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(state_dir / "vnc.sock"))
+                try:
+                    banner = await asyncio.wait_for(reader.readexactly(12), 5)
+                finally:
+                    writer.close()
+                if banner.startswith(b"RFB "):
+                    return
+                last = ValueError(f"not an RFB server: {banner!r}")
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                last = exc
+            await asyncio.sleep(0.25)
+        raise RuntimeFailure(f"VNC not ready in {self.boot_timeout_s:g} s: {last}")
 
     async def _client(self, state_dir: Path, secret: str, timeout_s: float = 10) -> AgentClient:
         reader, writer = await asyncio.open_unix_connection(
