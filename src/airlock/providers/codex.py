@@ -8,7 +8,10 @@ the version's default store. ``auth.json`` has no expiry field: the access token
 ``exp`` (seconds) is the expiry, ``last_refresh`` (RFC 3339) when it was issued. ``codex
 login status`` reads the file offline: exit 0 and "Logged in using ChatGPT" on stderr when
 logged in, exit 1 and "Not logged in" otherwise. Never ``codex logout`` in a browser VM: it
-revokes the tokens on the server for every machine.
+revokes the tokens on the server for every machine. Observed with 0.171.0: ``codex login``
+itself starts with that logout: it tries ``POST https://auth.openai.com/oauth/revoke`` for
+the tokens in an existing ``auth.json`` and deletes the file. Harmless in a fresh browser VM;
+never run ``codex login`` in a CLI VM that holds injected tokens.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ so the plan runs it under ``script`` (util-linux, always on Debian) for a pseudo
 It opens the browser only when a display variable is set and ``CI`` and
 ``DEBIAN_FRONTEND=noninteractive`` are not; with them it falls back to a paste-the-code
 prompt. It writes ``~/.gemini/oauth_creds.json`` (``expiry_date`` in milliseconds).
+Not proven: offline (no Google reachable), the interactive start under ``script`` sat at its
+welcome screen for 30 s without handing a URL to ``$BROWSER``, with stdin at EOF or held
+open. Whether it proceeds once Google answers is untested here; the capture, injection and
+verification below are tested with the real CLI.
 
 Verification: the CLI has no status command, and it accepts cached credentials only after
 ``getTokenInfo``, an online call to ``oauth2.googleapis.com/tokeninfo``. The best check is
