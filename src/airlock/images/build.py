@@ -171,9 +171,28 @@ def build_image(
                 shutil.rmtree(final)
             work.rename(final)
             os.chmod(final, 0o755)
+            _prune(image_dir, flavor, keep=final)
             return Image.load(final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+KEEP_OLD = 1  # older images of a flavor kept besides the new one (a VM may still boot one)
+
+
+def _prune(image_dir: Path, flavor: str, keep: Path) -> None:
+    """Remove all but the newest older images of ``flavor``: every agent change builds a new
+    image, and each is a few hundred MB. Running VMs are unaffected (QEMU holds its base
+    image open)."""
+    old = sorted(
+        (p for p in image_dir.glob(f"{flavor}-*") if p.is_dir() and p != keep),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for path in old[KEEP_OLD:]:
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (image_dir / f".{path.name}.lock").unlink()
 
 
 STEPS = 6
