@@ -56,6 +56,8 @@ async def test_malformed_session_ids(api: Api, method: str, suffix: str) -> None
             method, f"/api/auth/session/{session_id}{suffix}", headers=api.auth("alice")
         )
         if "/" in session_id:  # another path: no route, or not this one
+            if r.request.url.path == "/":
+                continue  # "../" all the way up: the dashboard's page
             assert_error(r, r.status_code)
             assert r.status_code in (404, 405), r.text
         else:
