@@ -186,20 +186,18 @@ async def test_a_person_logs_in_through_the_viewer_page(server_factory: Any) -> 
             await page.keyboard.press("Enter")
 
             await expect(status).to_have_text("Connected ✓", timeout=30_000)
-            connected = time.monotonic()
             countdown = viewer.locator("#countdown")
             await expect(countdown).to_have_text(re.compile(r"^\(closing in \d+ s\)$"))
             done = await wait_session(api, session_id, "completed")
             assert done["credentials"]["captured"] is True
             await shot(page, "4-connected")
 
-            # The page calls complete a moment later: the VM goes at once, not after the
-            # 30 s grace period.
-            await expect(countdown).to_have_text("(done: you can close this tab)", timeout=10_000)
+            # The page calls complete a moment later: the VM goes at once ("completed"), not
+            # at the end of the 30 s grace period ("grace_ended").
+            await expect(countdown).to_have_text("(done: you can close this tab)", timeout=20_000)
             vm = (await api.get(f"/api/vms/{vm_id}")).json()
             assert vm["state"] == "destroyed", vm
             assert vm["destroyReason"] == "completed"
-            assert time.monotonic() - connected < 10
             timeline = (await api.get(f"/api/auth/session/{session_id}/timeline")).json()
             assert any(e["actor"] == "viewer:alice" for e in timeline), timeline
             await shot(page, "5-done")
