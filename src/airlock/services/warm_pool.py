@@ -82,7 +82,7 @@ class WarmPool:
         becomes ``user_id``'s, with the session's deadline instead of the pool's."""
         if self.size <= 0:
             return None
-        for vm in await repo.warm_vms([VmState.RUNNING], limit=self.size + 2):
+        for vm in await repo.warm_vms([VmState.RUNNING], limit=self.size + 2, lock=True):
             if vm.destroy_after is not None and vm.destroy_after - now < MIN_REMAINING:
                 continue
             if await repo.claim_warm(

@@ -144,9 +144,12 @@ class Repo:
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    async def warm_vms(self, states: Iterable[VmState], *, limit: int | None = None) -> list[Vm]:
-        """Warm-pool browser VMs (booted ahead, no session yet), oldest first. On PostgreSQL
-        rows another transaction holds are skipped, so concurrent claims spread out."""
+    async def warm_vms(
+        self, states: Iterable[VmState], *, limit: int | None = None, lock: bool = False
+    ) -> list[Vm]:
+        """Warm-pool browser VMs (booted ahead, no session yet), oldest first. With ``lock``
+        (to claim one) on PostgreSQL, rows another transaction holds are skipped, so
+        concurrent claims spread out."""
         query = (
             select(Vm)
             .where(Vm.node == self.node, Vm.warm.is_(True), Vm.state.in_([s.value for s in states]))
@@ -154,7 +157,7 @@ class Repo:
         )
         if limit is not None:
             query = query.limit(limit)
-        if self.postgres:
+        if lock and self.postgres:
             query = query.with_for_update(skip_locked=True)
         return list(await self.session.scalars(query.execution_options(populate_existing=True)))
 
