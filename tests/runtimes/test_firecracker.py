@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -50,6 +51,9 @@ needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root and ip"
 )
 DOUBLE = [sys.executable, "-m", "airlock.runtimes.firecracker_api_double"]
+# Network namespaces and cgroups are host-wide: names unique to this run, so two test runs
+# on one machine never touch each other's.
+RUN = secrets.token_hex(3)
 
 
 def plan() -> BootPlan:
@@ -187,25 +191,29 @@ async def agent_secret_works(rt: FirecrackerRuntime, vm_id: str, secret: str) ->
 async def test_boot_snapshot_restore_and_destroy(
     runtime: FirecrackerRuntime, tmp_path: Path
 ) -> None:
-    spec = VmSpec(vm_id="vm-tmpl", role=VmRole.CLI, user_id="alice")
+    spec = VmSpec(vm_id=f"vm-tmpl-{RUN}", role=VmRole.CLI, user_id="alice")
     vm = await runtime.create(spec)
-    state_dir = runtime.vms_dir / "vm-tmpl"
+    state_dir = runtime.vms_dir / f"vm-tmpl-{RUN}"
     assert vm.state_dir == state_dir and vm.pid is not None
-    assert netns_exists(netns_name("vm-tmpl")) and "tap0" in netns_links(netns_name("vm-tmpl"))
+    assert netns_exists(netns_name(f"vm-tmpl-{RUN}")) and "tap0" in netns_links(
+        netns_name(f"vm-tmpl-{RUN}")
+    )
     assert os.readlink(state_dir / "v.sock_3128") == "egress.sock"  # guest -> egress proxy
     assert (state_dir / "config.img").stat().st_size == 4096
-    agent = await runtime.agent_client("vm-tmpl")  # over the vsock handshake
+    agent = await runtime.agent_client(f"vm-tmpl-{RUN}")  # over the vsock handshake
     assert (await agent.ping())["role"] == "cli"
     await agent.close()
-    assert [v.vm_id for v in await runtime.list()] == ["vm-tmpl"]
+    assert [v.vm_id for v in await runtime.list()] == [f"vm-tmpl-{RUN}"]
     template_secret = (state_dir / "agent.secret").read_text().strip()
 
-    template = await runtime.snapshot("vm-tmpl", tmp_path / "template")
-    assert not state_dir.exists() and not netns_exists(netns_name("vm-tmpl"))  # never resumed
+    template = await runtime.snapshot(f"vm-tmpl-{RUN}", tmp_path / "template")
+    assert not state_dir.exists() and not netns_exists(
+        netns_name(f"vm-tmpl-{RUN}")
+    )  # never resumed
 
     clones = [
         await runtime.restore(
-            VmSpec(vm_id=f"vm-clone{i}", role=VmRole.CLI, user_id="bob"), template
+            VmSpec(vm_id=f"vm-clone{i}-{RUN}", role=VmRole.CLI, user_id="bob"), template
         )
         for i in (1, 2)
     ]
@@ -228,10 +236,10 @@ async def test_boot_snapshot_restore_and_destroy(
     loads = [r["body"] for r in requests if r["path"] == "/snapshot/load"]
     assert all(b["vsock_override"] and b["network_overrides"] for b in loads)  # type: ignore[index]
 
-    assert await runtime.destroy("vm-clone1") is True
-    assert await runtime.destroy("vm-clone1") is False  # idempotent
-    assert not netns_exists(netns_name("vm-clone1"))
-    assert not (runtime.vms_dir / "vm-clone1").exists()
+    assert await runtime.destroy(f"vm-clone1-{RUN}") is True
+    assert await runtime.destroy(f"vm-clone1-{RUN}") is False  # idempotent
+    assert not netns_exists(netns_name(f"vm-clone1-{RUN}"))
+    assert not (runtime.vms_dir / f"vm-clone1-{RUN}").exists()
 
 
 @needs_root
@@ -240,29 +248,29 @@ async def test_a_failed_boot_leaves_nothing(runtime: FirecrackerRuntime, image: 
     runtime.image = GuestImage(image.kernel, image.rootfs, image.initrd, image.boot_args)
     (runtime.vms_dir).mkdir(exist_ok=True)
     with pytest.raises(RuntimeFailure, match="no guest image"):
-        await runtime.create(VmSpec(vm_id="vm-bad", role=VmRole.CLI, user_id="a"))
+        await runtime.create(VmSpec(vm_id=f"vm-bad-{RUN}", role=VmRole.CLI, user_id="a"))
     image.kernel.write_bytes(b"kernel")
     runtime.firecracker = [sys.executable, "-c", "import sys; sys.exit(3)"]
     with pytest.raises(RuntimeFailure, match="exited with 3"):
-        await runtime.create(VmSpec(vm_id="vm-bad", role=VmRole.CLI, user_id="a"))
-    assert not (runtime.vms_dir / "vm-bad").exists()
-    assert not netns_exists(netns_name("vm-bad"))
+        await runtime.create(VmSpec(vm_id=f"vm-bad-{RUN}", role=VmRole.CLI, user_id="a"))
+    assert not (runtime.vms_dir / f"vm-bad-{RUN}").exists()
+    assert not netns_exists(netns_name(f"vm-bad-{RUN}"))
 
 
 @needs_root
 async def test_list_after_a_restart_and_a_vmm_killed_behind_its_back(
     runtime: FirecrackerRuntime, image: GuestImage, tmp_path: Path
 ) -> None:
-    vm = await runtime.create(VmSpec(vm_id="vm-adopt", role=VmRole.CLI, user_id="a"))
+    vm = await runtime.create(VmSpec(vm_id=f"vm-adopt-{RUN}", role=VmRole.CLI, user_id="a"))
     fresh = FirecrackerRuntime(runtime.vms_dir, image=image, firecracker=DOUBLE)
-    assert [(v.vm_id, v.pid) for v in await fresh.list()] == [("vm-adopt", vm.pid)]
-    assert (await (await fresh.agent_client("vm-adopt")).ping())["role"] == "cli"
+    assert [(v.vm_id, v.pid) for v in await fresh.list()] == [(f"vm-adopt-{RUN}", vm.pid)]
+    assert (await (await fresh.agent_client(f"vm-adopt-{RUN}")).ping())["role"] == "cli"
     assert vm.pid is not None
     os.kill(vm.pid, 9)
     await asyncio.sleep(0.2)
     assert await fresh.list() == []  # gone: its netns and files are cleaned up too
-    assert not netns_exists(netns_name("vm-adopt"))
-    assert not (runtime.vms_dir / "vm-adopt").exists()
+    assert not netns_exists(netns_name(f"vm-adopt-{RUN}"))
+    assert not (runtime.vms_dir / f"vm-adopt-{RUN}").exists()
 
 
 @needs_root
@@ -278,20 +286,23 @@ async def test_warm_starts_restore_a_template_made_once(tmp_path: Path, image: G
     boot = [f"{c.method} {c.path}" for c in boot_calls(plan())]
     restore = ["PUT /snapshot/load", "PATCH /vm"]
     try:
-        a = await rt.create(VmSpec(vm_id="vm-a", role=VmRole.CLI, user_id="u"))
-        b = await rt.create(VmSpec(vm_id="vm-b", role=VmRole.CLI, user_id="u"))
+        a = await rt.create(VmSpec(vm_id=f"vm-a-{RUN}", role=VmRole.CLI, user_id="u"))
+        b = await rt.create(VmSpec(vm_id=f"vm-b-{RUN}", role=VmRole.CLI, user_id="u"))
         sequence = [f"{r['method']} {r['path']}" for r in recorded(tmp_path)]
         # One boot of the template, its snapshot, then each VM is a restore.
         assert sequence == [*boot, "PATCH /vm", "PUT /snapshot/create", *restore, *restore]
-        assert sorted(v.vm_id for v in await rt.list()) == ["vm-a", "vm-b"]  # no template VM
+        assert sorted(v.vm_id for v in await rt.list()) == [
+            f"vm-a-{RUN}",
+            f"vm-b-{RUN}",
+        ]  # no template VM
         secrets_ = {(v.state_dir / "agent.secret").read_text() for v in (a, b)}
         template_secret = (tmp_path / "templates/cli/agent.secret").read_text()
         assert len(secrets_) == 2 and template_secret not in secrets_
-        async with await rt.agent_client("vm-b") as agent:
+        async with await rt.agent_client(f"vm-b-{RUN}") as agent:
             assert (await agent.ping())["role"] == "cli"
 
         os.utime(image.rootfs, ns=(1, 1))  # a rebuilt image: the template is remade
-        await rt.create(VmSpec(vm_id="vm-c", role=VmRole.CLI, user_id="u"))
+        await rt.create(VmSpec(vm_id=f"vm-c-{RUN}", role=VmRole.CLI, user_id="u"))
         sequence = [f"{r['method']} {r['path']}" for r in recorded(tmp_path)]
         assert sequence[-12:] == [*boot, "PATCH /vm", "PUT /snapshot/create", *restore]
         for r in recorded(tmp_path):
@@ -299,7 +310,9 @@ async def test_warm_starts_restore_a_template_made_once(tmp_path: Path, image: G
     finally:
         for vm in await rt.list():
             await rt.destroy(vm.vm_id)
-    assert not any(netns_exists(netns_name(v)) for v in ("vm-a", "vm-b", "vm-c"))
+    assert not any(
+        netns_exists(netns_name(v)) for v in (f"vm-a-{RUN}", f"vm-b-{RUN}", f"vm-c-{RUN}")
+    )
 
 
 # --- the jailer -------------------------------------------------------------------------------
@@ -355,30 +368,30 @@ async def test_jailed_vm_state_and_the_clean_up_the_jailer_leaves(
         chroot_base=tmp_path / "jail",
     )
     rt = FirecrackerRuntime(tmp_path / "vms", image=image, firecracker=DOUBLE, jail=jail)
-    spec = VmSpec(vm_id="vm-jailed", role=VmRole.CLI, user_id="a")
+    spec = VmSpec(vm_id=f"vm-jailed-{RUN}", role=VmRole.CLI, user_id="a")
     plan_ = await rt._begin(spec)
     await asyncio.to_thread(rt._stage_boot, spec, plan_, image)
     rt._creating.discard(spec.vm_id)
-    root = jail.root("vm-jailed")
-    state_dir = tmp_path / "vms" / "vm-jailed"
+    root = jail.root(f"vm-jailed-{RUN}")
+    state_dir = tmp_path / "vms" / f"vm-jailed-{RUN}"
     assert state_dir.resolve() == root.resolve()
     assert os.stat(root / "vmlinux").st_ino == os.stat(image.kernel).st_ino  # hard link
     assert os.stat(root / "rootfs.ext4").st_ino != os.stat(image.rootfs).st_ino  # own copy
     assert os.stat(root / "rootfs.ext4").st_uid == 4242 and os.stat(root).st_uid == 4242
-    assert "tap0" in netns_links(netns_name("vm-jailed"))
-    cgroups = jail.cgroup_dirs("vm-jailed")
+    assert "tap0" in netns_links(netns_name(f"vm-jailed-{RUN}"))
+    cgroups = jail.cgroup_dirs(f"vm-jailed-{RUN}")
     made = []
     for cg in cgroups[:3]:  # stand in for the jailer, which makes them at start
         if cg.parent.parent.is_dir():
             cg.mkdir(parents=True)
             made.append(cg)
     assert made, f"no cgroup hierarchy to test with (v{cgroup_version()})"
-    assert [v.vm_id for v in await rt.list()] == ["vm-jailed"]  # young, not yet booted
+    assert [v.vm_id for v in await rt.list()] == [f"vm-jailed-{RUN}"]  # young, not yet booted
 
-    assert await rt.destroy("vm-jailed") is False  # nothing was running, all is cleaned
+    assert await rt.destroy(f"vm-jailed-{RUN}") is False  # nothing was running, all is cleaned
     assert not any(cg.exists() for cg in made)
     assert not root.parent.exists() and not state_dir.is_symlink()
-    assert not netns_exists(netns_name("vm-jailed"))
+    assert not netns_exists(netns_name(f"vm-jailed-{RUN}"))
     for cg in made:
         if cg.parent.is_dir() and not any(cg.parent.iterdir()):
             cg.parent.rmdir()
@@ -386,7 +399,7 @@ async def test_jailed_vm_state_and_the_clean_up_the_jailer_leaves(
 
 @needs_root
 def test_netns_create_and_delete_are_real_and_idempotent() -> None:
-    name = "airlock-test-ns"
+    name = f"airlock-test-{RUN}"
     delete_netns(name)
     create_netns(name)
     try:
@@ -420,8 +433,8 @@ async def test_real_firecracker_boots_the_minimal_image(tmp_path: Path) -> None:
     image = GuestImage.from_dir(Path(os.environ["AIRLOCK_FIRECRACKER_IMAGE"]))
     rt = FirecrackerRuntime(tmp_path / "vms", image=image, boot_timeout_s=60)
     try:
-        await rt.create(VmSpec(vm_id="vm-real", role=VmRole.CLI, user_id="a"))
-        async with await rt.agent_client("vm-real") as agent:
+        await rt.create(VmSpec(vm_id=f"vm-real-{RUN}", role=VmRole.CLI, user_id="a"))
+        async with await rt.agent_client(f"vm-real-{RUN}") as agent:
             assert (await agent.ping())["role"] == "cli"
     finally:
-        await rt.destroy("vm-real")
+        await rt.destroy(f"vm-real-{RUN}")
