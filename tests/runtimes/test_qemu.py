@@ -62,6 +62,25 @@ async def test_boot_agent_lifecycle_and_adoption(runtime: QemuRuntime, tmp_path:
             mode = await other.run(["stat", "-c", "%a", "/root/.airlock/t/hello.txt"])
         assert cat.exit_code == 0 and cat.stdout == "hi from the host"
         assert mode.stdout.strip() == "600"
+
+    # The guest reaches the controller's egress proxy socket (here a stand-in that greets)
+    # through the agent's 127.0.0.1:3128 and the multiplexer: its only way out.
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"egress-ok " + await reader.readexactly(4))
+        await writer.drain()
+        writer.close()
+
+    proxy = await asyncio.start_unix_server(greet, str(vm.state_dir / "egress.sock"))
+    probe = (
+        "import socket; s = socket.create_connection(('127.0.0.1', 3128), 10); "
+        "s.sendall(b'ping'); print(s.recv(100).decode())"
+    )
+    try:
+        async with await runtime.agent_client("q1") as agent:
+            out = await agent.run(["python3", "-c", probe], timeout_s=30)
+    finally:
+        proxy.close()
+    assert out.stdout.strip() == "egress-ok ping", out
     # The secret is not on QEMU's command line (any host user can read that).
     secret = (vm.state_dir / "agent.secret").read_text().strip()
     cmdline = await asyncio.to_thread(Path(f"/proc/{vm.pid}/cmdline").read_bytes)
