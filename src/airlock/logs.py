@@ -1,19 +1,40 @@
 """Structured logs: JSON lines when not on a TTY, readable lines on one.
 
 Fields passed with ``extra=`` (``session_id``, ``vm_id``, ``state`` ...) become JSON keys.
-Nothing here redacts: secrets are simply never handed to a logger (a test greps the logs
-of a full login for the token values).
+Secrets are simply never handed to a logger (a test greps the logs of a full login for the
+token values), with one exception we do not control: uvicorn logs each WebSocket's path with
+its query (``"WebSocket /api/.../vnc?token=..." [accepted]``), so ``token=`` values in
+uvicorn's records are redacted here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+_TOKEN_QUERY = re.compile(r"([?&]token=)[^&\s\"']+")
+
+
+class RedactQueryTokens(logging.Filter):
+    """Viewer tokens ride in WebSocket and viewer-page URLs; uvicorn logs those URLs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn"):
+            if isinstance(record.msg, str):
+                record.msg = _TOKEN_QUERY.sub(r"\1[redacted]", record.msg)
+            if isinstance(record.args, tuple):
+                record.args = tuple(
+                    _TOKEN_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                    for a in record.args
+                )
+        return True
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -57,6 +78,7 @@ def setup_logging(level: str = "INFO", json_lines: bool | None = None) -> None:
         json_lines = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.addFilter(RedactQueryTokens())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import logging
 import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from airlock.api.deps import ViewerSigner
 from airlock.domain.vms import VmState
 from airlock.errors import Unauthorized
+from airlock.logs import RedactQueryTokens
+from airlock.store.tables import AuthSession, Vm
 from airlock.vault import Vault
 from tests.api.conftest import Api, ApiFactory
 from tests.api.live import serve
@@ -112,40 +116,70 @@ async def test_viewer_token_route(api: Api) -> None:
     assert_error(r, 409, "vm_not_viewable")
 
 
-async def _ws_refusal(url: str) -> tuple[int, dict[str, str]]:
-    with pytest.raises(InvalidStatus) as exc:
-        async with connect(url):
-            pass
-    response = exc.value.response
-    return response.status_code, json.loads(response.body)["error"]
+async def _ws_refusal(url: str) -> tuple[int, str]:
+    """A refused viewer socket: accepted, then closed at once with 4000 + the HTTP status
+    and the error code, before a byte of RFB."""
+    async with connect(url, subprotocols=["binary"]) as ws:  # type: ignore[list-item]
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code is not None
+    return ws.close_code, ws.close_reason or ""
 
 
 async def test_vnc_socket_refusals(make_api: ApiFactory) -> None:
-    api = await make_api(viewer_token_ttl_ms=400)
+    api = await make_api(viewer_token_ttl_ms=2000)
     signer: ViewerSigner = api.app.state.viewer_signer
     mine, my_vm = await api.add_session("alice")
     theirs, _ = await api.add_session("bob")
     gone, gone_vm = await api.add_session("alice", vm_state=VmState.DESTROYED)
     now = datetime.now(UTC)
+    # uvicorn logs each WebSocket's path with its query: the token must not reach the log.
+    logged = io.StringIO()
+    handler = logging.StreamHandler(logged)
+    handler.addFilter(RedactQueryTokens())
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    level = uvicorn_log.level
+    uvicorn_log.setLevel(logging.INFO)
+    try:
+        await _refusals(api, mine, my_vm, theirs, gone, gone_vm, signer)
+    finally:
+        uvicorn_log.removeHandler(handler)
+        uvicorn_log.setLevel(level)
+    assert "WebSocket /api/auth/session/" in logged.getvalue()
+    assert "token=[redacted]" in logged.getvalue()
+    assert signer.mint(mine.id, my_vm.id, now=now).split(".")[2] not in logged.getvalue()
+
+
+async def _refusals(
+    api: Api,
+    mine: AuthSession,
+    my_vm: Vm,
+    theirs: AuthSession,
+    gone: AuthSession,
+    gone_vm: Vm,
+    signer: ViewerSigner,
+) -> None:
+    now = datetime.now(UTC)
     token = signer.mint(mine.id, my_vm.id, now=now)
     async with serve(api.app, lifespan=False) as url:
         base = "ws" + url.removeprefix("http") + "/api/auth/session/{}/vnc"
         # No token; a token for another session; a forged one.
-        status, error = await _ws_refusal(base.format(mine.id))
-        assert (status, error["code"]) == (401, "invalid_viewer_token")
-        status, error = await _ws_refusal(base.format(theirs.id) + f"?token={token}")
-        assert (status, error["code"]) == (401, "invalid_viewer_token")
-        status, error = await _ws_refusal(base.format(mine.id) + f"?token={token[:-2]}xx")
-        assert (status, error["code"]) == (401, "invalid_viewer_token")
-        # A valid token whose VM cannot be reached (API tests boot no VM): 503, not a hang.
-        status, error = await _ws_refusal(base.format(mine.id) + f"?token={token}")
-        assert status == 503 and error["code"] == "runtime_failure"
+        invalid = (4401, "invalid_viewer_token")
+        assert await _ws_refusal(base.format(mine.id)) == invalid
+        assert await _ws_refusal(base.format(theirs.id) + f"?token={token}") == invalid
+        assert await _ws_refusal(base.format(mine.id) + f"?token={token[:-2]}xx") == invalid
+        # A valid token whose VM cannot be reached (API tests boot no VM): 4503, not a hang.
+        refusal = await _ws_refusal(base.format(mine.id) + f"?token={token}")
+        assert refusal == (4503, "runtime_failure")
         # A genuine token after its VM is gone.
         late = signer.mint(gone.id, gone_vm.id, now=now)
-        status, error = await _ws_refusal(base.format(gone.id) + f"?token={late}")
-        assert (status, error["code"]) == (404, "vm_not_viewable")
-        # The same token once it expired (the TTL is 400 ms here).
-        await asyncio.sleep(0.5)
-        status, error = await _ws_refusal(base.format(mine.id) + f"?token={token}")
-        assert (status, error["code"]) == (401, "viewer_token_expired")
+        refusal = await _ws_refusal(base.format(gone.id) + f"?token={late}")
+        assert refusal == (4404, "vm_not_viewable")
+        # The same token once it expired (the TTL is 2 s here).
+        await asyncio.sleep(
+            max(0.0, (now + timedelta(seconds=2.05) - datetime.now(UTC)).total_seconds())
+        )
+        refusal = await _ws_refusal(base.format(mine.id) + f"?token={token}")
+        assert refusal == (4401, "viewer_token_expired")
     assert api.app.state.viewers.count() == 0

@@ -23,9 +23,10 @@ the session closes with a code and reason a page can show.
 
 Close codes: 4001 ``vm destroyed``, 4002 ``vm lost``, 4003 ``vm <state>`` (no longer
 viewable otherwise), 4004 ``vnc server closed``, 4400 a client message the proxy refuses,
-1001 ``controller shutting down``; 1003 for a text frame. A refused handshake answers an
-HTTP error (401 bad or expired token, 404 VM not viewable, 503 VNC not reachable yet) in
-the API's error shape.
+1001 ``controller shutting down``; 1003 for a text frame. A refused viewer is accepted and
+closed at once with 4000 + the HTTP status and the error code as reason: 4401
+``invalid_viewer_token`` / ``viewer_token_expired``, 4404 ``vm_not_viewable``, 4503
+``runtime_failure`` (VNC not reachable yet). Nothing is proxied before the token checks.
 """
 
 from __future__ import annotations
@@ -40,13 +41,11 @@ from datetime import timedelta
 from typing import Any, cast
 
 from fastapi import WebSocket
-from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketState
 
 from airlock.aio import TaskOwner, cancel_and_wait
 from airlock.api.deps import ViewerClaims, ViewerSigner, get_core, get_viewer_signer
 from airlock.api.deps import verify_viewer_token as verify_token
-from airlock.api.schemas import error_body
 from airlock.domain.vms import VmState
 from airlock.errors import AirlockError, NotFound
 from airlock.services.core import Core
@@ -322,10 +321,9 @@ async def serve_viewer(ws: WebSocket, session_id: str, token: str | None) -> Non
     except AirlockError as exc:
         await _deny(ws, exc)
         return
-    subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", ()) else None
     registry = get_registry(ws)
     try:
-        await ws.accept(subprotocol=subprotocol)
+        await _accept(ws)
     except BaseException:
         writer.close()
         raise
@@ -338,11 +336,17 @@ async def serve_viewer(ws: WebSocket, session_id: str, token: str | None) -> Non
 
 
 async def _deny(ws: WebSocket, exc: AirlockError) -> None:
+    """Refuse with a close code a page can read: 4000 + the HTTP status, the error code as
+    the reason. (A browser never shows a page the HTTP status of a failed handshake.)"""
     status = 503 if exc.status >= 500 else exc.status
-    if "websocket.http.response" in ws.scope.get("extensions", {}):
-        await ws.send_denial_response(JSONResponse(error_body(exc.code, exc.message), status))
-    else:
-        await ws.close(code=1008, reason=exc.code)
+    await _accept(ws)
+    await ws.close(code=4000 + status, reason=exc.code)
+
+
+async def _accept(ws: WebSocket) -> None:
+    """noVNC asks for the ``binary`` subprotocol: accept it when offered."""
+    offered = ws.scope.get("subprotocols", ())
+    await ws.accept(subprotocol="binary" if "binary" in offered else None)
 
 
 class VmStream(asyncio.Protocol):
