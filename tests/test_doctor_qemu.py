@@ -14,7 +14,8 @@ from tests.test_cli import Cli, cli
 
 __all__ = ["cli"]  # the fixture, imported so pytest finds it here
 
-pytestmark = pytest.mark.qemu
+# A test may build the image first (make test builds it before pytest; plain pytest may not).
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(900)]
 
 
 def test_doctor_says_which_accelerator_qemu_will_use(cli: Cli) -> None:

@@ -16,7 +16,8 @@ from airlock.images import build as build_mod
 from airlock.images.kernel import KernelError, extract_vmlinux
 from tests.qemu_image import image_dir, minimal_image
 
-pytestmark = pytest.mark.qemu
+# A test may build the image first (make test builds it before pytest; plain pytest may not).
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(900)]
 
 
 def _cpio_names(data: bytes) -> list[str]:

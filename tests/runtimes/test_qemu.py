@@ -21,7 +21,8 @@ from airlock.runtimes.base import VmSpec
 from airlock.runtimes.qemu import QemuRuntime, kvm_openable, probe_kvm
 from tests.qemu_image import image_dir, minimal_image
 
-pytestmark = pytest.mark.qemu
+# A test may build the image first (make test builds it before pytest; plain pytest may not).
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(900)]
 
 MINIMAL = {VmRole.BROWSER: "minimal", VmRole.CLI: "minimal"}
 

@@ -30,7 +30,8 @@ from tests.qemu_image import image_dir, minimal_image
 from tests.services.conftest import FAST, CoreFactory
 from tests.services.test_lifecycle import metric, vm_row, wait_status, wait_vm_state
 
-pytestmark = pytest.mark.qemu
+# A test may build the image first (make test builds it before pytest; plain pytest may not).
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(900)]
 
 BOOT_S = 90.0  # under TCG on a loaded 2-core machine
 MINIMAL = {VmRole.BROWSER: "minimal", VmRole.CLI: "minimal"}
