@@ -395,6 +395,8 @@ class SessionService:
             await self.egress.stop(vm_id)
             return
         await self.bus.publish(session_id)
+        if self.tasks.closed:
+            return  # shutting down: the next controller's recover() watches this session
         self.tasks.spawn(self._watch(session_id, vm_id, provider), name=f"watch:{session_id}")
 
     async def _agent(self, vm_id: str) -> AgentClient:
