@@ -203,7 +203,9 @@ def test_serve_demo_prints_a_token_serves_the_api_and_the_idp(cli: Cli) -> None:
             time.sleep(0.1)
         r = httpx.get(f"{base}/api/providers", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200
-        assert r.json()[0]["id"] == "oauth2" and r.json()[0]["available"] is True
+        providers = {p["id"]: p for p in r.json()}
+        assert providers["oauth2"]["available"] is True
+        assert {"claude_code", "codex", "gemini_cli"} <= set(providers)
         idp = httpx.get(f"http://127.0.0.1:{idp_port}/.well-known/oauth-authorization-server")
         assert idp.status_code == 200
         assert idp.json()["issuer"] == f"http://idp.airlock.test:{idp_port}"
