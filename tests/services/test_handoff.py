@@ -154,7 +154,7 @@ async def test_vendor_login_is_captured_injected_and_the_cli_says_logged_in(
     detail = injected[-1].detail
     assert cred.injected_vm_id == cli.id
     assert cred.injected_verified is True, detail
-    print(f"{provider_id}: check={detail['check']!r} result={detail['result']!r}")
+    print(f"{provider_id}: {detail['check']}: {detail['result']} in {detail['checkMs']} ms")
 
     # The vendor's file in the CLI VM: byte for byte, 0600, the VM user's; companion there.
     home = cli_home(core, cli.id)

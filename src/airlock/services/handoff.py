@@ -24,6 +24,7 @@ import base64
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -157,6 +158,7 @@ class HandoffService:
         creds = self._decrypt(cred)
         plan = provider.injection(creds)
         written: list[str] = []
+        check_ms: int | None = None
         try:
             agent = AgentClient(*await self.runtime.open_agent(vm_id))
             try:
@@ -169,7 +171,9 @@ class HandoffService:
                 verification = provider.verification()
                 if intact and verification is not None:
                     check = verification.check
+                    started = time.monotonic()
                     result = await agent.run(verification.argv, timeout_s=verification.timeout_s)
+                    check_ms = round((time.monotonic() - started) * 1000)
                     intact, summary = verification.judge(
                         RunOutcome(result.exit_code, result.stdout, result.stderr)
                     )
@@ -185,7 +189,7 @@ class HandoffService:
             raise Unavailable(
                 f"could not inject into CLI VM {vm_id}: {exc.message}", code="injection_failed"
             ) from None
-        return await self._record(cred, vm_id, actor, intact, check, summary, written)
+        return await self._record(cred, vm_id, actor, intact, check, summary, written, check_ms)
 
     async def _check_target(self, vm_id: str, user_id: str, cred: Credential, actor: str) -> None:
         async with self.db.transaction() as repo:
@@ -280,6 +284,7 @@ class HandoffService:
         check: str,
         summary: str,
         written: list[str],
+        check_ms: int | None,
     ) -> Injection:
         now = self.clock.now()
         async with self.db.transaction() as repo:
@@ -308,6 +313,7 @@ class HandoffService:
                     "verified": verified,
                     "check": check,
                     "result": summary,
+                    "checkMs": check_ms,
                     "files": written,
                     "otherHolders": others,
                     **({"notice": notice} if notice else {}),
