@@ -354,7 +354,7 @@ def report(figures: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--frames", type=int, default=30)
     parser.add_argument("--latency-rounds", type=int, default=300)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)

@@ -52,7 +52,7 @@ from airlock.services.core import Core
 
 log = logging.getLogger("airlock.vnc")
 
-CHUNK = 256 * 1024  # the most bytes from the VM sent as one WebSocket frame
+CHUNK = 1024 * 1024  # the most bytes from the VM sent as one WebSocket frame
 READ_HIGH_WATER = 1024 * 1024  # bytes from the VM waiting for the browser: reading pauses
 WRITE_HIGH_WATER = 256 * 1024  # the VM socket's write buffer before writes wait
 MAX_CLIENT_MESSAGE = 1024 * 1024  # the longest client RFB message we buffer (clipboard)
