@@ -2,12 +2,12 @@
 a browser (noVNC) and the VM's VNC server, through ``Runtime.open_vnc`` (no port open to
 the world).
 
-Backpressure both ways, with nothing unbounded: VM -> browser reads at most ``CHUNK`` bytes
-and waits until the WebSocket send is accepted (uvicorn waits while its transport is over
-its high-water mark); browser -> VM takes the next WebSocket message only after the last
-one's bytes are drained into the VM's socket (uvicorn stops reading the TCP socket until
-the app asks for the next message). The only buffer of our own is the client's unfinished
-RFB message, capped at ``MAX_CLIENT_MESSAGE``.
+Backpressure both ways, with nothing unbounded: VM -> browser, ``VmStream`` stops reading
+the VM's socket once ``READ_HIGH_WATER`` bytes wait, and each WebSocket send waits while
+uvicorn's transport is over its high-water mark; browser -> VM takes the next WebSocket
+message only after the last one's bytes went into the VM socket's bounded write buffer
+(uvicorn stops reading the TCP socket until the app asks for the next message). The other
+buffer of our own is the client's unfinished RFB message, capped at ``MAX_CLIENT_MESSAGE``.
 
 The client's stream is parsed message by message (``RfbClientFilter``), so that a view-only
 token's input (keys, pointer, clipboard, resize) is dropped exactly, and a message noVNC
