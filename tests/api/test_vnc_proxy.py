@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -215,6 +217,18 @@ async def test_rfb_through_the_proxy_input_view_only_and_the_vm_going(
 
     async with connect(live.vnc_url(session_id, token)) as ws:
         assert await closed(ws) == (4404, "vm_not_viewable")
+
+
+async def test_a_vm_that_dies_closes_its_viewers_as_lost(make_live: LiveFactory) -> None:
+    live = await make_live()
+    session_id, vm_id, token = await live.start()
+    async with viewer(live, session_id, token) as rfb:
+        [running] = [vm for vm in await live.core.runtime.list() if vm.vm_id == vm_id]
+        assert running.pid is not None
+        os.kill(running.pid, signal.SIGKILL)  # the sandbox dies under the viewer
+        assert isinstance(rfb.t, WsTransport)
+        assert await closed(rfb.t.ws) == (4002, "vm lost")
+    assert await live.vm_state(session_id) == "lost"
 
 
 async def test_open_viewer_keeps_a_draining_vm_up_to_max_drain(make_live: LiveFactory) -> None:

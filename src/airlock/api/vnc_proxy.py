@@ -59,6 +59,7 @@ MAX_CLIENT_MESSAGE = 1024 * 1024  # the longest client RFB message we buffer (cl
 MAX_KEEPALIVE_INTERVAL_S = 5.0
 MIN_KEEPALIVE_INTERVAL_S = 0.1
 CLOSE_TIMEOUT_S = 2.0
+VM_END_WAIT_S = 8.0  # after the VNC stream ends: how long to wait to learn the VM's fate
 
 SERVER_OPTIONS: dict[str, Any] = {"ws_per_message_deflate": False}
 """What the uvicorn serving this app needs for the proxy: no permessage-deflate. RFB is
@@ -496,12 +497,21 @@ async def _proxy(
         await vm_closed()
 
     async def vm_closed() -> None:
-        """The VNC server closed: say why, from the VM's state if it is going."""
-        try:
-            _, vm = await core.sessions.get(sock.session_id, None)
-            closing = close_for(VmState(vm.state)) if vm is not None else None
-        except AirlockError:
-            closing = None
+        """The VNC server closed: say why, from the VM's state. A VM that died is marked
+        ``lost`` only at the reconciler's next round, so wait for that (briefly) first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + VM_END_WAIT_S
+        version = core.bus.version(sock.session_id)
+        while True:
+            try:
+                _, vm = await core.sessions.get(sock.session_id, None)
+                closing = close_for(VmState(vm.state)) if vm is not None else None
+            except AirlockError:
+                closing = None
+            left = deadline - loop.time()
+            if closing is not None or left <= 0:
+                break
+            version = await core.bus.wait(sock.session_id, version, min(left, 0.5))
         sock.stop(*(closing or (CLOSE_VNC_CLOSED, "vnc server closed")))
 
     tasks = TaskOwner(f"vnc:{sock.session_id}")
