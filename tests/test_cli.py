@@ -224,7 +224,10 @@ def test_vms_and_sessions_ls_show_what_runs(cli: Cli) -> None:
     now = datetime.now(UTC)
 
     async def write() -> None:
-        db = Database(f"sqlite+aiosqlite:///{cli.data_dir / 'airlock.db'}")
+        # Rows of this host, as the CLI's controller would write them (AIRLOCK_NODE_NAME).
+        db = Database(
+            f"sqlite+aiosqlite:///{cli.data_dir / 'airlock.db'}", node=socket.gethostname()
+        )
         try:
             async with db.transaction() as repo:
                 for vm_id, state, after in (
