@@ -239,7 +239,7 @@ class QemuRuntime:
         *,
         flavors: Mapping[VmRole, str] | None = None,
         memory_mb: int = 512,
-        cpus: int = 1,
+        cpus: int = 2,  # under TCG the agent and the mux start in parallel: ~2 s sooner
         accel: str = "auto",
         boot_timeout_s: float = 60.0,
         qemu: str | None = None,
