@@ -73,6 +73,13 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[StartAgent]:
             "/proc",
             "--tmpfs",
             "/tmp",
+            # Python and the checkout again, on top of the fresh /tmp (a CI clone may be there)
+            "--ro-bind",
+            sys.prefix,
+            sys.prefix,
+            "--ro-bind",
+            str(PACKAGE_ROOT),
+            str(PACKAGE_ROOT),
             "--tmpfs",
             "/run",
             "--bind",

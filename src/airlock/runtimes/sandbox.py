@@ -355,6 +355,9 @@ class SandboxRuntime:
         for p in SYSTEM_PATHS:
             if os.path.islink(p):
                 argv += ["--symlink", os.readlink(p), p]
+        # A fresh /tmp first, then the binds: a Python or a checkout that lives under /tmp
+        # (a CI clone) stays visible on top of it.
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         for exposed in self.exposed_paths():
             argv += ["--ro-bind", str(exposed), str(exposed)]
         for f in MASKED_FILES:
@@ -363,7 +366,6 @@ class SandboxRuntime:
         for d in MASKED_DIRS:
             if os.path.isdir(d):
                 argv += ["--tmpfs", d, "--remount-ro", d]
-        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         if spec.role is VmRole.CLI:
             argv += ["--bind", str(state_dir / "home"), INNER_HOME]
         else:
