@@ -64,6 +64,40 @@ async def login_page(browser: Any, timeout: float = 20) -> Page:
     raise AssertionError("the login page never opened in the VM's Chromium")
 
 
+async def log_in_as_a_person(
+    server: Server, client: httpx.AsyncClient, session_id: str, vm_id: str, shots: str = "e2e"
+) -> dict[str, Any]:
+    """Type the demo user's name and password into the login form in the VM's Chromium,
+    as a person would (focus is on the user name field: type, Tab, type, Enter)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    await wait_session(client, session_id, "awaiting_user")
+    async with devtools_port(server.runtime, vm_id) as port, async_playwright() as pw:
+        browser = await pw.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
+        page = await login_page(browser)
+        await page.wait_for_selector("input[name=username]")
+        assert "sign in" in (await page.title()).lower()
+        await page.screenshot(path=str(ARTIFACTS / f"{shots}-login-form.png"))
+        await page.keyboard.type("demo", delay=20)
+        await page.keyboard.press("Tab")
+        await page.keyboard.type("demo", delay=20)
+        await page.keyboard.press("Enter")
+        done = await wait_session(client, session_id, "completed")
+        await page.screenshot(path=str(ARTIFACTS / f"{shots}-login-done.png"))
+        await browser.close()
+    return done
+
+
+async def run_in_vm(server: Server, vm_id: str, script: str) -> str:
+    reader, writer = await server.runtime.open_agent(vm_id)
+    agent = AgentClient(reader, writer)
+    try:
+        result = await agent.run(["sh", "-c", script])
+    finally:
+        await agent.close()
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
 async def test_login_through_the_sandboxed_chromium(server_factory: Any) -> None:
     server: Server = server_factory(credential_export="true", grace_success_ms=20_000)
     server.start()
@@ -80,22 +114,7 @@ async def test_login_through_the_sandboxed_chromium(server_factory: Any) -> None
         session_id, vm_id = body["sessionId"], body["vm"]["vmId"]
         assert body["vm"]["runtime"] == "sandbox"
 
-        await wait_session(client, session_id, "awaiting_user")
-        async with devtools_port(server.runtime, vm_id) as port, async_playwright() as pw:
-            browser = await pw.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
-            page = await login_page(browser)
-            await page.wait_for_selector("input[name=username]")
-            assert "sign in" in (await page.title()).lower()
-            await page.screenshot(path=str(ARTIFACTS / "e2e-login-form.png"))
-            # A person: the user name field has focus; type, Tab, type, Enter.
-            await page.keyboard.type("demo", delay=20)
-            await page.keyboard.press("Tab")
-            await page.keyboard.type("demo", delay=20)
-            await page.keyboard.press("Enter")
-            done = await wait_session(client, session_id, "completed")
-            await page.screenshot(path=str(ARTIFACTS / "e2e-login-done.png"))
-            await browser.close()
-
+        done = await log_in_as_a_person(server, client, session_id, vm_id)
         assert done["credentials"]["captured"] is True
         assert done["vm"]["state"] == "draining"
 
@@ -138,3 +157,50 @@ async def test_login_through_the_sandboxed_chromium(server_factory: Any) -> None
         vm = (await client.get(f"/api/vms/{vm_id}")).json()
         assert vm["state"] == "destroyed" and vm["destroyReason"] == "completed"
         assert vm_id not in {v.vm_id for v in await server.runtime.list()}
+
+
+async def test_login_with_a_cli_vm_hands_the_tokens_over(server_factory: Any) -> None:
+    """Issue 4's end-to-end point: the same person's login, started with ``cliVmId``, ends
+    with the tokens in the CLI VM's file (0600), ``injected.verified`` true, and no copy
+    left in the browser VM."""
+    server: Server = server_factory(credential_export="true", grace_success_ms=20_000)
+    server.start()
+    user_token = server.cli("tokens", "create", "--user", "alice")
+    service_token = server.cli("tokens", "create", "--service", "web")
+    headers = {"Authorization": f"Bearer {user_token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as client:
+        cli_vm = (await client.post("/api/vms", json={"role": "cli"})).json()
+        assert cli_vm["state"] == "running", cli_vm
+        started = await client.post(
+            "/api/auth/start", json={"provider": "oauth2", "cliVmId": cli_vm["vmId"]}
+        )
+        assert started.status_code == 201, started.text
+        session_id, vm_id = started.json()["sessionId"], started.json()["vm"]["vmId"]
+        await log_in_as_a_person(server, client, session_id, vm_id, shots="e2e-handoff")
+
+        deadline = time.monotonic() + 30
+        while True:
+            body = (await client.get(f"/api/auth/session/{session_id}")).json()
+            injected = body["credentials"]["injected"]
+            if injected is not None:
+                break
+            assert time.monotonic() < deadline, "never injected"
+            await asyncio.sleep(0.1)
+        assert injected["vmId"] == cli_vm["vmId"] and injected["verified"] is True
+
+        secret = (
+            await client.get(
+                f"/api/auth/session/{session_id}/credentials?secrets=true",
+                headers={"Authorization": f"Bearer {service_token}"},
+            )
+        ).json()["secret"]
+        in_cli_vm = await run_in_vm(
+            server,
+            cli_vm["vmId"],
+            "stat -c %a $HOME/.airlock/oauth2/tokens.json; cat $HOME/.airlock/oauth2/tokens.json",
+        )
+        mode, content = in_cli_vm.split("\n", 1)
+        assert mode == "600"
+        assert secret["accessToken"] in content and secret["refreshToken"] in content
+        in_browser_vm = await run_in_vm(server, vm_id, "ls -A $HOME/.airlock/oauth2/ 2>&1; true")
+        assert "tokens.json" not in in_browser_vm
