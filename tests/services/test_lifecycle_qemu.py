@@ -136,7 +136,11 @@ async def test_orphan_reaped_and_killed_vm_lost(make_core: CoreFactory, tmp_path
     core = await make_core(reconcile_interval_ms=500)
     took = await wait_for(lambda: _gone(core, "vm-0rphan"), timeout=15)
     assert took < 0.5 + 5.0, f"orphan reaped after {took:.2f} s"
-    assert metric(core, "airlock_orphan_vms_reaped_total") == 1
+
+    async def counted() -> bool:  # the count follows the destroy's return, after the kill
+        return metric(core, "airlock_orphan_vms_reaped_total") == 1
+
+    await wait_for(counted, timeout=10)
     # Lost: a session's VM killed behind the controller's back.
     session_id, vm_id = await start_session(core)
     running = {vm.vm_id: vm for vm in await core.runtime.list()}
