@@ -67,6 +67,11 @@ from airlock.agent.vsock import AGENT_PORT, EGRESS_PORT, VNC_PORT  # the guest's
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
+from airlock.runtimes.vmdir import UNIX_PATH_MAX, PidRecord, is_young, read_meta
+from airlock.runtimes.vmdir import is_alive as _alive
+from airlock.runtimes.vmdir import open_unix as _open_unix
+from airlock.runtimes.vmdir import proc_stat as _proc_stat
+from airlock.runtimes.vmdir import read_pid as _read_pid
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,6 @@ CONFIG_DISK_BYTES = 4096
 CREATING_GRACE_S = 120.0
 TEMPLATE_PREFIX = "tmpl-"
 HANDSHAKE_TIMEOUT_S = 5.0
-UNIX_PATH_MAX = 107
 
 
 class FirecrackerApiError(RuntimeFailure):
@@ -274,17 +278,6 @@ class FirecrackerApi:
 # --- vsock -------------------------------------------------------------------------------
 
 
-async def _open_unix(path: Path, *, limit: int = 2**16) -> Stream:
-    """A Unix socket whose path may be longer than sun_path allows (via /proc/self/fd)."""
-    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
-        return await asyncio.open_unix_connection(str(path), limit=limit)
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}/{path.name}", limit=limit)
-    finally:
-        os.close(fd)
-
-
 async def vsock_connect(
     uds_path: Path, port: int, *, timeout_s: float = HANDSHAKE_TIMEOUT_S, limit: int = 2**16
 ) -> Stream:
@@ -307,37 +300,6 @@ async def vsock_connect(
 
 
 # --- processes ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PidRecord:
-    pid: int
-    start_time: int
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return fields[0].decode(), int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _alive(record: PidRecord) -> bool:
-    found = _proc_stat(record.pid)
-    return found is not None and found[1] == record.start_time and found[0] not in ("Z", "X")
-
-
-def _read_pid(state_dir: Path) -> PidRecord | None:
-    try:
-        pid, start = (state_dir / "pid").read_text().split()
-        return PidRecord(int(pid), int(start))
-    except (OSError, ValueError):
-        return None
 
 
 def _kill(record: PidRecord) -> bool:
@@ -855,7 +817,7 @@ class FirecrackerRuntime:
     def _keep_template(self, vm_id: str, state_dir: Path, dest: Path) -> None:
         for name in ("vm.snap", "vm.mem"):
             os.replace(state_dir / name, dest / name)
-        meta = _read_meta(state_dir)
+        meta = read_meta(state_dir)
         for name in ("agent.secret", "config.img"):  # the snapshot's drive and secret
             shutil.copyfile(state_dir / name, dest / name)
             os.chmod(dest / name, 0o600)
@@ -983,11 +945,11 @@ class FirecrackerRuntime:
                         os.unlink(entry.path)
                 continue
             state_dir = Path(entry.path)
-            meta = _read_meta(state_dir)
+            meta = read_meta(state_dir)
             record = _read_pid(state_dir)
             if record is not None and _alive(record):
                 state, pid = "running", record.pid
-            elif entry.name in creating or (record is None and _young(meta)):
+            elif entry.name in creating or (record is None and is_young(meta, CREATING_GRACE_S)):
                 state, pid = "creating", None
             else:
                 log.info("firecracker VM %s is gone; cleaning up after it", entry.name)
@@ -1109,22 +1071,6 @@ def _finish_template(staging: Path, dest: Path, identity: str) -> None:
     (staging / "template.json").unlink()
     _write_private(staging / "template.json", json.dumps({**info, "image": identity}).encode())
     os.replace(staging, dest)
-
-
-def _read_meta(state_dir: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((state_dir / "meta.json").read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _young(meta: dict[str, Any]) -> bool:
-    try:
-        created = datetime.fromisoformat(str(meta["created_at"]))
-    except (KeyError, ValueError):
-        return False
-    return (datetime.now(UTC) - created).total_seconds() < CREATING_GRACE_S
 
 
 def _log_tail(state_dir: Path, size: int = 4000) -> str:

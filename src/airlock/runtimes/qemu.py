@@ -48,6 +48,7 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.images import Image, find_image
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
+from airlock.runtimes.vmdir import is_young, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -628,7 +629,7 @@ class QemuRuntime:
             if not entry.is_dir(follow_symlinks=False) or not VM_ID.fullmatch(entry.name):
                 continue
             state_dir = Path(entry.path)
-            meta = _read_meta(state_dir)
+            meta = read_meta(state_dir)
             record = _read_pid(state_dir / "pid")
             pid: int | None = None
             state = "running"
@@ -637,7 +638,7 @@ class QemuRuntime:
                 pid = record[0]
             elif _find_qemu(state_dir):
                 state = "unrecorded"  # runs, but the pid file does not say so: destroy it
-            elif entry.name in creating or (record is None and _young(meta)):
+            elif entry.name in creating or (record is None and is_young(meta, CREATING_GRACE_S)):
                 state = "creating"
             else:
                 log.info("qemu VM %s is gone; removing its state dir", entry.name)
@@ -710,19 +711,3 @@ class QemuRuntime:
         except OSError as exc:
             problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
         return problems
-
-
-def _read_meta(state_dir: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((state_dir / "meta.json").read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _young(meta: dict[str, Any]) -> bool:
-    try:
-        created = datetime.fromisoformat(str(meta["created_at"]))
-    except (KeyError, ValueError):
-        return False
-    return (datetime.now(UTC) - created).total_seconds() < CREATING_GRACE_S

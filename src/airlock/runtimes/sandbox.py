@@ -35,7 +35,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,10 @@ from airlock.agent.protocol import DEVTOOLS_PORT, MAX_MESSAGE
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
+from airlock.runtimes.vmdir import PidRecord, is_alive, is_young, read_meta
+from airlock.runtimes.vmdir import open_unix as _open_unix
+from airlock.runtimes.vmdir import proc_stat as _proc_stat
+from airlock.runtimes.vmdir import read_pid as _read_pid
 
 log = logging.getLogger(__name__)
 
@@ -64,43 +67,8 @@ MASKED_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/airlock")
 CONTROLLER_FILES = ("meta.json", "agent.secret", "pid", "agent.log")
 CREATING_GRACE_S = 60.0  # a state dir without a pid this young may be a create in flight
 LOG_TAIL = 4000
-UNIX_PATH_MAX = 107
 AGENT_WRAPPER = '"$@"; kill -KILL -1'  # -1 in a pid namespace: all but init and the shell
 INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
-
-
-@dataclass(frozen=True, slots=True)
-class PidRecord:
-    """The host pid of a sandbox's init and its start time (``/proc/PID/stat`` field 22)."""
-
-    pid: int
-    start_time: int
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) of a process, or None if there is none."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()  # the command may contain spaces and ")"
-    try:
-        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc(5)
-    except (IndexError, ValueError):
-        return None
-
-
-def _is_alive(record: PidRecord) -> bool:
-    found = _proc_stat(record.pid)
-    return found is not None and found[1] == record.start_time and found[0] not in ("Z", "X")
-
-
-def _read_pid(state_dir: Path) -> PidRecord | None:
-    try:
-        pid, start = (state_dir / "pid").read_text().split()
-        return PidRecord(int(pid), int(start))
-    except (OSError, ValueError):
-        return None
 
 
 def _pids() -> list[int]:
@@ -157,7 +125,7 @@ def _kill_init(record: PidRecord) -> bool:
     except ProcessLookupError:
         return False
     try:
-        if not _is_alive(record):  # checked after pidfd_open: the pidfd pins this process
+        if not is_alive(record):  # checked after pidfd_open: the pidfd pins this process
             return False
         try:
             st = os.stat(f"/proc/{record.pid}/ns/pid")
@@ -204,18 +172,6 @@ def _log_tail(state_dir: Path) -> str:
             return f.read().decode("utf-8", "replace").strip()
     except OSError:
         return "(no agent.log)"
-
-
-async def _open_unix(path: Path, *, limit: int = 2**16) -> Stream:
-    """Connect to a Unix socket whose path may be longer than sun_path allows, by going
-    through ``/proc/self/fd`` of its directory."""
-    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
-        return await asyncio.open_unix_connection(str(path), limit=limit)
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}/{path.name}", limit=limit)
-    finally:
-        os.close(fd)
 
 
 def _same_pid_ns(a: int, b: int) -> bool:
@@ -681,15 +637,15 @@ class SandboxRuntime:
             if not entry.is_dir(follow_symlinks=False) or not VM_ID.fullmatch(entry.name):
                 continue
             state_dir = Path(entry.path)
-            meta = self._read_meta(state_dir)
+            meta = read_meta(state_dir)
             record = _read_pid(state_dir)
             pid: int | None = None
             state = "running"
-            if record is not None and _is_alive(record):
+            if record is not None and is_alive(record):
                 pid = record.pid
             elif _sandbox_inits(state_dir):
                 state = "unrecorded"  # runs, but the pid file does not say so: destroy it
-            elif entry.name in creating or (record is None and self._young(meta)):
+            elif entry.name in creating or (record is None and is_young(meta, CREATING_GRACE_S)):
                 state = "creating"
             else:
                 log.info("sandbox %s is gone; removing its state dir", entry.name)
@@ -714,22 +670,6 @@ class SandboxRuntime:
                 )
             )
         return found
-
-    @staticmethod
-    def _read_meta(state_dir: Path) -> dict[str, Any]:
-        try:
-            meta = json.loads((state_dir / "meta.json").read_bytes())
-        except (OSError, ValueError):
-            return {}
-        return meta if isinstance(meta, dict) else {}
-
-    @staticmethod
-    def _young(meta: dict[str, Any]) -> bool:
-        try:
-            created = datetime.fromisoformat(str(meta["created_at"]))
-        except (KeyError, ValueError):
-            return False
-        return (datetime.now(UTC) - created).total_seconds() < CREATING_GRACE_S
 
     # -- streams ----------------------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""Host-side helpers every runtime shares: a VM's state dir, its pid record, its sockets.
+
+Each runtime keeps ``{vms_dir}/{vm_id}/`` with ``meta.json`` and a ``pid`` file holding the
+host pid *and* its start time (``/proc/PID/stat`` field 22), so a restarted controller finds
+what it started and never mistakes a reused pid for its VM. Runtimes may not import each
+other; they share this module instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+UNIX_PATH_MAX = 107
+
+
+@dataclass(frozen=True, slots=True)
+class PidRecord:
+    """A host pid and its start time in clock ticks: together, one process for sure."""
+
+    pid: int
+    start_time: int
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process, or None if there is none."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()  # the command may contain spaces and ")"
+    try:
+        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def is_alive(record: PidRecord) -> bool:
+    found = proc_stat(record.pid)
+    return found is not None and found[1] == record.start_time and found[0] not in ("Z", "X")
+
+
+def read_pid(state_dir: Path) -> PidRecord | None:
+    try:
+        pid, start = (state_dir / "pid").read_text().split()
+        return PidRecord(int(pid), int(start))
+    except (OSError, ValueError):
+        return None
+
+
+def read_meta(state_dir: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((state_dir / "meta.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_young(meta: dict[str, Any], grace_s: float) -> bool:
+    """Whether the VM was created less than ``grace_s`` ago: a state dir without a live pid
+    that young may be a create still in flight, not a dead VM."""
+    try:
+        created = datetime.fromisoformat(str(meta["created_at"]))
+    except (KeyError, ValueError):
+        return False
+    return (datetime.now(UTC) - created).total_seconds() < grace_s
+
+
+async def open_unix(path: Path, *, limit: int = 2**16) -> Stream:
+    """Connect to a Unix socket whose path may be longer than sun_path allows, by going
+    through ``/proc/self/fd`` of its directory."""
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return await asyncio.open_unix_connection(str(path), limit=limit)
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}/{path.name}", limit=limit)
+    finally:
+        os.close(fd)
