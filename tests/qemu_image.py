@@ -26,3 +26,10 @@ def minimal_image() -> Image:
     if missing:
         pytest.skip(f"needs {', '.join(missing)}: scripts/setup.sh --with-qemu installs them")
     return build_image(image_dir(), "minimal")
+
+
+def cli_image() -> Image:
+    """The cli image (minimal plus the host's Node.js and vendor CLIs): about two and a half
+    minutes cold, cached like the minimal one."""
+    minimal_image()  # the same skip when QEMU or mmdebstrap is missing
+    return build_image(image_dir(), "cli")

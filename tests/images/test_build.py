@@ -4,9 +4,11 @@ error when a package cannot be had. The image itself is built once per machine."
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from airlock.images import ImageBuildError, build_image, find_image, image_key
 from airlock.images import build as build_mod
 from airlock.images.kernel import KernelError, extract_vmlinux
+from airlock.providers import vendor
 from tests.qemu_image import image_dir, minimal_image
 
 # A test may build the image first (make test builds it before pytest; plain pytest may not).
@@ -72,12 +75,49 @@ def test_a_cached_image_is_reused_in_an_instant() -> None:
     assert find_image(image_dir(), "minimal") == image
 
 
-def test_unknown_and_unbuilt_flavors_are_refused(tmp_path: Path) -> None:
+def test_unknown_flavors_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageBuildError, match="unknown flavor"):
         build_image(tmp_path, "nope")
-    with pytest.raises(ImageBuildError, match="not built yet"):
-        build_image(tmp_path, "cli")
     assert list(tmp_path.iterdir()) == []
+
+
+def _fake_install(root: Path, lock: bytes, stamp: str | None = None) -> Path:
+    bins = root / "node_modules" / ".bin"
+    bins.mkdir(parents=True)
+    for name in build_mod.VENDOR_CLIS:
+        (bins / name).write_text("#!/bin/sh\n")
+        (bins / name).chmod(0o755)
+    (root / "package.json").write_text('{"dependencies": {}}')
+    (root / "package-lock.json").write_bytes(lock)
+    (root / ".airlock-lock.sha256").write_text(stamp or hashlib.sha256(lock).hexdigest())
+    return root
+
+
+def test_the_cli_flavor_without_a_pinned_vendor_install_says_run_setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = tmp_path / "images"
+    monkeypatch.setattr(build_mod, "VENDOR_CLI_DIR", tmp_path / "absent")
+    with pytest.raises(ImageBuildError, match=r"not installed in .*scripts/setup\.sh"):
+        build_image(images, "cli")
+    assert not images.exists()
+    # npm ci interrupted (no stamp for this lockfile), or an install of another lockfile.
+    half = _fake_install(tmp_path / "half", b"{}", stamp="0" * 64)
+    with pytest.raises(ImageBuildError, match=r"half installed: run scripts/setup\.sh"):
+        build_mod.vendor_clis(half)
+    other = _fake_install(tmp_path / "other", b'{"lockfileVersion": 3}')
+    with pytest.raises(ImageBuildError, match=r"not the ones .*package-lock\.json pins"):
+        build_mod.vendor_clis(other)
+
+
+def test_the_cli_key_follows_node_and_the_lockfile(monkeypatch: pytest.MonkeyPatch) -> None:
+    host = build_mod.vendor_clis()  # make test's set-up installed them
+    assert build_mod.VENDOR_CLI_DIR == vendor.VENDOR_CLI_DIR  # where the providers look
+    key = image_key("cli")
+    assert key != image_key("minimal")
+    for change in ({"lock_sha256": "1" * 64}, {"node_sha256": "2" * 64}):
+        monkeypatch.setattr(build_mod, "vendor_clis", lambda c=change: replace(host, **c))
+        assert image_key("cli") != key
 
 
 def test_an_unreachable_package_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

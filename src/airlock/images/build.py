@@ -1,7 +1,8 @@
 """Build a guest image from Debian packages (mmdebstrap) into a content-addressed cache.
 
 The key hashes the flavor, its package list, the kernel package, the guest agent's source
-and this module's own source: an image is rebuilt exactly when something in it would
+and this module's own source (and, for ``cli``, the Node.js binary and the vendor CLIs'
+lockfile, see ``vendor_clis``): an image is rebuilt exactly when something in it would
 change. A build runs in a temporary directory and is renamed into place at the end, under
 a file lock, so a crashed or concurrent build never leaves a half image that looks done.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -41,8 +43,10 @@ FLAVORS: dict[str, tuple[str, ...]] = {
         "fonts-liberation",
         "fonts-dejavu-core",
     ),
+    # Plus the host's Node.js and vendor CLIs (``vendor_clis``): node links libstdc++; the
+    # CLIs speak TLS to their vendors.
+    "cli": (*BASE_PACKAGES, "ca-certificates", "libstdc++6"),
 }
-NOT_YET = {"cli": "the cli flavor (vendor CLIs from npm) is not built yet"}
 # Docs, manuals and translations are dead weight in a VM nobody logs into.
 PATH_EXCLUDES = (
     "/usr/share/doc/*",
@@ -109,8 +113,6 @@ class Image:
 
 
 def _packages(flavor: str) -> tuple[str, ...]:
-    if flavor in NOT_YET:
-        raise ImageBuildError(NOT_YET[flavor])
     if flavor not in FLAVORS:
         raise ImageBuildError(f"unknown flavor {flavor!r}; one of {', '.join(FLAVORS)}")
     return FLAVORS[flavor]
@@ -127,6 +129,8 @@ def image_key(flavor: str) -> str:
     h.update(json.dumps([flavor, _packages(flavor), KERNEL_PACKAGE, SUITE, MIRROR]).encode())
     for f in [*_agent_files(), Path(__file__), Path(kernel_mod.__file__)]:
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    if flavor == "cli":
+        h.update(json.dumps(vendor_clis().key_parts()).encode())
     return h.hexdigest()[:16]
 
 
@@ -157,8 +161,8 @@ def build_image(
         raise ImageBuildError(
             f"missing tools: {', '.join(missing)} (scripts/setup.sh --with-qemu installs them)"
         )
+    key = image_key(flavor)  # the cli flavor's missing vendor CLIs fail here, changing nothing
     image_dir.mkdir(parents=True, exist_ok=True)
-    key = image_key(flavor)
     final = image_dir / f"{flavor}-{key}"
     with _locked(image_dir / f".{flavor}-{key}.lock"):
         if (final / "manifest.json").is_file() and not force:
@@ -201,6 +205,7 @@ STEPS = 6
 def _build(work: Path, flavor: str, key: str, packages: tuple[str, ...], report: Progress) -> Image:
     started = time.monotonic()
     root = work / "root"
+    clis = vendor_clis() if flavor == "cli" else None  # before minutes of mmdebstrap
     report(f"mmdebstrap {SUITE}: {' '.join(packages)}", 0, STEPS)
     _check_packages(packages)
     _bootstrap(root, packages)
@@ -210,8 +215,10 @@ def _build(work: Path, flavor: str, key: str, packages: tuple[str, ...], report:
     version = _fetch_kernel(kdir)
     shutil.copyfile(kdir / "boot" / f"vmlinuz-{version}", work / "vmlinuz")
 
-    report("guest agent and init", 2, STEPS)
+    report("guest agent and init" + (", Node.js and the vendor CLIs" if clis else ""), 2, STEPS)
     _install_agent(root)
+    if clis is not None:
+        _install_vendor_clis(root, clis)
 
     report("initramfs (busybox + virtio modules)", 3, STEPS)
     modules = kernel_mod.build_initramfs(
@@ -243,6 +250,8 @@ def _build(work: Path, flavor: str, key: str, packages: tuple[str, ...], report:
             if f.is_file() and f.name != "manifest.json"
         },
     }
+    if clis is not None:
+        manifest["vendor_clis"] = clis.manifest()
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     report("done", STEPS, STEPS)
     return Image.load(work)
@@ -352,6 +361,126 @@ def _install_agent(root: Path) -> None:
         ["chroot", str(root), "python3", "-m", "compileall", "-q", "/opt/airlock"],
         "compileall in the image",
     )
+
+
+# -- the cli flavor: Node.js and the vendor CLIs --------------------------------------------
+# Where scripts/setup.sh installs the CLIs, and where the providers run them (the same path as
+# ``airlock.providers.vendor.VENDOR_CLI_DIR``, which images, a lower layer, cannot import).
+VENDOR_CLI_DIR = Path("/usr/local/lib/airlock/vendor-clis")
+VENDOR_CLIS = ("claude", "codex", "gemini")  # node_modules/.bin names
+NODE_MAJOR = 20  # gemini-cli's engines; Debian bookworm's nodejs is 18
+GUEST_NODE = Path("/usr/bin/node")
+SETUP_HINT = "run scripts/setup.sh, which installs them pinned by vendor-clis/package-lock.json"
+
+
+@dataclass(frozen=True, slots=True)
+class VendorClis:
+    """The host's install that the cli flavor copies, and what the image key hashes of it."""
+
+    directory: Path
+    node: Path
+    node_version: str
+    node_sha256: str
+    lock_sha256: str
+    pins: dict[str, str]
+
+    def key_parts(self) -> list[str]:
+        return [self.node_version, self.node_sha256, self.lock_sha256]
+
+    def manifest(self) -> dict[str, object]:
+        return {
+            "directory": str(VENDOR_CLI_DIR),
+            "node": self.node_version,
+            "node_sha256": self.node_sha256,
+            "package_lock_sha256": self.lock_sha256,
+            "packages": self.pins,
+        }
+
+
+def vendor_clis(directory: Path | None = None, node: Path | None = None) -> VendorClis:
+    """The Node.js runtime and vendor CLIs for the cli flavor: the host's, as set-up
+    installed them, copied into the image at the same paths.
+
+    Why not from Debian packages like the rest: bookworm's nodejs is 18 and Gemini CLI needs
+    20; the host's Node 20 is a repackaged NodeSource .deb that no apt source here serves
+    (``apt-get download`` cannot fetch it again), and the CLIs are npm packages, not Debian
+    ones. ``scripts/setup.sh`` already installed both, the CLIs by ``npm ci`` from the pinned
+    lockfile; copying them gives the guest the very bytes the sandbox runtime runs and the
+    providers check, with no second 900 MB download and no network during the build. The
+    key hashes node's version and bytes and the installed lockfile: a changed pin (once
+    set-up installed it) or another node builds a new image."""
+    directory = directory or VENDOR_CLI_DIR
+    bins = directory / "node_modules" / ".bin"
+    missing = [n for n in VENDOR_CLIS if not os.access(bins / n, os.X_OK)]
+    if missing:
+        raise ImageBuildError(
+            f"the cli image needs the vendor CLIs; {', '.join(missing)} not installed in "
+            f"{bins}: {SETUP_HINT}"
+        )
+    lock = directory / "package-lock.json"
+    lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest()
+    stamp = directory / ".airlock-lock.sha256"
+    if not stamp.is_file() or stamp.read_text().strip() != lock_sha:
+        raise ImageBuildError(f"the vendor CLIs in {directory} are half installed: {SETUP_HINT}")
+    pinned = Path(airlock.__file__).resolve().parents[2] / "vendor-clis" / "package-lock.json"
+    if pinned.is_file() and hashlib.sha256(pinned.read_bytes()).hexdigest() != lock_sha:
+        raise ImageBuildError(
+            f"the vendor CLIs in {directory} are not the ones {pinned} pins: {SETUP_HINT}"
+        )
+    found = node or (Path(w) if (w := shutil.which("node")) else None)
+    if found is None:
+        raise ImageBuildError(f"the cli image needs Node.js >= {NODE_MAJOR}; no node on PATH")
+    found = found.resolve()
+    version = _node_version(found)
+    if int(version.lstrip("v").split(".")[0]) < NODE_MAJOR:
+        raise ImageBuildError(
+            f"the cli image needs Node.js >= {NODE_MAJOR} (Gemini CLI); {found} is {version}"
+        )
+    pins = json.loads((directory / "package.json").read_text()).get("dependencies", {})
+    st = found.stat()
+    return VendorClis(
+        directory, found, version, _sha256_file(found, st.st_size, st.st_mtime_ns), lock_sha, pins
+    )
+
+
+def _node_version(node: Path) -> str:
+    try:
+        out = subprocess.run(
+            [str(node), "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ImageBuildError(f"{node} --version failed: {exc}") from None
+    if not re.fullmatch(r"v\d+\.\d+\.\d+", out):
+        raise ImageBuildError(f"{node} --version said {out!r}, not a Node.js version")
+    return out
+
+
+@functools.cache
+def _sha256_file(path: Path, _size: int, _mtime_ns: int) -> str:
+    """Once per process per file version: ``find_image`` runs at every VM create."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _install_vendor_clis(root: Path, clis: VendorClis) -> None:
+    """The tree where the providers look for it, node on PATH (the CLIs' ``#!/usr/bin/env
+    node``), and each CLI in /usr/local/bin for a person at the guest's shell."""
+    dest = root / VENDOR_CLI_DIR.relative_to("/")
+    shutil.copytree(clis.directory, dest, symlinks=True)
+    if hashlib.sha256((dest / "package-lock.json").read_bytes()).hexdigest() != clis.lock_sha256:
+        raise ImageBuildError(f"{clis.directory} changed during the build: build again")
+    shutil.copy2(clis.node, root / GUEST_NODE.relative_to("/"))
+    local_bin = root / "usr" / "local" / "bin"
+    local_bin.mkdir(parents=True, exist_ok=True)
+    for name in VENDOR_CLIS:
+        (local_bin / name).symlink_to(VENDOR_CLI_DIR / "node_modules" / ".bin" / name)
+    # Fails here, not in a VM, when node lacks a shared library in the image.
+    out = _run(["chroot", str(root), str(GUEST_NODE), "--version"], "node --version in the image")
+    if out.strip() != clis.node_version:
+        raise ImageBuildError(f"node in the image says {out.strip()}, not {clis.node_version}")
 
 
 def _mke2fs(root: Path, dest: Path) -> None:
