@@ -21,15 +21,19 @@ def image_dir() -> Path:
     return Settings(_env_file=None).image_dir
 
 
-def minimal_image() -> Image:
+def _skip_without_qemu() -> None:
     missing = [b for b in NEEDS if not shutil.which(b)]
     if missing:
         pytest.skip(f"needs {', '.join(missing)}: scripts/setup.sh --with-qemu installs them")
+
+
+def minimal_image() -> Image:
+    _skip_without_qemu()
     return build_image(image_dir(), "minimal")
 
 
 def cli_image() -> Image:
     """The cli image (minimal plus the host's Node.js and vendor CLIs): about two and a half
     minutes cold, cached like the minimal one."""
-    minimal_image()  # the same skip when QEMU or mmdebstrap is missing
+    _skip_without_qemu()
     return build_image(image_dir(), "cli")
