@@ -47,8 +47,9 @@ test:
 	export AIRLOCK_TEST_POSTGRES_URL; \
 	echo "make test: PostgreSQL for the tests: $$AIRLOCK_TEST_POSTGRES_URL" >&2; \
 	lint=ok; ( $(LINT) ) || lint=FAILED; \
-	echo "make test: the minimal guest image for the qemu tests (cached; cold: a minute or two)" >&2; \
+	echo "make test: the minimal and cli guest images for the qemu tests (cached; cold: 2-3 min each)" >&2; \
 	$(BIN)/airlock image build --flavor minimal >&2 || echo "make test: image build failed (the qemu tests say why)" >&2; \
+	$(BIN)/airlock image build --flavor cli >&2 || echo "make test: cli image build failed (the qemu tests say why)" >&2; \
 	log="$$(mktemp)"; trap 'rm -f "$$log"' EXIT; \
 	color=no; if [ -t 1 ]; then color=yes; fi; \
 	rc=0; $(BIN)/pytest --color=$$color $(PYTEST_ARGS) 2>&1 | tee "$$log" || rc=$$?; \

@@ -405,7 +405,11 @@ def reap(
 @image_app.command("build")
 def image_build(
     flavor: Annotated[
-        str, typer.Option("--flavor", help="browser (Xvnc + Chromium), cli, or minimal.")
+        str,
+        typer.Option(
+            "--flavor",
+            help="browser (Xvnc + Chromium), cli (Node.js + the vendor CLIs), or minimal.",
+        ),
     ] = "minimal",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
     as_json: JsonOpt = False,
