@@ -2,8 +2,10 @@
 packages only (``airlock image build --flavor browser|cli|minimal``).
 
 An image is a directory ``{image dir}/{flavor}-{key}/`` where ``key`` hashes everything
-that goes into it (flavor, package list, the guest agent's source, the build code), so a
-change to any of them builds a new image and an unchanged one is reused. Its files:
+that goes into it (flavor, package list, the guest agent's source, the build code; for
+``cli`` also the Node.js binary and the vendor CLIs' lockfile, copied from the host's
+install, see ``build.vendor_clis``), so a change to any of them builds a new image and an
+unchanged one is reused. Its files:
 
 ``vmlinuz``       the Debian cloud kernel as shipped (bzImage): QEMU ``-kernel``
 ``vmlinux``       the same kernel uncompressed (ELF): Firecracker ``boot-source``
