@@ -193,10 +193,14 @@ class EgressProxy:
         self._closing = True
         if self._server is not None:
             self._server.close()
-        while self._tasks or self._handlers:
+        # Only tasks not done yet: one cancelled before it ever ran never ran its clean-up,
+        # so it stays in the set, and waiting on it again would spin here forever.
+        while pending := {t for t in self._tasks | self._handlers if not t.done()}:
             for task in self._tasks:
                 task.cancel()
-            await asyncio.wait(self._tasks | self._handlers)
+            await asyncio.wait(pending)
+        self._tasks.clear()
+        self._handlers.clear()
         if self._server is not None:
             await self._server.wait_closed()
         if self._path is not None and self._inode is not None:
@@ -221,6 +225,7 @@ class EgressProxy:
             return
         work = asyncio.create_task(self._connection(reader, writer), name=f"egress:{self.vm_id}")
         self._tasks.add(work)
+        work.add_done_callback(self._tasks.discard)  # even if cancelled before it ran
         self._handlers.add(handler)
         try:
             await asyncio.wait([work])
