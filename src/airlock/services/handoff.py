@@ -100,7 +100,7 @@ class HandoffService:
     async def after_capture(self, session_id: str) -> None:
         """Inject a fresh capture into the session's CLI VM, if it named one. Never raises:
         the capture is stored; a failed handoff is an event, and the route can retry."""
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             session = await repo.auth_session(session_id)
             cred = await repo.credential_of_session(session_id)
         if session is None or cred is None or session.cli_vm_id is None:
@@ -192,7 +192,7 @@ class HandoffService:
         return await self._record(cred, vm_id, actor, intact, check, summary, written, check_ms)
 
     async def _check_target(self, vm_id: str, user_id: str, cred: Credential, actor: str) -> None:
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             vm = await repo.vm(vm_id)
         if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI.value:
             raise NotFound(f"no CLI VM {vm_id} for this user", code="vm_not_found")
@@ -206,7 +206,7 @@ class HandoffService:
             raise Conflict(message, code="vm_not_running")
 
     async def _vm_state(self, vm_id: str) -> VmState | None:
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             vm = await repo.vm(vm_id)
         return VmState(vm.state) if vm is not None else None
 

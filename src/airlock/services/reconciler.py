@@ -75,7 +75,7 @@ class Reconciler:
             log.warning("runtime could not be listed; reconcile skipped: %s", exc)
             return ReconcileReport(skipped=True)
         ids = [vm.vm_id for vm in running]
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             rows = await repo.live_vms() + await repo.vms(ids=ids)
         recorded = {
             row.id: RecordedVm(

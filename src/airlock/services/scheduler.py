@@ -70,7 +70,7 @@ class Scheduler:
         while not self.tasks.closed:
             try:
                 await self.tick()
-                async with self.db.transaction() as repo:
+                async with self.db.read() as repo:
                     wake = await repo.next_wakeup()
             except asyncio.CancelledError:
                 raise
@@ -92,7 +92,7 @@ class Scheduler:
             return 0  # shutting down: claim nothing we could not destroy
         now = self.clock.now()
         claimed: list[Vm] = []
-        async with self.db.transaction() as repo:
+        async with self.db.transaction(urgent=True) as repo:
             for vm in await repo.due_vms(now, BATCH):
                 reason = vm.destroy_reason or DestroyReason.GRACE_ENDED.value
                 if await self._claim(repo, vm, now=now, reason=reason, actor="scheduler"):
@@ -106,7 +106,7 @@ class Scheduler:
         one performs the destroy, the others return False at once. Never raises for a
         VM that is already gone or being destroyed."""
         now = self.clock.now()
-        async with self.db.transaction() as repo:
+        async with self.db.transaction(urgent=True) as repo:
             vm = await repo.vm(vm_id, lock=True)
             if vm is None or vm.state in (VmState.DESTROYING.value, *_TERMINAL):
                 return False
@@ -160,7 +160,7 @@ class Scheduler:
                 await self._destroy_failed(vm, exc)
                 return
         now = self.clock.now()
-        async with self.db.transaction() as repo:
+        async with self.db.transaction(urgent=True) as repo:
             won = await records.move_vm(
                 repo,
                 vm,
@@ -195,7 +195,7 @@ class Scheduler:
             extra={"vm_id": vm.id},
         )
         self.metrics.destroy_failures.inc()
-        async with self.db.transaction() as repo:
+        async with self.db.transaction(urgent=True) as repo:
             await repo.set_vm(
                 vm.id,
                 [VmState.DESTROYING],

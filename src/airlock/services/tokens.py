@@ -101,7 +101,7 @@ class TokenService:
         return IssuedToken(token, value)
 
     async def list(self) -> list[Token]:
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             return await repo.tokens()
 
     async def revoke(self, token_id: str) -> Token:
@@ -121,7 +121,7 @@ class TokenService:
         if not value or not value.startswith(PREFIX) or len(value) > 200:
             raise Unauthorized("missing or malformed bearer token")
         digest = hash_token(value)
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             token = await repo.token_by_hash(digest)
         if (
             token is None

@@ -49,7 +49,7 @@ class VmService:
 
     async def get(self, vm_id: str, user_id: str | None) -> Vm:
         check_vm_id(vm_id)
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             vm = await repo.vm(vm_id)
         if vm is None or (user_id is not None and vm.user_id != user_id):
             raise NotFound(f"no VM {vm_id} for this user", code="vm_not_found")
@@ -70,7 +70,7 @@ class VmService:
         states = [state] if state else None
         if live_only and states is None:
             states = [s.value for s in VmState if s.live]
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             return await repo.vms(user_id=user_id, role=role, states=states)
 
     async def create_cli(self, *, user_id: str, actor: str) -> Vm:

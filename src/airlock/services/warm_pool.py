@@ -101,7 +101,7 @@ class WarmPool:
     async def recover(self) -> None:
         """After a restart: a warm VM whose boot was cut off is destroyed (its row says
         ``creating`` but nobody is booting it); running warm VMs are simply the pool."""
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             stale = await repo.warm_vms([VmState.CREATING])
         for vm in stale:
             await self.scheduler.destroy_now(

@@ -59,7 +59,7 @@ async def readyz(core: CoreDep) -> JSONResponse:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )
 async def metrics(core: CoreDep) -> Response:
-    async with core.db.transaction() as repo:
+    async with core.db.read() as repo:
         counts = await repo.count_vms()
     gauge = core.metrics.vms
     gauge.clear()
