@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from airlock.errors import RuntimeFailure
 from airlock.providers.base import LoginPlan
 from airlock.runtimes.base import Runtime, VmSpec
 from airlock.runtimes.sandbox import SandboxRuntime
+from airlock.runtimes.vmdir import VM_NICE
 
 pytestmark = [
     pytest.mark.sandbox,
@@ -128,6 +130,42 @@ async def test_browser_vm_serves_agent_vnc_and_devtools(runtime: SandboxRuntime)
         status, body = await http_get(stream, "/json/version")
         stream[1].close()
     assert status == 200 and json.loads(body)["Browser"].startswith(("Chrome/", "HeadlessChrome"))
+
+    # The whole VM, Xvnc and Chromium included, is one scheduling group below the controller.
+    autogroup, groups = scheduling_groups(vm.pid)
+    if autogroup:
+        assert len(groups) >= 5  # init, shell, agent, Xvnc, Chromium...
+        assert len({group for group, _ in groups.values()}) == 1
+        assert {nice for _, nice in groups.values()} == {str(VM_NICE)}
+
+
+def scheduling_groups(init_pid: int) -> tuple[bool, dict[int, tuple[str, str]]]:
+    """Whether the kernel schedules by autogroup, and each VM process's group and nice."""
+    enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    groups = {}
+    for pid in vm_pids(init_pid):
+        with contextlib.suppress(OSError):
+            group, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
+            groups[pid] = (group, nice)
+    return enabled, groups
+
+
+def vm_pids(init_pid: int) -> list[int]:
+    """Host pids of every process in the sandbox's pid namespace but Chromium's crash
+    handlers (which make sessions of their own, and idle)."""
+    ns = os.stat(f"/proc/{init_pid}/ns/pid").st_ino
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}/ns/pid").st_ino != ns:
+                    continue
+                if Path(f"/proc/{name}/comm").read_text().strip() == "chrome_crashpad":
+                    continue
+                found.append(int(name))
+            except OSError:
+                continue
+    return found
 
 
 async def test_hello_with_a_wrong_secret_is_refused(runtime: SandboxRuntime) -> None:

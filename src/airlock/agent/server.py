@@ -517,7 +517,7 @@ class Agent:
                 stderr=out,
                 env=env,
                 cwd=self.config.home,
-                start_new_session=True,
+                process_group=0,  # its own group, in the VM's session (CPU weight)
             )
         except OSError as exc:
             raise OpError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
@@ -656,7 +656,7 @@ class Agent:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd=self.config.home,
-                start_new_session=True,
+                process_group=0,  # its own group, in the VM's session (CPU weight)
             )
         except OSError as exc:
             raise OpError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
@@ -909,7 +909,9 @@ class Agent:
             "airlock",
         ]
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            process_group=0,  # not a session of its own: the VM is one scheduling group
         )
         self._children.add(proc)
         return proc
@@ -968,7 +970,10 @@ class Agent:
         env = dict(os.environ)
         env.update(DISPLAY=DISPLAY, HOME=str(cfg.home), DBUS_SESSION_BUS_ADDRESS="disabled:")
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
+            process_group=0,  # not a session of its own: the VM is one scheduling group
         )
         self._children.add(proc)
         log.info("chromium started: pid %d", proc.pid)

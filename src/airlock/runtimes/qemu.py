@@ -48,7 +48,7 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.images import Image, find_image
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import is_young, read_meta
+from airlock.runtimes.vmdir import VM_NICE, is_young, read_meta, set_cpu_nice
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,7 @@ class QemuRuntime:
             await self._wait_ready(state_dir, secret, deadline)
             if spec.role is VmRole.BROWSER and image.flavor == "browser":
                 await self._wait_vnc(state_dir, deadline)
+            set_cpu_nice(pid, VM_NICE)  # booted: the controller's deadlines come first
         except BaseException as exc:
             tail = self._console_tail(state_dir) if prepared else ""
             if prepared:

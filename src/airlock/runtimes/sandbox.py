@@ -45,7 +45,15 @@ from airlock.agent.protocol import DEVTOOLS_PORT, MAX_MESSAGE
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import PidRecord, is_alive, is_young, read_meta
+from airlock.runtimes.vmdir import (
+    DYING_VM_NICE,
+    VM_NICE,
+    PidRecord,
+    is_alive,
+    is_young,
+    read_meta,
+    set_cpu_nice,
+)
 from airlock.runtimes.vmdir import open_unix as _open_unix
 from airlock.runtimes.vmdir import proc_stat as _proc_stat
 from airlock.runtimes.vmdir import read_pid as _read_pid
@@ -132,6 +140,7 @@ def _kill_init(record: PidRecord) -> bool:
             ns: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except OSError:
             ns = None
+        set_cpu_nice(record.pid, DYING_VM_NICE)  # its processes' exit is work too
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         if not _wait_fd_readable(pidfd, 10):
             raise RuntimeFailure(f"sandbox init {record.pid} did not die within 10 s")
@@ -392,7 +401,7 @@ class SandboxRuntime:
             secret = await asyncio.to_thread(self._prepare, spec, state_dir)
             prepared = True
             record = await self._launch(spec, state_dir, deadline)
-            await self._wait_ready(spec, state_dir, secret, deadline)
+            await self._wait_ready(spec, state_dir, secret, deadline, record)
         except BaseException as exc:
             tail = _log_tail(state_dir) if prepared else ""
             if prepared:
@@ -520,7 +529,7 @@ class SandboxRuntime:
         raise RuntimeFailure("bwrap failed before starting the sandbox")
 
     async def _wait_ready(
-        self, spec: VmSpec, state_dir: Path, secret: str, deadline: float
+        self, spec: VmSpec, state_dir: Path, secret: str, deadline: float, record: PidRecord
     ) -> None:
         """Until the agent answers ping; for a browser VM also until VNC speaks RFB and
         Chromium's DevTools answers (through the agent, as the controller will reach it)."""
@@ -572,6 +581,9 @@ class SandboxRuntime:
                 raise ValueError(f"DevTools answered {status}")
 
         await attempt("agent", ping)
+        # Now, not at launch: bwrap's init calls setsid() (a new scheduling group, at nice
+        # 0) some time after it tells us its pid; the agent answering proves it has.
+        set_cpu_nice(record.pid, VM_NICE)
         if spec.role is VmRole.BROWSER:
             await attempt("VNC", vnc)
             await attempt("DevTools", devtools)
