@@ -109,7 +109,7 @@ class SessionService:
     async def get(self, session_id: str, user_id: str | None) -> tuple[AuthSession, Vm | None]:
         """The session and its VM; 404 when missing or not ``user_id``'s (None: any)."""
         check_session_id(session_id)
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             session = await repo.auth_session(session_id)
             if session is None or (user_id is not None and session.user_id != user_id):
                 raise NotFound(
@@ -123,7 +123,7 @@ class SessionService:
     ) -> list[tuple[AuthSession, Vm | None]]:
         if status is not None and status not in {s.value for s in SessionStatus}:
             raise InvalidInput(f"unknown status {status!r}", code="invalid_status")
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             sessions = await repo.auth_sessions(
                 user_id=user_id, statuses=[status] if status else None, limit=limit
             )
@@ -132,11 +132,11 @@ class SessionService:
 
     async def credential(self, session_id: str) -> Credential | None:
         """The capture's metadata row. Callers check ownership with ``get`` first."""
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             return await repo.credential_of_session(session_id)
 
     async def credentials_of(self, session_ids: Sequence[str]) -> dict[str, Credential]:
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             return await repo.credentials_of(session_ids)
 
     async def export_secret(
@@ -180,7 +180,7 @@ class SessionService:
         return secret
 
     async def events(self, session: AuthSession) -> builtins.list[Event]:
-        async with self.db.transaction() as repo:
+        async with self.db.read() as repo:
             return await repo.events_for_session(
                 session.id, [session.vm_id] if session.vm_id else []
             )
@@ -321,6 +321,9 @@ class SessionService:
             async with asyncio.timeout(self.boot_timeout):
                 running = await self.runtime.create(spec)
         except Exception as exc:
+            # The whole story (the runtime adds the VM's own log) for the operator; the
+            # session keeps its first line.
+            log.warning("VM %s did not boot: %s", vm_id, exc, extra={"session_id": session_id})
             await self.runtime.destroy(vm_id)
             await self._fail(
                 session_id,
@@ -408,7 +411,7 @@ class SessionService:
         """Wait for the agent to report the credentials (once), then store and ack them."""
         failures = 0
         while True:
-            async with self.db.transaction() as repo:
+            async with self.db.read() as repo:
                 session = await repo.auth_session(session_id)
                 vm = await repo.vm(vm_id)
             if (
@@ -707,4 +710,4 @@ def _reason_after_failure(state: VmState) -> str:
 
 def _short(exc: BaseException) -> str:
     text = exc.message if isinstance(exc, AirlockError) else str(exc) or type(exc).__name__
-    return text.strip().splitlines()[-1][:300] if text.strip() else type(exc).__name__
+    return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
