@@ -79,7 +79,9 @@ async def run(sessions: int, concurrency: int, data_dir: Path) -> dict[str, floa
 
     started = time.monotonic()
     try:
-        await asyncio.gather(*(guarded(i) for i in range(sessions)))
+        async with asyncio.TaskGroup() as group:  # one failure cancels the rest
+            for i in range(sessions):
+                group.create_task(guarded(i))
     finally:
         await core.close()
         for vm in await core.runtime.list():  # VMs outlive a controller: leave none behind
