@@ -11,6 +11,7 @@ import pytest
 
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import DestroyReason, VmState
+from airlock.errors import Unavailable
 from airlock.services.core import Core
 from tests.lifecycle_helpers import finish_login, running_ids, wait_for
 from tests.services.conftest import CoreFactory
@@ -112,3 +113,18 @@ async def test_a_restarted_controller_adopts_the_pool(make_core: CoreFactory) ->
     assert await warm_ids(second, VmState.CREATING, VmState.RUNNING) == pool  # no new boot
     session, vm = await second.sessions.start(user_id="bob", provider_id="oauth2", actor="test")
     assert vm.id in pool and session.status == SessionStatus.AWAITING_USER.value
+
+
+async def test_warm_vms_count_toward_the_vm_limit(make_core: CoreFactory) -> None:
+    core = await make_core(warm_pool=3, max_concurrent_vms=2)
+    await pool_ready(core, 2)  # not 3: the limit holds for the pool too
+    await asyncio.sleep(0.5)
+    assert len(await warm_ids(core, VmState.CREATING, VmState.RUNNING)) == 2
+    for user in ("alice", "bob"):  # each takes a warm VM; the pool may not refill past 2
+        _, vm = await core.sessions.start(user_id=user, provider_id="oauth2", actor="test")
+        assert vm.id in await running_ids(core.runtime)
+    assert await warm_ids(core, VmState.CREATING, VmState.RUNNING) == set()
+    with pytest.raises(Unavailable) as full:
+        await core.sessions.start(user_id="carol", provider_id="oauth2", actor="test")
+    assert full.value.code == "at_capacity"
+    assert len(await running_ids(core.runtime)) == 2

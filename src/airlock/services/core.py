@@ -159,6 +159,7 @@ class Core:
             size=settings.warm_pool,
             max_age=settings.warm_pool_max_age,
             boot_timeout=settings.vm_boot_timeout.total_seconds(),
+            max_browser_vms=settings.max_concurrent_vms,
         )
         self._sessions: SessionService | None = None
 

@@ -233,6 +233,7 @@ class SessionService:
                 live = await repo.vms(
                     role=VmRole.BROWSER.value,
                     states=[VmState.CREATING.value, VmState.RUNNING.value],
+                    node=repo.node,  # this controller's own: another host has its own limit
                 )
                 if len(live) >= self.max_browser_vms:
                     raise Unavailable(

@@ -57,6 +57,7 @@ class WarmPool:
         size: int,
         max_age: timedelta,
         boot_timeout: float,
+        max_browser_vms: int | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -67,6 +68,7 @@ class WarmPool:
         self.size = size
         self.max_age = max_age
         self.boot_timeout = boot_timeout
+        self.max_browser_vms = max_browser_vms  # warm VMs are live VMs: they count too
         self._poked = asyncio.Event()
         self._failures = 0
 
@@ -133,7 +135,15 @@ class WarmPool:
         new: list[Vm] = []
         async with self.db.transaction() as repo:
             pooled = await repo.warm_vms(_POOLED)
-            for _ in range(self.size - len(pooled)):
+            wanted = self.size - len(pooled)
+            if self.max_browser_vms is not None and wanted > 0:
+                live = await repo.vms(
+                    role=VmRole.BROWSER.value,
+                    states=[VmState.CREATING.value, VmState.RUNNING.value],
+                    node=repo.node,
+                )
+                wanted = min(wanted, self.max_browser_vms - len(live))
+            for _ in range(wanted):
                 vm = Vm(
                     id="vm-" + secrets.token_hex(8),
                     role=VmRole.BROWSER.value,
