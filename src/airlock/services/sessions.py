@@ -411,18 +411,7 @@ class SessionService:
     async def _watch(self, session_id: str, vm_id: str, provider: Provider) -> None:
         """Wait for the agent to report the credentials (once), then store and ack them."""
         failures = 0
-        while True:
-            async with self.db.read() as repo:
-                session = await repo.auth_session(session_id)
-                vm = await repo.vm(vm_id)
-            if (
-                session is None
-                or vm is None
-                or SessionStatus(session.status).terminal
-                or VmState(vm.state).terminal
-                or vm.state == VmState.DESTROYING.value
-            ):
-                return
+        while await self._watched(session_id, vm_id):
             try:
                 agent = await self._agent(vm_id)
                 try:
@@ -432,6 +421,8 @@ class SessionService:
                     await agent.close()
                 failures = 0
             except Exception as exc:
+                if not await self._watched(session_id, vm_id):
+                    return  # cancelled or destroyed under the watch: the agent went with it
                 failures += 1
                 log.warning(
                     "agent unreachable (%d): %s",
@@ -452,6 +443,19 @@ class SessionService:
                     f"{status.get('exit_code')} without credentials",
                 )
                 return
+
+    async def _watched(self, session_id: str, vm_id: str) -> bool:
+        """Whether the session still waits for a capture from a VM that still runs."""
+        async with self.db.read() as repo:
+            session = await repo.auth_session(session_id)
+            vm = await repo.vm(vm_id)
+        return not (
+            session is None
+            or vm is None
+            or SessionStatus(session.status).terminal
+            or VmState(vm.state).terminal
+            or vm.state == VmState.DESTROYING.value
+        )
 
     async def _on_capture(
         self, session_id: str, vm_id: str, provider: Provider, files: dict[str, bytes]
