@@ -69,6 +69,9 @@ $bb mount -t tmpfs -o mode=0755 tmpfs /run
 $bb mount -t tmpfs -o mode=1777 tmpfs /tmp
 $bb hostname airlock
 $bb ip link set lo up
+# No swap and a few hundred MiB: the default heuristic refuses Chromium's renderers their V8
+# address-space reservation ("V8 process OOM ... CodeRange"), leaving a crashed tab.
+echo 1 > /proc/sys/vm/overcommit_memory
 export HOME=/root PYTHONPATH=/opt/airlock
 exec python3 -m airlock.agent.guest
 """
