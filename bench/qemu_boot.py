@@ -1,5 +1,8 @@
 """Boot time of the qemu runtime's minimal image: ``create()`` until the guest agent answers
 a ping (``create`` returns only then), one VM at a time, each destroyed before the next.
+Then one browser VM on the browser image (Xvnc + Chromium), if that image is built (it is
+never built here: over a GiB): ``create()`` until Xvnc speaks RFB (``create`` waits for it),
+and until Chromium's DevTools answers ``/json/version`` through the agent.
 
 The accelerator is whatever the runtime chooses here (its cached KVM probe): on build
 machines where KVM runs no stock kernel, TCG. The image is built first if missing (not
@@ -15,8 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from airlock.agent.client import http_get
+from airlock.agent.protocol import DEVTOOLS_PORT
 from airlock.domain.vms import VmRole
-from airlock.images import build_image
+from airlock.errors import RuntimeFailure
+from airlock.images import build_image, find_image
 from airlock.logs import setup_logging
 from airlock.runtimes.base import VmSpec
 from airlock.runtimes.qemu import QemuRuntime
@@ -48,6 +54,42 @@ async def run(boots: int, vms_dir: Path, image_dir: Path) -> dict[str, object]:
     return {"accel": accel, "boot": boot, "destroy": destroy}
 
 
+BROWSER_TIMEOUT_S = 300.0  # TCG: Chromium takes tens of seconds to start
+
+
+async def browser_boot(vms_dir: Path, image_dir: Path) -> tuple[float, float]:
+    """(create -> VNC banner, create -> DevTools answering) of one browser VM, in seconds."""
+    runtime = QemuRuntime(
+        vms_dir,
+        image_dir,
+        flavors={VmRole.CLI: "minimal", VmRole.BROWSER: "browser"},
+        boot_timeout_s=BROWSER_TIMEOUT_S,
+    )
+    t0 = time.monotonic()
+    try:
+        vm = await runtime.create(VmSpec(vm_id="bench-browser", role=VmRole.BROWSER, user_id="b"))
+        vnc = time.monotonic() - t0
+        last: Exception | int | None = None
+        while time.monotonic() - t0 < BROWSER_TIMEOUT_S:
+            try:
+                async with await runtime.agent_client(vm.vm_id) as agent:
+                    stream = await agent.connect_port(DEVTOOLS_PORT)
+                try:
+                    status, _ = await asyncio.wait_for(http_get(stream, "/json/version"), 10)
+                finally:
+                    stream[1].close()
+                if status == 200:
+                    return vnc, time.monotonic() - t0
+                last = status
+            except (RuntimeFailure, OSError, TimeoutError, ValueError, EOFError) as exc:
+                last = exc  # Chromium not listening yet: the agent refuses the connect
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"DevTools did not answer in {BROWSER_TIMEOUT_S:g} s: {last!r}")
+    finally:
+        for left in await runtime.list():
+            await runtime.destroy(left.vm_id)
+
+
 def main(boots: int = 5) -> None:
     setup_logging("WARNING")
     image_dir = Settings(_env_file=None).image_dir
@@ -63,6 +105,17 @@ def main(boots: int = 5) -> None:
         f"  p95 {pct(boot, 95):.1f} s  (min {min(boot):.1f} s, max {max(boot):.1f} s)"
     )
     print(f"  destroy (QMP quit, kill, clean)  median {statistics.median(destroy) * 1000:.0f} ms")
+    if find_image(image_dir, "browser") is None:
+        print(
+            "\nqemu runtime, browser image: skipped, not built "
+            "(`airlock image build --flavor browser`, about 1.5 min and 1.2 GB)"
+        )
+        return
+    with tempfile.TemporaryDirectory(prefix="airlock-bench-qemu-") as tmp:
+        vnc, devtools = asyncio.run(browser_boot(Path(tmp) / "vms", image_dir))
+    print(f"\nqemu runtime, browser image, one browser VM ({r['accel']})")
+    print(f"  create -> agent ping and VNC banner  {vnc:.1f} s")
+    print(f"  create -> Chromium DevTools answering through the agent  {devtools:.1f} s")
 
 
 if __name__ == "__main__":
