@@ -434,19 +434,21 @@ def vendor_clis(directory: Path | None = None, node: Path | None = None) -> Vend
     if found is None:
         raise ImageBuildError(f"the cli image needs Node.js >= {NODE_MAJOR}; no node on PATH")
     found = found.resolve()
-    version = _node_version(found)
+    st = found.stat()
+    version = _node_version(found, st.st_size, st.st_mtime_ns)
     if int(version.lstrip("v").split(".")[0]) < NODE_MAJOR:
         raise ImageBuildError(
             f"the cli image needs Node.js >= {NODE_MAJOR} (Gemini CLI); {found} is {version}"
         )
     pins = json.loads((directory / "package.json").read_text()).get("dependencies", {})
-    st = found.stat()
     return VendorClis(
         directory, found, version, _sha256_file(found, st.st_size, st.st_mtime_ns), lock_sha, pins
     )
 
 
-def _node_version(node: Path) -> str:
+@functools.cache
+def _node_version(node: Path, _size: int, _mtime_ns: int) -> str:
+    """Once per process per node binary, like ``_sha256_file``: not a subprocess per key."""
     try:
         out = subprocess.run(
             [str(node), "--version"], capture_output=True, text=True, timeout=30, check=True

@@ -147,11 +147,10 @@ class Database:
         self.engine = make_engine(url)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._serial = None if self.is_postgres else _Lanes()
-        self.reader: AsyncEngine | None = None
-        self._readers = self._sessions
+        self._reader: AsyncEngine | None = None  # SQLite on a file only
         if self._serial is not None and _sqlite_path(url) not in ("", ":memory:"):
-            self.reader = make_reader_engine(url)
-            self._readers = async_sessionmaker(self.reader, expire_on_commit=False)
+            self._reader = make_reader_engine(url)
+            self._readers = async_sessionmaker(self._reader, expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -181,7 +180,7 @@ class Database:
     async def read(self) -> AsyncIterator[Repo]:
         """A transaction that only reads. On SQLite it does not queue behind writers;
         a write in it fails (``query_only``)."""
-        if self.reader is None:
+        if self._reader is None:
             async with self.transaction() as repo:
                 yield repo
             return
@@ -194,8 +193,8 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
-        if self.reader is not None:
-            await self.reader.dispose()
+        if self._reader is not None:
+            await self._reader.dispose()
 
 
 def new_session(db: Database) -> AsyncSession:
