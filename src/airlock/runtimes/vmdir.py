@@ -85,10 +85,11 @@ async def open_unix(path: Path, *, limit: int = 2**16) -> Stream:
 
 
 # CPU weights: the nice value of a VM's scheduling group. The controller runs at 0, so its
-# deadlines come first; a VM being killed gets 0 again, so its processes exit (Chromium's
-# unmapping is real work) in time for the destroy's deadline.
+# deadlines come first. A VM being killed goes ahead of everything: its processes' exit
+# (Chromium's unmapping) is short, bounded work that the destroy's deadline waits on
+# (200 sessions ten at a time: destroy lag p50 196 -> 144 ms, p99 529 -> 465 ms vs 0).
 VM_NICE = 10
-DYING_VM_NICE = 0
+DYING_VM_NICE = -10
 
 
 def set_cpu_nice(pid: int, nice: int) -> bool:
