@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     log_json: bool | None = Field(None, description="JSON logs; default: when not a TTY.")
     vm_boot_timeout_ms: int = Field(60_000, gt=0, description="How long a VM may take to boot.")
     max_concurrent_vms: int = Field(64, gt=0, description="Live browser VMs a controller runs.")
+    browser_single_process: bool = Field(
+        True,
+        description="Chromium in a browser VM runs as one process: about a third less CPU "
+        "per login. Chromium calls the mode unsupported; false gives its usual process model.",
+    )
 
     @field_validator("image_dir")
     @classmethod

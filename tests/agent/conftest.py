@@ -53,7 +53,7 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[StartAgent]:
         pytest.skip("bwrap is not installed")
     started: list[AgentHarness] = []
 
-    async def start(role: str = "cli") -> AgentHarness:
+    async def start(role: str = "cli", *extra: str) -> AgentHarness:
         state_dir = tmp_path / f"st{len(started)}"
         state_dir.mkdir(mode=0o700)
         secret = secrets.token_urlsafe(32)
@@ -104,6 +104,7 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[StartAgent]:
             XVNC or "Xvnc",
             "--chromium",
             CHROMIUM or "chromium",
+            *extra,
         ]
         out = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
         try:

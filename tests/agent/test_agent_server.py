@@ -331,3 +331,35 @@ async def test_browser_role_opens_the_login_url_as_the_only_page(start_agent: St
             await asyncio.sleep(0.1)
         assert [p["url"] for p in pages] == [url]
         assert (await client.login_status())["url"] == url
+
+
+@pytest.mark.skipif(XVNC is None or CHROMIUM is None, reason="needs Xvnc and chromium")
+@pytest.mark.parametrize("model", ["single", "multi"])
+async def test_browser_process_model_is_the_one_asked_for(
+    start_agent: StartAgent, model: str
+) -> None:
+    agent = await start_agent("browser", "--browser-processes", model)
+    async with await agent.client() as client:
+        deadline = time.monotonic() + 20
+        while True:  # until DevTools answers: Chromium has started its processes
+            try:
+                async with await agent.client() as pipe_client:
+                    stream = await pipe_client.connect_port(protocol.DEVTOOLS_PORT)
+                    status, _ = await http_get(stream, "/json/version")
+                    stream[1].close()
+                if status == 200:
+                    break
+            except AgentError:
+                pass
+            assert time.monotonic() < deadline, "DevTools never answered"
+            await asyncio.sleep(0.1)
+        listing = await client.run(
+            ["sh", "-c", "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"]
+        )
+    chromium = [line for line in listing.stdout.splitlines() if "--user-data-dir=" in line]
+    children = [line for line in chromium if " --type=" in line]
+    assert chromium, listing.stdout
+    if model == "single":
+        assert children == [] and all("--single-process" in line for line in chromium)
+    else:
+        assert children and not any("--single-process" in line for line in chromium)

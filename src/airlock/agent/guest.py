@@ -46,6 +46,8 @@ def _commands(config: dict[str, str]) -> dict[str, list[str]]:
         config.get("role", "cli"),
         "--screen",
         config.get("screen", "1280x800"),
+        "--browser-processes",
+        config.get("browser_processes", "single"),
         "--egress-socket",
         str(STATE / "egress.sock"),
         "--run-dir",

@@ -85,6 +85,7 @@ class Config:
     xvnc: str
     chromium: str
     egress_socket: Path
+    single_process: bool = True  # Chromium's process model: see _start_chromium
 
 
 @dataclass(slots=True)
@@ -955,15 +956,6 @@ class Agent:
             "--noerrdialogs",
             "--password-store=basic",
             "--test-type",  # no "unsupported command-line flag" bar over the login page
-            # One process, not ten (zygote, GPU, network, storage, renderers): each is a
-            # fork+exec of a 250 MB binary that initialises its own copy of the world.
-            # Measured from launch to a loaded login page plus 1 s: 0.69 CPU-s instead of
-            # 1.07 (median of 9). It gives up no isolation that exists here: with
-            # --no-sandbox a renderer already runs as the browser's user, and the VM is the
-            # boundary. A renderer crash now takes the browser with it; _browser_stack
-            # restarts it straight back to the login URL.
-            "--single-process",
-            "--no-zygote",
             f"--remote-debugging-port={DEVTOOLS_PORT}",
             "--remote-debugging-address=127.0.0.1",
             f"--user-data-dir={cfg.run_dir / 'chromium'}",
@@ -976,6 +968,16 @@ class Agent:
             # to the login.
             f"--app={self._url or STARTING_PAGE}",
         ]
+        if cfg.single_process:
+            # One process, not ten (zygote, GPU, network, storage, renderers): each is a
+            # fork+exec of a 250 MB binary that initialises its own copy of the world.
+            # Measured from launch to a loaded login page plus 1 s: 0.69 CPU-s instead of
+            # 1.07 (median of 9). It gives up no isolation that exists here: with
+            # --no-sandbox a renderer already runs as the browser's user, and the VM is
+            # the boundary. A renderer crash takes the browser with it; _browser_stack
+            # restarts it straight back to the login URL. Chromium calls the mode
+            # unsupported, so an operator can turn it off (AIRLOCK_BROWSER_SINGLE_PROCESS).
+            argv[1:1] = ["--single-process", "--no-zygote"]
         env = dict(os.environ)
         env.update(DISPLAY=DISPLAY, HOME=str(cfg.home), DBUS_SESSION_BUS_ADDRESS="disabled:")
         proc = await asyncio.create_subprocess_exec(
@@ -1172,6 +1174,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--xvnc", default="Xvnc")
     parser.add_argument("--chromium", default="chromium")
     parser.add_argument(
+        "--browser-processes",
+        choices=("single", "multi"),
+        default="single",
+        help="Chromium as one process (less CPU per login) or its usual process per site",
+    )
+    parser.add_argument(
         "--egress-socket", type=Path, help="default: {state_dir}/egress.sock (may appear later)"
     )
     parser.add_argument("--run-dir", type=Path, help="private scratch dir (default: $TMPDIR)")
@@ -1187,6 +1195,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         xvnc=args.xvnc,
         chromium=args.chromium,
         egress_socket=args.egress_socket or args.state_dir / "egress.sock",
+        single_process=args.browser_processes == "single",
     )
 
 

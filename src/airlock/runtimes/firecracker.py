@@ -513,6 +513,7 @@ class FirecrackerRuntime:
         mem_mib: int = 1024,
         boot_timeout_s: float = 60.0,
         templates_dir: Path | None = None,
+        browser_single_process: bool = True,
     ) -> None:
         self.vms_dir = Path(vms_dir).absolute()
         # Warm starts: with a templates dir, a create restores a snapshot of a booted VM of
@@ -531,6 +532,7 @@ class FirecrackerRuntime:
         self.vcpus = vcpus
         self.mem_mib = mem_mib
         self.boot_timeout_s = boot_timeout_s
+        self.browser_processes = "single" if browser_single_process else "multi"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._creating: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -678,6 +680,7 @@ class FirecrackerRuntime:
                 "secret": secret,
                 "role": spec.role.value,
                 "screen": f"{spec.screen[0]}x{spec.screen[1]}",
+                "browser_processes": self.browser_processes,
             }
         ).encode()
         if len(config) > CONFIG_DISK_BYTES:

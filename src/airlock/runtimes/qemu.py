@@ -245,6 +245,7 @@ class QemuRuntime:
         boot_timeout_s: float = 60.0,
         qemu: str | None = None,
         python: str | None = None,
+        browser_single_process: bool = True,
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
@@ -255,6 +256,7 @@ class QemuRuntime:
         self.cpus = cpus
         self.accel_setting = accel
         self.boot_timeout_s = boot_timeout_s
+        self.browser_processes = "single" if browser_single_process else "multi"
         self.qemu = qemu or shutil.which("qemu-system-x86_64")
         self.qemu_img = shutil.which("qemu-img")
         self.python = python or sys.executable
@@ -361,7 +363,12 @@ class QemuRuntime:
             secret = secrets.token_urlsafe(32)
             _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
             config = json.dumps(
-                {"secret": secret, "role": spec.role.value, "screen": meta["screen"]}
+                {
+                    "secret": secret,
+                    "role": spec.role.value,
+                    "screen": meta["screen"],
+                    "browser_processes": self.browser_processes,
+                }
             ).encode()
             _write_private(state_dir / "config.img", config.ljust(CONFIG_DISK_SIZE, b"\0"))
             assert self.qemu_img is not None

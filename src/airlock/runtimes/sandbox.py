@@ -254,6 +254,7 @@ class SandboxRuntime:
         chromium: str | Path | None = None,
         python: str | Path | None = None,
         boot_timeout_s: float = 20.0,
+        browser_single_process: bool = True,
     ) -> None:
         self.vms_dir = Path(vms_dir).absolute()
         self.bwrap = str(bwrap) if bwrap else shutil.which("bwrap")
@@ -261,6 +262,7 @@ class SandboxRuntime:
         self.chromium = str(chromium) if chromium else _default_chromium()
         self.python = str(python or sys.executable)
         self.boot_timeout_s = boot_timeout_s
+        self.browser_processes = "single" if browser_single_process else "multi"
         # Where ``import airlock`` comes from; the agent inside needs it on its path.
         self.package_root = Path(airlock.__file__).resolve().parent.parent
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # outer bwrap, to reap
@@ -353,6 +355,8 @@ class SandboxRuntime:
             self.xvnc or "Xvnc",
             "--chromium",
             self.chromium or "chromium",
+            "--browser-processes",
+            self.browser_processes,
         ]
         egress = spec.egress_socket
         if egress is not None and egress.absolute() != state_dir / "egress.sock":

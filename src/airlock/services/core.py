@@ -56,7 +56,9 @@ def make_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "sandbox":
         from airlock.runtimes.sandbox import SandboxRuntime
 
-        return SandboxRuntime(settings.vms_dir)
+        return SandboxRuntime(
+            settings.vms_dir, browser_single_process=settings.browser_single_process
+        )
     if settings.runtime == "qemu":
         from airlock.runtimes.qemu import QemuRuntime
 
@@ -66,6 +68,7 @@ def make_runtime(settings: Settings) -> Runtime:
             memory_mb=settings.qemu_memory_mb,
             accel=settings.qemu_accel,
             boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
+            browser_single_process=settings.browser_single_process,
         )
     if settings.runtime == "firecracker":
         from airlock.images import find_image
@@ -80,6 +83,7 @@ def make_runtime(settings: Settings) -> Runtime:
             image=image,
             boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
             templates_dir=settings.data_dir / "firecracker-templates",  # snapshot warm starts
+            browser_single_process=settings.browser_single_process,
         )
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
