@@ -13,9 +13,22 @@ from airlock.agent import protocol
 from airlock.agent.client import AgentClient, AgentError, FileWrite, http_get
 from airlock.providers.base import LoginPlan
 
-from .conftest import CHROMIUM, HOME, XVNC, StartAgent
+from .conftest import CHROMIUM, HOME, XVNC, AgentHarness, StartAgent
 
 pytestmark = pytest.mark.sandbox
+
+
+async def devtools_get(agent: AgentHarness, path: str) -> tuple[int, bytes] | None:
+    """GET ``path`` from Chromium's DevTools inside the VM, through the agent's port pipe;
+    None while nothing listens there yet."""
+    try:
+        async with await agent.client() as pipe_client:
+            stream = await pipe_client.connect_port(protocol.DEVTOOLS_PORT)
+            answer = await http_get(stream, path)
+            stream[1].close()
+            return answer
+    except AgentError:
+        return None
 
 
 async def raw_exchange(
@@ -317,17 +330,13 @@ async def test_browser_role_opens_the_login_url_as_the_only_page(start_agent: St
         pages: list[dict[str, str]] = []
         while time.monotonic() < deadline:
             if (await client.ping()).get("display") == ":0":
-                try:
-                    async with await agent.client() as pipe_client:
-                        stream = await pipe_client.connect_port(protocol.DEVTOOLS_PORT)
-                        status, body = await http_get(stream, "/json/list")
-                        stream[1].close()
+                answer = await devtools_get(agent, "/json/list")
+                if answer is not None:  # DevTools is listening
+                    status, body = answer
                     assert status == 200
                     pages = [t for t in json.loads(body) if t["type"] == "page"]
                     if [p["url"] for p in pages] == [url]:
                         break
-                except AgentError:
-                    pass  # DevTools not listening yet
             await asyncio.sleep(0.1)
         assert [p["url"] for p in pages] == [url]
         assert (await client.login_status())["url"] == url
@@ -342,15 +351,9 @@ async def test_browser_process_model_is_the_one_asked_for(
     async with await agent.client() as client:
         deadline = time.monotonic() + 20
         while True:  # until DevTools answers: Chromium has started its processes
-            try:
-                async with await agent.client() as pipe_client:
-                    stream = await pipe_client.connect_port(protocol.DEVTOOLS_PORT)
-                    status, _ = await http_get(stream, "/json/version")
-                    stream[1].close()
-                if status == 200:
-                    break
-            except AgentError:
-                pass
+            answer = await devtools_get(agent, "/json/version")
+            if answer is not None and answer[0] == 200:
+                break
             assert time.monotonic() < deadline, "DevTools never answered"
             await asyncio.sleep(0.1)
         listing = await client.run(

@@ -150,7 +150,6 @@ class Database:
         self._reader: AsyncEngine | None = None  # SQLite on a file only
         if self._serial is not None and _sqlite_path(url) not in ("", ":memory:"):
             self._reader = make_reader_engine(url)
-            self._readers = async_sessionmaker(self._reader, expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -184,7 +183,7 @@ class Database:
             async with self.transaction() as repo:
                 yield repo
             return
-        async with self._readers() as session, session.begin():
+        async with AsyncSession(self._reader, expire_on_commit=False) as session, session.begin():
             yield Repo(session, postgres=False, node=self.node)
 
     async def ping(self) -> None:
