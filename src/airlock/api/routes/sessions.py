@@ -282,4 +282,5 @@ async def timeline(
     session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
 ) -> list[schemas.TimelineEntry]:
     session, _ = await core.sessions.get(session_id, _reader(principal, user_id))
-    return schemas.timeline_out(await core.sessions.events(session))
+    counts = {(r.host, r.port, r.decision): r.count for r in await core.egress.hosts(session.id)}
+    return schemas.timeline_out(await core.sessions.events(session), counts)
