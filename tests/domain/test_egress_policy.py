@@ -148,6 +148,8 @@ def test_operator_deny_wins_and_required_stays() -> None:
 def test_browser_noise_is_told_apart_from_a_page_denial() -> None:
     p = policy("claude.ai")
     assert p.decide("update.googleapis.com", 443).decision is Decision.NOISE
+    assert p.decide("update.googleapis.com", 80).decision is Decision.NOISE
+    assert p.decide("update.googleapis.com", 8443).decision is Decision.DENIED
     assert p.decide("cdn.example", 443).decision is Decision.DENIED
     # A provider that needs a noisy host (the Google bundle) still gets it.
     google = EgressPolicy("g", bundles=frozenset({"google"}))

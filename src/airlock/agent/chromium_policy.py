@@ -44,6 +44,7 @@ POLICY: dict[str, Any] = {
     "SpellCheckServiceEnabled": False,
     "TranslateEnabled": False,
     "PasswordManagerEnabled": False,  # no "Save password?" over the page
+    "PasswordLeakDetectionEnabled": False,  # no passwordsleakcheck-pa.googleapis.com
     "AutofillAddressEnabled": False,
     "AutofillCreditCardEnabled": False,
     "BackgroundModeEnabled": False,

@@ -17,6 +17,6 @@ export function showEgressNotice(data) {
   const hosts = (data.hosts || []).slice(0, 3).join(", ");
   const more = (data.hosts || []).length > 3 ? ", …" : "";
   el.textContent = "Part of this page was blocked by policy" + (hosts ? ` (${hosts}${more})` : "")
-    + ". If the page looks broken, it is not your password: tell your administrator.";
+    + ": if it looks broken, it is not your password.";
   el.title = el.textContent;
 }
