@@ -130,10 +130,15 @@ async def log_in_with_sso(rfb: RfbClient, api: httpx.AsyncClient, session_id: st
         await rfb.key(TAB)
         await asyncio.sleep(0.1)
     await rfb.key(ENTER)
-    # The SSO host's page: styled by the same asset host, "Demo SSO" heading, its own form.
-    sso = await wait_screen(rfb, lambda s: s.share(PAGE_GREY) > 0.3, "the SSO page")
+
+    # The SSO host's page: styled by the same asset host, its own form, and no script line.
+    def sso_page(shot: Screenshot) -> bool:
+        return shot.share(PAGE_GREY) > 0.3 and shot.share(CHECKS_GREEN, tolerance=40) == 0
+
+    await wait_screen(rfb, sso_page, "the SSO page")
+    sso = await settled(rfb)  # loaded and painted: its autofocus is on the user name
+    assert sso_page(sso)
     save(sso, "sso-page")
-    await asyncio.sleep(0.5)  # its autofocus lands after the first paint
     await type_keys(rfb, "demo")
     await rfb.key(TAB)
     await type_keys(rfb, "demo")

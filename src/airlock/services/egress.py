@@ -279,6 +279,10 @@ async def suggest(db: Database, policy: EgressPolicy) -> str:
         f"# {policy.provider}: {len(hosts)} host(s) seen in learn mode "
         f"(up to {sessions} session(s) each, {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC)",
     ]
-    lines += [f"#   {h}:{p}  sessions={n}" for h, p, n, _, _ in observed if h != "(other)"]
+    lines += [f"#   {h}:{p}  sessions={n}" for h, p, n, _, _ in observed if (h, p) in hosts]
+    if policy.required:
+        lines.append("# always allowed: " + ", ".join(str(r) for r in policy.required))
+    if any(h == "(other)" for h, *_ in observed):
+        lines.append(f"# more hosts than {MAX_HOSTS_PER_SESSION} per session were seen: not listed")
     lines.append(f"{name}={render_items(hosts)}")
     return "\n".join(lines) + "\n"
