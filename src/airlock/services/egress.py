@@ -85,6 +85,9 @@ class EgressManager:
         self._seen: dict[str, set[tuple[str, int, str]]] = {}  # per session, this process
         self._metric_hosts: dict[str, set[str]] = {}
         self._wake = asyncio.Event()
+        # One flush at a time: two would both insert a new host's row (the loop's and a
+        # reader's), and the second would break the unique index on PostgreSQL.
+        self._flush_lock = asyncio.Lock()
         self._tasks = TaskOwner("egress")
         self._flusher: asyncio.Task[None] | None = None
         for policy in self.policies.values():
@@ -193,6 +196,10 @@ class EgressManager:
 
     async def flush(self) -> None:
         """Write what was counted since the last flush; a new denied host gets its event."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._pending or self._db is None:
             return
         pending, self._pending = self._pending, {}
