@@ -249,13 +249,13 @@ class TimelineEntry(_Out):
     to: str | None
     cause: str
     actor: str
-    host: str | None = Field(
-        None,
-        description="egress entries: the host:port the policy denied (or learn mode let through).",
-    )
-    count: int | None = Field(
-        None, description="egress entries: connections to that host so far (one entry per host)."
-    )
+
+
+class EgressTimelineEntry(TimelineEntry):
+    """An ``egress`` entry: one per host the policy denied (or learn mode let through)."""
+
+    host: str = Field(description="host:port")
+    count: int | None = Field(description="Connections to that host so far.")
 
 
 def timeline_out(
@@ -265,23 +265,20 @@ def timeline_out(
     counts = egress_counts or {}
     out: list[TimelineEntry] = []
     for e in events:
-        host = count = None
-        if e.kind == "egress":
-            name, port = str(e.detail.get("host", "")), int(e.detail.get("port", 0))
-            host = f"{name}:{port}"
-            count = counts.get((name, port, e.cause))
-        out.append(
-            TimelineEntry(
-                at=e.at,
-                kind=e.kind,
-                from_=e.from_state,
-                to=e.to_state,
-                cause=e.cause,
-                actor=e.actor,
-                host=host,
-                count=count,
-            )
-        )
+        common: dict[str, Any] = {
+            "at": e.at,
+            "kind": e.kind,
+            "from_": e.from_state,
+            "to": e.to_state,
+            "cause": e.cause,
+            "actor": e.actor,
+        }
+        if e.kind != "egress":
+            out.append(TimelineEntry(**common))
+            continue
+        name, port = str(e.detail.get("host", "")), int(e.detail.get("port", 0))
+        count = counts.get((name, port, e.cause))
+        out.append(EgressTimelineEntry(**common, host=f"{name}:{port}", count=count))
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import StreamingResponse
+from pydantic import SerializeAsAny
 
 from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep, SignerDep, ViewerSigner
@@ -275,7 +276,7 @@ async def credentials(
 
 @router.get(
     "/session/{sessionId}/timeline",
-    response_model=list[schemas.TimelineEntry],
+    response_model=list[SerializeAsAny[schemas.TimelineEntry]],
     summary="The session's audit trail: every transition of it and its VM (our extension)",
 )
 async def timeline(
