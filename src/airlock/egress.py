@@ -314,8 +314,11 @@ class EgressProxy:
         if verdict.decision is Decision.LEARNED:
             conn.note = "learn mode"
         target = self.policy.target(verdict.host, request.port)
+        mapped = target != (verdict.host, request.port)
         try:
             async with asyncio.timeout(self._connect_timeout):
+                if not mapped:  # a real name: connect to the address we checked
+                    target = await _public_address(verdict.host, request.port)
                 up_reader, up_writer = await asyncio.open_connection(
                     target[0], target[1], limit=MAX_RESPONSE_HEAD
                 )
@@ -466,6 +469,31 @@ class EgressProxy:
                 dst.write_eof()
             else:
                 dst.close()
+
+
+async def _public_address(host: str, port: int) -> tuple[str, int]:
+    """The address to connect to for an allowed name, resolved here once (no second lookup
+    for a rebinding DNS to answer differently). A name that resolves to loopback,
+    link-local (cloud metadata), multicast, unspecified or reserved space is refused: a
+    wildcard rule or learn mode must not lead into the controller's host or its cloud.
+    Private ranges stay reachable (an operator's internal identity provider)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"{host} does not resolve")
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        checked = mapped or address
+        if (
+            checked.is_loopback
+            or checked.is_link_local
+            or checked.is_multicast
+            or checked.is_unspecified
+            or checked.is_reserved
+        ):
+            raise _Reject(403, f"{host}:{port} resolves to a non-public address ({address})")
+    first = infos[0][4]
+    return str(first[0]), int(first[1])
 
 
 # --- HTTP/1.1 parsing: small, strict, bounded ------------------------------------------

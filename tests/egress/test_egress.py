@@ -441,6 +441,25 @@ async def test_ip_literals_are_denied_whatever_the_policy(
     assert echo.tasks == set()  # nothing ever connected upstream
 
 
+async def test_a_name_that_resolves_to_loopback_is_refused(
+    proxy_factory: MakeProxy, sock_path: Path, echo: Upstream
+) -> None:
+    """From the VM's side: learn mode (or a wildcard) allows a name, but the name leads to
+    the controller's own loopback, where the echo server really listens: 403, never
+    connected."""
+    policy = EgressPolicy("test", allow=(HostRule("localhost", echo.port),), learn=True)
+    await proxy_factory(policy)
+    for name in ("localhost", "LocalHost."):
+        answer = await exchange(sock_path, f"CONNECT {name}:{echo.port} HTTP/1.1\r\n\r\n".encode())
+        assert status_of(answer) == 403, answer
+        assert b"non-public address" in answer
+    answer = await exchange(
+        sock_path, f"GET http://localhost:{echo.port}/ HTTP/1.1\r\n\r\n".encode()
+    )
+    assert status_of(answer) == 403
+    assert echo.tasks == set()
+
+
 async def test_names_are_matched_normalised_and_wildcards_by_whole_labels(
     proxy_factory: MakeProxy, sock_path: Path, echo: Upstream
 ) -> None:
