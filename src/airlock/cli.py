@@ -31,6 +31,7 @@ from airlock.api import schemas
 from airlock.domain.sessions import SessionStatus
 from airlock.errors import AirlockError
 from airlock.services.core import Core, make_runtime
+from airlock.services.egress import suggest as egress_suggestion
 from airlock.services.tokens import check_name
 from airlock.settings import Settings
 from airlock.store.db import Database
@@ -55,6 +56,8 @@ vault_app = typer.Typer(help="The credentials key file.", no_args_is_help=True)
 app.add_typer(vault_app, name="vault")
 image_app = typer.Typer(help="Guest images for the qemu and firecracker runtimes.")
 app.add_typer(image_app, name="image")
+egress_app = typer.Typer(help="The browser VMs' egress policy.", no_args_is_help=True)
+app.add_typer(egress_app, name="egress")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -332,6 +335,34 @@ def sessions_ls(
     out.print(table)
     if not rows:
         err.print("no sessions" if all_ else "no sessions in progress (--all for every one)")
+
+
+@egress_app.command("suggest")
+def egress_suggest(
+    provider: Annotated[str, typer.Argument(help="The provider id, e.g. codex.")],
+    demo: Annotated[
+        bool, typer.Option("--demo", help="The demo's oauth2 provider, as `serve --demo`.")
+    ] = False,
+) -> None:
+    """Print the hosts a provider's learn-mode sessions reached, as a ready policy setting
+    (AIRLOCK_EGRESS_<PROVIDER>_POLICY=...); the endpoints it always allows are left out."""
+    settings = _settings()
+    try:
+        core = Core(settings, demo=demo)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if provider not in core.egress.policies:
+        _fail(f"unknown provider {provider!r} (known: {', '.join(sorted(core.egress.policies))})")
+    policy = core.egress.policy(provider)
+
+    async def run() -> str:
+        try:
+            await core.open()
+            return await egress_suggestion(core.db, policy)
+        finally:
+            await core.close()
+
+    sys.stdout.write(asyncio.run(run()))
 
 
 @vms_app.command("ls")

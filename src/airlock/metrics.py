@@ -80,5 +80,14 @@ class Metrics:
             registry=r,
         )
 
+        self.egress_denials = Counter(
+            "airlock_egress_denials",
+            "Egress connections outside the policy, by provider, kind (denied, noise: the "
+            "browser's own background traffic, learned: let through by learn mode) and "
+            "registrable domain (at most 50 per provider, then 'other').",
+            ["provider", "kind", "domain"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,7 +16,10 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from airlock.domain.egress_policy import Overrides
+
 RuntimeName = Literal["sandbox", "qemu", "firecracker"]
+EGRESS_PROVIDERS = ("oauth2", "claude_code", "codex", "gemini_cli")  # AIRLOCK_EGRESS_<ID>_*
 
 
 class Settings(BaseSettings):
@@ -89,7 +92,47 @@ class Settings(BaseSettings):
     oauth2_client_id: str | None = Field(None, description="oauth2 provider: client id.")
     oauth2_scopes: str = Field("openid profile", description="oauth2 provider: scopes.")
     oauth2_allowed_hosts: str = Field(
-        "", description="Extra host:port pairs the browser VM may reach (comma separated)."
+        "",
+        description="oauth2 provider: extra egress rules (host[:port], *.suffix[:port], @bundle; "
+        "comma separated), as AIRLOCK_EGRESS_OAUTH2_ALLOW.",
+    )
+
+    # --- egress policy per provider (README "Egress"): rules are host[:port],
+    # *.suffix[:port] or @bundle, comma separated; port 443 unless given.
+    egress_oauth2_policy: str | None = Field(
+        None, description="oauth2: replaces its rules and bundles (the endpoints stay)."
+    )
+    egress_oauth2_allow: str = Field("", description="oauth2: rules and @bundles to add.")
+    egress_oauth2_deny: str = Field(
+        "", description="oauth2: rules denied whatever allows them; @bundle drops a bundle."
+    )
+    egress_oauth2_learn: bool = Field(False, description="oauth2: learn mode (allow and record).")
+    egress_claude_code_policy: str | None = Field(
+        None, description="claude_code: replaces its rules and bundles."
+    )
+    egress_claude_code_allow: str = Field("", description="claude_code: rules and @bundles to add.")
+    egress_claude_code_deny: str = Field(
+        "", description="claude_code: rules denied whatever allows them; @bundle drops a bundle."
+    )
+    egress_claude_code_learn: bool = Field(False, description="claude_code: learn mode.")
+    egress_codex_policy: str | None = Field(
+        None, description="codex: replaces its rules and bundles."
+    )
+    egress_codex_allow: str = Field("", description="codex: rules and @bundles to add.")
+    egress_codex_deny: str = Field(
+        "", description="codex: rules denied whatever allows them; @bundle drops a bundle."
+    )
+    egress_codex_learn: bool = Field(False, description="codex: learn mode.")
+    egress_gemini_cli_policy: str | None = Field(
+        None, description="gemini_cli: replaces its rules and bundles."
+    )
+    egress_gemini_cli_allow: str = Field("", description="gemini_cli: rules and @bundles to add.")
+    egress_gemini_cli_deny: str = Field(
+        "", description="gemini_cli: rules denied whatever allows them; @bundle drops a bundle."
+    )
+    egress_gemini_cli_learn: bool = Field(False, description="gemini_cli: learn mode.")
+    egress_flush_ms: int = Field(
+        2_000, gt=0, description="How often counted egress denials are written to the database."
     )
 
     # --- operations -------------------------------------------------------------------
@@ -176,6 +219,21 @@ class Settings(BaseSettings):
     @property
     def warm_pool_max_age(self) -> timedelta:
         return timedelta(milliseconds=self.warm_pool_max_age_ms)
+
+    def egress_overrides(self, provider_id: str) -> Overrides:
+        """The operator's ``AIRLOCK_EGRESS_<PROVIDER>_*`` settings for one provider."""
+        if provider_id not in EGRESS_PROVIDERS:
+            return Overrides()
+        prefix = f"egress_{provider_id}_"
+        allow: str = getattr(self, prefix + "allow")
+        if provider_id == "oauth2" and self.oauth2_allowed_hosts:
+            allow = ",".join(p for p in (self.oauth2_allowed_hosts, allow) if p)
+        return Overrides(
+            policy=getattr(self, prefix + "policy"),
+            allow=allow,
+            deny=getattr(self, prefix + "deny"),
+            learn=getattr(self, prefix + "learn"),
+        )
 
     @property
     def vm_boot_timeout(self) -> timedelta:

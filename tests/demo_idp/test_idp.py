@@ -146,15 +146,74 @@ async def test_login_form_is_keyboard_first(client: httpx.AsyncClient) -> None:
     user = re.search(r"<input[^>]*id=\"username\"[^>]*>", page)
     assert user and "autofocus" in user.group(0)
     assert page.count("autofocus") == 1
-    # Tab order is document order (no tabindex anywhere): user name, password, submit.
+    # Tab order is document order (no tabindex anywhere): user name, password, submit, then
+    # the single sign-on button (which the page's script shows).
     assert "tabindex" not in page
     focusable = re.findall(
         r'<(?:input|button|a|select|textarea)\b(?![^>]*type="hidden")[^>]*>', page
     )
     kinds = [re.search(r'id="(\w+)"', f).group(1) for f in focusable]  # type: ignore[union-attr]
-    assert kinds == ["username", "password", "submit"]
+    assert kinds == ["username", "password", "submit", "sso"]
     assert r.headers["cache-control"] == "no-store"
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+STATIC = "http://static.idp.airlock.test:4001"
+SSO = "http://sso.login.airlock.test:4001"
+
+
+async def test_the_page_takes_its_style_and_script_from_the_asset_host(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.get("/authorize", params=authorize_params(pkce()))
+    page = r.text
+    assert f'<link rel="stylesheet" href="{STATIC}/static/login.css">' in page
+    assert f'<script src="{STATIC}/static/login.js" defer></script>' in page
+    assert "<style" not in page and "style=" not in page  # nothing styled without the asset
+    csp = r.headers["content-security-policy"]
+    assert f"style-src {STATIC};" in csp and f"script-src {STATIC};" in csp
+    assert "unsafe-inline" not in csp
+    sso = re.search(r'<a class="sso" id="sso" href="([^"]+)" hidden>', page)
+    assert sso and sso.group(1).startswith(f"{SSO}/sso/authorize?request_id=")
+    # The assets exist on the asset host only, as on a CDN.
+    css = await client.get(f"{STATIC}/static/login.css")
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+    js = await client.get(f"{STATIC}/static/login.js")
+    assert js.status_code == 200 and "sso.hidden = false" in js.text
+    assert (await client.get(f"{ISSUER}/static/login.css")).status_code == 404
+    assert (await client.get(f"{SSO}/static/login.js")).status_code == 404
+    assert (await client.get(f"{STATIC}/static/../app.py")).status_code == 404
+
+
+async def test_single_sign_on_goes_through_the_sso_host(client: httpx.AsyncClient) -> None:
+    p = pkce()
+    form = await client.get("/authorize", params=authorize_params(p))
+    rid = request_id(form.text)
+    # The SSO pages answer on the SSO host only.
+    assert (
+        await client.get(f"{ISSUER}/sso/authorize", params={"request_id": rid})
+    ).status_code == 404
+    page = await client.get(f"{SSO}/sso/authorize", params={"request_id": rid})
+    assert page.status_code == 200 and "Demo SSO" in page.text
+    assert f'action="{SSO}/sso/authorize"' in page.text
+    wrong = await client.post(
+        f"{SSO}/sso/authorize", data={"request_id": rid, "username": "demo", "password": "x"}
+    )
+    assert "Wrong user name or password." in wrong.text
+    ok = await client.post(
+        f"{SSO}/sso/authorize", data={"request_id": rid, "username": "demo", "password": "demo"}
+    )
+    assert ok.status_code == 302
+    back = ok.headers["location"]
+    assert back.startswith(f"{ISSUER}/sso/callback?ticket=")
+    done = await client.get(back)
+    code = callback(done)["code"]
+    tokens = await exchange(client, code, p)
+    assert tokens.status_code == 200 and claims(tokens.json()["id_token"])["sub"] == "demo"
+    # The ticket and the request were single use.
+    again = await client.get(back)
+    assert again.status_code == 400 and "ticket" in again.text
+    assert (await client.get(f"{SSO}/sso/authorize", params={"request_id": rid})).status_code == 400
 
 
 async def test_wrong_password_shows_the_form_again(client: httpx.AsyncClient) -> None:

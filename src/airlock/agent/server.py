@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airlock.agent import protocol
+from airlock.agent import chromium_policy, protocol
 from airlock.agent.protocol import DEVTOOLS_PORT, EGRESS_PORT
 
 log = logging.getLogger("airlock.agent")
@@ -941,6 +941,7 @@ class Agent:
         cfg = self.config
         w, h = cfg.screen
         _no_password_manager(cfg.run_dir / "chromium")
+        chromium_policy.install()  # its own background traffic off (a sandbox binds it in)
         argv = [
             cfg.chromium,
             "--kiosk",

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import airlock
+from airlock.agent import chromium_policy
 from airlock.agent.client import AgentClient, AgentError, http_get
 from airlock.agent.protocol import DEVTOOLS_PORT, MAX_MESSAGE
 from airlock.domain.vms import VmRole
@@ -74,6 +75,7 @@ MASKED_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-")
 MASKED_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/airlock")
 # Files in the state dir that the controller writes and the sandbox must not change.
 CONTROLLER_FILES = ("meta.json", "agent.secret", "pid", "agent.log")
+CHROMIUM_ETC = "chromium-etc"  # the browser's /etc/chromium, with Airlock's managed policy
 CREATING_GRACE_S = 60.0  # a state dir without a pid this young may be a create in flight
 AGENT_WRAPPER = '"$@"; kill -KILL -1'  # -1 in a pid namespace: all but init and the shell
 INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
@@ -327,6 +329,14 @@ class SandboxRuntime:
             argv += ["--bind", str(state_dir / "home"), INNER_HOME]
         else:
             argv += ["--perms", "0700", "--tmpfs", INNER_HOME]
+            if chromium_policy.ETC_CHROMIUM.is_dir() and (state_dir / CHROMIUM_ETC).is_dir():
+                # The host's /etc is read-only in here: its /etc/chromium with our managed
+                # policy added (agent.chromium_policy) goes over it.
+                argv += [
+                    "--ro-bind",
+                    str(state_dir / CHROMIUM_ETC),
+                    str(chromium_policy.ETC_CHROMIUM),
+                ]
         argv += ["--bind", str(state_dir), INNER_STATE]
         for name in CONTROLLER_FILES:
             argv += ["--ro-bind", str(state_dir / name), f"{INNER_STATE}/{name}"]
@@ -455,6 +465,8 @@ class SandboxRuntime:
         _write_private(state_dir / "agent.log", b"")
         if spec.role is VmRole.CLI:
             (state_dir / "home").mkdir(mode=0o700)
+        else:  # Chromium's managed policy (its own background traffic off), see _bwrap_argv
+            chromium_policy.etc_overlay(state_dir / CHROMIUM_ETC)
         return secret
 
     async def _launch(self, spec: VmSpec, state_dir: Path, deadline: float) -> PidRecord:

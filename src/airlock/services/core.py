@@ -15,13 +15,14 @@ from pathlib import Path
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
+from airlock.domain.egress_policy import EgressPolicy, PolicyError
 from airlock.domain.vms import VmRole
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
 from airlock.providers.claude_code import ClaudeCodeProvider
 from airlock.providers.codex import CodexProvider
 from airlock.providers.gemini_cli import GeminiCliProvider
-from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider, parse_routes
+from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
@@ -99,7 +100,6 @@ def make_runtime(settings: Settings) -> Runtime:
 
 
 def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
-    extra = parse_routes(settings.oauth2_allowed_hosts)
     if demo:
         oauth2 = demo_oauth2_provider(settings.demo_idp_port)
     else:
@@ -108,10 +108,24 @@ def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
             token_url=settings.oauth2_token_url,
             client_id=settings.oauth2_client_id,
             scopes=settings.oauth2_scopes.split(),
-            routes=extra,
         )
     vendors: list[Provider] = [ClaudeCodeProvider(), CodexProvider(), GeminiCliProvider()]
     return {p.id: p for p in (oauth2, *vendors)}
+
+
+def egress_policies(settings: Settings, providers: dict[str, Provider]) -> dict[str, EgressPolicy]:
+    """Each provider's own policy with the operator's settings applied. A bad setting
+    stops the start with a message naming it."""
+    policies: dict[str, EgressPolicy] = {}
+    for provider_id, provider in providers.items():
+        try:
+            policies[provider_id] = provider.egress_policy().with_overrides(
+                settings.egress_overrides(provider_id)
+            )
+        except PolicyError as exc:
+            name = f"AIRLOCK_EGRESS_{provider_id.upper()}_*"
+            raise ValueError(f"egress settings for {provider_id} ({name}): {exc}") from None
+    return policies
 
 
 class Core:
@@ -132,7 +146,14 @@ class Core:
         self.metrics = Metrics()
         self.bus = SessionBus()
         self.tasks = TaskOwner("core")
-        self.egress = EgressManager()
+        self.egress = EgressManager(
+            policies=egress_policies(settings, self.providers),
+            db=self.db,
+            clock=self.clock,
+            metrics=self.metrics,
+            bus=self.bus,
+            flush_interval=settings.egress_flush_ms / 1000,
+        )
         self.policy = DeadlinePolicy(durations(settings))
         self.vault: Vault | None = None
         self.tokens = TokenService(self.db, self.clock)

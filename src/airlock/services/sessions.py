@@ -349,7 +349,9 @@ class SessionService:
     ) -> None:
         """On a booted VM (just booted, or warm): egress proxy, login, awaiting_user."""
         try:
-            await self.egress.start(vm_id, state_dir / "egress.sock", provider.egress_routes())
+            await self.egress.start(
+                vm_id, state_dir / "egress.sock", provider.id, session_id=session_id
+            )
             agent = await self._agent(vm_id)
             try:
                 await agent.start_login(provider.login_plan())
@@ -685,7 +687,10 @@ class SessionService:
                 )
                 continue
             await self.egress.start(
-                vm.id, running[vm.id].state_dir / "egress.sock", provider.egress_routes()
+                vm.id,
+                running[vm.id].state_dir / "egress.sock",
+                provider.id,
+                session_id=session.id,
             )
             self.tasks.spawn(self._watch(session.id, vm.id, provider), name=f"watch:{session.id}")
             log.info(
