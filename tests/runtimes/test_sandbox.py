@@ -343,17 +343,18 @@ async def test_login_capture_then_ack_wipes_the_files(runtime: SandboxRuntime) -
 
 
 async def test_write_files_is_atomic_with_mode_0600(runtime: SandboxRuntime) -> None:
-    await runtime.create(VmSpec(vm_id="wf1", role=VmRole.CLI, user_id="u1"))
+    vm = await runtime.create(VmSpec(vm_id="wf1", role=VmRole.CLI, user_id="u1"))
+    vm_uid = vm.state_dir.stat().st_uid  # the VM's own host uid, which owns its state dir
     async with await agent(runtime, "wf1") as client:
         for n in range(3):  # overwrite in place, never a partial file or a leftover temp file
             written = await client.write_files({".claude/.credentials.json": b'{"n": %d}' % n})
             assert written == [".claude/.credentials.json"]
         stat = await client.run(
-            ["stat", "-c", "%a %U %n", f"{HOME}/.claude", f"{HOME}/.claude/.credentials.json"]
+            ["stat", "-c", "%a %u %n", f"{HOME}/.claude", f"{HOME}/.claude/.credentials.json"]
         )
         assert stat.stdout.splitlines() == [
-            f"700 root {HOME}/.claude",
-            f"600 root {HOME}/.claude/.credentials.json",
+            f"700 {vm_uid} {HOME}/.claude",
+            f"600 {vm_uid} {HOME}/.claude/.credentials.json",
         ]
         listing = await client.run(["ls", "-A", f"{HOME}/.claude"])
         assert listing.stdout.split() == [".credentials.json"]
@@ -384,14 +385,19 @@ async def test_the_data_dir_and_controller_env_are_not_visible_inside(
     assert (vm.state_dir / "pid").read_text().split()[0] == str(vm.pid)
 
 
-async def echo_server(path: Path) -> asyncio.Server:
+async def echo_server(path: Path, vm_uid: int) -> asyncio.Server:
+    """A stand-in for the egress proxy, whose socket, like the proxy's, the VM's uid may
+    connect to (a VM runs as its own unprivileged uid)."""
+
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = await reader.read(100)
         writer.write(b"echo:" + data)
         await writer.drain()
         writer.close()
 
-    return await asyncio.start_unix_server(echo, path=str(path))
+    server = await asyncio.start_unix_server(echo, path=str(path))
+    os.chown(path, vm_uid, vm_uid)
+    return server
 
 
 CONNECT_3128 = """
@@ -408,7 +414,7 @@ async def test_egress_forwarder_pipes_to_the_hosts_socket(runtime: SandboxRuntim
         # No proxy for this VM yet: the forwarder accepts and closes, it does not hang.
         before = await client.run([sys.executable, "-c", CONNECT_3128])
         assert before.stdout.strip() == "<closed>", before.stderr
-        server = await echo_server(vm.state_dir / "egress.sock")
+        server = await echo_server(vm.state_dir / "egress.sock", vm.state_dir.stat().st_uid)
         try:
             after = await client.run([sys.executable, "-c", CONNECT_3128])
         finally:
@@ -424,10 +430,11 @@ async def test_egress_socket_elsewhere_is_carried_in(
     egress_dir.mkdir(mode=0o700)
     socket_path = egress_dir / "vm.sock"
     spec = VmSpec(vm_id="eg2", role=VmRole.CLI, user_id="u1", egress_socket=socket_path)
-    await runtime.create(spec)
+    vm = await runtime.create(spec)
+    os.chown(egress_dir, vm.state_dir.stat().st_uid, -1)  # the VM's uid must reach the socket
     # The proxy may start (and restart, with a new socket inode) after the VM boots.
     for attempt in range(2):
-        server = await echo_server(socket_path)
+        server = await echo_server(socket_path, vm.state_dir.stat().st_uid)
         try:
             async with await agent(runtime, "eg2") as client:
                 result = await client.run([sys.executable, "-c", CONNECT_3128])
