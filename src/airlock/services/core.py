@@ -54,10 +54,15 @@ def durations(settings: Settings) -> Durations:
 
 def make_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "sandbox":
+        from airlock.runtimes.confine import Limits
         from airlock.runtimes.sandbox import SandboxRuntime
 
         return SandboxRuntime(
-            settings.vms_dir, browser_single_process=settings.browser_single_process
+            settings.vms_dir,
+            browser_single_process=settings.browser_single_process,
+            limits=Limits(settings.vm_memory_mb, settings.vm_pids_max, settings.vm_cpu_weight),
+            disk_mb=settings.vm_disk_mb,
+            uid_base=settings.vm_uid_base,
         )
     if settings.runtime == "qemu":
         from airlock.runtimes.qemu import QemuRuntime
