@@ -51,6 +51,14 @@ async def test_boot_agent_lifecycle_and_adoption(runtime: QemuRuntime, tmp_path:
     assert vm.pid is not None and qemu_pids(vm.state_dir) == [vm.pid]
     meta = json.loads((vm.state_dir / "meta.json").read_text())
     assert meta["accel"] == vm.detail["accel"]
+    # QEMU runs unprivileged: the VM's own uid (the owner of its state dir's uid file), no
+    # capabilities, under its seccomp filter (-sandbox on).
+    status_text = await asyncio.to_thread(Path(f"/proc/{vm.pid}/status").read_text)
+    status = dict(line.split(":", 1) for line in status_text.splitlines())
+    if os.geteuid() == 0:
+        uid = os.stat(vm.state_dir / "uid").st_uid
+        assert uid != 0 and status["Uid"].split() == [str(uid)] * 4
+    assert int(status["CapEff"], 16) == 0 and status["Seccomp"].strip() == "2"
     # No network device: the guest has loopback only.
     async with await runtime.agent_client("q1") as agent:
         assert (await agent.ping()) is not None

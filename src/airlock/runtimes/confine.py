@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 UID_COUNT = 65536
+DEFAULT_UID_BASE = 1_900_000_000
+UID_MARKER = "uid"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids", "cpu")
 V2_CONTROLLERS = ("memory", "pids", "cpu")
@@ -196,20 +198,38 @@ def privileged() -> bool:
     return os.geteuid() == 0
 
 
+def _free_uid(vms_dir: Path, base: int, marker: str) -> int:
+    taken = set()
+    with os.scandir(vms_dir) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                taken.add(os.lstat(os.path.join(entry.path, marker)).st_uid)
+    # The last uid of the range is the jailed Firecrackers' (services/core.py).
+    uid = next((u for u in range(base, base + UID_COUNT - 1) if u not in taken), None)
+    if uid is None:
+        raise OSError(errno.EUSERS, f"all {UID_COUNT} VM uids from {base} are in use")
+    return uid
+
+
 def allocate_dir(vms_dir: Path, state_dir: Path, base: int) -> int:
     """Make ``state_dir`` owned by a uid of the range no other state dir in ``vms_dir`` has,
     and return that uid. Raises FileExistsError if the dir exists."""
     with _uid_lock:
-        taken = set()
-        with os.scandir(vms_dir) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    taken.add(entry.stat(follow_symlinks=False).st_uid)
-        uid = next((u for u in range(base, base + UID_COUNT) if u not in taken), None)
-        if uid is None:
-            raise OSError(errno.EUSERS, f"all {UID_COUNT} VM uids from {base} are in use")
+        uid = _free_uid(vms_dir, base, "")
         state_dir.mkdir(mode=0o700)
         os.chown(state_dir, uid, uid)
+        return uid
+
+
+def allocate_marker(vms_dir: Path, state_dir: Path, base: int) -> int:
+    """For a VM whose state dir stays root's (a VMM that drops to its uid only after it has
+    opened its files): a ``uid`` file in it, owned by a uid of the range no other VM's
+    ``uid`` file has. The owner is the record; return it."""
+    with _uid_lock:
+        uid = _free_uid(vms_dir, base, UID_MARKER)
+        marker = state_dir / UID_MARKER
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400))
+        os.chown(marker, uid, uid)
         return uid
 
 

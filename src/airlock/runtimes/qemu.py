@@ -47,6 +47,7 @@ from airlock.agent.protocol import MAX_MESSAGE
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.images import Image, find_image
+from airlock.runtimes import confine
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
 from airlock.runtimes.vmdir import VM_NICE, is_young, read_meta, set_cpu_nice
 
@@ -246,6 +247,7 @@ class QemuRuntime:
         qemu: str | None = None,
         python: str | None = None,
         browser_single_process: bool = True,
+        uid_base: int = confine.DEFAULT_UID_BASE,
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
@@ -257,6 +259,7 @@ class QemuRuntime:
         self.accel_setting = accel
         self.boot_timeout_s = boot_timeout_s
         self.browser_processes = "single" if browser_single_process else "multi"
+        self.uid_base = uid_base  # as root, each QEMU drops to a uid of its own (-runas)
         self.qemu = qemu or shutil.which("qemu-system-x86_64")
         self.qemu_img = shutil.which("qemu-img")
         self.python = python or sys.executable
@@ -360,6 +363,8 @@ class QemuRuntime:
                 "labels": spec.labels,
             }
             _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+            if confine.privileged():
+                confine.allocate_marker(self.vms_dir, state_dir, self.uid_base)
             secret = secrets.token_urlsafe(32)
             _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
             config = json.dumps(
@@ -402,8 +407,18 @@ class QemuRuntime:
     def _qemu_argv(self, spec: VmSpec, state_dir: Path, image: Image, accel: str) -> list[str]:
         assert self.qemu is not None
         s = str(state_dir)
+        # QEMU opens its files, sockets and /dev/kvm as root, then drops to the VM's uid
+        # (-runas) under its seccomp filter. spawn=deny would refuse -daemonize's fork,
+        # elevateprivileges=deny the drop itself.
+        drop: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            uid = (state_dir / confine.UID_MARKER).stat().st_uid
+            drop = ["-runas", f"{uid}:{uid}"]
         return [
             self.qemu,
+            "-sandbox",
+            "on,obsolete=deny,resourcecontrol=deny",
+            *drop,
             "-name",
             f"airlock-{spec.vm_id},process=airlock-{spec.vm_id[:20]}",
             "-M",

@@ -79,7 +79,7 @@ LOG_TAIL = 4000
 AGENT_WRAPPER = '"$@"; kill -KILL -1'  # -1 in a pid namespace: all but init and the shell
 STAGE_DIR = "/run/airlock-stage"  # vm_launch's tmpfs of staged binds, in its own mount ns
 VM_TAG = "airlock-vm="  # $0 of the sandbox's shell: names its state dir in bwrap's cmdline
-DEFAULT_UID_BASE = 1_900_000_000
+DEFAULT_UID_BASE = confine.DEFAULT_UID_BASE
 DEFAULT_LIMITS = confine.Limits(memory_mb=2048, pids_max=1024, cpu_weight=100)
 DEFAULT_DISK_MB = 1024
 INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
