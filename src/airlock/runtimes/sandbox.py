@@ -516,15 +516,20 @@ class SandboxRuntime:
         # The vms dir's inode too: two runtimes (tests) may each have a VM of this id.
         return f"{vm_id}.{os.stat(self.vms_dir).st_ino:x}"
 
-    def _discard(self, state_dir: Path, cgroups: builtins.list[str] | None = None) -> None:
-        """Remove what ``_prepare`` made: cgroups (killing what is left in them), the
-        tmpfs, the dir."""
+    def _own_cgroups(
+        self, state_dir: Path, cgroups: builtins.list[str] | None = None
+    ) -> builtins.list[Path]:
+        """The VM's cgroups as its meta.json records them. Only ours: meta.json is the
+        controller's, but a path from it is still checked."""
         if cgroups is None:
             found = read_meta(state_dir).get("cgroups", [])
             cgroups = [str(c) for c in found] if isinstance(found, builtins.list) else []
-        # Only our own: meta.json is the controller's, but a path from it is still checked.
-        own = [Path(c) for c in cgroups if Path(c).name == self._cgroup_name(state_dir.name)]
-        confine.remove_leaves(own)
+        return [Path(c) for c in cgroups if Path(c).name == self._cgroup_name(state_dir.name)]
+
+    def _discard(self, state_dir: Path, cgroups: builtins.list[str] | None = None) -> None:
+        """Remove what ``_prepare`` made: cgroups (killing what is left in them), the
+        tmpfs, the dir."""
+        confine.remove_leaves(self._own_cgroups(state_dir, cgroups))
         confine.unmount(state_dir)
         if state_dir.exists():
             _remove_tree(state_dir)
@@ -697,6 +702,7 @@ class SandboxRuntime:
     def _teardown(self, vm_id: str, state_dir: Path) -> bool:
         """Kill the sandbox (by its pid file, else by command line), reap, remove the dir."""
         killed = False
+        confine.boost(self._own_cgroups(state_dir))
         record = _read_pid(state_dir)
         if record is not None:
             killed = _kill_init(record)
