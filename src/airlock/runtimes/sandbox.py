@@ -7,6 +7,13 @@ state directory at ``/run/airlock``. The data dir (database, ``secret.key``) is 
 mounted. Inside runs the guest agent (``agent.server``), which for a browser VM also runs
 Xvnc and Chromium.
 
+Contained (``confine``, ``vm_launch``): with a root controller each VM runs as a host uid of
+its own (the owner of its state dir) in its own user namespace, with no capabilities,
+``no_new_privs``, the controller's seccomp filter, a read-only ``/proc/sys``, a cgroup with
+memory, pids and CPU-weight limits, and tmpfs of a fixed size for all it can write: the state
+dir itself is a tmpfs the controller mounts on the host, so it outlives a controller restart
+as the VM does.
+
 A sandbox outlives the controller, like a Firecracker VM outlives the process that started
 it: no ``--die-with-parent``, its own session. Its state dir holds everything a restarted
 controller needs to find it (``meta.json``, ``pid`` with the host pid of the sandbox's init
