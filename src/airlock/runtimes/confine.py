@@ -25,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import signal
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +195,19 @@ def seccomp_fd() -> int:
 _uid_lock = threading.Lock()
 
 
+@contextlib.contextmanager
+def _uids_locked(vms_dir: Path) -> Iterator[None]:
+    """One allocation at a time: across threads, and across controllers sharing the vms
+    dir (a rolling restart), by an flock on the vms dir itself."""
+    with _uid_lock:
+        fd = os.open(vms_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
 def privileged() -> bool:
     """Only a root controller can give VMs their own uid, cgroup and tmpfs."""
     return os.geteuid() == 0
@@ -202,6 +217,8 @@ def _free_uid(vms_dir: Path, base: int, marker: str) -> int:
     taken = set()
     with os.scandir(vms_dir) as entries:
         for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
             with contextlib.suppress(OSError):
                 taken.add(os.lstat(os.path.join(entry.path, marker)).st_uid)
     # The last uid of the range is the jailed Firecrackers' (services/core.py).
@@ -214,7 +231,7 @@ def _free_uid(vms_dir: Path, base: int, marker: str) -> int:
 def allocate_dir(vms_dir: Path, state_dir: Path, base: int) -> int:
     """Make ``state_dir`` owned by a uid of the range no other state dir in ``vms_dir`` has,
     and return that uid. Raises FileExistsError if the dir exists."""
-    with _uid_lock:
+    with _uids_locked(vms_dir):
         uid = _free_uid(vms_dir, base, "")
         state_dir.mkdir(mode=0o700)
         os.chown(state_dir, uid, uid)
@@ -225,7 +242,7 @@ def allocate_marker(vms_dir: Path, state_dir: Path, base: int) -> int:
     """For a VM whose state dir stays root's (a VMM that drops to its uid only after it has
     opened its files): a ``uid`` file in it, owned by a uid of the range no other VM's
     ``uid`` file has. The owner is the record; return it."""
-    with _uid_lock:
+    with _uids_locked(vms_dir):
         uid = _free_uid(vms_dir, base, UID_MARKER)
         marker = state_dir / UID_MARKER
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400))
