@@ -22,7 +22,7 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.providers.base import LoginPlan
 from airlock.runtimes.base import Runtime, VmSpec
-from airlock.runtimes.sandbox import SandboxRuntime
+from airlock.runtimes.sandbox import DEFAULT_LIMITS, DEFAULT_UID_BASE, SandboxRuntime
 from airlock.runtimes.vmdir import VM_NICE
 
 pytestmark = [
@@ -58,6 +58,38 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def contained(state_dir: Path, pid: int) -> list[Path]:
+    """Check that a VM runs contained (a root controller): its state dir a tmpfs owned by a
+    uid of its own, its init that uid, in cgroups with the runtime's limits. Returns the
+    cgroup dirs (empty when not root: no containment to check)."""
+    if os.geteuid() != 0:
+        return []
+    uid = state_dir.stat().st_uid
+    assert uid >= DEFAULT_UID_BASE and os.path.ismount(state_dir)
+    assert oct(state_dir.stat().st_mode & 0o777) == "0o700"
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert re.search(rf"^Uid:\t{uid}\t{uid}\t{uid}\t{uid}$", status, re.M), status
+    cgroups = [Path(c) for c in json.loads((state_dir / "meta.json").read_text())["cgroups"]]
+    assert cgroups
+    for cgroup in cgroups:
+        assert str(pid) in (cgroup / "cgroup.procs").read_text().split()
+        limits = {
+            "memory.max": str(DEFAULT_LIMITS.memory_mb * 2**20),
+            "memory.limit_in_bytes": str(DEFAULT_LIMITS.memory_mb * 2**20),
+            "pids.max": str(DEFAULT_LIMITS.pids_max),
+            "cpu.weight": str(DEFAULT_LIMITS.cpu_weight),
+        }
+        for name, value in limits.items():
+            if (cgroup / name).exists():
+                assert (cgroup / name).read_text().strip() == value, name
+    return cgroups
+
+
+def released(state_dir: Path, cgroups: list[Path]) -> bool:
+    """Nothing of a destroyed VM's containment is left: no cgroup, no tmpfs mount."""
+    return not [c for c in cgroups if c.exists()] and not os.path.ismount(state_dir)
 
 
 def pid_namespace(pid: int) -> tuple[int, int]:
@@ -182,11 +214,13 @@ async def test_destroy_kills_every_process_and_is_idempotent(runtime: SandboxRun
     assert vm.pid is not None
     ns = pid_namespace(vm.pid)
     assert len(processes_in(ns)) > 3  # init, agent, Xvnc, Chromium and its helpers
+    cgroups = contained(vm.state_dir, vm.pid)
 
     assert await runtime.destroy("d1") is True
     assert not alive(vm.pid)
     assert processes_in(ns) == []
     assert not vm.state_dir.exists()
+    assert released(vm.state_dir, cgroups)  # its cgroups and tmpfs go with it
     assert await runtime.destroy("d1") is False
     assert await runtime.destroy("never-existed") is False
     assert await runtime.destroy("../../etc") is False
@@ -210,8 +244,11 @@ async def test_a_restarted_controller_finds_and_adopts_its_vms(
     assert found.detail["user_id"] == "u1"
     async with await agent(restarted, "keep1") as client:
         assert (await client.ping())["role"] == "cli"
+    assert vm.pid is not None
+    cgroups = contained(vm.state_dir, vm.pid)
     assert await restarted.destroy("keep1") is True
-    assert vm.pid is not None and not alive(vm.pid)
+    assert not alive(vm.pid)
+    assert released(vm.state_dir, cgroups)
 
 
 CONTROLLER = """
