@@ -151,6 +151,14 @@ async def test_bad_input_changes_nothing(runtime: QemuRuntime, tmp_path: Path) -
     assert not (tmp_path / "vms" / "q3").exists()
 
 
+async def test_check_says_whether_qemu_can_run_sandboxed(tmp_path: Path) -> None:
+    here = QemuRuntime(tmp_path / "vms", tmp_path / "no-images")
+    assert not [p for p in await here.check() if "-sandbox" in p]  # Debian's QEMU has seccomp
+    # A QEMU that refuses the option (as one built without seccomp does) is named as such.
+    refusing = QemuRuntime(tmp_path / "vms", tmp_path / "no-images", qemu="/bin/false")
+    assert [p for p in await refusing.check() if "cannot run with -sandbox" in p]
+
+
 def test_kvm_probe_is_cached(tmp_path: Path) -> None:
     image = minimal_image()
     if kvm_openable() is not None:

@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONFIG_DISK_SIZE = 4096
 MUX_PORT = "org.airlock.mux"
+# QEMU's seccomp filter: spawn=deny would refuse -daemonize's fork, elevateprivileges=deny
+# the drop to the VM's uid (-runas).
+QEMU_SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 CREATING_GRACE_S = 120.0
 PROBE_TIMEOUT_S = 8.0
 DEFAULT_FLAVORS = {VmRole.BROWSER: "browser", VmRole.CLI: "minimal"}
@@ -408,8 +411,7 @@ class QemuRuntime:
         assert self.qemu is not None
         s = str(state_dir)
         # QEMU opens its files, sockets and /dev/kvm as root, then drops to the VM's uid
-        # (-runas) under its seccomp filter. spawn=deny would refuse -daemonize's fork,
-        # elevateprivileges=deny the drop itself.
+        # (-runas) under its seccomp filter (QEMU_SANDBOX).
         drop: list[str] = []
         with contextlib.suppress(FileNotFoundError):
             uid = (state_dir / confine.UID_MARKER).stat().st_uid
@@ -417,7 +419,7 @@ class QemuRuntime:
         return [
             self.qemu,
             "-sandbox",
-            "on,obsolete=deny,resourcecontrol=deny",
+            QEMU_SANDBOX,
             *drop,
             "-name",
             f"airlock-{spec.vm_id},process=airlock-{spec.vm_id[:20]}",
@@ -720,6 +722,20 @@ class QemuRuntime:
             problems.append(f"qemu-system-x86_64 not found: {INSTALL_HINT}")
         if not self.qemu_img:
             problems.append(f"qemu-img not found: {INSTALL_HINT}")
+        if self.qemu and os.access(self.qemu, os.X_OK):
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [self.qemu, "-sandbox", QEMU_SANDBOX, "-version"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            if done.returncode != 0:
+                problems.append(
+                    f"this QEMU cannot run with -sandbox {QEMU_SANDBOX} (built without "
+                    f"seccomp?): {done.stderr.strip()[:200]}; install Debian's qemu-system-x86"
+                )
         for flavor in sorted(set(self.flavors.values())):
             try:
                 if find_image(self.image_dir, flavor) is None:
