@@ -582,6 +582,78 @@ def _data_dir_check(data_dir: Path) -> Check:
     )
 
 
+def _containment_checks(runtime: str) -> list[Check]:
+    """What keeps a sandbox VM in (runtimes/confine.py): a root controller (per-VM uids,
+    cgroups, tmpfs), user namespaces for an unprivileged uid, seccomp, cgroup limits."""
+    from airlock.runtimes import confine
+
+    required = runtime == "sandbox"
+    checks = []
+    if confine.privileged():
+        checks.append(Check("controller uid", True, required, "root: each VM gets its own uid"))
+    else:
+        checks.append(
+            Check(
+                "controller uid",
+                False,
+                required,
+                f"uid {os.geteuid()}: VMs would run as this user, with no cgroup limits, no "
+                "uid of their own and no size limit on their state dirs",
+                "run the controller as root: it drops every VM to a uid of its own",
+            )
+        )
+    bwrap = shutil.which("bwrap")
+    if bwrap is not None:
+        problem = confine.userns_problem(bwrap)
+        checks.append(
+            Check(
+                "user namespaces",
+                problem is None,
+                required,
+                "an unprivileged uid can create one" if problem is None else problem,
+                None
+                if problem is None
+                else "sysctl -w user.max_user_namespaces=15000; on Debian kernels before 6.1 "
+                "also kernel.unprivileged_userns_clone=1; on Ubuntu 23.10+ "
+                "kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile "
+                "allowing userns for /usr/bin/bwrap)",
+            )
+        )
+    seccomp = "Seccomp:" in Path("/proc/self/status").read_text()
+    checks.append(
+        Check(
+            "seccomp",
+            seccomp,
+            required,
+            "the kernel filters syscalls" if seccomp else "kernel without CONFIG_SECCOMP",
+            None if seccomp else "a kernel built with CONFIG_SECCOMP_FILTER",
+        )
+    )
+    problem = confine.cgroup_problem()
+    layout = confine.cgroup_layout()
+    if problem is None and layout is not None:
+        kind, parents = layout
+        where = ", ".join(str(p) for p in parents.values())
+        detail = f"cgroup {kind}: VM leaves under {where}"
+        if kind == "v1":
+            detail += " (no cgroup v2 memory/pids/cpu here; v1 limits work the same)"
+        checks.append(Check("cgroups", True, required, detail))
+    else:
+        checks.append(
+            Check(
+                "cgroups",
+                False,
+                required,
+                problem or "no cgroups",
+                "mount cgroup2 with the memory, pids and cpu controllers (systemd: "
+                "systemd.unified_cgroup_hierarchy=1); in a container or a systemd unit, "
+                "delegate a cgroup subtree to the controller (Delegate=yes, or docker/podman "
+                "--cgroupns=private with a writable /sys/fs/cgroup)",
+            )
+        )
+    return checks
+
+
 async def _database_check(settings: Settings) -> Check:
     where = settings.db_url.split("@")[-1]  # never print a password in the URL
     db = Database(settings.db_url)
@@ -651,6 +723,7 @@ def doctor_checks(settings: Settings) -> list[Check]:
         ),
         _kvm_check(runtime, settings.image_dir, settings.qemu_accel),
         _data_dir_check(settings.data_dir),
+        *_containment_checks(runtime),
     ]
     if runtime == "firecracker":
         checks.append(

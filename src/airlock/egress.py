@@ -739,7 +739,8 @@ def _bind_long(sock: socket.socket, path: Path) -> None:
 
 def _bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
     """A listening-ready Unix socket at ``path`` with mode 0600 from the first instant: bound
-    under a temporary name, chmod-ed, then renamed into place."""
+    under a temporary name, chmod-ed (and given to the owner of its directory), then renamed
+    into place."""
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -753,6 +754,10 @@ def _bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
     try:
         _bind_long(sock, tmp)
         os.chmod(tmp, 0o600)
+        owner = path.parent.stat()
+        if os.geteuid() == 0 and owner.st_uid != 0:
+            # A VM's state dir belongs to the VM's own uid: so does its egress socket.
+            os.chown(tmp, owner.st_uid, owner.st_gid)
         os.rename(tmp, path)
         st = path.lstat()
     except BaseException:

@@ -147,6 +147,29 @@ class Settings(BaseSettings):
     log_json: bool | None = Field(None, description="JSON logs; default: when not a TTY.")
     vm_boot_timeout_ms: int = Field(60_000, gt=0, description="How long a VM may take to boot.")
     max_concurrent_vms: int = Field(64, gt=0, description="Live browser VMs a controller runs.")
+    vm_memory_mb: int = Field(
+        2048,
+        ge=64,
+        description="Memory limit of each sandbox VM's cgroup, in MiB (its tmpfs pages count).",
+    )
+    vm_pids_max: int = Field(
+        1024, ge=16, description="Processes and threads a sandbox VM may have (pids.max)."
+    )
+    vm_cpu_weight: int = Field(
+        100, ge=1, le=10_000, description="cgroup CPU weight of each sandbox VM (100: fair)."
+    )
+    vm_disk_mb: int = Field(
+        1024,
+        ge=16,
+        description="Size of each writable tmpfs of a sandbox VM (state dir and CLI home, "
+        "/tmp, /dev/shm, a browser's home), in MiB.",
+    )
+    vm_uid_base: int = Field(
+        1_900_000_000,
+        ge=1000,
+        le=2**32 - 65536 - 2,
+        description="First of the 65,536 host uids VMs run as, one each (root controller).",
+    )
     browser_single_process: bool = Field(
         True,
         description="Chromium in a browser VM runs as one process: about a third less CPU "

@@ -51,6 +51,14 @@ async def test_boot_agent_lifecycle_and_adoption(runtime: QemuRuntime, tmp_path:
     assert vm.pid is not None and qemu_pids(vm.state_dir) == [vm.pid]
     meta = json.loads((vm.state_dir / "meta.json").read_text())
     assert meta["accel"] == vm.detail["accel"]
+    # QEMU runs unprivileged: the VM's own uid (the owner of its state dir's uid file), no
+    # capabilities, under its seccomp filter (-sandbox on).
+    status_text = await asyncio.to_thread(Path(f"/proc/{vm.pid}/status").read_text)
+    status = dict(line.split(":", 1) for line in status_text.splitlines())
+    if os.geteuid() == 0:
+        uid = os.stat(vm.state_dir / "uid").st_uid
+        assert uid != 0 and status["Uid"].split() == [str(uid)] * 4
+    assert int(status["CapEff"], 16) == 0 and status["Seccomp"].strip() == "2"
     # No network device: the guest has loopback only.
     async with await runtime.agent_client("q1") as agent:
         assert (await agent.ping()) is not None
@@ -141,6 +149,14 @@ async def test_bad_input_changes_nothing(runtime: QemuRuntime, tmp_path: Path) -
     assert "airlock image build --flavor cli" in str(missing.value)  # a CLI VM's default
     assert any("airlock image build" in p for p in await no_images.check())
     assert not (tmp_path / "vms" / "q3").exists()
+
+
+async def test_check_says_whether_qemu_can_run_sandboxed(tmp_path: Path) -> None:
+    here = QemuRuntime(tmp_path / "vms", tmp_path / "no-images")
+    assert not [p for p in await here.check() if "-sandbox" in p]  # Debian's QEMU has seccomp
+    # A QEMU that refuses the option (as one built without seccomp does) is named as such.
+    refusing = QemuRuntime(tmp_path / "vms", tmp_path / "no-images", qemu="/bin/false")
+    assert [p for p in await refusing.check() if "cannot run with -sandbox" in p]
 
 
 def test_kvm_probe_is_cached(tmp_path: Path) -> None:

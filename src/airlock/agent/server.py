@@ -945,7 +945,9 @@ class Agent:
         argv = [
             cfg.chromium,
             "--kiosk",
-            "--no-sandbox",  # as root in a namespace sandbox; the sandbox is the VM boundary
+            # Its own sandbox needs to make user namespaces, which the VM refuses (seccomp,
+            # bwrap --disable-userns): the VM's confinement is the boundary (README).
+            "--no-sandbox",
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",

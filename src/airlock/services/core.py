@@ -10,6 +10,8 @@ next one adopts them.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from airlock.aio import TaskOwner
@@ -65,10 +67,15 @@ def _service_boot_timeout(settings: Settings) -> float:
 
 def make_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "sandbox":
+        from airlock.runtimes.confine import Limits
         from airlock.runtimes.sandbox import SandboxRuntime
 
         return SandboxRuntime(
-            settings.vms_dir, browser_single_process=settings.browser_single_process
+            settings.vms_dir,
+            browser_single_process=settings.browser_single_process,
+            limits=Limits(settings.vm_memory_mb, settings.vm_pids_max, settings.vm_cpu_weight),
+            disk_mb=settings.vm_disk_mb,
+            uid_base=settings.vm_uid_base,
         )
     if settings.runtime == "qemu":
         from airlock.runtimes.qemu import QemuRuntime
@@ -80,17 +87,28 @@ def make_runtime(settings: Settings) -> Runtime:
             accel=settings.qemu_accel,
             boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
             browser_single_process=settings.browser_single_process,
+            uid_base=settings.vm_uid_base,
         )
     if settings.runtime == "firecracker":
         from airlock.images import find_image
-        from airlock.runtimes.firecracker import FirecrackerRuntime, GuestImage
+        from airlock.runtimes.confine import UID_COUNT
+        from airlock.runtimes.firecracker import FirecrackerRuntime, GuestImage, Jail
 
         def image(role: VmRole) -> GuestImage | None:
             found = find_image(settings.image_dir, role.value)
             return GuestImage.from_dir(found.path) if found is not None else None
 
+        # Jailed by default: each Firecracker in its own chroot, cgroup and the jailer's
+        # unprivileged uid/gid (the last of the VM uid range, kept for it). Only a root
+        # controller can jail; check() says when the jailer is missing.
+        jail = None
+        firecracker = shutil.which("firecracker")
+        if firecracker is not None and os.geteuid() == 0:
+            uid = settings.vm_uid_base + UID_COUNT - 1
+            jail = Jail(shutil.which("jailer") or "jailer", firecracker, uid=uid, gid=uid)
         return FirecrackerRuntime(
             settings.vms_dir,
+            jail=jail,
             image=image,
             boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
             templates_dir=settings.data_dir / "firecracker-templates",  # snapshot warm starts
