@@ -80,6 +80,17 @@ class Settings(BaseSettings):
         600_000, gt=0, description="How long a viewer token (in novncURL) opens the viewer."
     )
 
+    # --- the browser VM's lease (lifecycle: a VM that ends itself) ---------------------
+    vm_lease_ms: int = Field(
+        60_000,
+        ge=1_000,
+        description="Each renewal lets a browser VM live this long; with no controller left to "
+        "renew it, it ends itself.",
+    )
+    vm_lease_margin_ms: int = Field(
+        30_000, ge=0, description="Slack past the lease before the browser VM ends itself."
+    )
+
     # --- the demo identity provider and the generic oauth2 provider -------------------
     demo_user: str = Field("demo", description="The demo identity provider's user name.")
     demo_password: str = Field("demo", description="The demo identity provider's password.")
@@ -176,6 +187,14 @@ class Settings(BaseSettings):
     @property
     def warm_pool_max_age(self) -> timedelta:
         return timedelta(milliseconds=self.warm_pool_max_age_ms)
+
+    @property
+    def vm_lease(self) -> timedelta:
+        return timedelta(milliseconds=self.vm_lease_ms)
+
+    @property
+    def vm_lease_margin(self) -> timedelta:
+        return timedelta(milliseconds=self.vm_lease_margin_ms)
 
     @property
     def vm_boot_timeout(self) -> timedelta:

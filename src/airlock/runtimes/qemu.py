@@ -368,6 +368,7 @@ class QemuRuntime:
                     "role": spec.role.value,
                     "screen": meta["screen"],
                     "browser_processes": self.browser_processes,
+                    **_lease_config(spec),
                 }
             ).encode()
             _write_private(state_dir / "config.img", config.ljust(CONFIG_DISK_SIZE, b"\0"))
@@ -719,3 +720,10 @@ class QemuRuntime:
         except OSError as exc:
             problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
         return problems
+
+
+def _lease_config(spec: VmSpec) -> dict[str, str]:
+    """The boot lease for the guest init (``agent.guest``), which hands it to the agent."""
+    if spec.lease_ms is None:
+        return {}
+    return {"lease_ms": str(spec.lease_ms), "lease_margin_ms": str(spec.lease_margin_ms)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
+from airlock.domain.leases import LeasePolicy
 from airlock.domain.vms import VmRole
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
@@ -26,6 +27,7 @@ from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.handoff import HandoffService
+from airlock.services.leases import LeaseKeeper
 from airlock.services.reconciler import Reconciler
 from airlock.services.scheduler import Scheduler
 from airlock.services.sessions import SessionService
@@ -124,6 +126,12 @@ class Core:
         self.tasks = TaskOwner("core")
         self.egress = EgressManager()
         self.policy = DeadlinePolicy(durations(settings))
+        self.lease = LeasePolicy(
+            length=settings.vm_lease, margin=settings.vm_lease_margin, boot=settings.vm_boot_timeout
+        )
+        self.leases = LeaseKeeper(
+            db=self.db, runtime=self.runtime, clock=self.clock, policy=self.lease
+        )
         self.vault: Vault | None = None
         self.tokens = TokenService(self.db, self.clock)
         self.scheduler = Scheduler(
@@ -164,6 +172,7 @@ class Core:
             max_age=settings.warm_pool_max_age,
             boot_timeout=settings.vm_boot_timeout.total_seconds(),
             max_browser_vms=settings.max_concurrent_vms,
+            lease=self.lease,
         )
         self._sessions: SessionService | None = None
 
@@ -194,6 +203,7 @@ class Core:
             boot_timeout=self.settings.vm_boot_timeout.total_seconds(),
             max_browser_vms=self.settings.max_concurrent_vms,
             warm_pool=self.warm_pool,
+            lease=self.lease,
         )
         self.handoff = HandoffService(
             db=self.db,
@@ -216,9 +226,12 @@ class Core:
             len(report.applied),
             extra={"skipped": report.skipped},
         )
+        # Renew at once what we adopted: the lease the last controller granted may be short.
+        await self.leases.renew_once()
         await self.sessions.recover()
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
+        self.tasks.spawn(self.leases.run(), name="leases")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")
