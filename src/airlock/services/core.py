@@ -10,6 +10,7 @@ next one adopts them.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 from airlock.aio import TaskOwner
@@ -28,6 +29,7 @@ from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.handoff import HandoffService
 from airlock.services.leases import LeaseKeeper
+from airlock.services.platform_jwt import JwtConfig, PlatformJwtVerifier
 from airlock.services.reconciler import Reconciler
 from airlock.services.scheduler import Scheduler
 from airlock.services.sessions import SessionService
@@ -90,6 +92,25 @@ def make_runtime(settings: Settings) -> Runtime:
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
 
+def platform_jwt(settings: Settings) -> PlatformJwtVerifier | None:
+    """The verifier of the platform's user JWTs, when a JWKS is configured."""
+    if not settings.jwt_jwks_url:
+        return None
+    assert settings.jwt_issuer and settings.jwt_audience  # Settings checks they come together
+    return PlatformJwtVerifier(
+        JwtConfig(
+            jwks_url=settings.jwt_jwks_url,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            user_claim=settings.jwt_user_claim,
+            algorithms=tuple(settings.jwt_algorithm_list),
+            leeway=timedelta(milliseconds=settings.jwt_leeway_ms),
+            cache_for=timedelta(milliseconds=settings.jwt_jwks_cache_ms),
+            refetch_interval=timedelta(milliseconds=settings.jwt_jwks_refetch_ms),
+        )
+    )
+
+
 def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
     extra = parse_routes(settings.oauth2_allowed_hosts)
     if demo:
@@ -134,6 +155,7 @@ class Core:
         )
         self.vault: Vault | None = None
         self.tokens = TokenService(self.db, self.clock)
+        self.platform_jwt = platform_jwt(settings)
         self.scheduler = Scheduler(
             db=self.db,
             runtime=self.runtime,
@@ -238,6 +260,8 @@ class Core:
 
     async def close(self) -> None:
         await self.tasks.close()
+        if self.platform_jwt is not None:
+            await self.platform_jwt.close()
         await self.egress.close()
         await self.db.close()
 
