@@ -84,8 +84,7 @@ async def test_junk_leases_are_bad_requests_and_change_nothing(
 
 
 async def test_a_cli_vm_has_no_lease(start_agent: StartAgent) -> None:
-    # Even with a lease file beside it (a runtime's mistake), a CLI VM is not leased.
-    agent = await start_agent("cli", lease={"for_ms": 300})
+    agent = await start_agent("cli")  # the runtime writes no boot lease for a CLI VM
     async with await agent.client() as client:
         with pytest.raises(AgentError) as refused:
             await client.request("lease", {"for_ms": 300})
@@ -94,6 +93,17 @@ async def test_a_cli_vm_has_no_lease(start_agent: StartAgent) -> None:
         pong = await client.ping()
         assert "lease_ends_in_ms" not in pong
     assert agent.proc.returncode is None
+
+
+async def test_a_headless_browser_vm_is_leased_though_its_agent_runs_as_cli(
+    start_agent: StartAgent,
+) -> None:
+    # An image without a screen runs a browser VM's agent as "cli" (agent.guest): the boot
+    # lease the runtime gave it still holds, and renewals are taken.
+    agent = await start_agent("cli", lease={"for_ms": 800, "margin_ms": 200})
+    async with await agent.client() as client:
+        assert await client.lease(800, 200) == 1000
+    assert await asyncio.wait_for(agent.proc.wait(), 30) == LEASE_EXPIRED_EXIT
 
 
 async def test_a_junk_boot_lease_stops_the_agent_from_starting(start_agent: StartAgent) -> None:

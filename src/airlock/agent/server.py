@@ -436,16 +436,15 @@ class Agent:
 
     def _load_boot_lease(self) -> None:
         """The lease the VM boots with, from ``agent.lease`` in the state dir (written by the
-        runtime, or by the guest init from its config disk). A browser VM with a lease file
-        it cannot read does not start: it would otherwise live forever."""
+        runtime for browser VMs, or by the guest init from its config disk). A lease file it
+        cannot read stops the agent: the VM would otherwise live forever."""
         path = self.config.state_dir / LEASE_FILE
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             return
-        if self.config.role != "browser":
-            log.info("a CLI VM has no lease: %s ignored", LEASE_FILE)
-            return
+        # Whatever the role: a browser VM whose image has no screen runs its agent as "cli"
+        # (agent.guest), and it is leased all the same. The runtime leases only browser VMs.
         try:
             value = json.loads(raw)
             if not isinstance(value, dict):
@@ -478,7 +477,7 @@ class Agent:
         """Renew (or shorten) the lease: this VM ends itself ``for_ms + margin_ms`` from now,
         on its own monotonic clock, unless renewed again. A duration, not an epoch, so the
         guest's wall clock never enters into it."""
-        if self.config.role != "browser":
+        if self.config.role != "browser" and self._lease_end is None:
             raise OpError("no_lease", "a CLI VM has no lease: it lives until it is deleted")
         for_ms, margin_ms = _lease_args(message)
         first = self._lease_end is None

@@ -151,7 +151,11 @@ class Core:
             length=settings.vm_lease, margin=settings.vm_lease_margin, boot=settings.vm_boot_timeout
         )
         self.leases = LeaseKeeper(
-            db=self.db, runtime=self.runtime, clock=self.clock, policy=self.lease
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            policy=self.lease,
+            metrics=self.metrics,
         )
         self.vault: Vault | None = None
         self.tokens = TokenService(self.db, self.clock)
@@ -248,8 +252,6 @@ class Core:
             len(report.applied),
             extra={"skipped": report.skipped},
         )
-        # Renew at once what we adopted: the lease the last controller granted may be short.
-        await self.leases.renew_once()
         await self.sessions.recover()
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 
 from airlock.agent.client import AgentClient
 from airlock.clock import Clock
 from airlock.domain.leases import LeasePolicy
 from airlock.domain.vms import VmRole, VmState
+from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime, VmSpec
 from airlock.store.db import Database
 
@@ -41,23 +43,32 @@ def browser_spec(vm_id: str, user_id: str, lease: LeasePolicy | None) -> VmSpec:
 
 class LeaseKeeper:
     def __init__(
-        self, *, db: Database, runtime: Runtime, clock: Clock, policy: LeasePolicy
+        self,
+        *,
+        db: Database,
+        runtime: Runtime,
+        clock: Clock,
+        policy: LeasePolicy,
+        metrics: Metrics | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
         self.clock = clock
         self.policy = policy
+        self.metrics = metrics
         self.failures = 0  # renewals that failed, since start (for tests and logs)
 
     async def run(self) -> None:
+        """Renew at once (what a restarted controller adopted may hold a short lease), then
+        every third of the lease."""
         while True:
-            await asyncio.sleep(self.policy.renew_every.total_seconds())
             try:
                 await self.renew_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("lease renewal pass failed")
+            await asyncio.sleep(self.policy.renew_every.total_seconds())
 
     async def renew_once(self) -> int:
         """Renew every running browser VM of this node; return how many confirmed."""
@@ -69,17 +80,28 @@ class LeaseKeeper:
             )
         gate = asyncio.Semaphore(CONCURRENCY)
 
-        async def one(vm_id: str) -> bool:
+        async def one(vm_id: str, recorded: datetime | None) -> bool:
             async with gate:
-                return await self.renew(vm_id)
+                return await self.renew(vm_id, recorded)
 
-        results = await asyncio.gather(*(one(row.id) for row in rows))
+        results = await asyncio.gather(*(one(row.id, row.guest_lease_until) for row in rows))
         return sum(results)
 
-    async def renew(self, vm_id: str) -> bool:
+    async def renew(self, vm_id: str, recorded: datetime | None) -> bool:
         """One renewal. A VM that does not confirm keeps the lease it had: if it is gone,
-        the reconciler finds out; if it hangs, it ends itself when that lease runs out."""
+        the reconciler finds out; if it hangs, it ends itself when that lease runs out.
+
+        The row must never hold a later moment than the VM's own. A renewal that moves the
+        lease on is recorded after the VM confirmed it; one that brings it closer (the first
+        after the boot lease, which covers a whole boot) is recorded before it is asked for,
+        so a controller that dies in between leaves the row early, never late."""
         asked_at = self.clock.now()
+        until = self.policy.renewed_until(asked_at)
+        # Lowered first, raised after (a row without a lease, from before leases, is raised
+        # only once its VM showed that it takes one).
+        lower_first = recorded is not None and recorded > until
+        if lower_first:
+            await self._record(vm_id, until)
         try:
             async with asyncio.timeout(RENEW_TIMEOUT_S):
                 reader, writer = await self.runtime.open_agent(vm_id)
@@ -87,9 +109,14 @@ class LeaseKeeper:
                     await agent.lease(self.policy.length_ms, self.policy.margin_ms)
         except (Exception, TimeoutError) as exc:
             self.failures += 1
+            if self.metrics is not None:
+                self.metrics.lease_renewal_failures.inc()
             log.warning("lease not renewed: %s", exc, extra={"vm_id": vm_id})
             return False
-        until = self.policy.renewed_until(asked_at)
+        if not lower_first:
+            await self._record(vm_id, until)
+        return True
+
+    async def _record(self, vm_id: str, until: datetime) -> None:
         async with self.db.transaction() as repo:
             await repo.set_vm(vm_id, LEASED_STATES, guest_lease_until=until)
-        return True
