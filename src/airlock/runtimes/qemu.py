@@ -423,6 +423,9 @@ class QemuRuntime:
             "none",
             "-nic",
             "none",  # no network device: the egress proxy comes over the serial port
+            # A guest that reboots ends: the guest init reboots when its lease ran out, and a
+            # kernel panic (panic=-1) then ends the VM, visibly, instead of booting it afresh.
+            "-no-reboot",
             "-kernel",
             str(image.vmlinuz),
             "-initrd",
