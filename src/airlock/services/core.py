@@ -56,6 +56,16 @@ def durations(settings: Settings) -> Durations:
     )
 
 
+# The runtimes enforce AIRLOCK_VM_BOOT_TIMEOUT_MS themselves and say why a boot failed (the
+# console's first error); the services' own timeout is a backstop that fires only after it,
+# so it never cuts that report off with a bare TimeoutError.
+BOOT_BACKSTOP_S = 10.0
+
+
+def _service_boot_timeout(settings: Settings) -> float:
+    return settings.vm_boot_timeout.total_seconds() + BOOT_BACKSTOP_S
+
+
 def make_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "sandbox":
         from airlock.runtimes.sandbox import SandboxRuntime
@@ -185,7 +195,7 @@ class Core:
             clock=self.clock,
             metrics=self.metrics,
             scheduler=self.scheduler,
-            boot_timeout=settings.vm_boot_timeout.total_seconds(),
+            boot_timeout=_service_boot_timeout(settings),
         )
         self.warm_pool = WarmPool(
             db=self.db,
@@ -196,7 +206,7 @@ class Core:
             tasks=self.tasks,
             size=settings.warm_pool,
             max_age=settings.warm_pool_max_age,
-            boot_timeout=settings.vm_boot_timeout.total_seconds(),
+            boot_timeout=_service_boot_timeout(settings),
             max_browser_vms=settings.max_concurrent_vms,
             lease=self.lease,
         )
@@ -226,7 +236,7 @@ class Core:
             egress=self.egress,
             scheduler=self.scheduler,
             tasks=self.tasks,
-            boot_timeout=self.settings.vm_boot_timeout.total_seconds(),
+            boot_timeout=_service_boot_timeout(self.settings),
             max_browser_vms=self.settings.max_concurrent_vms,
             warm_pool=self.warm_pool,
             lease=self.lease,
