@@ -162,7 +162,8 @@ class PlatformJwtVerifier:
             self._tried_at = self._monotonic()
             self.fetches += 1
             try:
-                keys = await self._fetch()
+                async with asyncio.timeout(FETCH_TIMEOUT_S):  # in all, however slow the drip
+                    keys = await self._fetch()
             except Exception as exc:
                 log.warning("platform JWKS unusable, keeping %d key(s): %s", len(self._keys), exc)
                 return
