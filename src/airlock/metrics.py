@@ -79,6 +79,11 @@ class Metrics:
             "Reconcile rounds skipped because the runtime could not be listed.",
             registry=r,
         )
+        self.lease_renewal_failures = Counter(
+            "airlock_vm_lease_renewal_failures",
+            "Browser VM lease renewals the VM did not confirm (it keeps its last lease).",
+            registry=r,
+        )
 
         self.egress_denials = Counter(
             "airlock_egress_denials",

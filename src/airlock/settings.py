@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from airlock.domain.egress_policy import Overrides
@@ -81,6 +81,46 @@ class Settings(BaseSettings):
     )
     viewer_token_ttl_ms: int = Field(
         600_000, gt=0, description="How long a viewer token (in novncURL) opens the viewer."
+    )
+
+    # --- the platform's identity: user JWTs besides Airlock's own tokens -------------
+    jwt_jwks_url: str | None = Field(
+        None,
+        description="JWKS of the platform's identity provider; set it to accept its user JWTs "
+        "as bearer tokens (needs the issuer and audience too).",
+    )
+    jwt_issuer: str | None = Field(None, description="The `iss` a platform JWT must carry.")
+    jwt_audience: str | None = Field(None, description="The `aud` a platform JWT must carry.")
+    jwt_user_claim: str = Field(
+        "sub", min_length=1, description="The claim of a platform JWT that names the user."
+    )
+    jwt_algorithms: str = Field(
+        "RS256,ES256",
+        description="Signature algorithms accepted for platform JWTs (comma separated; "
+        "asymmetric only).",
+    )
+    jwt_leeway_ms: int = Field(
+        10_000, ge=0, le=300_000, description="Clock skew allowed on a JWT's exp, nbf and iat."
+    )
+    jwt_jwks_cache_ms: int = Field(
+        300_000, gt=0, description="How long a fetched JWKS is used before it is fetched again."
+    )
+    jwt_jwks_refetch_ms: int = Field(
+        10_000,
+        ge=0,
+        description="A token signed by a key not in the cached JWKS fetches it again at most "
+        "this often (key rotation, without letting junk tokens hammer the IdP).",
+    )
+
+    # --- the browser VM's lease (lifecycle: a VM that ends itself) ---------------------
+    vm_lease_ms: int = Field(
+        60_000,
+        ge=1_000,
+        description="Each renewal lets a browser VM live this long; with no controller left to "
+        "renew it, it ends itself.",
+    )
+    vm_lease_margin_ms: int = Field(
+        30_000, ge=0, description="Slack past the lease before the browser VM ends itself."
     )
 
     # --- the demo identity provider and the generic oauth2 provider -------------------
@@ -176,6 +216,34 @@ class Settings(BaseSettings):
         "per login. Chromium calls the mode unsupported; false gives its usual process model.",
     )
 
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _asymmetric(cls, value: str) -> str:
+        names = [a.strip() for a in value.split(",") if a.strip()]
+        allowed = {
+            "RS256",
+            "RS384",
+            "RS512",
+            "PS256",
+            "PS384",
+            "PS512",
+            "ES256",
+            "ES384",
+            "ES512",
+            "EdDSA",
+        }
+        if not names or not set(names) <= allowed:
+            raise ValueError(f"use asymmetric JWT algorithms only: {', '.join(sorted(allowed))}")
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _jwt_complete(self) -> Settings:
+        if self.jwt_jwks_url and not (self.jwt_issuer and self.jwt_audience):
+            raise ValueError(
+                "AIRLOCK_JWT_JWKS_URL needs AIRLOCK_JWT_ISSUER and AIRLOCK_JWT_AUDIENCE"
+            )
+        return self
+
     @field_validator("image_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -257,6 +325,18 @@ class Settings(BaseSettings):
             deny=getattr(self, prefix + "deny"),
             learn=getattr(self, prefix + "learn"),
         )
+
+    @property
+    def jwt_algorithm_list(self) -> list[str]:
+        return self.jwt_algorithms.split(",")
+
+    @property
+    def vm_lease(self) -> timedelta:
+        return timedelta(milliseconds=self.vm_lease_ms)
+
+    @property
+    def vm_lease_margin(self) -> timedelta:
+        return timedelta(milliseconds=self.vm_lease_margin_ms)
 
     @property
     def vm_boot_timeout(self) -> timedelta:

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import jwt as pyjwt
 import pytest
 from fastapi import FastAPI
 
@@ -136,6 +137,18 @@ async def test_metadata_names_the_endpoints(client: httpx.AsyncClient) -> None:
     assert meta["token_endpoint"] == f"{ISSUER}/token"
     assert meta["code_challenge_methods_supported"] == ["S256"]
     assert set(meta["grant_types_supported"]) == {"authorization_code", "refresh_token"}
+    assert meta["jwks_uri"] == f"{ISSUER}/.well-known/jwks.json"
+    assert meta["id_token_signing_alg_values_supported"] == ["RS256"]
+
+
+async def test_key_rotation_keeps_recent_keys_published(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    first = app.state.keys.kid
+    kids = [first] + [app.state.keys.rotate() for _ in range(3)]
+    published = [k["kid"] for k in (await client.get("/.well-known/jwks.json")).json()["keys"]]
+    assert published == kids[::-1][:3]  # newest first; the oldest has been dropped
+    assert first not in published
 
 
 async def test_login_form_is_keyboard_first(client: httpx.AsyncClient) -> None:
@@ -270,7 +283,22 @@ async def test_full_code_flow(client: httpx.AsyncClient) -> None:
     assert id_claims["iss"] == ISSUER
     assert id_claims["aud"] == "airlock-demo"
     assert id_claims["exp"] - id_claims["iat"] == 3600
-    assert jwt_part(body["id_token"], 0) == {"alg": "HS256", "typ": "JWT"}
+    header = jwt_part(body["id_token"], 0)
+    assert header["alg"] == "RS256" and header["typ"] == "JWT"
+    # Signed with a key the JWKS publishes, and it verifies against it.
+    jwks = (await client.get("/.well-known/jwks.json")).json()
+    [key] = [k for k in jwks["keys"] if k["kid"] == header["kid"]]
+    assert key["kty"] == "RSA" and "d" not in key  # public parts only
+    verified = pyjwt.decode(
+        body["id_token"],
+        pyjwt.PyJWK(key).key,
+        algorithms=["RS256"],
+        audience="airlock-demo",
+        issuer=ISSUER,
+        # The test's clock is not the wall clock: its times are checked above.
+        options={"verify_exp": False, "verify_iat": False},
+    )
+    assert verified == id_claims
     me = await client.get("/userinfo", headers={"Authorization": f"Bearer {body['access_token']}"})
     assert me.status_code == 200
     assert me.json()["email"] == "demo@airlock.test"

@@ -169,3 +169,26 @@ def test_kvm_probe_is_cached(tmp_path: Path) -> None:
     assert (entry["usable"], entry["why"]) == first
     # A cached answer is returned without booting (a missing binary would fail a real probe).
     assert probe_kvm("/nonexistent/qemu", image, tmp_path) == first
+
+
+async def test_a_browser_vm_whose_lease_runs_out_powers_itself_off(
+    runtime: QemuRuntime,
+) -> None:
+    """No controller renews it: the guest agent's lease runs out, the guest init reboots the
+    guest, and QEMU (``-no-reboot``) exits. The minimal image has no screen, so its browser
+    VM's agent runs headless as "cli": leased all the same."""
+    spec = VmSpec(
+        vm_id="q3", role=VmRole.BROWSER, user_id="bob", lease_ms=4000, lease_margin_ms=1000
+    )
+    vm = await runtime.create(spec)
+    assert vm.pid is not None
+    async with await runtime.agent_client("q3") as agent:
+        ends_in = (await agent.ping())["lease_ends_in_ms"]
+    assert 0 < ends_in <= 5000
+    pidfd = os.pidfd_open(vm.pid)
+    try:
+        exited = await asyncio.to_thread(select.select, [pidfd], [], [], 60)
+        assert exited[0], "QEMU still runs a minute after the lease ran out"
+    finally:
+        os.close(pidfd)
+    assert await runtime.list() == []

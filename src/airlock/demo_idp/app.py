@@ -12,7 +12,10 @@ by the book, so that the ``oauth2`` provider is exercised against real protocol 
   PKCE challenge; a replayed code revokes what it was exchanged for (RFC 6749 4.1.2);
 - rotating refresh tokens: each use returns a new one, and presenting a rotated one
   revokes the whole grant (RFC 9700 4.14.2);
-- an HS256 ``id_token`` when ``openid`` is asked for, and ``/userinfo`` for bearer tokens.
+- an RS256 ``id_token`` when ``openid`` is asked for, signed with a per-process key that
+  ``/.well-known/jwks.json`` publishes (``keys.SigningKeys``), and ``/userinfo`` for bearer
+  tokens. The ``id_token`` is a platform user JWT that Airlock accepts when configured
+  with this JWKS, issuer and the client id as audience.
 
 The sign-in form puts the user name first (autofocus), then the password, then the submit
 button, so that a person or a test typing through VNC can sign in with the keyboard alone.
@@ -32,7 +35,6 @@ import base64
 import hashlib
 import hmac
 import html
-import json
 import re
 import secrets
 import time
@@ -51,6 +53,8 @@ from fastapi.responses import (
     RedirectResponse,
     Response,
 )
+
+from airlock.demo_idp.keys import SigningKeys
 
 CODE_TTL = 60.0
 ACCESS_TTL = 3600
@@ -184,7 +188,7 @@ def create_idp_app(
         raise ValueError("the demo user needs a name and a password")
     issuer = issuer.rstrip("/")
     state = _State(clock)
-    signing_key = secrets.token_bytes(32)  # per process: tokens die with the demo server
+    keys = SigningKeys()  # per process: tokens die with the demo server
     login_page = Template(_template("login.html"))
     error_page = Template(_template("error.html"))
     sso_page = Template(_template("sso.html"))
@@ -296,7 +300,7 @@ def create_idp_app(
             }
             if nonce is not None:
                 claims["nonce"] = nonce
-            body["id_token"] = _jwt_hs256(claims, signing_key)
+            body["id_token"] = keys.sign(claims)
         return body
 
     @app.get("/.well-known/oauth-authorization-server")
@@ -307,16 +311,22 @@ def create_idp_app(
                 "authorization_endpoint": f"{issuer}/authorize",
                 "token_endpoint": f"{issuer}/token",
                 "userinfo_endpoint": f"{issuer}/userinfo",
+                "jwks_uri": f"{issuer}/.well-known/jwks.json",
                 "response_types_supported": ["code"],
                 "response_modes_supported": ["query"],
                 "grant_types_supported": ["authorization_code", "refresh_token"],
                 "code_challenge_methods_supported": ["S256"],
                 "token_endpoint_auth_methods_supported": ["none"],
                 "scopes_supported": list(SCOPES_SUPPORTED),
-                "id_token_signing_alg_values_supported": ["HS256"],
+                "id_token_signing_alg_values_supported": ["RS256"],
                 "authorization_response_iss_parameter_supported": True,
             }
         )
+
+    @app.get("/.well-known/jwks.json")
+    async def jwks() -> JSONResponse:
+        keys.jwks_served += 1
+        return JSONResponse(keys.jwks(), headers={"Cache-Control": "public, max-age=300"})
 
     @app.get("/authorize")
     async def authorize(request: Request) -> Response:
@@ -530,6 +540,7 @@ def create_idp_app(
         )
 
     app.state.idp = state  # for tests that check the tables stay bounded
+    app.state.keys = keys  # for tests that rotate the keys or mint tokens with odd claims
     return app
 
 
@@ -617,10 +628,3 @@ def _b64url(data: bytes) -> str:
 
 def _s256(verifier: str) -> str:
     return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
-
-
-def _jwt_hs256(claims: dict[str, Any], key: bytes) -> str:
-    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
-    signature = hmac.new(key, f"{header}.{payload}".encode("ascii"), hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64url(signature)}"

@@ -380,6 +380,7 @@ class QemuRuntime:
                     "role": spec.role.value,
                     "screen": meta["screen"],
                     "browser_processes": self.browser_processes,
+                    **_lease_config(spec),
                 }
             ).encode()
             _write_private(state_dir / "config.img", config.ljust(CONFIG_DISK_SIZE, b"\0"))
@@ -443,6 +444,9 @@ class QemuRuntime:
             "none",
             "-nic",
             "none",  # no network device: the egress proxy comes over the serial port
+            # A guest that reboots ends: the guest init reboots when its lease ran out, and a
+            # kernel panic (panic=-1) then ends the VM, visibly, instead of booting it afresh.
+            "-no-reboot",
             "-kernel",
             str(image.vmlinuz),
             "-initrd",
@@ -778,3 +782,10 @@ class QemuRuntime:
         except OSError as exc:
             problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
         return problems
+
+
+def _lease_config(spec: VmSpec) -> dict[str, str]:
+    """The boot lease for the guest init (``agent.guest``), which hands it to the agent."""
+    if spec.lease_ms is None:
+        return {}
+    return {"lease_ms": str(spec.lease_ms), "lease_margin_ms": str(spec.lease_margin_ms)}

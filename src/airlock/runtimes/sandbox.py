@@ -557,6 +557,8 @@ class SandboxRuntime:
             "cgroups": [str(c) for c in cgroups],
         }
         _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+        if spec.boot_lease is not None:  # the agent reads it at start (agent.protocol, lease)
+            _write_private(state_dir / "agent.lease", json.dumps(spec.boot_lease).encode())
         secret = secrets.token_urlsafe(32)
         _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
         _write_private(state_dir / "pid", b"")  # filled in place once bwrap tells us the pid

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
 from airlock.domain.egress_policy import EgressPolicy, PolicyError
+from airlock.domain.leases import LeasePolicy
 from airlock.domain.vms import VmRole
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
@@ -29,6 +31,8 @@ from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.handoff import HandoffService
+from airlock.services.leases import LeaseKeeper
+from airlock.services.platform_jwt import JwtConfig, PlatformJwtVerifier
 from airlock.services.reconciler import Reconciler
 from airlock.services.scheduler import Scheduler
 from airlock.services.sessions import SessionService
@@ -117,6 +121,25 @@ def make_runtime(settings: Settings) -> Runtime:
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
 
+def platform_jwt(settings: Settings) -> PlatformJwtVerifier | None:
+    """The verifier of the platform's user JWTs, when a JWKS is configured."""
+    if not settings.jwt_jwks_url:
+        return None
+    assert settings.jwt_issuer and settings.jwt_audience  # Settings checks they come together
+    return PlatformJwtVerifier(
+        JwtConfig(
+            jwks_url=settings.jwt_jwks_url,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            user_claim=settings.jwt_user_claim,
+            algorithms=tuple(settings.jwt_algorithm_list),
+            leeway=timedelta(milliseconds=settings.jwt_leeway_ms),
+            cache_for=timedelta(milliseconds=settings.jwt_jwks_cache_ms),
+            refetch_interval=timedelta(milliseconds=settings.jwt_jwks_refetch_ms),
+        )
+    )
+
+
 def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
     if demo:
         oauth2 = demo_oauth2_provider(settings.demo_idp_port)
@@ -173,8 +196,19 @@ class Core:
             flush_interval=settings.egress_flush_ms / 1000,
         )
         self.policy = DeadlinePolicy(durations(settings))
+        self.lease = LeasePolicy(
+            length=settings.vm_lease, margin=settings.vm_lease_margin, boot=settings.vm_boot_timeout
+        )
+        self.leases = LeaseKeeper(
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            policy=self.lease,
+            metrics=self.metrics,
+        )
         self.vault: Vault | None = None
         self.tokens = TokenService(self.db, self.clock)
+        self.platform_jwt = platform_jwt(settings)
         self.scheduler = Scheduler(
             db=self.db,
             runtime=self.runtime,
@@ -213,6 +247,7 @@ class Core:
             max_age=settings.warm_pool_max_age,
             boot_timeout=_service_boot_timeout(settings),
             max_browser_vms=settings.max_concurrent_vms,
+            lease=self.lease,
         )
         self._sessions: SessionService | None = None
 
@@ -243,6 +278,7 @@ class Core:
             boot_timeout=_service_boot_timeout(self.settings),
             max_browser_vms=self.settings.max_concurrent_vms,
             warm_pool=self.warm_pool,
+            lease=self.lease,
         )
         self.handoff = HandoffService(
             db=self.db,
@@ -268,12 +304,15 @@ class Core:
         await self.sessions.recover()
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
+        self.tasks.spawn(self.leases.run(), name="leases")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")
 
     async def close(self) -> None:
         await self.tasks.close()
+        if self.platform_jwt is not None:
+            await self.platform_jwt.close()
         await self.egress.close()
         await self.db.close()
 

@@ -87,6 +87,9 @@ class Vm(Base):
     destroyed_at: Mapped[datetime | None]
     # A claim on the destroy: whoever holds an unexpired lease is destroying it right now.
     lease_until: Mapped[datetime | None]
+    # Not that lease: the browser VM's own. After this moment (the last lease the controller
+    # granted, plus its margin) the VM may have ended itself; None for a VM without one.
+    guest_lease_until: Mapped[datetime | None]
     destroy_attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     warm: Mapped[bool] = mapped_column(Boolean, default=False)
