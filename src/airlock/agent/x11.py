@@ -6,11 +6,9 @@ authorisation on it; the socket lives in the VM's private /tmp):
 
 - **fit**: Chromium keeps its window size when a viewer resizes the screen (RandR); the
   agent moves and resizes the top-level window to cover the new screen (ConfigureWindow).
-- **focus**: with no window manager the X input focus stays ``PointerRoot`` and Chromium
-  never gets a FocusIn for its window, so its input method context is never focused; the
-  first click then activates the window half way, and after it characters typed into a
-  *password* field are dropped (their key events arrive, the text does not: measured, with
-  no noVNC in the path). The agent gives the window the focus as soon as it is mapped.
+- **focus**: with no window manager the X input focus stays ``PointerRoot`` and follows
+  the pointer; the agent gives the kiosk window the focus, as a window manager would, so
+  keys reach it wherever the viewer's pointer is.
 
 Little-endian requests only; every call ends with a round trip, so an X error surfaces as
 an ``OSError`` of the call that caused it.
