@@ -899,6 +899,11 @@ class Agent:
             xvnc = await self._start_xvnc()
             try:
                 await self._wait_x_ready(xvnc)
+                try:  # before Chromium reads the keymap (see x11.PRELOADED_KEYSYMS)
+                    added = await asyncio.to_thread(x11.preload_keymap, X_SOCKET)
+                    log.info("keymap: %d keysyms added", added)
+                except (OSError, struct.error) as exc:
+                    log.warning("cannot preload the keymap: %r", exc)
                 self._display_ready = True
                 while xvnc.returncode is None:
                     chrome_started = time.monotonic()

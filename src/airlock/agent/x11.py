@@ -10,6 +10,9 @@ authorisation on it; the socket lives in the VM's private /tmp):
   the pointer; the agent gives the kiosk window the focus, as a window manager would, so
   keys reach it wherever the viewer's pointer is.
 
+- **keymap**: the keysyms of European layouts are put on the keymap before Chromium starts
+  (``preload_keymap``), so none needs the on-the-fly keymap change that Chromium misses.
+
 Little-endian requests only; every call ends with a round trip, so an X error surfaces as
 an ``OSError`` of the call that caused it.
 """
@@ -26,9 +29,12 @@ OP_GET_GEOMETRY = 14
 OP_QUERY_TREE = 15
 OP_SET_INPUT_FOCUS = 42
 OP_GET_INPUT_FOCUS = 43
+OP_CHANGE_KEYBOARD_MAPPING = 100
+OP_GET_KEYBOARD_MAPPING = 101
 MAP_STATE_VIEWABLE = 2
 REVERT_TO_POINTER_ROOT = 1
 CW_X, CW_Y, CW_WIDTH, CW_HEIGHT = 1, 2, 4, 8
+XF86_KEYSYMS = 0x1008FE00  # vendor keysyms from here on: media, launcher, power keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,7 @@ class XConnection:
             raise
         vendor_len, formats = struct.unpack_from("<H", body, 16)[0], body[21]
         screen = 32 + (vendor_len + 3) // 4 * 4 + 8 * formats  # the first SCREEN
+        self.min_keycode, self.max_keycode = body[26], body[27]
         self.root = struct.unpack_from("<I", body, screen)[0]
         self.width, self.height = struct.unpack_from("<HH", body, screen + 20)
 
@@ -134,9 +141,62 @@ class XConnection:
         self._send(OP_SET_INPUT_FOCUS, REVERT_TO_POINTER_ROOT, struct.pack("<II", window, 0))
         self.sync()
 
+    def keyboard_mapping(self) -> tuple[int, list[list[int]]]:
+        """(keysyms per keycode, the keysyms of each keycode from ``min_keycode`` on)."""
+        count = self.max_keycode - self.min_keycode + 1
+        body = struct.pack("<BBxx", self.min_keycode, count)
+        reply = self._reply(self._send(OP_GET_KEYBOARD_MAPPING, 0, body))
+        per = reply[1]
+        syms = struct.unpack_from(f"<{count * per}I", reply, 32)
+        return per, [list(syms[i * per : (i + 1) * per]) for i in range(count)]
+
+    def map_keysyms(self, keysyms: list[int]) -> int:
+        """Put the ``keysyms`` the keymap lacks on free keycodes (none, or only XF86 media
+        and launcher keys, which nobody sends to a kiosk browser through VNC), two to a
+        keycode in the order given (plain, shifted: a letter and its capital). Returns how
+        many were added."""
+        per, mapping = self.keyboard_mapping()
+        have = {k for row in mapping for k in row}
+        missing = [k for k in keysyms if k and k not in have]
+        free = [  # not keycode 8: XKB does not press it
+            i
+            for i, row in enumerate(mapping)
+            if self.min_keycode + i > 8 and all(k == 0 or k >= XF86_KEYSYMS for k in row)
+        ]
+        added = 0
+        for index in free:
+            pair, missing = missing[:2], missing[2:]
+            if not pair:
+                break
+            row = (pair + [0] * per)[:per]
+            body = struct.pack(f"<BBxx{per}I", self.min_keycode + index, per, *row)
+            self._send(OP_CHANGE_KEYBOARD_MAPPING, 1, body)
+            added += len(pair)
+        self.sync()
+        return added
+
     def focused(self) -> int:
         reply = self._reply(self._send(OP_GET_INPUT_FOCUS, 0, b""))
         return int(struct.unpack_from("<I", reply, 8)[0])
+
+
+# Keysyms a person types on European keyboards that a US keymap lacks: Latin-1's letters and
+# signs (keysym = code point) and the euro sign. On the keymap before Chromium starts: Xvnc
+# would add each one on its first use, and Chromium misses a key press that comes right
+# after a keymap change (measured: at 25 ms between keys, "Pässwörd-@€#1" arrived as
+# "Pässwrd-@#1"; the second time, once mapped, whole).
+PRELOADED_KEYSYMS = [
+    *(k for lower in range(0xE0, 0xFF) if lower != 0xF7 for k in (lower, lower - 0x20)),
+    *range(0xA0, 0xC0),  # signs: ¡ ¢ £ ¤ ¥ § « ° ± µ ...
+    *(0xD7, 0xDF, 0xF7, 0xFF),  # × ß ÷ ÿ
+    0x20AC,  # €
+]
+
+
+def preload_keymap(path: str) -> int:
+    """Map ``PRELOADED_KEYSYMS`` on the X server at ``path``; how many were added."""
+    with XConnection(path) as x:
+        return x.map_keysyms(PRELOADED_KEYSYMS)
 
 
 def fit_and_focus(path: str) -> tuple[int, int] | None:

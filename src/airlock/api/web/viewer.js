@@ -236,8 +236,17 @@ function composing(e) {
   return e.isComposing || e.keyCode === 229 || ["Dead", "Process", "Unidentified"].includes(e.key);
 }
 
+// The characters the VM's keymap has keys for (ASCII, Latin-1, €: the agent maps them
+// before Chromium starts). Text with others (CJK, other scripts) goes as a paste: Xvnc would
+// add a key for each on the fly, and Chromium misses a key press right after such a change.
+const ON_THE_KEYMAP = /^[\n\r\t\x20-\x7e\xa0-\xff€]*$/u;
+
 function typeText(text) {
   if (!rfb || !keysyms || !text) return;
+  if (!ON_THE_KEYMAP.test(text)) {
+    sendPaste(text);
+    return;
+  }
   for (const ch of text) {
     const cp = ch.codePointAt(0);
     let keysym = keysyms.lookup(cp);
