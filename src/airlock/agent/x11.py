@@ -188,7 +188,7 @@ class XConnection:
 PRELOADED_KEYSYMS = [
     *(k for lower in range(0xE0, 0xFF) if lower != 0xF7 for k in (lower, lower - 0x20)),
     *range(0xA0, 0xC0),  # signs: ¡ ¢ £ ¤ ¥ § « ° ± µ ...
-    *(0xD7, 0xDF, 0xF7, 0xFF),  # × ß ÷ ÿ
+    *(0xD7, 0xDF, 0xF7, 0xFF),  # multiplication sign, sharp s, division sign, y diaeresis
     0x20AC,  # €
 ]
 
