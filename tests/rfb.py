@@ -214,6 +214,40 @@ class RfbClient:
             total += size
         return total
 
+    async def read_frame(self) -> bytes:
+        """A whole screen as the person sees it: one full (non-incremental) Raw update,
+        pixels in the server's format (32 bpp, little-endian BGRX from Xvnc)."""
+        assert self.init is not None
+        await self.request_update(incremental=False)
+        while True:
+            kind = (await self.read(1))[0]
+            if kind == 0:
+                break
+            if kind == 2:  # Bell
+                continue
+            if kind == 3:  # ServerCutText
+                _, length = struct.unpack(">3sI", await self.read(7))
+                await self.read(length)
+                continue
+            raise AssertionError(f"unexpected server message {kind}")
+        width, bpp = self.init.width, self.init.bpp // 8
+        frame = bytearray(width * self.init.height * bpp)
+        (rects,) = struct.unpack(">xH", await self.read(3))
+        for _ in range(rects):
+            x, y, w, h, enc = struct.unpack(">HHHHi", await self.read(12))
+            assert enc == 0, f"encoding {enc} (only Raw was asked for)"
+            data = await self.read(w * h * bpp)
+            for row in range(h):
+                start = ((y + row) * width + x) * bpp
+                frame[start : start + w * bpp] = data[row * w * bpp : (row + 1) * w * bpp]
+        return bytes(frame)
+
+    def pixel(self, frame: bytes, x: int, y: int) -> tuple[int, int, int]:
+        """(r, g, b) at ``x, y`` of a ``read_frame`` (Xvnc's default rgb888 little-endian)."""
+        assert self.init is not None
+        i = (y * self.init.width + x) * self.init.bpp // 8
+        return frame[i + 2], frame[i + 1], frame[i]
+
     async def key(self, keysym: int) -> None:
         await self.t.send(struct.pack(">BBxxI", 4, 1, keysym) + struct.pack(">BBxxI", 4, 0, keysym))
 
