@@ -315,7 +315,8 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         log.write(self.path + "\n")
         self.send_response(200); self.send_header("Content-Type", "text/html")
-        self.end_headers(); self.wfile.write(b"<title>idp</title>signing in")
+        self.end_headers()
+        self.wfile.write(b"<title>idp</title><script>fetch('/wd?' + navigator.webdriver)</script>")
     def log_message(self, *a): pass
 srv = http.server.ThreadingHTTPServer(("127.0.0.1", 8765), H)
 threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -351,10 +352,11 @@ async def test_browser_role_opens_the_login_url_in_place_without_devtools(
             return [r for r in seen.stdout.splitlines() if r != "/favicon.ico"]
 
         deadline = time.monotonic() + 20
-        while await requests() != ["/authorize?a=1&b=two%20words"]:
+        while await requests() != ["/authorize?a=1&b=two%20words", "/wd?false"]:
             assert time.monotonic() < deadline, await requests()
             await asyncio.sleep(0.1)
         assert (await client.login_status())["url"].endswith("/authorize?a=1&b=two%20words")
+        # navigator.webdriver is false (the page said so, above): no automation flags.
         # One window, the kiosk app window, covering the screen (the start page was
         # replaced in place: no second window, no tab strip).
         windows = (await client.run([sys.executable, "-c", WINDOWS])).stdout

@@ -119,6 +119,15 @@ async def test_browser_vm_serves_agent_and_vnc_and_no_devtools(runtime: SandboxR
             for m in re.findall(r"^\s*\d+: [0-9A-F]+:([0-9A-F]{4}) \S+ 0A", net.stdout, re.M)
         }
         assert listening == {EGRESS_PORT, START_PAGE_PORT}
+        # Every process in the VM, by its command line: no remote debugging, no automation
+        # (Google refuses to sign in such a browser), and Chromium is among them.
+        listing = await client.run(
+            ["sh", "-c", "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"]
+        )
+        commands = [line for line in listing.stdout.splitlines() if line.strip()]
+        assert any("--user-data-dir=" in line for line in commands), commands
+        for flag in ("--remote-debugging", "--enable-automation", "--headless", "9222"):
+            assert not any(flag in line for line in commands), (flag, commands)
 
     reader, writer = await runtime.open_vnc("br1")
     banner = await asyncio.wait_for(reader.readexactly(12), 5)
