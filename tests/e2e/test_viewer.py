@@ -90,9 +90,15 @@ async def sign_in(page: Page, user: str, password: str) -> None:
     await page.keyboard.press("Enter")
 
 
-async def dashboard(pw: Any, server: Server, user_token: str) -> tuple[Any, Page]:
+async def dashboard(
+    pw: Any, server: Server, user_token: str, permissions: tuple[str, ...] = ()
+) -> tuple[Any, Page]:
+    """The person's browser on the dashboard, signed in; ``permissions`` it grants the
+    dashboard's origin (the clipboard's, for the clipboard tests)."""
     browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    context = await browser.new_context(viewport={"width": 1280, "height": 960})
+    context = await browser.new_context(
+        viewport={"width": 1280, "height": 960}, permissions=list(permissions)
+    )
     page = await context.new_page()
     await page.goto(f"{server.url}/")
     await page.get_by_label("API token").fill(user_token)
