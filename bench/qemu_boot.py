@@ -79,15 +79,6 @@ async def browser_boot(vms_dir: Path, image_dir: Path) -> tuple[float, float]:
             await asyncio.sleep(0.5)
         raise RuntimeError(f"no start page in {BROWSER_TIMEOUT_S:g} s: {last!r}")
     finally:
-                    stream[1].close()
-                if status == 200:
-                    return vnc, time.monotonic() - t0
-                last = status
-            except (RuntimeFailure, OSError, TimeoutError, ValueError, EOFError) as exc:
-                last = exc  # Chromium not listening yet: the agent refuses the connect
-            await asyncio.sleep(0.5)
-        raise RuntimeError(f"DevTools did not answer in {BROWSER_TIMEOUT_S:g} s: {last!r}")
-    finally:
         for left in await runtime.list():
             await runtime.destroy(left.vm_id)
 
