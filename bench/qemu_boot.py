@@ -2,7 +2,7 @@
 a ping (``create`` returns only then), one VM at a time, each destroyed before the next.
 Then one browser VM on the browser image (Xvnc + Chromium), if that image is built (it is
 never built here: over a GiB): ``create()`` until Xvnc speaks RFB (``create`` waits for it),
-and until Chromium has loaded the agent's start page (the agent's ping says so).
+and until the agent's ping says Chromium is up.
 
 The accelerator is whatever the runtime chooses here (its cached KVM probe): on build
 machines where KVM runs no stock kernel, TCG. The image is built first if missing (not
@@ -57,7 +57,7 @@ BROWSER_TIMEOUT_S = 300.0  # TCG: Chromium takes tens of seconds to start
 
 async def browser_boot(vms_dir: Path, image_dir: Path) -> tuple[float, float]:
     """(create -> VNC banner, create -> Chromium on its start page) of one browser VM, in
-    seconds. The second is when the agent's ping says the start page asked for its URL."""
+    seconds. The second is when the agent's ping says Chromium is up (``browser``)."""
     runtime = QemuRuntime(
         vms_dir,
         image_dir,
@@ -108,7 +108,7 @@ def main(boots: int = 5) -> None:
         vnc, started = asyncio.run(browser_boot(Path(tmp) / "vms", image_dir))
     print(f"\nqemu runtime, browser image, one browser VM ({r['accel']})")
     print(f"  create -> agent ping and VNC banner  {vnc:.1f} s")
-    print(f"  create -> Chromium on the agent's start page  {started:.1f} s")
+    print(f"  create -> Chromium up (the agent's ping)  {started:.1f} s")
 
 
 if __name__ == "__main__":

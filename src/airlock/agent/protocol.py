@@ -16,8 +16,8 @@ for ``qemu``, vsock for ``firecracker``). Messages are JSON objects, one per lin
 
 Operations (arguments -> result):
 
-- ``ping`` -> ``{role, uptime_s, display?, browser?}`` (``browser: true`` once Chromium has
-  loaded the agent's start page: the browser VM is ready for a login URL).
+- ``ping`` -> ``{role, uptime_s, display?, browser?}`` (``browser: true`` once Chromium's window
+  is up or its start page has asked for the URL: the browser VM is ready for a login URL).
 - ``start_login {login: LoginPlan}`` -> ``{started: true}``. Runs the plan's argv with
   ``BROWSER`` set to a helper that opens the URL in the VM's Chromium.
 - ``login_status`` -> ``{state: "idle"|"running"|"exited", exit_code, url, captured}``

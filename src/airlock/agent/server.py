@@ -862,9 +862,10 @@ class Agent:
             parts = request.split(b" ", 2)
             path = parts[1] if len(parts) == 3 and parts[0] == b"GET" else b""
             if path == b"/":
+                self._browser_ready = True  # Chromium is up and loading its first page
                 body, kind = START_PAGE, b"text/html; charset=utf-8"
             elif path == b"/next":
-                self._browser_ready = True
+                self._browser_ready = True  # (the window is up too; it may not be seen yet)
                 if self._url is None:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._url_changed.wait(), START_PAGE_WAIT_S)
@@ -946,12 +947,18 @@ class Agent:
         while True:
             try:
                 size = await asyncio.to_thread(x11.fit_and_focus, X_SOCKET)
-                if size is not None and size != fitted:
+                if size:
+                    # Chromium is on the display: ready for a URL (the start page takes it
+                    # when it runs). Not later, at its window or the start page's request:
+                    # those wait for more of Chromium's start (measured: start p50 1.8 or
+                    # 2.2 s instead of 0.7 s under the product load).
+                    self._browser_ready = True
+                if isinstance(size, tuple) and size != fitted:
                     log.info("kiosk window fitted to the screen: %dx%d", *size)
                     fitted = size
             except (OSError, ValueError, struct.error) as exc:
                 log.debug("cannot fit the window to the screen yet: %r", exc)
-            await asyncio.sleep(SCREEN_POLL_S if fitted else 0.05)
+            await asyncio.sleep(SCREEN_POLL_S if fitted else 0.02)
 
     async def _start_xvnc(self) -> asyncio.subprocess.Process:
         cfg = self.config

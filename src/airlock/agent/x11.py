@@ -199,13 +199,15 @@ def preload_keymap(path: str) -> int:
         return x.map_keysyms(PRELOADED_KEYSYMS)
 
 
-def fit_and_focus(path: str) -> tuple[int, int] | None:
+def fit_and_focus(path: str) -> tuple[int, int] | bool:
     """Make the kiosk window cover the screen and give it the input focus. Returns the
-    screen size it fitted, or None while there is no window yet. Blocking; idempotent."""
+    screen size it fitted; while there is no window to fit yet, whether a client has made
+    any window at all (Chromium's browser process makes its first ones early in its start,
+    as early as it used to open its DevTools port). Blocking; idempotent."""
     with XConnection(path) as x:
         window = x.top_level()
         if window is None:
-            return None
+            return bool(x.children(x.root))
         if (window.x, window.y, window.width, window.height) != (0, 0, x.width, x.height):
             x.configure(window.wid, 0, 0, x.width, x.height)
         if x.focused() != window.wid:

@@ -536,7 +536,8 @@ class SandboxRuntime:
         self, spec: VmSpec, state_dir: Path, secret: str, deadline: float, record: PidRecord
     ) -> None:
         """Until the agent answers ping; for a browser VM also until VNC speaks RFB and
-        Chromium has loaded the agent's start page (the agent's ping says so)."""
+        Chromium is up (the agent's ping says so: its window is mapped, or its start page
+        asked for the URL)."""
         proc = self._procs.get(spec.vm_id)
 
         async def attempt(what: str, probe: Callable[[], Awaitable[None]]) -> None:
@@ -573,7 +574,7 @@ class SandboxRuntime:
         async def browser() -> None:
             async with await self._client(state_dir, secret) as client:
                 if not (await client.ping()).get("browser"):
-                    raise ValueError("Chromium has not loaded its start page yet")
+                    raise ValueError("Chromium is not up yet")
 
         await attempt("agent", ping)
         # Now, not at launch: bwrap's init calls setsid() (a new scheduling group, at nice
