@@ -160,8 +160,10 @@ async def test_rfb_through_the_proxy_input_view_only_and_the_vm_going(
         await rfb.request_update(incremental=False)
         assert await rfb.read_update() == 1280 * 800 * 4
 
-        async def form_shown() -> bool:  # the sign-in form's white card, mid-screen
-            return rfb.pixel(await rfb.read_frame(), 640, 400) == (255, 255, 255)
+        async def form_shown() -> bool:  # the form's white card on the grey page, not "Starting…"
+            frame = await rfb.read_frame()
+            card, page = rfb.pixel(frame, 640, 400), rfb.pixel(frame, 5, 5)
+            return (card, page) == ((255, 255, 255), (238, 241, 245))
 
         await wait_for(form_shown, timeout=30, interval=0.3)
         # Keys from a normal token arrive: the login page's focused user name field.

@@ -53,6 +53,7 @@ async def dump_database(url: str) -> str:
 
 
 XK_TAB, XK_RETURN = 0xFF09, 0xFF0D
+CARD, PAGE = (255, 255, 255), (238, 241, 245)  # the demo IdP's form card and page (#eef1f5)
 
 
 async def log_in_as_a_person(
@@ -67,7 +68,13 @@ async def log_in_as_a_person(
     rfb = RfbClient(StreamTransport(reader, writer))
     try:
         await rfb.handshake()
-        await asyncio.sleep(1.0)  # the login page loads after awaiting_user; then it has focus
+        deadline = time.monotonic() + 30  # the login page loads after awaiting_user
+        while True:  # the demo IdP's form card mid-screen, on its grey page (not "Starting…")
+            frame = await rfb.read_frame()
+            if (rfb.pixel(frame, 640, 400), rfb.pixel(frame, 5, 5)) == (CARD, PAGE):
+                break
+            assert time.monotonic() < deadline, "the login form never showed on the screen"
+            await asyncio.sleep(0.1)
         for keysym in [*map(ord, "demo"), XK_TAB, *map(ord, "demo"), XK_RETURN]:
             await rfb.key(keysym)
             await asyncio.sleep(0.02)
