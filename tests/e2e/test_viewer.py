@@ -171,3 +171,44 @@ async def test_a_person_logs_in_ten_times_with_one_click_and_tab(server_factory:
         f"median {sorted(timings)[5]:.2f} s, max {max(timings):.2f} s; "
         f"test {time.monotonic() - started:.1f} s"
     )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_person_on_a_phone_raises_the_keyboard_and_signs_in(server_factory: Any) -> None:
+    """A phone: a touch screen, no physical keyboard. The Keyboard button focuses the view's
+    text area in the tap (what raises the on-screen keyboard); the on-screen keyboard's text
+    comes as input events, its Enter as a key. The remote screen fits the phone's width."""
+    server: Server = server_factory(grace_success_ms=30_000, demo_password=PASSWORD)
+    server.start()
+    user_token = server.cli("tokens", "create", "--user", "alice")
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(
+                viewport={"width": 412, "height": 915}, is_mobile=True, has_touch=True
+            )
+            page = await context.new_page()
+            await page.goto(f"{server.url}/")
+            await page.get_by_label("API token").fill(user_token)
+            await page.get_by_role("button", name="Sign in").tap()
+            await expect(page.get_by_role("button", name="Log in oauth2")).to_be_enabled()
+            viewer, status, canvas = await open_login(page)
+            await expect(status).to_have_text("Sign in with oauth2", timeout=60_000)
+            await wait_pixels(canvas, {"centre": CARD, "origin": PAGE})
+            box = await canvas.bounding_box()
+            frame = await viewer.locator("#screen").bounding_box()
+            assert box is not None and frame is not None
+            assert box["width"] <= frame["width"] + 1, (box, frame)  # the screen fits
+            keyboard = viewer.get_by_role("button", name="Keyboard")
+            await expect(keyboard).to_be_visible()  # shown on touch screens only
+            await keyboard.tap()
+            await expect(viewer.locator("#keys")).to_be_focused()
+            await page.keyboard.insert_text("demo")  # what an on-screen keyboard sends
+            await page.keyboard.press("Enter")  # empty password: the form focuses it
+            await page.keyboard.insert_text(PASSWORD)
+            await shot(page, "phone")
+            await page.keyboard.press("Enter")
+            await expect(status).to_have_text("Connected ✓", timeout=30_000)
+        finally:
+            await browser.close()
