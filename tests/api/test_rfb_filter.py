@@ -101,7 +101,10 @@ SERVER_HANDSHAKE = (
     + b"airlock"
 )
 CUT = struct.pack(">BxxxI", 3, 11) + b"device-code"
-CUT_EXTENDED = struct.pack(">Bxxxi", 3, -6) + b"\0\0\0\x01xy"
+CUT_EXTENDED = struct.pack(">BxxxiI", 3, -6, (1 << 28) | 1) + b"xy"  # provide: text
+NOTIFY = struct.pack(">BxxxiI", 3, -4, (1 << 27) | 1)  # notify: the server has text
+CAPS = struct.pack(">BxxxiI", 3, -8, (1 << 24) | (1 << 25) | (1 << 27) | 1) + b"\0\0\x10\0"
+REQUEST = struct.pack(">BxxxiI", 3, -4, (1 << 25) | 1)  # the server asks for a paste
 
 
 def rect(x: int, y: int, w: int, h: int, enc: int, payload: bytes) -> bytes:
@@ -117,7 +120,17 @@ UPDATE = (
     + rect(0, 0, 800, 600, -308, struct.pack(">Bxxx", 1) + b"\0" * 16)
     + rect(0, 0, 0, 0, -224, b"")  # LastRect
 )
-SERVER_STREAM = [SERVER_HANDSHAKE, UPDATE, CUT, b"\x02", CUT_EXTENDED, UPDATE]
+SERVER_STREAM = [
+    SERVER_HANDSHAKE,
+    CAPS,
+    UPDATE,
+    CUT,
+    b"\x02",
+    CUT_EXTENDED,
+    NOTIFY,
+    REQUEST,
+    UPDATE,
+]
 CLIENT_SIDE = HANDSHAKE + struct.pack(">BxH2i", 2, 2, 16, 7)  # ... and SetEncodings
 
 
@@ -132,8 +145,9 @@ def server_run(chunks: list[bytes]) -> tuple[bytes, RfbClientFilter]:
 def test_server_cut_text_is_dropped_and_all_else_passes_however_split(cuts: list[int]) -> None:
     data = b"".join(SERVER_STREAM)
     out, _ = server_run(split(data, cuts))
-    assert out == SERVER_HANDSHAKE + UPDATE + b"\x02" + UPDATE
-    assert b"device-code" not in out
+    # Caps and a request for the client's paste pass; text and its announcements do not.
+    assert out == SERVER_HANDSHAKE + CAPS + UPDATE + b"\x02" + REQUEST + UPDATE
+    assert b"device-code" not in out and b"xy" not in out
 
 
 def test_the_client_asks_only_for_encodings_the_server_filter_walks() -> None:
@@ -143,7 +157,16 @@ def test_the_client_asks_only_for_encodings_the_server_filter_walks() -> None:
     asked = [7, -260, 16, 5, 1, 0, -26, -223, -224, -239, -1063131698, 0x574D5664]
     out = client.feed(HANDSHAKE + struct.pack(f">BxH{len(asked)}i", 2, len(asked), *asked))
     count = struct.unpack_from(">H", out, 16)[0]
-    assert list(struct.unpack_from(f">{count}i", out, 18)) == [16, 1, 0, -26, -223, -224, -239]
+    assert list(struct.unpack_from(f">{count}i", out, 18)) == [
+        16,
+        1,
+        0,
+        -26,
+        -223,
+        -224,
+        -239,
+        -1063131698,
+    ]
 
 
 def test_an_encoding_that_was_not_asked_for_closes_the_stream() -> None:

@@ -217,6 +217,7 @@ ENC_RAW, ENC_COPYRECT, ENC_ZRLE = 0, 1, 16
 ENC_DESKTOP_SIZE, ENC_LAST_RECT, ENC_CURSOR = -223, -224, -239
 ENC_QEMU_KEY, ENC_QEMU_LED = -258, -261
 ENC_DESKTOP_NAME, ENC_EXT_DESKTOP_SIZE, ENC_FENCE, ENC_CONTINUOUS = -307, -308, -312, -313
+ENC_EXT_CLIPBOARD = -1063131698  # 0xC0A1E5CE
 PARSEABLE = frozenset(
     {
         ENC_RAW,
@@ -231,16 +232,22 @@ PARSEABLE = frozenset(
         ENC_EXT_DESKTOP_SIZE,
         ENC_FENCE,
         ENC_CONTINUOUS,
+        ENC_EXT_CLIPBOARD,  # its messages are walked: what carries text is dropped
         *range(-32, -22),  # JPEG quality levels: hints only
         *range(-256, -246),  # compression levels: hints only
     }
 )
 SERVER_CUT_TEXT = 3
+# Extended clipboard actions (the flags' top byte): the server may send its caps (which
+# list every action it supports, and sizes, no text) and ask for the client's text
+# (request, peek: a paste needs that); it may not announce or send its own (notify, provide).
+EXT_CAPS = 1 << 24
+EXT_ASK = (1 << 25) | (1 << 26)
 
 
 def _parseable(message: bytearray) -> bytearray:
     """SetEncodings with only the encodings in ``PARSEABLE`` (ZRLE first: the server uses
-    the first it supports). The extended clipboard goes too: cut text stays classic."""
+    the first it supports)."""
     count = struct.unpack_from(">H", message, 2)[0]
     wanted = [e for e in struct.unpack_from(f">{count}i", message, 4) if e in PARSEABLE]
     wanted.sort(key=lambda e: e != ENC_ZRLE)
@@ -363,8 +370,15 @@ class RfbServerFilter:
         if kind == SERVER_CUT_TEXT:
             if avail < 8:
                 return None
+            length = struct.unpack_from(">i", buf, 4)[0]
+            if length <= -4:  # extended: its flags say what it carries
+                if avail < 12:
+                    return None
+                actions = struct.unpack_from(">I", buf, 8)[0] & 0xFF000000
+                if actions & EXT_CAPS or (actions and not actions & ~EXT_ASK):
+                    return 12, True, -length - 4, 0  # caps, request, peek: no text
             self.dropped += 1
-            return 8, False, 0, abs(struct.unpack_from(">i", buf, 4)[0])
+            return 8, False, 0, abs(length)
         if kind == CLIENT_FENCE:  # ServerFence has the same number and shape
             if avail < 9:
                 return None
