@@ -116,6 +116,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.warning("request failed: %s (%s)", exc.code, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
         return _json_error(exc.status, exc.code, exc.message, **headers)
 
     async def illegal_transition(_: Request, exc: Exception) -> JSONResponse:

@@ -15,6 +15,7 @@ from pathlib import Path
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
+from airlock.domain.quotas import Limits
 from airlock.domain.vms import VmRole
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
@@ -49,6 +50,16 @@ def durations(settings: Settings) -> Durations:
         idle_extension=settings.idle_extension,
         keep_failed=settings.debug_keep_failed_vms,
         debug_retention=settings.debug_retention,
+    )
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(
+        user_sessions=settings.user_max_sessions,
+        user_cli_vms=settings.user_max_cli_vms,
+        user_starts_per_minute=settings.user_starts_per_minute,
+        node_browser_vms=settings.max_concurrent_vms,
+        node_cli_vms=settings.max_concurrent_cli_vms,
     )
 
 
@@ -124,6 +135,7 @@ class Core:
         self.tasks = TaskOwner("core")
         self.egress = EgressManager()
         self.policy = DeadlinePolicy(durations(settings))
+        self.limits = limits(settings)
         self.vault: Vault | None = None
         self.tokens = TokenService(self.db, self.clock)
         self.scheduler = Scheduler(
@@ -152,6 +164,7 @@ class Core:
             metrics=self.metrics,
             scheduler=self.scheduler,
             boot_timeout=settings.vm_boot_timeout.total_seconds(),
+            limits=self.limits,
         )
         self.warm_pool = WarmPool(
             db=self.db,
@@ -192,7 +205,7 @@ class Core:
             scheduler=self.scheduler,
             tasks=self.tasks,
             boot_timeout=self.settings.vm_boot_timeout.total_seconds(),
-            max_browser_vms=self.settings.max_concurrent_vms,
+            limits=self.limits,
             warm_pool=self.warm_pool,
         )
         self.handoff = HandoffService(
