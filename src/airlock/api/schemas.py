@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 
 from airlock.domain.vms import VmState
 from airlock.errors import InvalidInput
-from airlock.services.tokens import check_name
+from airlock.services.tokens import NAME_PATTERN, check_name
 from airlock.store.tables import AuthSession, Credential, Event, Vm
 
 
@@ -35,9 +35,11 @@ def _user_id(value: str) -> str:
         raise ValueError(exc.message) from None
 
 
-UserId = Annotated[str, AfterValidator(_user_id)]
+UserId = Annotated[
+    str, Field(max_length=128, pattern=f"^{NAME_PATTERN}$"), AfterValidator(_user_id)
+]
 ProviderId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
-VmId = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^vm-[A-Za-z0-9]+$")]
+VmId = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^vm-[A-Za-z0-9]{1,61}$")]
 
 # VMs whose screen a person can still look at; novncURL is null otherwise.
 VIEWABLE = frozenset({VmState.CREATING, VmState.RUNNING, VmState.DRAINING})

@@ -45,6 +45,7 @@ PENDING_TTL = 600.0
 MAX_ENTRIES = 10_000  # per table: the demo's memory stays bounded whatever callers do
 MAX_FORM = 64 * 1024
 MAX_SIGN_IN_FAILURES = 5
+LOCKOUT_S = 900.0  # the guesses a (client, user name) has left come back this long after
 SCOPES_SUPPORTED = ("openid", "profile", "email", "offline_access")
 DEFAULT_SCOPE = "openid profile"
 
@@ -99,7 +100,6 @@ class _Pending:
     scope: str
     state: str | None
     nonce: str | None
-    failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +130,9 @@ class _State:
         self.refresh = _Expiring[_Token](clock)
         self.rotated = _Expiring[str](clock)  # a rotated refresh token -> grant
         self.revoked = _Expiring[bool](clock)  # grant ids
+        # Wrong sign-ins per (client, user name), not per request: a new /authorize would
+        # otherwise give a guesser five more tries. Each failure restarts the window.
+        self.failures = _Expiring[int](clock)
 
 
 class _OAuthError(Exception):
@@ -298,14 +301,24 @@ def create_idp_app(
         # Compare both, always, so the time taken does not tell which one was wrong.
         user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
         password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
-        if not (user_ok and password_ok):
-            pending.failures += 1
-            if pending.failures >= MAX_SIGN_IN_FAILURES:
+        # Only the one real account can be guessed at: a made-up user name costs nothing
+        # and stores nothing, so the table stays one entry per client.
+        guesser = f"{pending.client_id}\x00{user}"
+        failures = state.failures.get(guesser) or 0
+        if user_ok and (failures >= MAX_SIGN_IN_FAILURES or not password_ok):
+            if failures < MAX_SIGN_IN_FAILURES:
+                failures += 1
+                state.failures.put(guesser, failures, LOCKOUT_S)
+            if failures >= MAX_SIGN_IN_FAILURES:  # even the right password, until then
                 state.pending.pop(request_id)
                 return error_page_response(
-                    "Too many wrong attempts. Start again from the application.", 403
+                    "Too many wrong attempts for this user. Wait 15 minutes, then start "
+                    "again from the application.",
+                    403,
                 )
+        if not (user_ok and password_ok):
             return login_form(request_id, pending, "Wrong user name or password.")
+        state.failures.pop(guesser)
         state.pending.pop(request_id)
         code = secrets.token_urlsafe(32)
         grant = secrets.token_urlsafe(12)

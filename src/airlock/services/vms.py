@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import timedelta
 
 from airlock.clock import Clock
@@ -24,9 +25,11 @@ from airlock.store.tables import Vm
 
 log = logging.getLogger("airlock.vms")
 
+_VM_ID = re.compile(r"vm-[A-Za-z0-9]{1,61}")  # ASCII only: str.isalnum takes "²" too
+
 
 def check_vm_id(vm_id: str) -> str:
-    if not (vm_id.startswith("vm-") and 4 <= len(vm_id) <= 64 and vm_id[3:].isalnum()):
+    if not _VM_ID.fullmatch(vm_id):
         raise InvalidInput(f"malformed VM id {vm_id[:40]!r}", code="invalid_id")
     return vm_id
 

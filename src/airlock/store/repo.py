@@ -83,6 +83,16 @@ class Repo:
     async def token(self, token_id: str) -> Token | None:
         return await self.session.get(Token, token_id)
 
+    async def live_tokens_created_by(self, actor: str) -> list[Token]:
+        """Unrevoked tokens whose creation event names ``actor``."""
+        created = select(Event.subject_id).where(
+            Event.kind == "token", Event.cause == "created", Event.actor == actor
+        )
+        rows = await self.session.scalars(
+            select(Token).where(Token.id.in_(created), Token.revoked_at.is_(None))
+        )
+        return list(rows)
+
     # --- vms ---------------------------------------------------------------------------
     def add_vm(self, vm: Vm) -> None:
         if not vm.node:

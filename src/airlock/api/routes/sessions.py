@@ -22,7 +22,7 @@ from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmState
 from airlock.errors import NotFound
 from airlock.services.core import Core
-from airlock.services.tokens import Principal
+from airlock.services.tokens import NAME_PATTERN, Principal
 from airlock.store.tables import AuthSession, Credential, Vm
 
 log = logging.getLogger("airlock.api")
@@ -37,11 +37,20 @@ UserQuery = Annotated[
     Query(
         alias="userId",
         max_length=128,
+        pattern=f"^{NAME_PATTERN}$",
         description="Service tokens: whose session. User tokens: only their own name.",
     ),
 ]
+SESSION_ID_PATTERN = r"^[0-9a-f]{32}$"
 SessionIdPath = Annotated[
-    str, Path(alias="sessionId", description="32 hex digits, as POST /start answered it.")
+    str,
+    Path(
+        alias="sessionId",
+        pattern=SESSION_ID_PATTERN,
+        min_length=32,
+        max_length=32,
+        description="32 lower-case hex digits, as POST /start answered it.",
+    ),
 ]
 StatusQuery = Annotated[SessionStatus | None, Query(alias="status")]
 
@@ -146,10 +155,12 @@ async def session_events(
     reader = _reader(principal, user_id)
     version = core.bus.version(session_id)  # before the read: no change falls in between
     first = await _session_view(core, signer, session_id, reader)  # 404 before streaming
+    # (The caller is authenticated and the id well-formed by now; the bus records nothing
+    # until the stream waits, and forgets the session when its last waiter leaves.)
     return StreamingResponse(
         _event_stream(core, signer, session_id, reader, first, version),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 

@@ -107,13 +107,14 @@ async def viewer_events(
 ) -> StreamingResponse:
     """As ``/events`` (the session at once and at every change, until its VM is gone),
     with ``novncURL`` left out: a viewer token does not hand out new viewer tokens here."""
-    version = core.bus.version(session_id)
+    await viewed_session(core, signer, session_id, token)  # the token first: 401/404 here
+    version = core.bus.version(session_id)  # then the version, before the read
     _, session, vm = await viewed_session(core, signer, session_id, token)
     first = await _view(core, session, vm)
     return StreamingResponse(
         _stream(core, session_id, first, version),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 

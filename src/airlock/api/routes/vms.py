@@ -15,15 +15,27 @@ from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep
 from airlock.domain.vms import VmRole, VmState
 from airlock.services.handoff import Injection
+from airlock.services.tokens import NAME_PATTERN
 
 router = APIRouter(prefix="/api/vms", tags=["vms"])
 
-VmIdPath = Annotated[str, Path(alias="vmId", description="vm- and letters or digits.")]
+VM_ID_PATTERN = r"^vm-[A-Za-z0-9]{1,61}$"
+VmIdPath = Annotated[
+    str,
+    Path(
+        alias="vmId",
+        pattern=VM_ID_PATTERN,
+        min_length=4,
+        max_length=64,
+        description="vm- and 1-61 ASCII letters or digits.",
+    ),
+]
 UserQuery = Annotated[
     str | None,
     Query(
         alias="userId",
         max_length=128,
+        pattern=f"^{NAME_PATTERN}$",
         description="Service tokens: whose VMs. User tokens: only their own name.",
     ),
 ]
