@@ -141,6 +141,18 @@ class Settings(BaseSettings):
         "per login. Chromium calls the mode unsupported; false gives its usual process model.",
     )
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        import ipaddress
+
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or network (CIDR): {part!r}") from None
+        return value
+
     @field_validator("image_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import airlock
 from airlock.aio import TaskOwner
 from airlock.api import static
+from airlock.api.clients import ClientLimiter, ClientRateLimit, parse_networks
 from airlock.api.deps import ViewerSigner
 from airlock.api.routes import ROUTERS
 from airlock.api.schemas import error_body
@@ -94,6 +95,15 @@ def create_app(
     app.add_middleware(JsonByDefault)
     app.add_middleware(NoStore)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(
+        ClientRateLimit,
+        limiter=(
+            ClientLimiter(cfg.client_requests_per_minute)
+            if cfg.client_requests_per_minute > 0
+            else None
+        ),
+        trusted=parse_networks(cfg.trusted_proxies),
+    )
     app.add_middleware(InternalErrors)  # outermost of ours: catches whatever escapes
     return app
 
