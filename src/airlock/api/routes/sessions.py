@@ -91,6 +91,7 @@ async def _session_view(
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.SessionOut,
     summary="Start a login: create a session and its browser VM",
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 413, 503),
 )
 async def start(
     body: schemas.StartRequest, core: CoreDep, signer: SignerDep, principal: PrincipalDep
@@ -107,6 +108,7 @@ async def start(
     "/sessions",
     response_model=list[schemas.SessionOut],
     summary="The caller's sessions, newest first",
+    responses=schemas.errors(*schemas.API_ERRORS),
 )
 async def list_sessions(
     core: CoreDep,
@@ -125,7 +127,12 @@ async def list_sessions(
     return [_out(core, signer, s, vm, creds.get(s.id)) for s, vm in rows]
 
 
-@router.get("/session/{sessionId}", response_model=schemas.SessionOut, summary="One session")
+@router.get(
+    "/session/{sessionId}",
+    response_model=schemas.SessionOut,
+    summary="One session",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
+)
 async def get_session(
     session_id: SessionIdPath,
     core: CoreDep,
@@ -140,7 +147,10 @@ async def get_session(
     "/session/{sessionId}/events",
     summary="Server-Sent Events: the session at every change",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **schemas.errors(*schemas.API_ERRORS, 404),
+    },
 )
 async def session_events(
     session_id: SessionIdPath,
@@ -199,6 +209,7 @@ async def _event_stream(
     "/session/{sessionId}/keepalive",
     response_model=schemas.KeepaliveOut,
     summary="A person is still here: extend the browser VM's deadline",
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 409),
 )
 async def keepalive(
     session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
@@ -211,7 +222,7 @@ async def keepalive(
     "/session/{sessionId}/complete",
     response_model=schemas.CompleteOut,
     summary="The frontend has what it needs: destroy the browser VM now",
-    responses={409: {"model": schemas.ErrorBody, "description": "Not over yet."}},
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 409),
 )
 async def complete(
     session_id: SessionIdPath,
@@ -231,6 +242,7 @@ async def complete(
     "/session/{sessionId}",
     response_model=schemas.SessionOut,
     summary="Cancel the session (if not over) and destroy its VM",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
 async def cancel(
     session_id: SessionIdPath,
@@ -251,6 +263,7 @@ async def cancel(
     response_model=schemas.CredentialsOut,
     response_model_exclude_none=False,
     summary="What was captured (metadata; secret values only when exported)",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
 async def credentials(
     session_id: SessionIdPath,
@@ -288,6 +301,7 @@ async def credentials(
     "/session/{sessionId}/timeline",
     response_model=list[schemas.TimelineEntry],
     summary="The session's audit trail: every transition of it and its VM (our extension)",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
 async def timeline(
     session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None

@@ -72,7 +72,7 @@ def _page(status: int, title: str, message: str) -> HTMLResponse:
     "/novnc",
     response_class=HTMLResponse,
     summary="The viewer page: the remote browser, live, with the session's status",
-    responses={401: {"description": "Bad or expired viewer token (an HTML page)."}},
+    responses=schemas.errors(400, 401, 404, 422, 429, 503, html=(401, 404, 503)),
 )
 async def viewer_page(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None
@@ -100,7 +100,10 @@ async def viewer_page(
     "/viewer/events",
     summary="Server-Sent Events for the viewer page (viewer token; our extension)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **schemas.errors(400, 401, 404, 422, 429),
+    },
 )
 async def viewer_events(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None
@@ -154,6 +157,7 @@ async def _stream(
     "/viewer/keepalive",
     response_model=schemas.KeepaliveOut,
     summary="The viewer page is visible: extend the VM's deadline (viewer token; our extension)",
+    responses=schemas.errors(400, 401, 404, 409, 422, 429),
 )
 async def viewer_keepalive(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None
@@ -170,7 +174,7 @@ async def viewer_keepalive(
     "/viewer/complete",
     response_model=schemas.CompleteOut,
     summary="The viewer page showed the outcome: destroy the VM now (viewer token; our extension)",
-    responses={409: {"model": schemas.ErrorBody, "description": "Not over yet."}},
+    responses=schemas.errors(400, 401, 403, 404, 409, 422, 429),
 )
 async def viewer_complete(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None

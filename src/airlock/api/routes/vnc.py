@@ -41,7 +41,7 @@ class ViewerTokenOut(schemas._Out):
     status_code=status.HTTP_201_CREATED,
     response_model=ViewerTokenOut,
     summary="Mint a viewer token (view-only for support staff)",
-    responses={409: {"model": schemas.ErrorBody, "description": "The VM cannot be viewed."}},
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 409, 413),
 )
 async def viewer_token(
     session_id: SessionIdPath,
