@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         600,
         ge=0,
         description="Per client address: requests to routes without an API token (viewer "
-        "pages and sockets, operations, static files) and refused API tokens; past it 429. "
+        "pages and sockets, operations) and refused API tokens; past it 429. "
         "0 turns the limit off.",
     )
     trusted_proxies: str = Field(

@@ -53,7 +53,9 @@ async def test_unauthenticated_and_viewer_routes_are_limited_per_client(
             assert r.status_code in (200, 401), r.text
         for path in paths:
             assert_limited(await one.get(path))
-        # Another address has its own bucket; a valid API token is never charged.
+        # Static files are not counted (a page load fetches dozens); another address has
+        # its own bucket; a valid API token is never charged.
+        assert (await one.get("/static/app/style.css")).status_code == 200
         assert (await two.get("/healthz")).status_code == 200
         for _ in range(10):
             r = await one.get("/api/providers", headers=api.auth("alice"))

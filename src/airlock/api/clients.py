@@ -9,13 +9,14 @@ usually holds whole.
 
 ``ClientRateLimit`` (ASGI middleware) gives each client a token bucket
 (``domain.ratelimit``) for what anyone can call: routes outside ``/api`` (operations,
-the dashboard and its scripts), the viewer-token routes (the viewer page, its events,
-keepalive and complete, the VNC socket), ``/api`` requests without a bearer token, and
-refused bearer tokens (each 401 is charged after the fact). A request with a valid API
-token is never charged: per-user quotas govern those. Past the limit: 429 with
-``Retry-After``, or, on the VNC socket, close code 4429 after the handshake (a page cannot
-read a refused handshake). The table of buckets is bounded: clients whose bucket is full
-again are forgotten, and past ``MAX_CLIENTS`` the least recently seen go first.
+the dashboard page; its static files are not counted), the viewer-token routes (the
+viewer page, its events, keepalive and complete, the VNC socket), ``/api`` requests
+without a bearer token, and refused bearer tokens (each 401 is charged after the fact).
+A request with a valid API token is never charged: per-user quotas govern those. Past
+the limit: 429 with ``Retry-After``, or, on the VNC socket, close code 4429 after the
+handshake (a page cannot read a refused handshake). The table of buckets is bounded:
+clients whose bucket is full again are forgotten, and past ``MAX_CLIENTS`` the least
+recently seen go first.
 """
 
 from __future__ import annotations
@@ -135,6 +136,13 @@ class ClientLimiter:
             del self._buckets[key]
 
 
+def _exempt(scope: Scope) -> bool:
+    """The viewer's and dashboard's static files: a file read each, and one page load
+    fetches some sixty (noVNC's modules), so counting them would cut a person off first."""
+    path: str = scope.get("path", "")
+    return path.startswith("/static/") and scope.get("method") in ("GET", "HEAD")
+
+
 def _limited_up_front(scope: Scope) -> bool:
     path: str = scope.get("path", "")
     if not path.startswith("/api/") or _VIEWER_ROUTE.match(path):
@@ -151,7 +159,7 @@ class ClientRateLimit:
         self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.limiter is None or scope["type"] not in ("http", "websocket"):
+        if self.limiter is None or scope["type"] not in ("http", "websocket") or _exempt(scope):
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
