@@ -7,10 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import lifecycle, qemu_boot, vnc_proxy, warm_pool
+from bench import lifecycle, mux, qemu_boot, vnc_proxy, warm_pool
 
 if __name__ == "__main__":
     lifecycle.main()
     vnc_proxy.main()
+    mux.main([])
     warm_pool.main()
     qemu_boot.main()

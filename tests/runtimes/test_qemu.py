@@ -138,7 +138,7 @@ async def test_bad_input_changes_nothing(runtime: QemuRuntime, tmp_path: Path) -
     with pytest.raises(RuntimeFailure) as missing:
         await no_images.create(VmSpec(vm_id="q3", role=VmRole.CLI, user_id="a"))
     assert missing.value.code == "image_missing"
-    assert "airlock image build --flavor minimal" in str(missing.value)
+    assert "airlock image build --flavor cli" in str(missing.value)  # a CLI VM's default
     assert any("airlock image build" in p for p in await no_images.check())
     assert not (tmp_path / "vms" / "q3").exists()
 

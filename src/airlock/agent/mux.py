@@ -14,6 +14,13 @@ sends SYNC and skips input up to the peer's SYNC or SYNC_ACK, so a restarted hos
 never reads the tail of an older conversation; a SYNC from the peer drops every channel.
 The host opens even channel numbers, the guest odd ones. Standard library only.
 
+Flow control is per channel, with credits as in SSH and HTTP/2: a side may send at most
+``WINDOW`` bytes of a channel's data that the other side has not yet written to its local
+socket; a WINDOW frame (payload: ``u32`` bytes) grants more as they are written. So a local
+reader that stops (a slow viewer) stalls only its own channel, never the line or the
+agent's channel, and no byte is ever dropped; the line's reader never waits on a socket.
+Senders take turns on the line one frame (at most ``CHUNK`` bytes) at a time.
+
     python -m airlock.agent.mux (--connect SOCK | --device PATH | --port-name NAME)
         [--listen NAME=SOCK ...] [--target NAME=SOCK ...]
 """
@@ -26,19 +33,25 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import struct
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("airlock.agent.mux")
 
-OPEN, DATA, CLOSE, SYNC, SYNC_ACK = 1, 2, 3, 4, 5
+OPEN, DATA, CLOSE, SYNC, SYNC_ACK, WINDOW_UPDATE = 1, 2, 3, 4, 5, 6
+KINDS = (OPEN, DATA, CLOSE, SYNC, SYNC_ACK, WINDOW_UPDATE)
 HEADER = struct.Struct(">BII")
+CREDIT = struct.Struct(">I")
 MAGIC = b"AIRLKMUX"
-MAX_PAYLOAD = 64 * 1024
+MAX_PAYLOAD = 64 * 1024  # the largest frame a side accepts
+CHUNK = 64 * 1024  # the largest DATA frame a side sends (16 KiB: a third less throughput)
+WINDOW = 256 * 1024  # a channel's unacknowledged bytes in flight, each way
 CONNECT_TIMEOUT_S = 30.0  # host side: QEMU makes the socket at once; give up after this
-MAX_QUEUED = 256  # frames waiting for one slow local socket before its channel is dropped
+HOST_POLL_MAX_S = 0.25  # guest side: how often, at most, it looks for the host end to connect
 SYNC_FRAME = HEADER.pack(SYNC, 0, len(MAGIC)) + MAGIC
 ACK_FRAME = HEADER.pack(SYNC_ACK, 0, len(MAGIC)) + MAGIC
 
@@ -46,11 +59,18 @@ Send = Callable[[bytes], Awaitable[None]]
 
 
 class _Channel:
-    """One stream: frames from the peer go through ``queue`` to the local socket."""
+    """One stream: frames from the peer go through ``queue`` to the local socket.
+
+    ``credit`` is how much this side may still send; ``queued`` how much the peer sent that
+    is not yet written locally (never more than ``WINDOW`` from a peer that keeps the rule).
+    """
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.tasks: list[asyncio.Task[None]] = []
+        self.credit = WINDOW
+        self.credit_granted = asyncio.Event()
+        self.queued = 0
 
 
 class Mux:
@@ -63,6 +83,7 @@ class Mux:
         self._channels: dict[int, _Channel] = {}
         self._send: Send | None = None
         self._lock = asyncio.Lock()
+        self._replies: set[asyncio.Task[None]] = set()  # control frames the reader sends
 
     # -- the serial side ------------------------------------------------------------------
     async def run(self, reader: asyncio.StreamReader, send: Send) -> None:
@@ -73,7 +94,7 @@ class Mux:
             while True:
                 header = await reader.readexactly(HEADER.size)
                 kind, chan, length = HEADER.unpack(header)
-                if kind not in (OPEN, DATA, CLOSE, SYNC, SYNC_ACK) or length > MAX_PAYLOAD:
+                if kind not in KINDS or length > MAX_PAYLOAD:
                     log.warning("garbage on the line: resynchronising")
                     self._drop_all()
                     await self._frame(SYNC_FRAME)
@@ -104,14 +125,21 @@ class Mux:
         async with self._lock:
             await self._send(data)
 
+    def _reply(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Send from the line's reader without waiting: a reader that waited to send could
+        deadlock with a peer whose reader waits to send too (both lines full)."""
+        task = asyncio.ensure_future(coro)
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
     async def _on_frame(self, kind: int, chan: int, payload: bytes) -> None:
         if kind == SYNC:
             self._drop_all()
-            await self._frame(ACK_FRAME)
+            self._reply(self._frame_if_up(ACK_FRAME))
         elif kind == OPEN:
             name = payload.decode(errors="replace")
             if chan in self._channels or name not in self.targets:
-                await self._frame(HEADER.pack(CLOSE, chan, 0))
+                self._reply(self._frame_if_up(HEADER.pack(CLOSE, chan, 0)))
                 return
             new = self._add(chan)
             self._spawn(new, self._serve_target(chan, new, self.targets[name]))
@@ -119,15 +147,26 @@ class Mux:
             found = self._channels.get(chan)
             if found is None:
                 return
-            if found.queue.qsize() >= MAX_QUEUED:
-                log.warning("channel %d: local side too slow, dropping it", chan)
-                await self._close(chan)
+            if found.queued + len(payload) > WINDOW:
+                log.warning("channel %d: the peer sent past its window; closing it", chan)
+                if self._forget(chan):
+                    self._reply(self._frame_if_up(HEADER.pack(CLOSE, chan, 0)))
                 return
+            found.queued += len(payload)
             found.queue.put_nowait(payload)
+        elif kind == WINDOW_UPDATE:
+            granted = self._channels.get(chan)
+            if granted is not None and len(payload) == CREDIT.size:
+                granted.credit += CREDIT.unpack(payload)[0]
+                granted.credit_granted.set()
         elif kind == CLOSE:
             closing = self._channels.get(chan)
             if closing is not None:
                 closing.queue.put_nowait(None)
+
+    async def _frame_if_up(self, data: bytes) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._frame(data)
 
     # -- channels -------------------------------------------------------------------------
     def _add(self, chan: int) -> _Channel:
@@ -144,17 +183,24 @@ class Mux:
             for task in channel.tasks:
                 task.cancel()
         self._channels.clear()
+        for reply in self._replies:
+            reply.cancel()
 
-    async def _close(self, chan: int) -> None:
+    def _forget(self, chan: int) -> bool:
+        """Drop a channel and stop its tasks (but the one calling); False if it was gone."""
         channel = self._channels.pop(chan, None)
         if channel is None:
-            return
+            return False
         current = asyncio.current_task()
         for task in channel.tasks:
             if task is not current:
                 task.cancel()
-        with contextlib.suppress(ConnectionError):
-            await self._frame(HEADER.pack(CLOSE, chan, 0))
+        return True
+
+    async def _close(self, chan: int) -> None:
+        if self._forget(chan):
+            with contextlib.suppress(ConnectionError):
+                await self._frame(HEADER.pack(CLOSE, chan, 0))
 
     async def _serve_target(self, chan: int, channel: _Channel, path: str) -> None:
         try:
@@ -192,13 +238,27 @@ class Mux:
         writer: asyncio.StreamWriter,
     ) -> None:
         async def outbound() -> None:
-            while data := await reader.read(MAX_PAYLOAD):
+            while True:
+                while channel.credit <= 0:
+                    channel.credit_granted.clear()
+                    await channel.credit_granted.wait()
+                data = await reader.read(min(CHUNK, channel.credit))
+                if not data:
+                    return
+                channel.credit -= len(data)
                 await self._frame(HEADER.pack(DATA, chan, len(data)) + data)
 
         async def inbound() -> None:
+            written = 0  # since the last grant: granted in batches, not per frame
             while (data := await channel.queue.get()) is not None:
                 writer.write(data)
                 await writer.drain()
+                channel.queued -= len(data)
+                written += len(data)
+                if written >= WINDOW // 4:  # in batches: an idle round trip costs no grant
+                    grant = HEADER.pack(WINDOW_UPDATE, chan, CREDIT.size) + CREDIT.pack(written)
+                    await self._frame(grant)
+                    written = 0
 
         out = asyncio.ensure_future(outbound())
         inn = asyncio.ensure_future(inbound())
@@ -229,10 +289,21 @@ async def _line_socket(path: str) -> tuple[asyncio.StreamReader, Send, Callable[
 
 
 async def _line_device(path: str) -> tuple[asyncio.StreamReader, Send, Callable[[], None]]:
-    """Guest side: the virtio-serial port's character device. Reading 0 bytes means the host
-    end is not connected (the caller reopens after a pause)."""
+    """Guest side: the virtio-serial port's character device.
+
+    While the host end is not connected the port polls as hung up (POLLHUP, which epoll
+    reports to every reader and writer), reads give 0 bytes and writes would block. So this
+    first waits, with a back-off and no busy loop, until the host end is there; then a read
+    of 0 bytes means the host went away (the caller reopens), and a write that would block
+    waits for room, or ends the line if the host went away meanwhile.
+    """
     loop = asyncio.get_running_loop()
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        await _host_end_connected(fd)
+    except BaseException:
+        os.close(fd)
+        raise
     reader = asyncio.StreamReader(limit=2 * MAX_PAYLOAD)
 
     def readable() -> None:
@@ -256,20 +327,47 @@ async def _line_device(path: str) -> tuple[asyncio.StreamReader, Send, Callable[
             try:
                 n = os.write(fd, view)
             except BlockingIOError:
-                ready = loop.create_future()
-                loop.add_writer(fd, ready.set_result, None)
-                try:
-                    await asyncio.wait_for(ready, 5)
-                finally:
-                    loop.remove_writer(fd)
+                if _hung_up(fd):
+                    raise ConnectionError("the host end of the port went away") from None
+                await _writable(loop, fd)
                 continue
             view = view[n:]
 
     def close() -> None:
         loop.remove_reader(fd)
+        loop.remove_writer(fd)
         os.close(fd)
 
     return reader, send, close
+
+
+def _hung_up(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+async def _host_end_connected(fd: int) -> None:
+    pause = 0.01
+    while _hung_up(fd):
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, HOST_POLL_MAX_S)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Until ``fd`` polls writable (or hung up). The callback may run again before this
+    coroutine resumes: it sets the future once, and the writer is removed on the way out."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 def find_port(name: str) -> str | None:

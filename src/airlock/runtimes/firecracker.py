@@ -67,7 +67,7 @@ from airlock.agent.vsock import AGENT_PORT, EGRESS_PORT, VNC_PORT  # the guest's
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import UNIX_PATH_MAX, PidRecord, is_young, read_meta
+from airlock.runtimes.vmdir import UNIX_PATH_MAX, PidRecord, is_young, log_excerpt, read_meta
 from airlock.runtimes.vmdir import is_alive as _alive
 from airlock.runtimes.vmdir import open_unix as _open_unix
 from airlock.runtimes.vmdir import proc_stat as _proc_stat
@@ -783,7 +783,7 @@ class FirecrackerRuntime:
     async def _abort(self, plan: _Vm, exc: BaseException) -> BaseException:
         """A create or restore failed: leave nothing behind (in a thread: it completes even
         while this task is cancelled); return the error to raise, with the log's tail."""
-        tail = _log_tail(plan.state_dir)
+        tail = log_excerpt(plan.state_dir / "firecracker.log")
         await asyncio.to_thread(self._teardown, plan.vm_id, plan.state_dir)
         if not isinstance(exc, Exception):
             return exc  # cancellation and the like pass through unchanged
@@ -1074,13 +1074,3 @@ def _finish_template(staging: Path, dest: Path, identity: str) -> None:
     (staging / "template.json").unlink()
     _write_private(staging / "template.json", json.dumps({**info, "image": identity}).encode())
     os.replace(staging, dest)
-
-
-def _log_tail(state_dir: Path, size: int = 4000) -> str:
-    try:
-        with open(state_dir / "firecracker.log", "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return "(no firecracker.log)"

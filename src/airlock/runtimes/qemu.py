@@ -48,7 +48,7 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.images import Image, find_image
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import VM_NICE, is_young, read_meta, set_cpu_nice
+from airlock.runtimes.vmdir import VM_NICE, is_young, log_excerpt, read_meta, set_cpu_nice
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ CONFIG_DISK_SIZE = 4096
 MUX_PORT = "org.airlock.mux"
 CREATING_GRACE_S = 120.0
 PROBE_TIMEOUT_S = 8.0
-DEFAULT_FLAVORS = {VmRole.BROWSER: "browser", VmRole.CLI: "minimal"}
+# A CLI VM is where the vendor CLIs run, so it boots the image that has them.
+DEFAULT_FLAVORS = {VmRole.BROWSER: "browser", VmRole.CLI: "cli"}
 INSTALL_HINT = "apt-get install qemu-system-x86 qemu-utils (scripts/setup.sh --with-qemu)"
 
 
@@ -318,7 +319,7 @@ class QemuRuntime:
                 await self._wait_vnc(state_dir, deadline)
             set_cpu_nice(pid, VM_NICE)  # booted: the controller's deadlines come first
         except BaseException as exc:
-            tail = self._console_tail(state_dir) if prepared else ""
+            tail = log_excerpt(state_dir / "console.log") if prepared else ""
             if prepared:
                 await asyncio.to_thread(self._teardown, spec.vm_id, state_dir, False)
             if isinstance(exc, Exception) and prepared:
@@ -358,6 +359,9 @@ class QemuRuntime:
                 "image": str(image.path),
                 "screen": f"{spec.screen[0]}x{spec.screen[1]}",
                 "labels": spec.labels,
+                # The controller's egress proxy for this VM (it may start listening only
+                # later): what a restarted host multiplexer serves the guest's channel from.
+                "egress_socket": str((spec.egress_socket or state_dir / "egress.sock").absolute()),
             }
             _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
             secret = secrets.token_urlsafe(32)
@@ -451,22 +455,42 @@ class QemuRuntime:
 
     async def _launch(self, spec: VmSpec, state_dir: Path, image: Image, accel: str) -> int:
         argv = self._qemu_argv(spec, state_dir, image, accel)
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)  # returns once daemonized
-        if proc.returncode != 0:
-            raise RuntimeFailure(f"QEMU failed to start: {out.decode(errors='replace').strip()}")
+        # The standard library's subprocess in a thread, not the event loop's: under uvloop
+        # (what `airlock serve` runs on) the child kept a copy of its output pipe past
+        # -daemonize, so waiting for that pipe's end waited for the timeout, every boot.
+        # QEMU's own output goes to a file; the parent exits once the VM is set up.
+        log_path = state_dir / "qemu.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                start_new_session=True,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                timeout=30,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailure("QEMU did not finish starting in 30 s") from None
+        finally:
+            os.close(log_fd)
+        if done.returncode != 0:
+            raise RuntimeFailure(f"QEMU failed to start: {log_excerpt(log_path)}")
         try:
             pid = int((state_dir / "qemu.pid").read_text().strip())
         except (OSError, ValueError):
             raise RuntimeFailure("QEMU did not write its pid file") from None
         await asyncio.to_thread(_write_pid, state_dir / "pid", pid)
+        await asyncio.to_thread(self._start_mux, spec.vm_id, state_dir)
+        return pid
+
+    def _start_mux(self, vm_id: str, state_dir: Path) -> None:
+        """The host side of the VM's one serial line, in a session of its own (it outlives
+        the controller, as QEMU does). Its egress target comes from ``meta.json``."""
+        egress = str(read_meta(state_dir).get("egress_socket") or state_dir / "egress.sock")
         mux = [
             self.python,
             "-s",
@@ -478,13 +502,12 @@ class QemuRuntime:
             f"agent={state_dir}/agent.sock",
             "--listen",
             f"vnc={state_dir}/vnc.sock",
+            "--target",
+            f"egress={egress}",
         ]
-        # The controller's egress proxy for this VM; it may start listening only later.
-        egress = spec.egress_socket or state_dir / "egress.sock"
-        mux += ["--target", f"egress={egress.absolute()}"]
         log_fd = os.open(state_dir / "mux.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            popen = subprocess.Popen(  # noqa: ASYNC220 (returns at once; reaped by list/destroy)
+            popen = subprocess.Popen(  # returns at once; reaped by list/destroy
                 mux,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
@@ -498,9 +521,8 @@ class QemuRuntime:
             )
         finally:
             os.close(log_fd)
-        self._muxes[spec.vm_id] = popen
-        await asyncio.to_thread(_write_pid, state_dir / "mux.pid", popen.pid)
-        return pid
+        self._muxes[vm_id] = popen
+        _write_pid(state_dir / "mux.pid", popen.pid)
 
     async def _wait_ready(self, state_dir: Path, secret: str, deadline: float) -> None:
         record = _read_pid(state_dir / "pid")
@@ -546,16 +568,6 @@ class QemuRuntime:
             str(state_dir / "agent.sock"), limit=MAX_MESSAGE + 1
         )
         return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
-
-    @staticmethod
-    def _console_tail(state_dir: Path, size: int = 3000) -> str:
-        try:
-            with open(state_dir / "console.log", "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - size))
-                return f.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return "(no console.log)"
 
     # -- destroy ----------------------------------------------------------------------------
     async def destroy(self, vm_id: str) -> bool:
@@ -623,7 +635,23 @@ class QemuRuntime:
     async def list(self) -> builtins.list[RunningVm]:
         for vm_id in builtins.list(self._muxes):
             self._reap(vm_id)
-        return await asyncio.to_thread(self._scan, frozenset(self._creating))
+        busy = frozenset(self._creating) | {v for v, lk in self._locks.items() if lk.locked()}
+        found = await asyncio.to_thread(self._scan, frozenset(self._creating))
+        for vm in found:
+            if vm.pid is not None and vm.vm_id not in busy:
+                await asyncio.to_thread(self._revive_mux, vm.vm_id, vm.state_dir)
+        return found
+
+    def _revive_mux(self, vm_id: str, state_dir: Path) -> None:
+        """A running VM whose host multiplexer died (killed, crashed) is unreachable: its
+        agent, screen and egress all go through it. Start a new one; the guest side waits
+        for it and the two resynchronise."""
+        if _alive(_read_pid(state_dir / "mux.pid")):
+            return
+        log.warning("qemu VM %s: its host multiplexer is gone; starting a new one", vm_id)
+        self._reap(vm_id)
+        with contextlib.suppress(OSError):
+            self._start_mux(vm_id, state_dir)
 
     def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
         if not self.vms_dir.exists():

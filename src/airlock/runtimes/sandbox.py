@@ -51,6 +51,7 @@ from airlock.runtimes.vmdir import (
     PidRecord,
     is_alive,
     is_young,
+    log_excerpt,
     read_meta,
     set_cpu_nice,
 )
@@ -74,7 +75,6 @@ MASKED_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/airlock")
 # Files in the state dir that the controller writes and the sandbox must not change.
 CONTROLLER_FILES = ("meta.json", "agent.secret", "pid", "agent.log")
 CREATING_GRACE_S = 60.0  # a state dir without a pid this young may be a create in flight
-LOG_TAIL = 4000
 AGENT_WRAPPER = '"$@"; kill -KILL -1'  # -1 in a pid namespace: all but init and the shell
 INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
 
@@ -171,16 +171,6 @@ def _remove_tree(path: Path) -> None:
             if attempt == 2:
                 raise
             time.sleep(0.05)
-
-
-def _log_tail(state_dir: Path) -> str:
-    try:
-        with open(state_dir / "agent.log", "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - LOG_TAIL))
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return "(no agent.log)"
 
 
 def _same_pid_ns(a: int, b: int) -> bool:
@@ -407,7 +397,7 @@ class SandboxRuntime:
             record = await self._launch(spec, state_dir, deadline)
             await self._wait_ready(spec, state_dir, secret, deadline, record)
         except BaseException as exc:
-            tail = _log_tail(state_dir) if prepared else ""
+            tail = log_excerpt(state_dir / "agent.log") if prepared else ""
             if prepared:
                 # In a thread: it completes even if this task is being cancelled.
                 await asyncio.to_thread(self._teardown, spec.vm_id, state_dir)

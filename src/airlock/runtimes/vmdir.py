@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,3 +125,58 @@ def set_cpu_nice(pid: int, nice: int) -> bool:
             except OSError:
                 continue
     return done
+
+
+# What a failed boot keeps of a VM's log. A guest that logs one error hundreds of times a
+# second leaves megabytes of the same lines, and the last few thousand bytes of such a log
+# are copies of the same traceback; the first copy, and what came before it, say why.
+EXCERPT_HEAD_BYTES = 64 * 1024
+EXCERPT_TAIL_BYTES = 16 * 1024
+EXCERPT_MAX_CHARS = 4000
+# A leading timestamp (the kernel's ``[    1.234567]``, logging's ``2026-12-01 10:00:00,123``)
+# and hex addresses: what differs between copies of one message.
+_STAMP = re.compile(r"^\s*(\[\s*\d+\.\d+\]|\d{4}-\d\d-\d\d[ T][\d:.,]+)\s*")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+
+
+def log_excerpt(path: Path, *, max_chars: int = EXCERPT_MAX_CHARS) -> str:
+    """The useful part of a VM's log: its start and its end, each distinct line once (in
+    the order it first appeared) with ``[xN]`` where it repeats; lines that differ only in
+    a leading timestamp or in addresses count as the same. At most ``max_chars``: its start
+    and its end, when even that is too long."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            head = f.read(EXCERPT_HEAD_BYTES)
+            tail = b""
+            if size > EXCERPT_HEAD_BYTES:
+                f.seek(max(EXCERPT_HEAD_BYTES, size - EXCERPT_TAIL_BYTES))
+                tail = f.read()
+    except OSError:
+        return f"(no {path.name})"
+    lines = head.decode("utf-8", "replace").splitlines()
+    if size > len(head) and lines:
+        lines.pop()  # cut in the middle
+    skipped = size - len(head) - len(tail)
+    if tail:
+        tail_lines = tail.decode("utf-8", "replace").splitlines()
+        if skipped > 0:
+            tail_lines = tail_lines[1:]  # the first is cut in the middle
+            lines.append(f"... {skipped} bytes not shown ...")
+        lines += tail_lines
+    counts: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for line in lines:
+        shape = _ADDRESS.sub("0x#", _STAMP.sub("", line)).strip()
+        if not shape:
+            continue
+        counts[shape] = counts.get(shape, 0) + 1
+        first.setdefault(shape, line.rstrip())
+    text = "\n".join(
+        first[shape] + (f"  [x{counts[shape]}]" if counts[shape] > 1 else "") for shape in first
+    )
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return f"{text[:half]}\n...\n{text[-half:]}"

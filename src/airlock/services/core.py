@@ -63,6 +63,16 @@ def limits(settings: Settings) -> Limits:
     )
 
 
+# The runtimes enforce AIRLOCK_VM_BOOT_TIMEOUT_MS themselves and say why a boot failed (the
+# console's first error); the services' own timeout is a backstop that fires only after it,
+# so it never cuts that report off with a bare TimeoutError.
+BOOT_BACKSTOP_S = 10.0
+
+
+def _service_boot_timeout(settings: Settings) -> float:
+    return settings.vm_boot_timeout.total_seconds() + BOOT_BACKSTOP_S
+
+
 def make_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "sandbox":
         from airlock.runtimes.sandbox import SandboxRuntime
@@ -163,7 +173,7 @@ class Core:
             clock=self.clock,
             metrics=self.metrics,
             scheduler=self.scheduler,
-            boot_timeout=settings.vm_boot_timeout.total_seconds(),
+            boot_timeout=_service_boot_timeout(settings),
             limits=self.limits,
         )
         self.warm_pool = WarmPool(
@@ -175,7 +185,7 @@ class Core:
             tasks=self.tasks,
             size=settings.warm_pool,
             max_age=settings.warm_pool_max_age,
-            boot_timeout=settings.vm_boot_timeout.total_seconds(),
+            boot_timeout=_service_boot_timeout(settings),
             max_browser_vms=settings.max_concurrent_vms,
         )
         self._sessions: SessionService | None = None
@@ -204,7 +214,7 @@ class Core:
             egress=self.egress,
             scheduler=self.scheduler,
             tasks=self.tasks,
-            boot_timeout=self.settings.vm_boot_timeout.total_seconds(),
+            boot_timeout=_service_boot_timeout(self.settings),
             limits=self.limits,
             warm_pool=self.warm_pool,
         )

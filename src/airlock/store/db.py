@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 from collections import deque
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -149,6 +150,26 @@ def _alembic_config(connection: Connection) -> Config:
     return config
 
 
+# Any constant of our own: the advisory lock every controller's migration takes.
+MIGRATION_LOCK_KEY = 0x4149524C4F434B  # "AIRLOCK"
+
+
+@asynccontextmanager
+async def _sqlite_migration_lock(url: str) -> AsyncIterator[None]:
+    path = _sqlite_path(url) if url.startswith("sqlite") else ""
+    if path in ("", ":memory:"):
+        yield
+        return
+    lock_path = Path(path).with_name(Path(path).name + ".migrate-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _upgrade(connection: Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
@@ -172,8 +193,16 @@ class Database:
         return self.engine.dialect.name == "postgresql"
 
     async def migrate(self) -> None:
-        """Bring the schema to the newest migration (idempotent)."""
-        async with self.engine.begin() as conn:
+        """Bring the schema to the newest migration (idempotent), once however many
+        controllers start at the same moment: on PostgreSQL under an advisory lock held by
+        the migrating transaction (without it, two controllers on an empty database both
+        created ``alembic_version`` and the second crashed), on a SQLite file under a lock
+        on a file beside it (the busy timeout alone gave up while others migrated)."""
+        async with _sqlite_migration_lock(self.url), self.engine.begin() as conn:
+            if self.is_postgres:
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
             await conn.run_sync(_upgrade)
 
     @asynccontextmanager
