@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from airlock.api.deps import ViewerSigner
+from airlock.cli import DEMO_TOKEN_ACTOR
 from airlock.clock import Clock
 from airlock.services.keys import rotate
 from airlock.vault import Vault
@@ -187,8 +189,6 @@ async def test_a_vault_rotation_reaches_the_running_viewer_signer(api: Api) -> N
             f"/api/auth/session/{session.id}/viewer-token", headers=api.auth("alice")
         )
     ).json()["token"]
-    from airlock.api.deps import ViewerSigner
-
     fresh = ViewerSigner.from_vault(Vault.open(api.core.settings.key_file), signer.ttl)
     assert fresh.verify(after, session.id, vm.id, now=datetime.now(UTC)).vm_id == vm.id
     assert (await api.client.post(path, params={"token": after})).status_code == 200
@@ -197,8 +197,6 @@ async def test_a_vault_rotation_reaches_the_running_viewer_signer(api: Api) -> N
 async def test_serve_demo_keeps_one_demo_token(api: Api) -> None:
     """What ``serve --demo`` does at each start (``cli.DEMO_TOKEN_ACTOR``): the token of
     the last start works, the earlier ones are revoked, other tokens are untouched."""
-    from airlock.cli import DEMO_TOKEN_ACTOR
-
     first = await api.core.tokens.rotate("user", "demo", actor=DEMO_TOKEN_ACTOR)
     second = await api.core.tokens.rotate("user", "demo", actor=DEMO_TOKEN_ACTOR)
     own = await api.core.tokens.create("user", "demo")  # made with `airlock tokens create`
@@ -210,4 +208,3 @@ async def test_serve_demo_keeps_one_demo_token(api: Api) -> None:
     assert_error(r, 401, "unauthorized")
     for value in (second.value, own.value):
         assert (await api.client.get("/api/providers", headers=bearer(value))).status_code == 200
-    assert isinstance(api.client, httpx.AsyncClient)
