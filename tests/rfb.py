@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,62 @@ class ServerInit:
     name: str
 
 
+@dataclass
+class Screenshot:
+    """A framebuffer in B, G, R, X bytes per pixel (``RfbClient.true_colour``)."""
+
+    width: int
+    height: int
+    bgrx: bytes
+
+    def share(self, rgb: tuple[int, int, int], tolerance: int = 6, step: int = 3) -> float:
+        """The fraction of pixels within ``tolerance`` (per channel) of colour ``rgb``, over
+        every ``step``-th pixel (a sample: pure Python is slow over a million pixels)."""
+        r, g, b = rgb
+        data = self.bgrx
+        hits = 0
+        for i in range(0, len(data), 4 * step):
+            if (
+                abs(data[i + 2] - r) <= tolerance
+                and abs(data[i + 1] - g) <= tolerance
+                and abs(data[i] - b) <= tolerance
+            ):
+                hits += 1
+        return hits / len(range(0, len(data), 4 * step))
+
+    def difference(self, other: Screenshot, step: int = 3) -> float:
+        """Mean absolute difference per colour channel (0-255) of two same-size pictures,
+        over every ``step``-th pixel."""
+        assert (self.width, self.height) == (other.width, other.height)
+        a, b = self.bgrx, other.bgrx
+        picked = range(0, len(a), 4 * step)
+        total = sum(
+            abs(a[i] - b[i]) + abs(a[i + 1] - b[i + 1]) + abs(a[i + 2] - b[i + 2]) for i in picked
+        )
+        return total / (len(picked) * 3)
+
+    def png(self) -> bytes:
+        """The picture as a PNG file (RGB, no filter), for test-artifacts/."""
+        rows = bytearray()
+        for y in range(self.height):
+            rows.append(0)
+            line = self.bgrx[y * self.width * 4 : (y + 1) * self.width * 4]
+            for i in range(0, len(line), 4):
+                rows += bytes((line[i + 2], line[i + 1], line[i]))
+
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(bytes(rows), 6))
+            + chunk(b"IEND", b"")
+        )
+
+
 class RfbClient:
     def __init__(self, transport: Transport) -> None:
         self.t = transport
@@ -213,6 +270,44 @@ class RfbClient:
             await self.skip(size)
             total += size
         return total
+
+    async def true_colour(self) -> None:
+        """SetPixelFormat: 32 bpp, depth 24, little-endian, red/green/blue at bits
+        16/8/0, so a pixel's bytes are B, G, R, X (``screenshot`` relies on it)."""
+        assert self.init is not None
+        fmt = struct.pack(">BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+        await self.t.send(struct.pack(">Bxxx", 0) + fmt)
+        self.init.bpp = 32
+
+    async def screenshot(self) -> Screenshot:
+        """The whole screen as the VNC server has it now: one full (non-incremental)
+        update, its raw rectangles painted into one picture. Call ``true_colour`` first."""
+        assert self.init is not None and self.init.bpp == 32
+        w, h = self.init.width, self.init.height
+        pixels = bytearray(w * h * 4)
+        await self.request_update(incremental=False)
+        while True:
+            kind = (await self.read(1))[0]
+            if kind == 0:
+                break
+            if kind == 2:
+                continue
+            if kind == 3:
+                _, length = struct.unpack(">3sI", await self.read(7))
+                await self.read(length)
+                continue
+            raise AssertionError(f"unexpected server message {kind}")
+        (rects,) = struct.unpack(">xH", await self.read(3))
+        for _ in range(rects):
+            x, y, rw, rh, enc = struct.unpack(">HHHHi", await self.read(12))
+            if enc == -223:  # DesktopSize pseudo-rectangle: the screen changed size
+                raise AssertionError("the screen changed size during a screenshot")
+            assert enc == 0, f"encoding {enc} (only Raw was asked for)"
+            data = await self.read(rw * rh * 4)
+            for row in range(rh):
+                start = ((y + row) * w + x) * 4
+                pixels[start : start + rw * 4] = data[row * rw * 4 : (row + 1) * rw * 4]
+        return Screenshot(w, h, bytes(pixels))
 
     async def key(self, keysym: int) -> None:
         await self.t.send(struct.pack(">BBxxI", 4, 1, keysym) + struct.pack(">BBxxI", 4, 0, keysym))

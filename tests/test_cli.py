@@ -149,6 +149,26 @@ def test_doctor_reports_checks(cli: Cli) -> None:
     assert result.returncode == (1 if failed else 0)
 
 
+def test_doctor_checks_what_contains_a_sandbox_vm(cli: Cli) -> None:
+    report = json.loads(cli("doctor", "--json", ok=False).stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in ("controller uid", "user namespaces", "seccomp", "cgroups"):
+        assert checks[name]["required"] is True  # the default runtime is the sandbox
+        assert checks[name]["ok"] or checks[name]["fix"], checks[name]
+    if os.geteuid() == 0:  # this host (CI) runs the controller as root, on cgroup v1 or v2
+        assert checks["controller uid"]["ok"] and checks["cgroups"]["ok"], checks
+        detail = checks["cgroups"]["detail"]
+        assert re.search(r"cgroup v[12]: VM leaves under /sys/fs/cgroup", detail), detail
+    assert checks["user namespaces"]["ok"], checks["user namespaces"]
+
+
+def test_a_host_without_user_namespaces_is_told_how_to_fix_it() -> None:
+    from airlock.runtimes.confine import userns_problem
+
+    assert userns_problem("/bin/false") == "exit 1"  # what a bwrap that cannot says
+    assert userns_problem("/usr/bin/bwrap") is None
+
+
 def test_doctor_fails_for_a_runtime_that_is_not_built(cli: Cli) -> None:
     cli.env["AIRLOCK_RUNTIME"] = "firecracker"
     result = cli("doctor", "--json", ok=False)

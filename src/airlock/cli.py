@@ -31,6 +31,7 @@ from airlock.api import schemas
 from airlock.domain.sessions import SessionStatus
 from airlock.errors import AirlockError
 from airlock.services.core import Core, make_runtime
+from airlock.services.egress import suggest as egress_suggestion
 from airlock.services.tokens import check_name
 from airlock.settings import Settings
 from airlock.store.db import Database
@@ -56,6 +57,8 @@ vault_app = typer.Typer(help="The credentials key file.", no_args_is_help=True)
 app.add_typer(vault_app, name="vault")
 image_app = typer.Typer(help="Guest images for the qemu and firecracker runtimes.")
 app.add_typer(image_app, name="image")
+egress_app = typer.Typer(help="The browser VMs' egress policy.", no_args_is_help=True)
+app.add_typer(egress_app, name="egress")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -336,6 +339,34 @@ def sessions_ls(
         err.print("no sessions" if all_ else "no sessions in progress (--all for every one)")
 
 
+@egress_app.command("suggest")
+def egress_suggest(
+    provider: Annotated[str, typer.Argument(help="The provider id, e.g. codex.")],
+    demo: Annotated[
+        bool, typer.Option("--demo", help="The demo's oauth2 provider, as `serve --demo`.")
+    ] = False,
+) -> None:
+    """Print the hosts a provider's learn-mode sessions reached, as a ready policy setting
+    (AIRLOCK_EGRESS_<PROVIDER>_POLICY=...); the endpoints it always allows are left out."""
+    settings = _settings()
+    try:
+        core = Core(settings, demo=demo)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if provider not in core.egress.policies:
+        _fail(f"unknown provider {provider!r} (known: {', '.join(sorted(core.egress.policies))})")
+    policy = core.egress.policy(provider)
+
+    async def run() -> str:
+        try:
+            await core.open()
+            return await egress_suggestion(core.db, policy)
+        finally:
+            await core.close()
+
+    sys.stdout.write(asyncio.run(run()))
+
+
 @vms_app.command("ls")
 def vms_ls(
     all_: Annotated[
@@ -553,6 +584,78 @@ def _data_dir_check(data_dir: Path) -> Check:
     )
 
 
+def _containment_checks(runtime: str) -> list[Check]:
+    """What keeps a sandbox VM in (runtimes/confine.py): a root controller (per-VM uids,
+    cgroups, tmpfs), user namespaces for an unprivileged uid, seccomp, cgroup limits."""
+    from airlock.runtimes import confine
+
+    required = runtime == "sandbox"
+    checks = []
+    if confine.privileged():
+        checks.append(Check("controller uid", True, required, "root: each VM gets its own uid"))
+    else:
+        checks.append(
+            Check(
+                "controller uid",
+                False,
+                required,
+                f"uid {os.geteuid()}: VMs would run as this user, with no cgroup limits, no "
+                "uid of their own and no size limit on their state dirs",
+                "run the controller as root: it drops every VM to a uid of its own",
+            )
+        )
+    bwrap = shutil.which("bwrap")
+    if bwrap is not None:
+        problem = confine.userns_problem(bwrap)
+        checks.append(
+            Check(
+                "user namespaces",
+                problem is None,
+                required,
+                "an unprivileged uid can create one" if problem is None else problem,
+                None
+                if problem is None
+                else "sysctl -w user.max_user_namespaces=15000; on Debian kernels before 6.1 "
+                "also kernel.unprivileged_userns_clone=1; on Ubuntu 23.10+ "
+                "kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile "
+                "allowing userns for /usr/bin/bwrap)",
+            )
+        )
+    seccomp = "Seccomp:" in Path("/proc/self/status").read_text()
+    checks.append(
+        Check(
+            "seccomp",
+            seccomp,
+            required,
+            "the kernel filters syscalls" if seccomp else "kernel without CONFIG_SECCOMP",
+            None if seccomp else "a kernel built with CONFIG_SECCOMP_FILTER",
+        )
+    )
+    problem = confine.cgroup_problem()
+    layout = confine.cgroup_layout()
+    if problem is None and layout is not None:
+        kind, parents = layout
+        where = ", ".join(str(p) for p in parents.values())
+        detail = f"cgroup {kind}: VM leaves under {where}"
+        if kind == "v1":
+            detail += " (no cgroup v2 memory/pids/cpu here; v1 limits work the same)"
+        checks.append(Check("cgroups", True, required, detail))
+    else:
+        checks.append(
+            Check(
+                "cgroups",
+                False,
+                required,
+                problem or "no cgroups",
+                "mount cgroup2 with the memory, pids and cpu controllers (systemd: "
+                "systemd.unified_cgroup_hierarchy=1); in a container or a systemd unit, "
+                "delegate a cgroup subtree to the controller (Delegate=yes, or docker/podman "
+                "--cgroupns=private with a writable /sys/fs/cgroup)",
+            )
+        )
+    return checks
+
+
 async def _database_check(settings: Settings) -> Check:
     where = settings.db_url.split("@")[-1]  # never print a password in the URL
     db = Database(settings.db_url)
@@ -622,6 +725,7 @@ def doctor_checks(settings: Settings) -> list[Check]:
         ),
         _kvm_check(runtime, settings.image_dir, settings.qemu_accel),
         _data_dir_check(settings.data_dir),
+        *_containment_checks(runtime),
     ]
     if runtime == "firecracker":
         checks.append(

@@ -3,14 +3,16 @@
 A browser VM has no network but loopback. Its Chromium (``--proxy-server``) and its login
 programs (``HTTPS_PROXY``) talk to ``127.0.0.1:3128`` inside the VM, which the guest agent
 forwards to a Unix socket on the host where one ``EgressProxy`` per VM listens. The proxy
-lets a connection through only to the ``host:port`` pairs of that VM's allowlist (the
-provider's ``Route``s), optionally mapping a name that exists only for Airlock (the demo
-IdP's ``idp.airlock.test``) to a real address, and logs every connection.
+lets a connection through only where that VM's ``EgressPolicy`` (``domain.egress_policy``:
+host rules, wildcards, SSO bundles, learn mode) allows it, optionally mapping a name that
+exists only for Airlock (the demo IdP's ``*.airlock.test``) to a real address, tells its
+``observer`` every decision (the controller counts denials per session), and logs every
+connection: a denial as a warning, the browser's own known background noise quietly.
 
 It speaks just enough HTTP/1.1 to be a forward proxy: ``CONNECT host:port`` for TLS tunnels
 and absolute-form requests (``GET http://host:port/path``) for plain HTTP, one request per
 connection (``Connection: close`` both ways), so that every request is checked against the
-allowlist and nothing is smuggled behind a first, allowed one. It never logs request lines,
+policy and nothing is smuggled behind a first, allowed one. It never logs request lines,
 headers or bodies: they may carry authorization codes and tokens.
 """
 
@@ -26,11 +28,19 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
+
+from airlock.domain.egress_policy import (
+    Decision,
+    EgressPolicy,
+    Verdict,
+    is_ip_literal,
+    normalise_host,
+)
 
 log = logging.getLogger("airlock.egress")
 
@@ -39,8 +49,7 @@ MAX_RESPONSE_HEAD = 64 * 1024  # upstream response head for plain-HTTP requests,
 CHUNK = 64 * 1024  # one read while piping; with drain() this bounds what we buffer
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+_IP_TEXT = re.compile(r"[0-9a-fx.:%]{1,64}")  # what an IP literal in any spelling is made of
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own: never forwarded.
 _HOP_BY_HOP = frozenset(
@@ -66,20 +75,6 @@ _REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
-
-
-class RouteLike(Protocol):
-    """What the proxy needs of a ``providers.base.Route``. Structural, so that this adapter
-    does not import ``providers`` (a sibling layer, see the import-linter contract)."""
-
-    @property
-    def host(self) -> str: ...
-
-    @property
-    def port(self) -> int: ...
-
-    @property
-    def target(self) -> tuple[str, int] | None: ...
 
 
 class _Reject(Exception):
@@ -118,7 +113,7 @@ class _Conn:
 
 
 class EgressProxy:
-    """One browser VM's forward proxy on a Unix socket, allowing only ``routes``.
+    """One browser VM's forward proxy on a Unix socket, allowing what ``policy`` allows.
 
     ``await serve(path)`` binds and returns once listening; connections are then handled in
     tasks this object owns until ``await close()``, which stops the listener, cancels every
@@ -127,9 +122,10 @@ class EgressProxy:
 
     def __init__(
         self,
-        routes: Iterable[RouteLike],
+        policy: EgressPolicy,
         *,
         vm_id: str,
+        observer: Callable[[Verdict], None] | None = None,
         head_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         idle_timeout: float = 300.0,
@@ -137,12 +133,8 @@ class EgressProxy:
         max_head: int = MAX_HEAD,
     ) -> None:
         self.vm_id = vm_id
-        self._routes: dict[tuple[str, int], tuple[str, int]] = {}
-        for route in routes:
-            host = _normalise_host(route.host)
-            if host is None or not 0 < route.port < 65536:
-                raise ValueError(f"not a valid egress route: {route.host!r}:{route.port!r}")
-            self._routes[(host, route.port)] = route.target or (host, route.port)
+        self.policy = policy
+        self._observer = observer
         self._head_timeout = head_timeout
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
@@ -154,10 +146,6 @@ class EgressProxy:
         self._tasks: set[asyncio.Task[None]] = set()  # one per connection, ours
         self._handlers: set[asyncio.Task[Any]] = set()  # asyncio's server tasks awaiting ours
         self._closing = False
-
-    @property
-    def allowlist(self) -> list[tuple[str, int]]:
-        return sorted(self._routes)
 
     @property
     def path(self) -> Path | None:
@@ -182,11 +170,19 @@ class EgressProxy:
             raise
         self._path, self._inode = path, inode
         log.info(
-            "egress proxy for vm %s listening, allowing %s",
+            "egress proxy for vm %s (%s) listening, allowing %s",
             self.vm_id,
-            ", ".join(f"{h}:{p}" for h, p in self.allowlist) or "nothing",
+            self.policy.provider,
+            self.policy.describe(),
             extra={"vm_id": self.vm_id},
         )
+        if self.policy.learn:
+            log.warning(
+                "egress LEARN MODE for vm %s (%s): every host name is allowed and recorded",
+                self.vm_id,
+                self.policy.provider,
+                extra={"vm_id": self.vm_id, "egress": "learn"},
+            )
 
     async def close(self) -> None:
         """Stop listening, cancel and await every connection, remove the socket file."""
@@ -266,8 +262,10 @@ class EgressProxy:
         """One line per connection: never a path, header or body, they may hold secrets."""
         if conn.decision == "-" and conn.method == "-" and not conn.status:
             return  # connected and left without a word
-        failed = conn.decision != "allowed" or conn.status >= 500
+        failed = conn.decision not in ("allowed", "learned") or conn.status >= 500
         level = logging.WARNING if failed else logging.INFO
+        if conn.decision == Decision.NOISE:
+            level = logging.DEBUG  # the browser's own background traffic: counted, not warned
         log.log(
             level,
             "egress vm=%s %s %s %s status=%d up=%d down=%d ms=%d%s",
@@ -304,13 +302,23 @@ class EgressProxy:
         request = _parse_request(lines)
         conn.method = request.method
         conn.dest = f"{request.host}:{request.port}"
-        target = self._routes.get((request.host, request.port))
-        if target is None:
-            conn.decision = "denied"
-            raise _Reject(403, f"{conn.dest} is not on this VM's allowlist")
-        conn.decision = "allowed"
+        verdict = self.policy.decide(request.host, request.port)
+        conn.decision = verdict.decision.value
+        if self._observer is not None:
+            try:
+                self._observer(verdict)
+            except Exception:  # counting must never break the connection
+                log.exception("egress vm=%s: the observer failed", self.vm_id)
+        if verdict.decision not in (Decision.ALLOWED, Decision.LEARNED):
+            raise _Reject(403, f"{conn.dest} is denied by the egress policy: {verdict.reason}")
+        if verdict.decision is Decision.LEARNED:
+            conn.note = "learn mode"
+        target = self.policy.target(verdict.host, request.port)
+        mapped = target != (verdict.host, request.port)
         try:
             async with asyncio.timeout(self._connect_timeout):
+                if not mapped:  # a real name: connect to the address we checked
+                    target = await _public_address(verdict.host, request.port)
                 up_reader, up_writer = await asyncio.open_connection(
                     target[0], target[1], limit=MAX_RESPONSE_HEAD
                 )
@@ -463,6 +471,31 @@ class EgressProxy:
                 dst.close()
 
 
+async def _public_address(host: str, port: int) -> tuple[str, int]:
+    """The address to connect to for an allowed name, resolved here once (no second lookup
+    for a rebinding DNS to answer differently). A name that resolves to loopback,
+    link-local (cloud metadata), multicast, unspecified or reserved space is refused: a
+    wildcard rule or learn mode must not lead into the controller's host or its cloud.
+    Private ranges stay reachable (an operator's internal identity provider)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"{host} does not resolve")
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        checked = mapped or address
+        if (
+            checked.is_loopback
+            or checked.is_link_local
+            or checked.is_multicast
+            or checked.is_unspecified
+            or checked.is_reserved
+        ):
+            raise _Reject(403, f"{host}:{port} resolves to a non-public address ({address})")
+    first = infos[0][4]
+    return str(first[0]), int(first[1])
+
+
 # --- HTTP/1.1 parsing: small, strict, bounded ------------------------------------------
 
 
@@ -566,13 +599,25 @@ def _parse_authority(authority: str, *, default_port: int | None) -> tuple[str, 
 
 
 def _normalise_host(host: str) -> str | None:
-    """Lower-case name or canonical IP literal, or None if it is neither."""
-    host = host.strip().lower().removesuffix(".")
+    """A normalised name (``domain.egress_policy.normalise_host``: IDNA, case, trailing
+    dot), an IP literal as text (the policy denies it: a 403, not a 400), or None if it is
+    neither. The head was read as latin-1: a UTF-8 name is decoded back first."""
     try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    return host if host.isascii() and _HOSTNAME.fullmatch(host) else None
+        text = host.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if _BAD_VALUE.search(text) or " " in text or not text.strip():
+        return None
+    name = normalise_host(text)
+    if name is not None:
+        return name
+    if is_ip_literal(text):
+        literal = text.strip().lower().removesuffix(".")
+        try:
+            return str(ipaddress.ip_address(literal))
+        except ValueError:
+            return literal if _IP_TEXT.fullmatch(literal) else None
+    return None
 
 
 def _content_length(headers: list[tuple[str, str]]) -> int:
@@ -694,7 +739,8 @@ def _bind_long(sock: socket.socket, path: Path) -> None:
 
 def _bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
     """A listening-ready Unix socket at ``path`` with mode 0600 from the first instant: bound
-    under a temporary name, chmod-ed, then renamed into place."""
+    under a temporary name, chmod-ed (and given to the owner of its directory), then renamed
+    into place."""
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -708,6 +754,10 @@ def _bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
     try:
         _bind_long(sock, tmp)
         os.chmod(tmp, 0o600)
+        owner = path.parent.stat()
+        if os.geteuid() == 0 and owner.st_uid != 0:
+            # A VM's state dir belongs to the VM's own uid: so does its egress socket.
+            os.chown(tmp, owner.st_uid, owner.st_gid)
         os.rename(tmp, path)
         st = path.lstat()
     except BaseException:

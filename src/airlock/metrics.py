@@ -79,6 +79,20 @@ class Metrics:
             "Reconcile rounds skipped because the runtime could not be listed.",
             registry=r,
         )
+        self.lease_renewal_failures = Counter(
+            "airlock_vm_lease_renewal_failures",
+            "Browser VM lease renewals the VM did not confirm (it keeps its last lease).",
+            registry=r,
+        )
+
+        self.egress_denials = Counter(
+            "airlock_egress_denials",
+            "Egress connections outside the policy, by provider, kind (denied, noise: the "
+            "browser's own background traffic, learned: let through by learn mode) and "
+            "registrable domain (at most 50 per provider, then 'other').",
+            ["provider", "kind", "domain"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

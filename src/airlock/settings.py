@@ -13,10 +13,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from airlock.domain.egress_policy import Overrides
+
 RuntimeName = Literal["sandbox", "qemu", "firecracker"]
+EGRESS_PROVIDERS = ("oauth2", "claude_code", "codex", "gemini_cli")  # AIRLOCK_EGRESS_<ID>_*
 
 
 class Settings(BaseSettings):
@@ -80,6 +83,46 @@ class Settings(BaseSettings):
         600_000, gt=0, description="How long a viewer token (in novncURL) opens the viewer."
     )
 
+    # --- the platform's identity: user JWTs besides Airlock's own tokens -------------
+    jwt_jwks_url: str | None = Field(
+        None,
+        description="JWKS of the platform's identity provider; set it to accept its user JWTs "
+        "as bearer tokens (needs the issuer and audience too).",
+    )
+    jwt_issuer: str | None = Field(None, description="The `iss` a platform JWT must carry.")
+    jwt_audience: str | None = Field(None, description="The `aud` a platform JWT must carry.")
+    jwt_user_claim: str = Field(
+        "sub", min_length=1, description="The claim of a platform JWT that names the user."
+    )
+    jwt_algorithms: str = Field(
+        "RS256,ES256",
+        description="Signature algorithms accepted for platform JWTs (comma separated; "
+        "asymmetric only).",
+    )
+    jwt_leeway_ms: int = Field(
+        10_000, ge=0, le=300_000, description="Clock skew allowed on a JWT's exp, nbf and iat."
+    )
+    jwt_jwks_cache_ms: int = Field(
+        300_000, gt=0, description="How long a fetched JWKS is used before it is fetched again."
+    )
+    jwt_jwks_refetch_ms: int = Field(
+        10_000,
+        ge=0,
+        description="A token signed by a key not in the cached JWKS fetches it again at most "
+        "this often (key rotation, without letting junk tokens hammer the IdP).",
+    )
+
+    # --- the browser VM's lease (lifecycle: a VM that ends itself) ---------------------
+    vm_lease_ms: int = Field(
+        60_000,
+        ge=1_000,
+        description="Each renewal lets a browser VM live this long; with no controller left to "
+        "renew it, it ends itself.",
+    )
+    vm_lease_margin_ms: int = Field(
+        30_000, ge=0, description="Slack past the lease before the browser VM ends itself."
+    )
+
     # --- the demo identity provider and the generic oauth2 provider -------------------
     demo_user: str = Field("demo", description="The demo identity provider's user name.")
     demo_password: str = Field("demo", description="The demo identity provider's password.")
@@ -89,7 +132,47 @@ class Settings(BaseSettings):
     oauth2_client_id: str | None = Field(None, description="oauth2 provider: client id.")
     oauth2_scopes: str = Field("openid profile", description="oauth2 provider: scopes.")
     oauth2_allowed_hosts: str = Field(
-        "", description="Extra host:port pairs the browser VM may reach (comma separated)."
+        "",
+        description="oauth2 provider: extra egress rules (host[:port], *.suffix[:port], @bundle; "
+        "comma separated), as AIRLOCK_EGRESS_OAUTH2_ALLOW.",
+    )
+
+    # --- egress policy per provider (README "Egress"): rules are host[:port],
+    # *.suffix[:port] or @bundle, comma separated; port 443 unless given.
+    egress_oauth2_policy: str | None = Field(
+        None, description="oauth2: replaces its rules and bundles (the endpoints stay)."
+    )
+    egress_oauth2_allow: str = Field("", description="oauth2: rules and @bundles to add.")
+    egress_oauth2_deny: str = Field(
+        "", description="oauth2: rules denied whatever allows them; @bundle drops a bundle."
+    )
+    egress_oauth2_learn: bool = Field(False, description="oauth2: learn mode (allow and record).")
+    egress_claude_code_policy: str | None = Field(
+        None, description="claude_code: replaces its rules and bundles."
+    )
+    egress_claude_code_allow: str = Field("", description="claude_code: rules and @bundles to add.")
+    egress_claude_code_deny: str = Field(
+        "", description="claude_code: rules denied whatever allows them; @bundle drops a bundle."
+    )
+    egress_claude_code_learn: bool = Field(False, description="claude_code: learn mode.")
+    egress_codex_policy: str | None = Field(
+        None, description="codex: replaces its rules and bundles."
+    )
+    egress_codex_allow: str = Field("", description="codex: rules and @bundles to add.")
+    egress_codex_deny: str = Field(
+        "", description="codex: rules denied whatever allows them; @bundle drops a bundle."
+    )
+    egress_codex_learn: bool = Field(False, description="codex: learn mode.")
+    egress_gemini_cli_policy: str | None = Field(
+        None, description="gemini_cli: replaces its rules and bundles."
+    )
+    egress_gemini_cli_allow: str = Field("", description="gemini_cli: rules and @bundles to add.")
+    egress_gemini_cli_deny: str = Field(
+        "", description="gemini_cli: rules denied whatever allows them; @bundle drops a bundle."
+    )
+    egress_gemini_cli_learn: bool = Field(False, description="gemini_cli: learn mode.")
+    egress_flush_ms: int = Field(
+        2_000, gt=0, description="How often counted egress denials are written to the database."
     )
 
     # --- operations -------------------------------------------------------------------
@@ -111,6 +194,35 @@ class Settings(BaseSettings):
     )
     max_concurrent_cli_vms: int = Field(
         64, gt=0, description="CLI VMs a controller runs (their own cap); past it 503."
+    )
+    vm_memory_mb: int = Field(
+        2048,
+        ge=64,
+        description="Memory limit of each sandbox VM's cgroup, in MiB (its tmpfs pages count).",
+    )
+    vm_pids_max: int = Field(
+        1024, ge=16, description="Processes and threads a sandbox VM may have (pids.max)."
+    )
+    vm_cpu_weight: int = Field(
+        100, ge=1, le=10_000, description="cgroup CPU weight of each sandbox VM (100: fair)."
+    )
+    vm_disk_mb: int = Field(
+        1024,
+        ge=16,
+        description="Size of each writable tmpfs of a sandbox VM (state dir and CLI home, "
+        "/tmp, /dev/shm, a browser's home), in MiB.",
+    )
+    vm_uid_base: int = Field(
+        1_900_000_000,
+        ge=1000,
+        le=2**32 - 65536 - 2,
+        description="First of the 65,536 host uids VMs run as, one each (root controller).",
+    )
+
+    browser_single_process: bool = Field(
+        True,
+        description="Chromium in a browser VM runs as one process: about a third less CPU "
+        "per login. Chromium calls the mode unsupported; false gives its usual process model.",
     )
 
     # --- quotas and rate limits ------------------------------------------------------
@@ -135,11 +247,6 @@ class Settings(BaseSettings):
         description="Comma-separated addresses or networks (CIDR) of reverse proxies whose "
         "X-Forwarded-For names the client; from anyone else the header is ignored.",
     )
-    browser_single_process: bool = Field(
-        True,
-        description="Chromium in a browser VM runs as one process: about a third less CPU "
-        "per login. Chromium calls the mode unsupported; false gives its usual process model.",
-    )
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -152,6 +259,34 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"not an address or network (CIDR): {part!r}") from None
         return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _asymmetric(cls, value: str) -> str:
+        names = [a.strip() for a in value.split(",") if a.strip()]
+        allowed = {
+            "RS256",
+            "RS384",
+            "RS512",
+            "PS256",
+            "PS384",
+            "PS512",
+            "ES256",
+            "ES384",
+            "ES512",
+            "EdDSA",
+        }
+        if not names or not set(names) <= allowed:
+            raise ValueError(f"use asymmetric JWT algorithms only: {', '.join(sorted(allowed))}")
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _jwt_complete(self) -> Settings:
+        if self.jwt_jwks_url and not (self.jwt_issuer and self.jwt_audience):
+            raise ValueError(
+                "AIRLOCK_JWT_JWKS_URL needs AIRLOCK_JWT_ISSUER and AIRLOCK_JWT_AUDIENCE"
+            )
+        return self
 
     @field_validator("image_dir")
     @classmethod
@@ -219,6 +354,33 @@ class Settings(BaseSettings):
     @property
     def warm_pool_max_age(self) -> timedelta:
         return timedelta(milliseconds=self.warm_pool_max_age_ms)
+
+    def egress_overrides(self, provider_id: str) -> Overrides:
+        """The operator's ``AIRLOCK_EGRESS_<PROVIDER>_*`` settings for one provider."""
+        if provider_id not in EGRESS_PROVIDERS:
+            return Overrides()
+        prefix = f"egress_{provider_id}_"
+        allow: str = getattr(self, prefix + "allow")
+        if provider_id == "oauth2" and self.oauth2_allowed_hosts:
+            allow = ",".join(p for p in (self.oauth2_allowed_hosts, allow) if p)
+        return Overrides(
+            policy=getattr(self, prefix + "policy"),
+            allow=allow,
+            deny=getattr(self, prefix + "deny"),
+            learn=getattr(self, prefix + "learn"),
+        )
+
+    @property
+    def jwt_algorithm_list(self) -> list[str]:
+        return self.jwt_algorithms.split(",")
+
+    @property
+    def vm_lease(self) -> timedelta:
+        return timedelta(milliseconds=self.vm_lease_ms)
+
+    @property
+    def vm_lease_margin(self) -> timedelta:
+        return timedelta(milliseconds=self.vm_lease_margin_ms)
 
     @property
     def vm_boot_timeout(self) -> timedelta:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -53,11 +54,17 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[StartAgent]:
         pytest.skip("bwrap is not installed")
     started: list[AgentHarness] = []
 
-    async def start(role: str = "cli", *extra: str) -> AgentHarness:
+    async def start(
+        role: str = "cli", *extra: str, lease: dict[str, object] | str | None = None
+    ) -> AgentHarness:
         state_dir = tmp_path / f"st{len(started)}"
         state_dir.mkdir(mode=0o700)
         secret = secrets.token_urlsafe(32)
         (state_dir / "agent.secret").write_text(secret + "\n")
+        if lease is not None:  # the boot lease, as a runtime writes it
+            (state_dir / "agent.lease").write_text(
+                lease if isinstance(lease, str) else json.dumps(lease)
+            )
         log = tmp_path / f"agent{len(started)}.log"
         argv = [
             BWRAP,

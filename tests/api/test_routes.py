@@ -520,6 +520,7 @@ EXPECTED_ROUTES = {
     ("DELETE", "/api/auth/session/{sessionId}"),
     ("GET", "/api/auth/session/{sessionId}/credentials"),
     ("GET", "/api/auth/session/{sessionId}/timeline"),
+    ("GET", "/api/auth/session/{sessionId}/egress"),
     ("POST", "/api/auth/session/{sessionId}/viewer-token"),
     ("GET", "/api/auth/session/{sessionId}/novnc"),
     ("GET", "/api/auth/session/{sessionId}/viewer/events"),

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import jwt as pyjwt
 import pytest
 from fastapi import FastAPI
 
@@ -136,6 +137,18 @@ async def test_metadata_names_the_endpoints(client: httpx.AsyncClient) -> None:
     assert meta["token_endpoint"] == f"{ISSUER}/token"
     assert meta["code_challenge_methods_supported"] == ["S256"]
     assert set(meta["grant_types_supported"]) == {"authorization_code", "refresh_token"}
+    assert meta["jwks_uri"] == f"{ISSUER}/.well-known/jwks.json"
+    assert meta["id_token_signing_alg_values_supported"] == ["RS256"]
+
+
+async def test_key_rotation_keeps_recent_keys_published(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    first = app.state.keys.kid
+    kids = [first] + [app.state.keys.rotate() for _ in range(3)]
+    published = [k["kid"] for k in (await client.get("/.well-known/jwks.json")).json()["keys"]]
+    assert published == kids[::-1][:3]  # newest first; the oldest has been dropped
+    assert first not in published
 
 
 async def test_login_form_is_keyboard_first(client: httpx.AsyncClient) -> None:
@@ -146,15 +159,74 @@ async def test_login_form_is_keyboard_first(client: httpx.AsyncClient) -> None:
     user = re.search(r"<input[^>]*id=\"username\"[^>]*>", page)
     assert user and "autofocus" in user.group(0)
     assert page.count("autofocus") == 1
-    # Tab order is document order (no tabindex anywhere): user name, password, submit.
+    # Tab order is document order (no tabindex anywhere): user name, password, submit, then
+    # the single sign-on button (which the page's script shows).
     assert "tabindex" not in page
     focusable = re.findall(
         r'<(?:input|button|a|select|textarea)\b(?![^>]*type="hidden")[^>]*>', page
     )
     kinds = [re.search(r'id="(\w+)"', f).group(1) for f in focusable]  # type: ignore[union-attr]
-    assert kinds == ["username", "password", "submit"]
+    assert kinds == ["username", "password", "submit", "sso"]
     assert r.headers["cache-control"] == "no-store"
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+STATIC = "http://static.idp.airlock.test:4001"
+SSO = "http://sso.login.airlock.test:4001"
+
+
+async def test_the_page_takes_its_style_and_script_from_the_asset_host(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.get("/authorize", params=authorize_params(pkce()))
+    page = r.text
+    assert f'<link rel="stylesheet" href="{STATIC}/static/login.css">' in page
+    assert f'<script src="{STATIC}/static/login.js" defer></script>' in page
+    assert "<style" not in page and "style=" not in page  # nothing styled without the asset
+    csp = r.headers["content-security-policy"]
+    assert f"style-src {STATIC};" in csp and f"script-src {STATIC};" in csp
+    assert "unsafe-inline" not in csp
+    sso = re.search(r'<a class="sso" id="sso" href="([^"]+)" hidden>', page)
+    assert sso and sso.group(1).startswith(f"{SSO}/sso/authorize?request_id=")
+    # The assets exist on the asset host only, as on a CDN.
+    css = await client.get(f"{STATIC}/static/login.css")
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+    js = await client.get(f"{STATIC}/static/login.js")
+    assert js.status_code == 200 and "sso.hidden = false" in js.text
+    assert (await client.get(f"{ISSUER}/static/login.css")).status_code == 404
+    assert (await client.get(f"{SSO}/static/login.js")).status_code == 404
+    assert (await client.get(f"{STATIC}/static/../app.py")).status_code == 404
+
+
+async def test_single_sign_on_goes_through_the_sso_host(client: httpx.AsyncClient) -> None:
+    p = pkce()
+    form = await client.get("/authorize", params=authorize_params(p))
+    rid = request_id(form.text)
+    # The SSO pages answer on the SSO host only.
+    assert (
+        await client.get(f"{ISSUER}/sso/authorize", params={"request_id": rid})
+    ).status_code == 404
+    page = await client.get(f"{SSO}/sso/authorize", params={"request_id": rid})
+    assert page.status_code == 200 and "Demo SSO" in page.text
+    assert f'action="{SSO}/sso/authorize"' in page.text
+    wrong = await client.post(
+        f"{SSO}/sso/authorize", data={"request_id": rid, "username": "demo", "password": "x"}
+    )
+    assert "Wrong user name or password." in wrong.text
+    ok = await client.post(
+        f"{SSO}/sso/authorize", data={"request_id": rid, "username": "demo", "password": "demo"}
+    )
+    assert ok.status_code == 302
+    back = ok.headers["location"]
+    assert back.startswith(f"{ISSUER}/sso/callback?ticket=")
+    done = await client.get(back)
+    code = callback(done)["code"]
+    tokens = await exchange(client, code, p)
+    assert tokens.status_code == 200 and claims(tokens.json()["id_token"])["sub"] == "demo"
+    # The ticket and the request were single use.
+    again = await client.get(back)
+    assert again.status_code == 400 and "ticket" in again.text
+    assert (await client.get(f"{SSO}/sso/authorize", params={"request_id": rid})).status_code == 400
 
 
 async def test_wrong_password_shows_the_form_again(client: httpx.AsyncClient) -> None:
@@ -242,7 +314,22 @@ async def test_full_code_flow(client: httpx.AsyncClient) -> None:
     assert id_claims["iss"] == ISSUER
     assert id_claims["aud"] == "airlock-demo"
     assert id_claims["exp"] - id_claims["iat"] == 3600
-    assert jwt_part(body["id_token"], 0) == {"alg": "HS256", "typ": "JWT"}
+    header = jwt_part(body["id_token"], 0)
+    assert header["alg"] == "RS256" and header["typ"] == "JWT"
+    # Signed with a key the JWKS publishes, and it verifies against it.
+    jwks = (await client.get("/.well-known/jwks.json")).json()
+    [key] = [k for k in jwks["keys"] if k["kid"] == header["kid"]]
+    assert key["kty"] == "RSA" and "d" not in key  # public parts only
+    verified = pyjwt.decode(
+        body["id_token"],
+        pyjwt.PyJWK(key).key,
+        algorithms=["RS256"],
+        audience="airlock-demo",
+        issuer=ISSUER,
+        # The test's clock is not the wall clock: its times are checked above.
+        options={"verify_exp": False, "verify_iat": False},
+    )
+    assert verified == id_claims
     me = await client.get("/userinfo", headers={"Authorization": f"Bearer {body['access_token']}"})
     assert me.status_code == 200
     assert me.json()["email"] == "demo@airlock.test"

@@ -109,3 +109,87 @@ def test_never_destroys_a_live_row_and_judges_each_vm_once(
         r = by_id.get(vm_id)
         if r is None or (r.state.terminal and r.updated_at < T0):
             assert any(a.vm_id == vm_id and a.kind is ActionKind.DESTROY_ORPHAN for a in actions)
+
+
+def leased(
+    vm_id: str, state: VmState, *, lease_in: float | None, due_in: float | None = 600
+) -> RecordedVm:
+    base = row(vm_id, state, due_in=due_in, age=120)
+    lease = None if lease_in is None else T0 + timedelta(seconds=lease_in)
+    return RecordedVm(
+        base.vm_id, base.state, base.destroy_after, base.created_at, base.updated_at, lease
+    )
+
+
+def test_gone_after_its_lease_ran_out_is_lease_expired_not_lost() -> None:
+    actions = run(
+        [],
+        [
+            leased("vm-ended", VmState.RUNNING, lease_in=-1),
+            leased("vm-ended-draining", VmState.DRAINING, lease_in=0),
+            leased("vm-ended-retained", VmState.RETAINED, lease_in=-30, due_in=None),
+            leased("vm-ended-warm-or-due", VmState.RUNNING, lease_in=-5, due_in=-1),
+        ],
+    )
+    assert {(a.kind, a.vm_id) for a in actions} == {
+        (ActionKind.MARK_LEASE_EXPIRED, "vm-ended"),
+        (ActionKind.MARK_LEASE_EXPIRED, "vm-ended-draining"),
+        (ActionKind.MARK_LEASE_EXPIRED, "vm-ended-retained"),
+        (ActionKind.MARK_LEASE_EXPIRED, "vm-ended-warm-or-due"),
+    }
+
+
+def test_gone_before_its_lease_ran_out_is_still_lost() -> None:
+    # Invariant 5: a leased VM that vanished while its lease still held did not end itself.
+    [action] = run([], [leased("vm-crashed", VmState.RUNNING, lease_in=1)])
+    assert action.kind is ActionKind.MARK_LOST
+    [action] = run([], [leased("vm-cli", VmState.RUNNING, lease_in=None)])
+    assert action.kind is ActionKind.MARK_LOST  # no lease: a CLI VM that vanished
+
+
+def test_a_running_vm_past_its_lease_is_adopted_and_destroying_stays_destroyed() -> None:
+    # Still listed (within its margin, or the lease row lags): adopt it, the next renewal
+    # extends it. A VM being destroyed was going anyway: plain destroyed.
+    assert run(["vm-late"], [leased("vm-late", VmState.RUNNING, lease_in=-3)]) == []
+    [action] = run([], [leased("vm-d", VmState.DESTROYING, lease_in=-3)])
+    assert action.kind is ActionKind.MARK_DESTROYED
+
+
+def test_a_creating_vm_is_judged_on_its_boot_time_first() -> None:
+    # A create in flight may not be listed: a passed lease alone says nothing of it...
+    young = leased("vm-young", VmState.CREATING, lease_in=-1)
+    young = RecordedVm(
+        young.vm_id,
+        young.state,
+        None,
+        T0 - timedelta(seconds=5),
+        T0 - timedelta(seconds=5),
+        young.lease_until,
+    )
+    assert run([], [young]) == []
+    # ...past its boot time, it ended itself if its lease ran out, else it never came up.
+    [action] = run([], [leased("vm-ended", VmState.CREATING, lease_in=-1)])
+    assert action.kind is ActionKind.MARK_LEASE_EXPIRED
+    [action] = run([], [leased("vm-stuck", VmState.CREATING, lease_in=30)])
+    assert action.kind is ActionKind.MARK_BOOT_FAILED
+
+
+@given(
+    st.lists(vm_ids, unique=True),
+    st.dictionaries(
+        vm_ids,
+        st.tuples(states, st.integers(-100, 100), st.none() | st.integers(-100, 100)),
+    ),
+)
+def test_lease_expired_only_after_the_lease_and_lost_only_before(
+    observed: list[str], rows: dict[str, tuple[VmState, int, int | None]]
+) -> None:
+    recorded = [leased(i, s, lease_in=lease, due_in=due) for i, (s, due, lease) in rows.items()]
+    by_id = {r.vm_id: r for r in recorded}
+    for a in run(observed, recorded):
+        r = by_id.get(a.vm_id)
+        if a.kind is ActionKind.MARK_LEASE_EXPIRED:
+            assert r is not None and r.lease_until is not None and r.lease_until <= T0
+            assert a.vm_id not in observed and r.state.live
+        if a.kind is ActionKind.MARK_LOST:
+            assert r is not None and (r.lease_until is None or r.lease_until > T0)

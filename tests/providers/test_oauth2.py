@@ -28,15 +28,15 @@ import uvicorn
 
 import airlock
 from airlock.demo_idp import create_idp_app
+from airlock.domain.egress_policy import Decision, EgressPolicy, HostRule, rules
 from airlock.egress import EgressProxy
 from airlock.errors import CredentialError, Unavailable
-from airlock.providers.base import Account, Route
+from airlock.providers.base import Account
 from airlock.providers.oauth2 import (
     TOKENS_PATH,
     OAuth2Provider,
     demo_idp_issuer,
     demo_oauth2_provider,
-    parse_routes,
 )
 
 NOW = datetime(2027, 1, 15, 8, 0, 30, tzinfo=UTC)
@@ -192,33 +192,30 @@ def test_login_plan_runs_the_login_program(provider: OAuth2Provider) -> None:
     assert plan.watch == [".airlock/oauth2/tokens.json"]
 
 
-def test_egress_routes() -> None:
-    assert demo_oauth2_provider(4123).egress_routes() == [
-        Route("idp.airlock.test", 4123, target=("127.0.0.1", 4123))
-    ]
+def test_egress_policy() -> None:
+    demo = demo_oauth2_provider(4123).egress_policy()
+    assert demo.required == (HostRule("idp.airlock.test", 4123),)
+    assert demo.allow == (
+        HostRule("static.idp.airlock.test", 4123),
+        HostRule("*.login.airlock.test", 4123),
+    )
+    for name in ("idp.airlock.test", "static.idp.airlock.test", "sso.login.airlock.test"):
+        assert demo.decide(name, 4123).decision is Decision.ALLOWED, name
+        assert demo.target(name, 4123) == ("127.0.0.1", 4123)
+    assert demo.decide("login.airlock.test", 4123).decision is Decision.DENIED
+    assert demo.decide("idp.airlock.test", 443).decision is Decision.DENIED
     generic = OAuth2Provider(
         "https://Auth.example.com/oauth/authorize",
         "https://api.example.com:8443/token",
         "cid",
         ["read"],
-        routes=[Route("cdn.example.com", 443)],
-    )
-    assert generic.egress_routes() == [
-        Route("cdn.example.com", 443),
-        Route("auth.example.com", 443),
-        Route("api.example.com", 8443),
-    ]
-
-
-def test_parse_routes_from_the_setting() -> None:
-    assert parse_routes(" api.Example.com:443, [::1]:8080 ,") == [
-        Route("api.example.com", 443),
-        Route("::1", 8080),
-    ]
-    assert parse_routes("") == []
-    for bad in ("api.example.com", "a:0", "a:x", "a/b:1", "u@a:1", "[::1]", "https://a:1"):
-        with pytest.raises(ValueError, match="host:port"):
-            parse_routes(bad)
+        allow=rules("cdn.example.com"),
+        bundles=frozenset({"github"}),
+    ).egress_policy()
+    assert generic.required == (HostRule("auth.example.com"), HostRule("api.example.com", 8443))
+    assert generic.decide("cdn.example.com", 443).decision is Decision.ALLOWED
+    assert generic.decide("github.githubassets.com", 443).decision is Decision.ALLOWED
+    assert generic.target("auth.example.com", 443) == ("auth.example.com", 443)
 
 
 # --- the login, end to end on the host ---------------------------------------------------
@@ -403,7 +400,7 @@ async def test_login_end_to_end_through_the_egress_proxy(
 ) -> None:
     caplog.set_level("INFO", logger="airlock.egress")
     provider = demo_oauth2_provider(idp.port)
-    proxy = EgressProxy(provider.egress_routes(), vm_id="vm-e2e")
+    proxy = EgressProxy(provider.egress_policy(), vm_id="vm-e2e")
     await proxy.serve(tmp_path / "egress.sock")
     try:
         async with vm_port_3128(tmp_path / "egress.sock") as port:
@@ -454,7 +451,7 @@ async def test_login_fails_when_the_egress_proxy_does_not_allow_the_idp(
     idp: Idp, tmp_path: Path
 ) -> None:
     provider = demo_oauth2_provider(idp.port)
-    proxy = EgressProxy([Route("elsewhere.example", 443)], vm_id="vm-locked")
+    proxy = EgressProxy(EgressPolicy("oauth2", allow=rules("elsewhere.example")), vm_id="vm-locked")
     await proxy.serve(tmp_path / "egress.sock")
     try:
         async with vm_port_3128(tmp_path / "egress.sock") as port:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import secrets
+import select
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -438,3 +439,25 @@ async def test_real_firecracker_boots_the_minimal_image(tmp_path: Path) -> None:
             assert (await agent.ping())["role"] == "cli"
     finally:
         await rt.destroy(f"vm-real-{RUN}")
+
+
+@needs_root
+async def test_a_vm_whose_lease_runs_out_ends_and_its_vmm_with_it(
+    runtime: FirecrackerRuntime,
+) -> None:
+    """The boot lease travels on the config disk; when it runs out unrenewed the guest
+    reboots and Firecracker (here its double) exits: the VM is gone from list()."""
+    spec = VmSpec(
+        vm_id=f"vm-lease-{RUN}", role=VmRole.CLI, user_id="a", lease_ms=1500, lease_margin_ms=500
+    )
+    vm = await runtime.create(spec)
+    assert vm.pid is not None
+    async with await runtime.agent_client(spec.vm_id) as agent:
+        assert 0 < (await agent.ping())["lease_ends_in_ms"] <= 2000
+    pidfd = os.pidfd_open(vm.pid)
+    try:
+        exited = await asyncio.to_thread(select.select, [pidfd], [], [], 30)
+        assert exited[0], "the VMM still runs long after the lease ran out"
+    finally:
+        os.close(pidfd)
+    assert await runtime.list() == []

@@ -51,6 +51,14 @@ async def test_boot_agent_lifecycle_and_adoption(runtime: QemuRuntime, tmp_path:
     assert vm.pid is not None and qemu_pids(vm.state_dir) == [vm.pid]
     meta = json.loads((vm.state_dir / "meta.json").read_text())
     assert meta["accel"] == vm.detail["accel"]
+    # QEMU runs unprivileged: the VM's own uid (the owner of its state dir's uid file), no
+    # capabilities, under its seccomp filter (-sandbox on).
+    status_text = await asyncio.to_thread(Path(f"/proc/{vm.pid}/status").read_text)
+    status = dict(line.split(":", 1) for line in status_text.splitlines())
+    if os.geteuid() == 0:
+        uid = os.stat(vm.state_dir / "uid").st_uid
+        assert uid != 0 and status["Uid"].split() == [str(uid)] * 4
+    assert int(status["CapEff"], 16) == 0 and status["Seccomp"].strip() == "2"
     # No network device: the guest has loopback only.
     async with await runtime.agent_client("q1") as agent:
         assert (await agent.ping()) is not None
@@ -143,6 +151,14 @@ async def test_bad_input_changes_nothing(runtime: QemuRuntime, tmp_path: Path) -
     assert not (tmp_path / "vms" / "q3").exists()
 
 
+async def test_check_says_whether_qemu_can_run_sandboxed(tmp_path: Path) -> None:
+    here = QemuRuntime(tmp_path / "vms", tmp_path / "no-images")
+    assert not [p for p in await here.check() if "-sandbox" in p]  # Debian's QEMU has seccomp
+    # A QEMU that refuses the option (as one built without seccomp does) is named as such.
+    refusing = QemuRuntime(tmp_path / "vms", tmp_path / "no-images", qemu="/bin/false")
+    assert [p for p in await refusing.check() if "cannot run with -sandbox" in p]
+
+
 def test_kvm_probe_is_cached(tmp_path: Path) -> None:
     image = minimal_image()
     if kvm_openable() is not None:
@@ -153,3 +169,26 @@ def test_kvm_probe_is_cached(tmp_path: Path) -> None:
     assert (entry["usable"], entry["why"]) == first
     # A cached answer is returned without booting (a missing binary would fail a real probe).
     assert probe_kvm("/nonexistent/qemu", image, tmp_path) == first
+
+
+async def test_a_browser_vm_whose_lease_runs_out_powers_itself_off(
+    runtime: QemuRuntime,
+) -> None:
+    """No controller renews it: the guest agent's lease runs out, the guest init reboots the
+    guest, and QEMU (``-no-reboot``) exits. The minimal image has no screen, so its browser
+    VM's agent runs headless as "cli": leased all the same."""
+    spec = VmSpec(
+        vm_id="q3", role=VmRole.BROWSER, user_id="bob", lease_ms=4000, lease_margin_ms=1000
+    )
+    vm = await runtime.create(spec)
+    assert vm.pid is not None
+    async with await runtime.agent_client("q3") as agent:
+        ends_in = (await agent.ping())["lease_ends_in_ms"]
+    assert 0 < ends_in <= 5000
+    pidfd = os.pidfd_open(vm.pid)
+    try:
+        exited = await asyncio.to_thread(select.select, [pidfd], [], [], 60)
+        assert exited[0], "QEMU still runs a minute after the lease ran out"
+    finally:
+        os.close(pidfd)
+    assert await runtime.list() == []

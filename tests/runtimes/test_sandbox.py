@@ -22,7 +22,7 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.providers.base import LoginPlan
 from airlock.runtimes.base import Runtime, VmSpec
-from airlock.runtimes.sandbox import SandboxRuntime
+from airlock.runtimes.sandbox import DEFAULT_LIMITS, DEFAULT_UID_BASE, SandboxRuntime
 from airlock.runtimes.vmdir import VM_NICE
 
 pytestmark = [
@@ -58,6 +58,38 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def contained(state_dir: Path, pid: int) -> list[Path]:
+    """Check that a VM runs contained (a root controller): its state dir a tmpfs owned by a
+    uid of its own, its init that uid, in cgroups with the runtime's limits. Returns the
+    cgroup dirs (empty when not root: no containment to check)."""
+    if os.geteuid() != 0:
+        return []
+    uid = state_dir.stat().st_uid
+    assert uid >= DEFAULT_UID_BASE and os.path.ismount(state_dir)
+    assert oct(state_dir.stat().st_mode & 0o777) == "0o700"
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert re.search(rf"^Uid:\t{uid}\t{uid}\t{uid}\t{uid}$", status, re.M), status
+    cgroups = [Path(c) for c in json.loads((state_dir / "meta.json").read_text())["cgroups"]]
+    assert cgroups
+    for cgroup in cgroups:
+        assert str(pid) in (cgroup / "cgroup.procs").read_text().split()
+        limits = {
+            "memory.max": str(DEFAULT_LIMITS.memory_mb * 2**20),
+            "memory.limit_in_bytes": str(DEFAULT_LIMITS.memory_mb * 2**20),
+            "pids.max": str(DEFAULT_LIMITS.pids_max),
+            "cpu.weight": str(DEFAULT_LIMITS.cpu_weight),
+        }
+        for name, value in limits.items():
+            if (cgroup / name).exists():
+                assert (cgroup / name).read_text().strip() == value, name
+    return cgroups
+
+
+def released(state_dir: Path, cgroups: list[Path]) -> bool:
+    """Nothing of a destroyed VM's containment is left: no cgroup, no tmpfs mount."""
+    return not [c for c in cgroups if c.exists()] and not os.path.ismount(state_dir)
 
 
 def pid_namespace(pid: int) -> tuple[int, int]:
@@ -182,11 +214,13 @@ async def test_destroy_kills_every_process_and_is_idempotent(runtime: SandboxRun
     assert vm.pid is not None
     ns = pid_namespace(vm.pid)
     assert len(processes_in(ns)) > 3  # init, agent, Xvnc, Chromium and its helpers
+    cgroups = contained(vm.state_dir, vm.pid)
 
     assert await runtime.destroy("d1") is True
     assert not alive(vm.pid)
     assert processes_in(ns) == []
     assert not vm.state_dir.exists()
+    assert released(vm.state_dir, cgroups)  # its cgroups and tmpfs go with it
     assert await runtime.destroy("d1") is False
     assert await runtime.destroy("never-existed") is False
     assert await runtime.destroy("../../etc") is False
@@ -210,8 +244,11 @@ async def test_a_restarted_controller_finds_and_adopts_its_vms(
     assert found.detail["user_id"] == "u1"
     async with await agent(restarted, "keep1") as client:
         assert (await client.ping())["role"] == "cli"
+    assert vm.pid is not None
+    cgroups = contained(vm.state_dir, vm.pid)
     assert await restarted.destroy("keep1") is True
-    assert vm.pid is not None and not alive(vm.pid)
+    assert not alive(vm.pid)
+    assert released(vm.state_dir, cgroups)
 
 
 CONTROLLER = """
@@ -343,17 +380,18 @@ async def test_login_capture_then_ack_wipes_the_files(runtime: SandboxRuntime) -
 
 
 async def test_write_files_is_atomic_with_mode_0600(runtime: SandboxRuntime) -> None:
-    await runtime.create(VmSpec(vm_id="wf1", role=VmRole.CLI, user_id="u1"))
+    vm = await runtime.create(VmSpec(vm_id="wf1", role=VmRole.CLI, user_id="u1"))
+    vm_uid = vm.state_dir.stat().st_uid  # the VM's own host uid, which owns its state dir
     async with await agent(runtime, "wf1") as client:
         for n in range(3):  # overwrite in place, never a partial file or a leftover temp file
             written = await client.write_files({".claude/.credentials.json": b'{"n": %d}' % n})
             assert written == [".claude/.credentials.json"]
         stat = await client.run(
-            ["stat", "-c", "%a %U %n", f"{HOME}/.claude", f"{HOME}/.claude/.credentials.json"]
+            ["stat", "-c", "%a %u %n", f"{HOME}/.claude", f"{HOME}/.claude/.credentials.json"]
         )
         assert stat.stdout.splitlines() == [
-            f"700 root {HOME}/.claude",
-            f"600 root {HOME}/.claude/.credentials.json",
+            f"700 {vm_uid} {HOME}/.claude",
+            f"600 {vm_uid} {HOME}/.claude/.credentials.json",
         ]
         listing = await client.run(["ls", "-A", f"{HOME}/.claude"])
         assert listing.stdout.split() == [".credentials.json"]
@@ -384,14 +422,19 @@ async def test_the_data_dir_and_controller_env_are_not_visible_inside(
     assert (vm.state_dir / "pid").read_text().split()[0] == str(vm.pid)
 
 
-async def echo_server(path: Path) -> asyncio.Server:
+async def echo_server(path: Path, vm_uid: int) -> asyncio.Server:
+    """A stand-in for the egress proxy, whose socket, like the proxy's, the VM's uid may
+    connect to (a VM runs as its own unprivileged uid)."""
+
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = await reader.read(100)
         writer.write(b"echo:" + data)
         await writer.drain()
         writer.close()
 
-    return await asyncio.start_unix_server(echo, path=str(path))
+    server = await asyncio.start_unix_server(echo, path=str(path))
+    os.chown(path, vm_uid, vm_uid)
+    return server
 
 
 CONNECT_3128 = """
@@ -408,7 +451,7 @@ async def test_egress_forwarder_pipes_to_the_hosts_socket(runtime: SandboxRuntim
         # No proxy for this VM yet: the forwarder accepts and closes, it does not hang.
         before = await client.run([sys.executable, "-c", CONNECT_3128])
         assert before.stdout.strip() == "<closed>", before.stderr
-        server = await echo_server(vm.state_dir / "egress.sock")
+        server = await echo_server(vm.state_dir / "egress.sock", vm.state_dir.stat().st_uid)
         try:
             after = await client.run([sys.executable, "-c", CONNECT_3128])
         finally:
@@ -424,10 +467,11 @@ async def test_egress_socket_elsewhere_is_carried_in(
     egress_dir.mkdir(mode=0o700)
     socket_path = egress_dir / "vm.sock"
     spec = VmSpec(vm_id="eg2", role=VmRole.CLI, user_id="u1", egress_socket=socket_path)
-    await runtime.create(spec)
+    vm = await runtime.create(spec)
+    os.chown(egress_dir, vm.state_dir.stat().st_uid, -1)  # the VM's uid must reach the socket
     # The proxy may start (and restart, with a new socket inode) after the VM boots.
     for attempt in range(2):
-        server = await echo_server(socket_path)
+        server = await echo_server(socket_path, vm.state_dir.stat().st_uid)
         try:
             async with await agent(runtime, "eg2") as client:
                 result = await client.run([sys.executable, "-c", CONNECT_3128])

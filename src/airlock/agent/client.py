@@ -283,6 +283,14 @@ class AgentClient:
     async def wipe(self, paths: Sequence[str]) -> list[str]:
         return _paths(await self.request("wipe", {"paths": list(paths)}), "wiped")
 
+    async def lease(self, for_ms: int, margin_ms: int = 0) -> int:
+        """Renew a browser VM's lease; the milliseconds until it ends itself unrenewed."""
+        result = await self.request("lease", {"for_ms": for_ms, "margin_ms": margin_ms})
+        ends_in = result.get("ends_in_ms")
+        if not isinstance(ends_in, int):
+            raise AgentError("lease: the answer has no ends_in_ms", code="protocol")
+        return ends_in
+
     async def restored(self, new_secret: str, entropy: bytes) -> dict[str, Any]:
         """After a snapshot restore: fresh entropy, machine id and secret in the guest."""
         return await self.request(

@@ -16,7 +16,7 @@ for ``qemu``, vsock for ``firecracker``). Messages are JSON objects, one per lin
 
 Operations (arguments -> result):
 
-- ``ping`` -> ``{role, uptime_s, display?}``
+- ``ping`` -> ``{role, uptime_s, display?, lease_ends_in_ms?}``
 - ``start_login {login: LoginPlan}`` -> ``{started: true}``. Runs the plan's argv with
   ``BROWSER`` set to a helper that opens the URL in the VM's Chromium.
 - ``login_status`` -> ``{state: "idle"|"running"|"exited", exit_code, url, captured}``
@@ -30,6 +30,11 @@ Operations (arguments -> result):
 - ``run {argv, timeout_s, env?}`` -> ``{exit_code, stdout, stderr}`` (verification).
 - ``wipe {paths}`` -> ``{wiped: [paths]}``.
 - ``connect {port}`` -> ``{connected: true}``, then raw bytes to ``127.0.0.1:port``.
+- ``lease {for_ms, margin_ms?}`` -> ``{ends_in_ms}`` (browser VMs; a CLI VM answers
+  ``no_lease``): the VM ends itself ``for_ms + margin_ms`` from now on its own monotonic
+  clock unless the controller renews the lease before. The boot lease is the same JSON in
+  ``{state_dir}/agent.lease``. In the sandbox the agent's exit ends the sandbox; under a
+  guest init the agent exits with ``LEASE_EXPIRED_EXIT`` and the init powers the guest off.
 
 A ``LoginPlan`` is ``{provider, argv, env, watch: [paths], home_relative: true}``; in argv and
 env, ``{python}`` is replaced by the agent's interpreter and ``{home}`` by the VM user's home.
@@ -43,6 +48,7 @@ from typing import Any
 VERSION = "1"
 MAX_MESSAGE = 4 * 1024 * 1024
 EGRESS_PORT = 3128  # inside the VM: the egress proxy as Chromium and the CLIs see it
+LEASE_EXPIRED_EXIT = 75  # the agent's exit status when its lease ran out
 DEVTOOLS_PORT = 9222  # inside the VM: Chromium's DevTools (reachable only via ``connect``)
 
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airlock.agent import protocol
-from airlock.agent.protocol import DEVTOOLS_PORT, EGRESS_PORT
+from airlock.agent import chromium_policy, protocol
+from airlock.agent.protocol import DEVTOOLS_PORT, EGRESS_PORT, LEASE_EXPIRED_EXIT
 
 log = logging.getLogger("airlock.agent")
 
@@ -62,6 +62,8 @@ STARTING_PAGE = "data:text/html;charset=utf-8," + urllib.parse.quote(
     "justify-content:center;height:90vh;color:#444'>Starting…</body>"
 )
 OPEN_SOCKET_NAME = "open.sock"  # in the VM's private run dir, for the BROWSER helper
+LEASE_FILE = "agent.lease"  # in the state dir: the boot lease, {"for_ms": n, "margin_ms": n}
+MAX_LEASE_MS = 24 * 3600 * 1000
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -185,6 +187,24 @@ def _number(value: Any, what: str, default: float, maximum: float) -> float:
     return min(float(value), maximum)
 
 
+def _lease_args(message: dict[str, Any]) -> tuple[int, int]:
+    """``for_ms`` (1 ms to a day) and ``margin_ms`` (0 to a day, default 0), whole numbers."""
+
+    def whole(name: str, minimum: int, default: int | None) -> int:
+        value = message.get(name, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not minimum <= value <= MAX_LEASE_MS
+        ):
+            raise OpError(
+                "bad_request", f"{name} must be a whole number of ms, {minimum} to {MAX_LEASE_MS}"
+            )
+        return value
+
+    return whole("for_ms", 1, None), whole("margin_ms", 0, 0)
+
+
 def shred(path: Path) -> bool:
     """Overwrite a file with zeros, flush it to disk, unlink it. False if it was not there."""
     try:
@@ -270,6 +290,12 @@ class Agent:
         self._opener: asyncio.Task[None] | None = None
         self._url: str | None = None
         self._display_ready = False
+        # The lease (browser VMs only): the moment, on this VM's monotonic clock, at which it
+        # ends itself unless a controller renews it first. Monotonic, so a wall-clock jump in
+        # the guest or on the host neither kills it early nor keeps it alive.
+        self._lease_end: float | None = None
+        self._lease_renewed = asyncio.Event()
+        self.exit_code = 0
         self._ops: dict[str, Handler] = {
             "ping": self._op_ping,
             "start_login": self._op_start_login,
@@ -280,6 +306,7 @@ class Agent:
             "run": self._op_run,
             "wipe": self._op_wipe,
             "restored": self._op_restored,
+            "lease": self._op_lease,
         }
 
     # -- task ownership ---------------------------------------------------------------------
@@ -313,6 +340,7 @@ class Agent:
         cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(cfg.run_dir, 0o700)
         cfg.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._load_boot_lease()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -320,6 +348,8 @@ class Agent:
             await self._start_servers()
             if cfg.role == "browser":
                 self._spawn(self._browser_stack(), "browser-stack")
+            if self._lease_end is not None:
+                self._spawn(self._lease_watch(), "lease-watch")
             log.info("agent %s up: role=%s pid=%d", protocol.VERSION, cfg.role, os.getpid())
             await self._stop.wait()
             log.info("agent stopping")
@@ -401,6 +431,60 @@ class Agent:
         """A path to write or wipe: absolute as given, else relative to $HOME."""
         p = Path(value)
         return Path(os.path.normpath(p if p.is_absolute() else self.config.home / p))
+
+    # -- the lease ----------------------------------------------------------------------------
+
+    def _load_boot_lease(self) -> None:
+        """The lease the VM boots with, from ``agent.lease`` in the state dir (written by the
+        runtime for browser VMs, or by the guest init from its config disk). A lease file it
+        cannot read stops the agent: the VM would otherwise live forever."""
+        path = self.config.state_dir / LEASE_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        # Whatever the role: a browser VM whose image has no screen runs its agent as "cli"
+        # (agent.guest), and it is leased all the same. The runtime leases only browser VMs.
+        try:
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise OpError("bad_request", "the lease must be a JSON object")
+            for_ms, margin_ms = _lease_args(value)
+        except (ValueError, OpError) as exc:
+            raise SystemExit(f"{LEASE_FILE} is not a lease: {exc}") from None
+        self._set_lease(for_ms, margin_ms)
+        log.info("boot lease: %d ms + %d ms margin", for_ms, margin_ms)
+
+    def _set_lease(self, for_ms: int, margin_ms: int) -> None:
+        self._lease_end = time.monotonic() + (for_ms + margin_ms) / 1000
+        self._lease_renewed.set()
+
+    async def _lease_watch(self) -> None:
+        """End the VM when the lease (plus its margin) runs out with no renewal."""
+        while True:
+            assert self._lease_end is not None
+            remaining = self._lease_end - time.monotonic()
+            if remaining <= 0:
+                break
+            self._lease_renewed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_renewed.wait(), remaining)
+        log.warning("the lease ran out and no controller renewed it: this VM ends itself")
+        self.exit_code = LEASE_EXPIRED_EXIT
+        self._stop.set()
+
+    async def _op_lease(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Renew (or shorten) the lease: this VM ends itself ``for_ms + margin_ms`` from now,
+        on its own monotonic clock, unless renewed again. A duration, not an epoch, so the
+        guest's wall clock never enters into it."""
+        if self.config.role != "browser" and self._lease_end is None:
+            raise OpError("no_lease", "a CLI VM has no lease: it lives until it is deleted")
+        for_ms, margin_ms = _lease_args(message)
+        first = self._lease_end is None
+        self._set_lease(for_ms, margin_ms)
+        if first:
+            self._spawn(self._lease_watch(), "lease-watch")
+        return {"ends_in_ms": for_ms + margin_ms}
 
     # -- the controller's connection --------------------------------------------------------
 
@@ -484,6 +568,8 @@ class Agent:
         }
         if self._display_ready:
             result["display"] = DISPLAY
+        if self._lease_end is not None:
+            result["lease_ends_in_ms"] = max(0, round((self._lease_end - time.monotonic()) * 1000))
         return result
 
     async def _op_start_login(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -941,10 +1027,13 @@ class Agent:
         cfg = self.config
         w, h = cfg.screen
         _no_password_manager(cfg.run_dir / "chromium")
+        chromium_policy.install()  # its own background traffic off (a sandbox binds it in)
         argv = [
             cfg.chromium,
             "--kiosk",
-            "--no-sandbox",  # as root in a namespace sandbox; the sandbox is the VM boundary
+            # Its own sandbox needs to make user namespaces, which the VM refuses (seccomp,
+            # bwrap --disable-userns): the VM's confinement is the boundary (README).
+            "--no-sandbox",
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
@@ -1204,7 +1293,9 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s"
     )
     config = parse_args(argv)
-    asyncio.run(Agent(config).run())
+    agent = Agent(config)
+    asyncio.run(agent.run())
+    sys.exit(agent.exit_code)
 
 
 if __name__ == "__main__":

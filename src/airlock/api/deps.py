@@ -24,10 +24,15 @@ from airlock.api.schemas import VIEWABLE
 from airlock.domain.vms import VmState
 from airlock.errors import InvalidInput, NotFound, Unauthorized
 from airlock.services.core import Core
+from airlock.services.platform_jwt import looks_like_jwt
 from airlock.services.tokens import Principal
 from airlock.vault import Vault
 
-_bearer = HTTPBearer(auto_error=False, description="An Airlock API token (alk_...).")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An Airlock API token (alk_...), or a user JWT of the platform's identity "
+    "provider where AIRLOCK_JWT_JWKS_URL is set.",
+)
 
 VIEWER_KEY_LABEL = "airlock viewer-token v1"
 
@@ -54,7 +59,16 @@ async def get_principal(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The caller; ``Unauthorized`` (401) when the token is missing, malformed or unknown."""
-    return await core.tokens.authenticate(credentials.credentials if credentials else None)
+    return await authenticate_bearer(core, credentials.credentials if credentials else None)
+
+
+async def authenticate_bearer(core: Core, value: str | None) -> Principal:
+    """An Airlock token (``alk_...``), or, where the platform's IdP is trusted
+    (``AIRLOCK_JWT_JWKS_URL``), one of its user JWTs: either way a user principal whose
+    user id the same identity rules apply to."""
+    if value and core.platform_jwt is not None and looks_like_jwt(value):
+        return await core.platform_jwt.authenticate(value)
+    return await core.tokens.authenticate(value)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

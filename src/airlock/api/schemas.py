@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 from airlock.domain.vms import VmState
 from airlock.errors import InvalidInput
 from airlock.services.tokens import NAME_PATTERN, check_name
-from airlock.store.tables import AuthSession, Credential, Event, Vm
+from airlock.store.tables import AuthSession, Credential, EgressHost, Event, Vm
 
 
 def iso(value: datetime) -> str:
@@ -291,25 +291,90 @@ def credentials_out(cred: Credential, secret: dict[str, Any] | None = None) -> C
 
 class TimelineEntry(_Out):
     at: UtcTime
-    kind: str = Field(examples=["session", "vm", "credential"])
+    kind: str = Field(examples=["session", "vm", "credential", "egress"])
     from_: str | None = Field(alias="from")
     to: str | None
     cause: str
     actor: str
 
 
-def timeline_out(events: list[Event]) -> list[TimelineEntry]:
-    return [
-        TimelineEntry(
-            at=e.at,
-            kind=e.kind,
-            from_=e.from_state,
-            to=e.to_state,
-            cause=e.cause,
-            actor=e.actor,
-        )
-        for e in events
-    ]
+class EgressTimelineEntry(TimelineEntry):
+    """An ``egress`` entry: one per host the policy denied (or learn mode let through)."""
+
+    host: str = Field(description="host:port")
+    count: int | None = Field(description="Connections to that host so far.")
+
+
+def timeline_out(
+    events: list[Event], egress_counts: dict[tuple[str, int, str], int] | None = None
+) -> list[TimelineEntry]:
+    """``egress_counts``: (host, port, decision) -> count, merged into the egress entries."""
+    counts = egress_counts or {}
+    out: list[TimelineEntry] = []
+    for e in events:
+        common: dict[str, Any] = {
+            "at": e.at,
+            "kind": e.kind,
+            "from_": e.from_state,
+            "to": e.to_state,
+            "cause": e.cause,
+            "actor": e.actor,
+        }
+        if e.kind != "egress":
+            out.append(TimelineEntry(**common))
+            continue
+        name, port = str(e.detail.get("host", "")), int(e.detail.get("port", 0))
+        count = counts.get((name, port, e.cause))
+        out.append(EgressTimelineEntry(**common, host=f"{name}:{port}", count=count))
+    return out
+
+
+# --- egress -------------------------------------------------------------------------------
+class EgressHostOut(_Out):
+    host: str
+    port: int
+    decision: str = Field(
+        examples=["denied"],
+        description="denied: the page missed it; noise: the browser's own background traffic, "
+        "denied quietly; learned: let through by learn mode; allowed (learn mode only).",
+    )
+    count: int
+    first_at: UtcTime = Field(alias="firstAt")
+    last_at: UtcTime = Field(alias="lastAt")
+
+
+class EgressOut(_Out):
+    session_id: str = Field(alias="sessionId")
+    provider: str
+    learn: bool = Field(description="The provider's policy is in learn mode.")
+    denied: list[EgressHostOut] = Field(description="What the page was denied, first first.")
+    noise: list[EgressHostOut] = Field(description="The browser's own traffic, denied quietly.")
+    learned: list[EgressHostOut] = Field(description="Learn mode: outside the policy, let through.")
+
+
+def egress_out(session: AuthSession, rows: list[EgressHost], *, learn: bool) -> EgressOut:
+    def of(decision: str) -> list[EgressHostOut]:
+        return [
+            EgressHostOut(
+                host=r.host,
+                port=r.port,
+                decision=r.decision,
+                count=r.count,
+                first_at=r.first_at,
+                last_at=r.last_at,
+            )
+            for r in rows
+            if r.decision == decision
+        ]
+
+    return EgressOut(
+        session_id=session.id,
+        provider=session.provider,
+        learn=learn,
+        denied=of("denied"),
+        noise=of("noise"),
+        learned=of("learned"),
+    )
 
 
 # --- providers ----------------------------------------------------------------------------

@@ -12,10 +12,21 @@ by the book, so that the ``oauth2`` provider is exercised against real protocol 
   PKCE challenge; a replayed code revokes what it was exchanged for (RFC 6749 4.1.2);
 - rotating refresh tokens: each use returns a new one, and presenting a rotated one
   revokes the whole grant (RFC 9700 4.14.2);
-- an HS256 ``id_token`` when ``openid`` is asked for, and ``/userinfo`` for bearer tokens.
+- an RS256 ``id_token`` when ``openid`` is asked for, signed with a per-process key that
+  ``/.well-known/jwks.json`` publishes (``keys.SigningKeys``), and ``/userinfo`` for bearer
+  tokens. The ``id_token`` is a platform user JWT that Airlock accepts when configured
+  with this JWKS, issuer and the client id as audience.
 
 The sign-in form puts the user name first (autofocus), then the password, then the submit
 button, so that a person or a test typing through VNC can sign in with the keyboard alone.
+
+Like a real login page, it is served on more than one name (all on one port; the browser
+VM's egress proxy leads every allowed ``*.airlock.test`` name here): the page itself on the
+issuer's host (``idp.airlock.test``), its stylesheet and script on an asset host
+(``static.idp.airlock.test``, only there), and a single sign-on path on a third host
+(``sso.login.airlock.test``, only there) whose button the script renders. The SSO path
+signs the same demo user in on its own form and hands a one-time ticket back to
+``/sso/callback`` on the issuer's host, which completes the authorization as the form does.
 """
 
 from __future__ import annotations
@@ -24,7 +35,6 @@ import base64
 import hashlib
 import hmac
 import html
-import json
 import re
 import secrets
 import time
@@ -36,16 +46,28 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+
+from airlock.demo_idp.keys import SigningKeys
 
 CODE_TTL = 60.0
 ACCESS_TTL = 3600
 REFRESH_TTL = 30 * 24 * 3600.0
 PENDING_TTL = 600.0
+TICKET_TTL = 60.0
 MAX_ENTRIES = 10_000  # per table: the demo's memory stays bounded whatever callers do
 MAX_FORM = 64 * 1024
 MAX_SIGN_IN_FAILURES = 5
 LOCKOUT_S = 900.0  # the guesses a (client, user name) has left come back this long after
+LOCKED_OUT = (
+    "Too many wrong attempts for this user. Wait 15 minutes, then start again from the application."
+)
 SCOPES_SUPPORTED = ("openid", "profile", "email", "offline_access")
 DEFAULT_SCOPE = "openid profile"
 
@@ -133,6 +155,24 @@ class _State:
         # Wrong sign-ins per (client, user name), not per request: a new /authorize would
         # otherwise give a guesser five more tries. Each failure restarts the window.
         self.failures = _Expiring[int](clock)
+        self.tickets = _Expiring[str](clock)  # SSO ticket -> pending request id
+
+    def locked_out(self, client_id: str, user_ok: bool, password_ok: bool) -> bool:
+        """Count a wrong password for the real user (made-up user names cost nothing and
+        store nothing: one entry per client); ``True`` once the user is locked out, even
+        with the right password, until ``LOCKOUT_S`` after the last failure."""
+        guesser = f"{client_id}\x00"
+        failures = self.failures.get(guesser) or 0
+        if not user_ok:
+            return False
+        if failures < MAX_SIGN_IN_FAILURES and not password_ok:
+            failures += 1
+            self.failures.put(guesser, failures, LOCKOUT_S)
+        if failures >= MAX_SIGN_IN_FAILURES:
+            return True
+        if password_ok:
+            self.failures.pop(guesser)
+        return False
 
 
 class _OAuthError(Exception):
@@ -154,17 +194,33 @@ def create_idp_app(
     clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The demo authorization server for ``issuer`` (e.g. ``http://idp.airlock.test:4001``),
-    with one user and one public client. ``clock`` (epoch seconds) is for tests."""
+    with one user and one public client. ``clock`` (epoch seconds) is for tests. Its asset
+    host is ``static.<issuer host>``, its SSO host ``sso.login.<issuer host minus its first
+    label>``, same scheme and port."""
     parts = urlsplit(issuer)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ValueError(f"issuer must be an http(s) URL without query or fragment: {issuer!r}")
+    if parts.hostname.count(".") < 2:
+        raise ValueError(f"the issuer needs a host name of three labels or more: {issuer!r}")
+    port = f":{parts.port}" if parts.port else ""
+    static_host = f"static.{parts.hostname}"
+    sso_host = f"sso.login.{parts.hostname.split('.', 1)[1]}"
+    static_origin = f"{parts.scheme}://{static_host}{port}"
+    sso_origin = f"{parts.scheme}://{sso_host}{port}"
     if not user or not password:
         raise ValueError("the demo user needs a name and a password")
     issuer = issuer.rstrip("/")
     state = _State(clock)
-    signing_key = secrets.token_bytes(32)  # per process: tokens die with the demo server
+    keys = SigningKeys()  # per process: tokens die with the demo server
     login_page = Template(_template("login.html"))
     error_page = Template(_template("error.html"))
+    sso_page = Template(_template("sso.html"))
+    assets = {name: _template(f"static/{name}") for name in ("login.css", "login.js")}
+    login_headers = {
+        **_PAGE_HEADERS,
+        "Content-Security-Policy": f"default-src 'none'; style-src {static_origin}; "
+        f"script-src {static_origin}; frame-ancestors 'none'; base-uri 'none'",
+    }
     subject = user
     email = f"{user}@airlock.test"
 
@@ -192,9 +248,54 @@ def create_idp_app(
             scope=html.escape(pending.scope),
             action=html.escape(f"{issuer}/authorize"),
             request_id=html.escape(request_id),
+            static_origin=html.escape(static_origin),
+            sso_url=html.escape(
+                f"{sso_origin}/sso/authorize?{urlencode({'request_id': request_id})}"
+            ),
             error=f'<div class="error" role="alert">{html.escape(error)}</div>' if error else "",
         )
-        return HTMLResponse(text, status_code=200, headers=_PAGE_HEADERS)
+        return HTMLResponse(text, status_code=200, headers=login_headers)
+
+    def sso_form(request_id: str, error: str | None) -> HTMLResponse:
+        text = sso_page.substitute(
+            title=html.escape("Demo SSO — sign in"),
+            action=html.escape(f"{sso_origin}/sso/authorize"),
+            request_id=html.escape(request_id),
+            static_origin=html.escape(static_origin),
+            error=f'<div class="error" role="alert">{html.escape(error)}</div>' if error else "",
+        )
+        headers = {
+            **_PAGE_HEADERS,
+            "Content-Security-Policy": f"default-src 'none'; style-src {static_origin}; "
+            "frame-ancestors 'none'; base-uri 'none'",
+        }
+        return HTMLResponse(text, status_code=200, headers=headers)
+
+    def on_host(request: Request, host: str) -> bool:
+        """Whether the request came for ``host`` (the Host header, as the proxy sent it)."""
+        name = request.headers.get("host", "").rsplit(":", 1)[0].lower().rstrip(".")
+        return name == host
+
+    def complete(pending: _Pending) -> RedirectResponse:
+        """The user is signed in (form or SSO): a code back to the application."""
+        code = secrets.token_urlsafe(32)
+        grant = secrets.token_urlsafe(12)
+        state.codes.put(
+            code,
+            _Code(
+                pending.client_id,
+                pending.redirect_uri,
+                pending.code_challenge,
+                pending.scope,
+                pending.nonce,
+                grant,
+            ),
+            CODE_TTL,
+        )
+        query = {"code": code, "iss": issuer}
+        if pending.state is not None:
+            query["state"] = pending.state
+        return RedirectResponse(_with_query(pending.redirect_uri, query), status_code=302)
 
     def issue(client: str, scope: str, grant: str, nonce: str | None) -> dict[str, Any]:
         now = int(clock())
@@ -222,7 +323,7 @@ def create_idp_app(
             }
             if nonce is not None:
                 claims["nonce"] = nonce
-            body["id_token"] = _jwt_hs256(claims, signing_key)
+            body["id_token"] = keys.sign(claims)
         return body
 
     @app.get("/.well-known/oauth-authorization-server")
@@ -233,16 +334,22 @@ def create_idp_app(
                 "authorization_endpoint": f"{issuer}/authorize",
                 "token_endpoint": f"{issuer}/token",
                 "userinfo_endpoint": f"{issuer}/userinfo",
+                "jwks_uri": f"{issuer}/.well-known/jwks.json",
                 "response_types_supported": ["code"],
                 "response_modes_supported": ["query"],
                 "grant_types_supported": ["authorization_code", "refresh_token"],
                 "code_challenge_methods_supported": ["S256"],
                 "token_endpoint_auth_methods_supported": ["none"],
                 "scopes_supported": list(SCOPES_SUPPORTED),
-                "id_token_signing_alg_values_supported": ["HS256"],
+                "id_token_signing_alg_values_supported": ["RS256"],
                 "authorization_response_iss_parameter_supported": True,
             }
         )
+
+    @app.get("/.well-known/jwks.json")
+    async def jwks() -> JSONResponse:
+        keys.jwks_served += 1
+        return JSONResponse(keys.jwks(), headers={"Cache-Control": "public, max-age=300"})
 
     @app.get("/authorize")
     async def authorize(request: Request) -> Response:
@@ -301,43 +408,69 @@ def create_idp_app(
         # Compare both, always, so the time taken does not tell which one was wrong.
         user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
         password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
-        # Only the one real account can be guessed at: a made-up user name costs nothing
-        # and stores nothing, so the table stays one entry per client.
-        guesser = f"{pending.client_id}\x00{user}"
-        failures = state.failures.get(guesser) or 0
-        if user_ok and (failures >= MAX_SIGN_IN_FAILURES or not password_ok):
-            if failures < MAX_SIGN_IN_FAILURES:
-                failures += 1
-                state.failures.put(guesser, failures, LOCKOUT_S)
-            if failures >= MAX_SIGN_IN_FAILURES:  # even the right password, until then
-                state.pending.pop(request_id)
-                return error_page_response(
-                    "Too many wrong attempts for this user. Wait 15 minutes, then start "
-                    "again from the application.",
-                    403,
-                )
+        if state.locked_out(pending.client_id, user_ok, password_ok):
+            state.pending.pop(request_id)
+            return error_page_response(LOCKED_OUT, 403)
         if not (user_ok and password_ok):
             return login_form(request_id, pending, "Wrong user name or password.")
-        state.failures.pop(guesser)
         state.pending.pop(request_id)
-        code = secrets.token_urlsafe(32)
-        grant = secrets.token_urlsafe(12)
-        state.codes.put(
-            code,
-            _Code(
-                pending.client_id,
-                pending.redirect_uri,
-                pending.code_challenge,
-                pending.scope,
-                pending.nonce,
-                grant,
-            ),
-            CODE_TTL,
+        return complete(pending)
+
+    @app.get("/static/{name}")
+    async def static_asset(name: str, request: Request) -> Response:
+        """The page's stylesheet and script: on the asset host only, as from a CDN."""
+        if not on_host(request, static_host) or name not in assets:
+            return PlainTextResponse("not found", status_code=404)
+        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        return Response(
+            assets[name],
+            media_type=f"{kind}; charset=utf-8",
+            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
         )
-        query = {"code": code, "iss": issuer}
-        if pending.state is not None:
-            query["state"] = pending.state
-        return RedirectResponse(_with_query(pending.redirect_uri, query), status_code=302)
+
+    @app.get("/sso/authorize")
+    async def sso_start(request: Request) -> Response:
+        if not on_host(request, sso_host):
+            return PlainTextResponse("not found", status_code=404)
+        request_id = request.query_params.get("request_id", "")
+        if state.pending.get(request_id) is None:
+            return error_page_response("This sign-in request has expired or was already used.")
+        return sso_form(request_id, None)
+
+    @app.post("/sso/authorize")
+    async def sso_sign_in(request: Request) -> Response:
+        """The SSO host's own sign-in; success hands a one-time ticket to the issuer."""
+        if not on_host(request, sso_host):
+            return PlainTextResponse("not found", status_code=404)
+        try:
+            form = await _read_form(request)
+        except _OAuthError as exc:
+            return error_page_response(exc.description)
+        request_id = form.get("request_id", "")
+        pending = state.pending.get(request_id)
+        if pending is None:
+            return error_page_response("This sign-in request has expired or was already used.")
+        user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
+        password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
+        if state.locked_out(pending.client_id, user_ok, password_ok):
+            state.pending.pop(request_id)
+            return error_page_response(LOCKED_OUT, 403)
+        if not (user_ok and password_ok):
+            return sso_form(request_id, "Wrong user name or password.")
+        ticket = secrets.token_urlsafe(32)
+        state.tickets.put(ticket, request_id, TICKET_TTL)
+        return RedirectResponse(
+            f"{issuer}/sso/callback?{urlencode({'ticket': ticket})}", status_code=302
+        )
+
+    @app.get("/sso/callback")
+    async def sso_callback(request: Request) -> Response:
+        """Back on the issuer's host with a ticket: single use, then as the form's success."""
+        request_id = state.tickets.pop(request.query_params.get("ticket", ""))
+        pending = state.pending.pop(request_id) if request_id is not None else None
+        if pending is None:
+            return error_page_response("This single sign-on ticket is unknown or was used.")
+        return complete(pending)
 
     @app.post("/token")
     async def token(request: Request) -> JSONResponse:
@@ -426,6 +559,7 @@ def create_idp_app(
         )
 
     app.state.idp = state  # for tests that check the tables stay bounded
+    app.state.keys = keys  # for tests that rotate the keys or mint tokens with odd claims
     return app
 
 
@@ -513,10 +647,3 @@ def _b64url(data: bytes) -> str:
 
 def _s256(verifier: str) -> str:
     return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
-
-
-def _jwt_hs256(claims: dict[str, Any], key: bytes) -> str:
-    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
-    signature = hmac.new(key, f"{header}.{payload}".encode("ascii"), hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64url(signature)}"

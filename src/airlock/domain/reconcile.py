@@ -24,6 +24,9 @@ class RecordedVm:
     destroy_after: datetime | None
     created_at: datetime
     updated_at: datetime
+    # After this moment the VM may have ended itself (its lease, granted by a controller,
+    # plus the margin, ran out). None: it has no lease (a CLI VM).
+    lease_until: datetime | None = None
 
 
 class ActionKind(StrEnum):
@@ -31,6 +34,7 @@ class ActionKind(StrEnum):
     MARK_LOST = "mark_lost"  # gone before its deadline: loud (invariant 5)
     MARK_DESTROYED = "mark_destroyed"  # gone, and it was due or being destroyed anyway
     MARK_BOOT_FAILED = "mark_boot_failed"  # never came up within the boot timeout
+    MARK_LEASE_EXPIRED = "mark_lease_expired"  # gone after its lease ran out: it ended itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,12 @@ def decide(
     ``recorded`` holds every live row plus the rows of every observed VM. A row updated
     at or after ``observed_at`` changed after the runtime was listed: it is left for the
     next round rather than judged on a stale observation.
+
+    A leased VM that is gone once its lease has run out (no controller renewed it: this one
+    was down) ended itself, and that is no surprise; gone *before* then, it vanished while
+    it should have been alive, and that is loud (invariant 5). The row's lease is never
+    later than the VM's own (the controller records a lease only once the VM has it, timed
+    from before it asked), so a VM that ended itself is never taken for a lost one.
     """
     if observed is None:
         return []  # never destructive on missing data
@@ -67,12 +77,17 @@ def decide(
     for vm_id, row in sorted(recorded.items()):
         if vm_id in running or row.state.terminal or row.updated_at >= observed_at:
             continue
-        if row.state is VmState.CREATING:
+        if row.state is VmState.DESTROYING:
+            actions.append(Action(ActionKind.MARK_DESTROYED, vm_id, row.state))
+        elif row.state is VmState.CREATING:  # a create in flight may not be listed yet
             if now - row.created_at > boot_timeout:
-                actions.append(Action(ActionKind.MARK_BOOT_FAILED, vm_id, row.state))
-        elif row.state is VmState.DESTROYING or (
-            row.destroy_after is not None and row.destroy_after <= now
-        ):
+                kind = ActionKind.MARK_BOOT_FAILED
+                if row.lease_until is not None and row.lease_until <= now:
+                    kind = ActionKind.MARK_LEASE_EXPIRED
+                actions.append(Action(kind, vm_id, row.state))
+        elif row.lease_until is not None and row.lease_until <= now:
+            actions.append(Action(ActionKind.MARK_LEASE_EXPIRED, vm_id, row.state))
+        elif row.destroy_after is not None and row.destroy_after <= now:
             actions.append(Action(ActionKind.MARK_DESTROYED, vm_id, row.state))
         else:
             actions.append(Action(ActionKind.MARK_LOST, vm_id, row.state))

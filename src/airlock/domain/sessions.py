@@ -60,6 +60,7 @@ class FailureReason(StrEnum):
 
     VM_BOOT_FAILED = "vm_boot_failed"
     VM_LOST = "vm_lost"
+    VM_LEASE_EXPIRED = "vm_lease_expired"
     LOGIN_FAILED = "login_failed"
     CAPTURE_FAILED = "capture_failed"
     CONTROLLER_RESTARTED = "controller_restarted"

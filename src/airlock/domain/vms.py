@@ -81,4 +81,5 @@ class DestroyReason(StrEnum):
     ORPHAN = "orphan"
     VANISHED = "vanished"  # the runtime no longer runs it (lost, or gone while due)
     BOOT_FAILED = "boot_failed"
+    LEASE_EXPIRED = "lease_expired"  # a browser VM ended itself: no controller renewed it
     WARM_RETIRED = "warm_retired"  # a warm-pool VM reached its maximum age unused

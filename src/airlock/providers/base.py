@@ -2,7 +2,7 @@
 
 A provider says how to start a login inside the browser VM (a ``LoginPlan`` the guest agent
 runs), which files hold the result, how to validate and normalise them into ``Credentials``,
-which hosts the browser VM may reach for it (the egress allowlist), and, for the handoff,
+which hosts the browser VM may reach for it (its ``EgressPolicy``), and, for the handoff,
 which files to write into a CLI VM (``injection``) and how the CLI itself confirms them
 (``verification``).
 """
@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+
+from airlock.domain.egress_policy import EgressPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,16 +28,6 @@ class LoginPlan:
 
     def to_wire(self) -> dict[str, Any]:
         return {"provider": self.provider, "argv": self.argv, "env": self.env, "watch": self.watch}
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One destination the browser VM may reach through the egress proxy. ``target`` lets
-    a name that exists only for Airlock (the demo IdP's) lead to a real address."""
-
-    host: str
-    port: int
-    target: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +92,10 @@ class Provider(Protocol):
 
     def login_plan(self) -> LoginPlan: ...
 
-    def egress_routes(self) -> list[Route]: ...
+    def egress_policy(self) -> EgressPolicy:
+        """The hosts its login page needs (sources cited in the module); the operator's
+        ``AIRLOCK_EGRESS_<PROVIDER>_*`` settings are applied on top by the controller."""
+        ...
 
     def normalise(self, files: dict[str, bytes], *, now: datetime) -> Credentials:
         """Validate captured files and normalise them. Raises ``CredentialError``."""

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from airlock.domain.egress_policy import EgressPolicy, rules
 from airlock.errors import CredentialError, Unavailable
 from airlock.providers import vendor
 from airlock.providers.base import (
@@ -24,21 +25,46 @@ from airlock.providers.base import (
     Credentials,
     InjectFile,
     LoginPlan,
-    Route,
     RunOutcome,
     Verification,
 )
 
 CREDENTIALS_PATH = ".claude/.credentials.json"
 CONFIG_PATH = ".claude.json"  # onboarding and account state, next to ~/.claude/
+# What the login needs, by source. Nothing here was tried against the vendor from this
+# machine (no internet): it is the published lists and public reports, and the demo IdP
+# proves the mechanism. A denied host shows in the session's timeline and the egress route;
+# learn mode (AIRLOCK_EGRESS_CLAUDE_CODE_LEARN) records what a real login loads.
 HOSTS = (
+    # The authorize URL the pinned CLI opens (claude.com/cai/oauth/authorize, checked with
+    # 2.1.332); public reports of the same: github.com/blackmatrix7/ios_rule_script/issues/1731.
     "claude.com",
+    # Anthropic's network requirements for Claude Code (claude.ai: claude.ai account
+    # authentication; platform.claude.com: Console account authentication;
+    # api.anthropic.com: the API and the token exchange; statsig.anthropic.com: telemetry):
+    # https://code.claude.com/docs/en/network-config (and docs.claude.com/.../network-config).
     "claude.ai",
     "platform.claude.com",
-    "console.anthropic.com",
     "api.anthropic.com",
     "statsig.anthropic.com",
+    # The Console's older name, still where Console logins redirect (uncertain: kept from
+    # the earlier allowlist; no current Anthropic page names it).
+    "console.anthropic.com",
+    # The login page's CSP, quoted in github.com/anthropics/claude-code/issues/21256:
+    # frame-ancestors https://claude.ai https://*.claude.ai https://anthropic.com
+    # https://*.anthropic.com; the same report shows https://a.claude.ai loaded during the
+    # login. We allow a.claude.ai by name, not *.claude.ai (uncertain which other
+    # subdomains the page loads; add them with AIRLOCK_EGRESS_CLAUDE_CODE_ALLOW).
+    "a.claude.ai",
+    # The bot check: under elevated protection /oauth/authorize is a Cloudflare Turnstile
+    # challenge (github.com/anthropics/claude-code/issues/33269, issues/16979), served from
+    # challenges.cloudflare.com.
+    "challenges.cloudflare.com",
 )
+# Not allowed, though reported: *.claudeusercontent.com (github.com/SukkaW/Surge/pull/57: a
+# user saw Google sign-in fail until it was routed like claude.ai; the maintainer could not
+# reproduce). sentry.io (error reports of the CLI, not the login page).
+BUNDLES = frozenset({"google"})  # "Continue with Google" on the claude.ai login page
 
 
 class ClaudeCodeProvider:
@@ -61,8 +87,8 @@ class ClaudeCodeProvider:
             watch=[CREDENTIALS_PATH],
         )
 
-    def egress_routes(self) -> list[Route]:
-        return [Route(host, 443) for host in HOSTS]
+    def egress_policy(self) -> EgressPolicy:
+        return EgressPolicy(self.id, allow=rules(*HOSTS), bundles=BUNDLES)
 
     def normalise(self, files: dict[str, bytes], *, now: datetime) -> Credentials:
         raw = files.get(CREDENTIALS_PATH)

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from airlock.domain.egress_policy import EgressPolicy, rules
 from airlock.errors import CredentialError, Unavailable
 from airlock.providers import vendor
 from airlock.providers.base import (
@@ -27,7 +28,6 @@ from airlock.providers.base import (
     Credentials,
     InjectFile,
     LoginPlan,
-    Route,
     RunOutcome,
     Verification,
 )
@@ -35,7 +35,33 @@ from airlock.providers.base import (
 AUTH_PATH = ".codex/auth.json"
 CONFIG_PATH = ".codex/config.toml"
 AUTH_CLAIMS = "https://api.openai.com/auth"
-HOSTS = ("auth.openai.com", "chatgpt.com", "api.openai.com", "ab.chatgpt.com")
+# What the login needs, by source (none tried against the vendor from here: no internet).
+HOSTS = (
+    # The authorize and token endpoints (auth.openai.com/oauth/authorize, /oauth/token),
+    # checked with 0.171.0; egress jails that forgot it: github.com/ssdavidai/alfred/pull/116.
+    "auth.openai.com",
+    # chatgpt.com: where the login ends and the account is read; ab.chatgpt.com: its
+    # feature flags (kept from the earlier allowlist). Reported missing from a proxy
+    # allowlist for ChatGPT-authenticated Codex: github.com/sunblaze-ucb/exploitgym/issues/27.
+    "chatgpt.com",
+    "ab.chatgpt.com",
+    "api.openai.com",
+    # The login page's CSP as quoted in github.com/openai/openai-chatkit-starter-app/issues/52
+    # (font-src https://cdn.openai.com; script-src/frame-src https://sentinel.openai.com, the
+    # sign-in's bot check) and github.com/zsodur/chatgpt-api-by-browser-script/issues/8
+    # (https://*.oaistatic.com, https://cdn.openai.com).
+    "cdn.openai.com",
+    "sentinel.openai.com",
+    "*.oaistatic.com",  # the static CDN (cdn.oaistatic.com): github.com/ACL4SSR/ACL4SSR/issues/129
+    # Cloudflare's challenge in front of the login: github.com/ACL4SSR/ACL4SSR/issues/129
+    # (DOMAIN-SUFFIX challenges.cloudflare.com; "the login goes through Cloudflare").
+    "challenges.cloudflare.com",
+)
+# Not allowed: auth0.openai.com (the login's host until 2024, github.com/webcompat/web-bugs/
+# issues/124499; uncertain whether any page still loads it), openai-api.arkoselabs.com and
+# tcr9i.chat.openai.com (an older bot check, in the 2023 lists above: uncertain today).
+# ChatGPT's login offers Google, Microsoft and Apple accounts.
+BUNDLES = frozenset({"google", "microsoft", "apple"})
 
 
 class CodexProvider:
@@ -58,8 +84,8 @@ class CodexProvider:
             watch=[AUTH_PATH],
         )
 
-    def egress_routes(self) -> list[Route]:
-        return [Route(host, 443) for host in HOSTS]
+    def egress_policy(self) -> EgressPolicy:
+        return EgressPolicy(self.id, allow=rules(*HOSTS), bundles=BUNDLES)
 
     def normalise(self, files: dict[str, bytes], *, now: datetime) -> Credentials:
         raw = files.get(AUTH_PATH)

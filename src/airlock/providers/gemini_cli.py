@@ -27,6 +27,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+from airlock.domain.egress_policy import EgressPolicy, rules
 from airlock.errors import CredentialError, Unavailable
 from airlock.providers import vendor
 from airlock.providers.base import (
@@ -34,7 +35,6 @@ from airlock.providers.base import (
     Credentials,
     InjectFile,
     LoginPlan,
-    Route,
     RunOutcome,
     Verification,
 )
@@ -42,13 +42,22 @@ from airlock.providers.base import (
 CREDS_PATH = ".gemini/oauth_creds.json"
 SETTINGS_PATH = ".gemini/settings.json"
 SETTINGS = {"security": {"auth": {"selectedType": "oauth-personal"}}}
+# What the login needs, by source (none tried against Google from here: no internet). The
+# sign-in page itself (accounts.google.com and its static hosts) is the google bundle.
 HOSTS = (
+    # Google Workspace's allowlist for OAuth: accounts.google.com/o/oauth2,
+    # oauth2.googleapis.com/token, www.googleapis.com/oauth2:
+    # https://support.google.com/a/answer/9012184
     "accounts.google.com",
     "oauth2.googleapis.com",
     "www.googleapis.com",
+    # Kept from the earlier allowlist, not re-checked against a published list (uncertain):
+    # the Code Assist API the CLI calls after the login, and the page its redirect shows
+    # when the login succeeded.
     "cloudcode-pa.googleapis.com",
     "developers.google.com",
 )
+BUNDLES = frozenset({"google"})
 LOADED = "Loaded cached credentials."
 TRIED_OFFLINE = (
     "Cached credentials are not valid: request to https://oauth2.googleapis.com/tokeninfo"
@@ -84,8 +93,8 @@ class GeminiCliProvider:
             env={"DISPLAY": ":0", "CI": "", "DEBIAN_FRONTEND": ""},
         )
 
-    def egress_routes(self) -> list[Route]:
-        return [Route(host, 443) for host in HOSTS]
+    def egress_policy(self) -> EgressPolicy:
+        return EgressPolicy(self.id, allow=rules(*HOSTS), bundles=BUNDLES)
 
     def normalise(self, files: dict[str, bytes], *, now: datetime) -> Credentials:
         raw = files.get(CREDS_PATH)

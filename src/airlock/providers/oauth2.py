@@ -4,8 +4,10 @@ The login runs ``airlock.agent.oauth2_login`` inside the browser VM (it needs no
 the guest's Python), which writes the token response, plus ``obtained_at`` and
 ``expires_at`` in epoch seconds, to ``~/.airlock/oauth2/tokens.json``. This module turns
 that file into ``Credentials`` and says which hosts the browser VM must reach: the
-authorize and token endpoints, plus any routes the operator adds. ``demo_oauth2_provider``
-points it at the bundled demo identity provider.
+authorize and token endpoints (always), plus the rules and SSO bundles the operator adds
+(``AIRLOCK_OAUTH2_ALLOWED_HOSTS``, ``AIRLOCK_EGRESS_OAUTH2_*``). ``demo_oauth2_provider``
+points it at the bundled demo identity provider, whose page, like a real one, loads its
+assets from a second host and offers single sign-on through a third.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from airlock.domain.egress_policy import EgressPolicy, HostRule
 from airlock.errors import CredentialError, Unavailable
 from airlock.providers.base import (
     Account,
     Credentials,
     InjectFile,
     LoginPlan,
-    Route,
     Verification,
 )
 
 TOKENS_PATH = ".airlock/oauth2/tokens.json"  # relative to the VM user's home
 DEMO_IDP_HOST = "idp.airlock.test"  # a name only the egress proxy resolves (to loopback)
+DEMO_STATIC_HOST = "static.idp.airlock.test"  # the demo page's stylesheet and script
+DEMO_SSO_HOST = "sso.login.airlock.test"  # its single sign-on, allowed as *.login.airlock.test
+DEMO_DOMAIN = "airlock.test"  # every *.airlock.test name leads to the demo IdP's port
 DEFAULT_SCOPES = ("openid", "profile", "email")
 
 # Sanity bounds for timestamps in seconds: a value past _MAX_EPOCH_S is almost surely in
@@ -52,13 +57,17 @@ class OAuth2Provider:
         token_url: str | None,
         client_id: str | None,
         scopes: Sequence[str] = DEFAULT_SCOPES,
-        routes: Sequence[Route] = (),
+        allow: Sequence[HostRule] = (),
+        bundles: frozenset[str] = frozenset(),
+        targets: Sequence[tuple[HostRule, tuple[str, int]]] = (),
     ) -> None:
         self.authorize_url = authorize_url
         self.token_url = token_url
         self.client_id = client_id
         self.scopes = list(scopes)
-        self.routes = list(routes)
+        self.allow = tuple(allow)
+        self.bundles = bundles
+        self.targets = tuple(targets)
 
     def available(self) -> str | None:
         missing = [
@@ -102,16 +111,21 @@ class OAuth2Provider:
             watch=[TOKENS_PATH],
         )
 
-    def egress_routes(self) -> list[Route]:
-        """The configured routes first (they may carry a target), then each endpoint's."""
-        routes: dict[tuple[str, int], Route] = {}
-        for route in self.routes:
-            routes.setdefault((route.host.lower(), route.port), route)
+    def egress_policy(self) -> EgressPolicy:
+        """The endpoints' hosts are required (no override removes them); the rest is the
+        operator's."""
+        required: dict[HostRule, None] = {}
         for url in (self.authorize_url, self.token_url):
             endpoint = _endpoint(url or "")
             if endpoint is not None:
-                routes.setdefault(endpoint, Route(*endpoint))
-        return list(routes.values())
+                required[HostRule(*endpoint)] = None
+        return EgressPolicy(
+            self.id,
+            allow=self.allow,
+            bundles=self.bundles,
+            required=tuple(required),
+            targets=self.targets,
+        )
 
     def normalise(self, files: dict[str, bytes], *, now: datetime) -> Credentials:
         raw = files.get(TOKENS_PATH)
@@ -156,38 +170,28 @@ def demo_oauth2_provider(
     scopes: Sequence[str] = DEFAULT_SCOPES,
 ) -> OAuth2Provider:
     """The ``oauth2`` provider for the bundled demo IdP on the host's loopback ``idp_port``,
-    addressed inside the browser VM as ``idp.airlock.test`` (see ``demo_idp_issuer``)."""
+    addressed inside the browser VM as ``idp.airlock.test`` (see ``demo_idp_issuer``). Its
+    policy is what the demo page needs: the asset host by name and the SSO host under a
+    wildcard; every ``*.airlock.test`` name the policy allows leads to ``idp_port``."""
     issuer = demo_idp_issuer(idp_port)
     return OAuth2Provider(
         authorize_url=f"{issuer}/authorize",
         token_url=f"{issuer}/token",
         client_id=client_id,
         scopes=scopes,
-        routes=[Route(DEMO_IDP_HOST, idp_port, target=("127.0.0.1", idp_port))],
+        allow=demo_rules(idp_port),
+        targets=[(HostRule(f"*.{DEMO_DOMAIN}", idp_port), ("127.0.0.1", idp_port))],
     )
+
+
+def demo_rules(idp_port: int) -> tuple[HostRule, ...]:
+    """The demo page's hosts beyond its endpoints: the asset host, the SSO wildcard."""
+    return (HostRule(DEMO_STATIC_HOST, idp_port), HostRule(f"*.login.{DEMO_DOMAIN}", idp_port))
 
 
 def demo_idp_issuer(idp_port: int) -> str:
     """The issuer to give ``demo_idp.create_idp_app`` so its URLs match this provider's."""
     return f"http://{DEMO_IDP_HOST}:{idp_port}"
-
-
-def parse_routes(text: str) -> list[Route]:
-    """Routes from ``host:port`` pairs separated by commas (``AIRLOCK_OAUTH2_ALLOWED_HOSTS``);
-    a bracketed IPv6 literal is ``[::1]:443``. Raises ValueError naming a bad pair."""
-    routes: list[Route] = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        try:
-            parts = urlsplit(f"//{item}")
-            port = parts.port
-        except ValueError:
-            port = None
-        if not port or not parts.hostname or parts.path or parts.query or "@" in item:
-            raise ValueError(f"not a host:port pair: {item!r}")
-        routes.append(Route(parts.hostname.lower(), port))
-    return routes
 
 
 def _endpoint(url: str) -> tuple[str, int] | None:

@@ -23,7 +23,11 @@ Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 class VmSpec:
     """What to boot. ``egress_socket`` is a Unix socket on the host where the controller's
     egress proxy listens for this VM; the runtime carries it into the VM and the agent
-    offers it on ``127.0.0.1:{EGRESS_PORT}`` inside."""
+    offers it on ``127.0.0.1:{EGRESS_PORT}`` inside.
+
+    ``lease_ms`` (browser VMs): the boot lease. Unless a controller renews it (the agent's
+    ``lease`` op), the VM ends itself ``lease_ms + lease_margin_ms`` after its agent
+    starts; the runtime hands it to the agent as ``agent.lease``. None: no lease."""
 
     vm_id: str
     role: VmRole
@@ -31,6 +35,15 @@ class VmSpec:
     screen: tuple[int, int] = (1280, 800)
     egress_socket: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    lease_ms: int | None = None
+    lease_margin_ms: int = 0
+
+    @property
+    def boot_lease(self) -> dict[str, int] | None:
+        """The boot lease as the agent reads it (``agent.lease``), or None."""
+        if self.lease_ms is None:
+            return None
+        return {"for_ms": self.lease_ms, "margin_ms": self.lease_margin_ms}
 
 
 @dataclass(frozen=True, slots=True)

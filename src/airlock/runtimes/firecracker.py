@@ -681,6 +681,7 @@ class FirecrackerRuntime:
                 "role": spec.role.value,
                 "screen": f"{spec.screen[0]}x{spec.screen[1]}",
                 "browser_processes": self.browser_processes,
+                **_lease_config(spec),
             }
         ).encode()
         if len(config) > CONFIG_DISK_BYTES:
@@ -850,7 +851,7 @@ class FirecrackerRuntime:
                     )
                 )
             new_secret = secrets.token_urlsafe(32)
-            await self._refresh_identity(plan, old_secret, new_secret)
+            await self._refresh_identity(plan, old_secret, new_secret, spec.boot_lease)
             await self._wait_ready(spec.role, plan, new_secret)
         except BaseException as exc:
             raise await self._abort(plan, exc) from exc
@@ -869,9 +870,12 @@ class FirecrackerRuntime:
             for name in ("vm.mem", "config.img", "rootfs.ext4"):
                 os.chown(plan.state_dir / name, self.jail.uid, self.jail.gid)
 
-    async def _refresh_identity(self, plan: _Vm, old_secret: str, new_secret: str) -> None:
+    async def _refresh_identity(
+        self, plan: _Vm, old_secret: str, new_secret: str, lease: dict[str, int] | None
+    ) -> None:
         """The clone runs the template's agent with the template's secret: swap in fresh
-        entropy and a new secret before anything else talks to it."""
+        entropy and a new secret before anything else talks to it. Templates boot without a
+        lease (one would run out in the snapshot); a clone gets its own boot lease here."""
         deadline = time.monotonic() + self.boot_timeout_s
         uds = plan.state_dir / VSOCK
         while True:
@@ -879,6 +883,8 @@ class FirecrackerRuntime:
                 reader, writer = await vsock_connect(uds, AGENT_PORT, limit=MAX_MESSAGE + 1)
                 async with await AgentClient.connect(reader, writer, old_secret) as client:
                     result = await client.restored(new_secret, secrets.token_bytes(64))
+                    if lease is not None:
+                        await client.request("lease", lease)
                 break
             except (OSError, TimeoutError, AgentError) as exc:
                 if isinstance(exc, AgentError) and exc.code != "protocol":
@@ -1074,3 +1080,10 @@ def _finish_template(staging: Path, dest: Path, identity: str) -> None:
     (staging / "template.json").unlink()
     _write_private(staging / "template.json", json.dumps({**info, "image": identity}).encode())
     os.replace(staging, dest)
+
+
+def _lease_config(spec: VmSpec) -> dict[str, str]:
+    """The boot lease for the guest init (``agent.guest``), which hands it to the agent."""
+    if spec.lease_ms is None:
+        return {}
+    return {"lease_ms": str(spec.lease_ms), "lease_margin_ms": str(spec.lease_margin_ms)}

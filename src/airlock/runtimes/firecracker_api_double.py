@@ -40,6 +40,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from airlock.agent.guest import write_boot_lease
+from airlock.agent.protocol import LEASE_EXPIRED_EXIT
+
 GUEST_PORTS = {1024: "agent.sock", 5900: "vnc.sock"}
 EGRESS_PORT = 3128
 PR_SET_PDEATHSIG = 1
@@ -140,6 +143,8 @@ class FirecrackerDouble:
         # Relative to the working directory (the VM's state dir): Unix socket paths stay
         # short however deep the state dir is.
         self.guest_dir = Path("guest")
+        self._stop = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
         self.routes: list[tuple[str, re.Pattern[str], Handler, bool]] = [
             # (method, path, handler, pre-boot only)
             ("PUT", re.compile(r"/machine-config"), self._machine_config, True),
@@ -162,7 +167,7 @@ class FirecrackerDouble:
         with contextlib.suppress(FileNotFoundError):
             self.api_sock.unlink()
         server = await asyncio.start_unix_server(self._on_client, path=str(self.api_sock))
-        stop = asyncio.Event()
+        stop = self._stop
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -384,6 +389,7 @@ class FirecrackerDouble:
         (guest / "home").mkdir(mode=0o700, exist_ok=True)
         secret = guest / "agent.secret"
         secret.write_text(config["secret"] + "\n")
+        write_boot_lease(config, guest)  # as the guest init does from the config disk
         uds = Path(self.vsock["uds_path"])
         argv = [
             sys.executable,
@@ -412,8 +418,27 @@ class FirecrackerDouble:
             log.close()
         self.muxer = VsockMuxer(uds, {p: guest / name for p, name in GUEST_PORTS.items()})
         await self.muxer.start()
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch_guest(self.guest), name="guest-watch"
+        )
+
+    async def _watch_guest(self, guest: subprocess.Popen[bytes]) -> None:
+        """A guest whose lease ran out reboots, and Firecracker exits on a guest reboot."""
+        exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(guest.pid)
+        loop.add_reader(pidfd, exited.set)
+        try:
+            await exited.wait()
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        if guest.wait() == LEASE_EXPIRED_EXIT:
+            self._stop.set()
 
     async def _stop_guest(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.muxer is not None:
             await self.muxer.close()
         if self.guest is not None and self.guest.poll() is None:

@@ -47,6 +47,7 @@ from airlock.agent.protocol import MAX_MESSAGE
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.images import Image, find_image
+from airlock.runtimes import confine
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
 from airlock.runtimes.vmdir import VM_NICE, is_young, log_excerpt, read_meta, set_cpu_nice
 
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONFIG_DISK_SIZE = 4096
 MUX_PORT = "org.airlock.mux"
+# QEMU's seccomp filter: spawn=deny would refuse -daemonize's fork, elevateprivileges=deny
+# the drop to the VM's uid (-runas).
+QEMU_SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 CREATING_GRACE_S = 120.0
 PROBE_TIMEOUT_S = 8.0
 # A CLI VM is where the vendor CLIs run, so it boots the image that has them.
@@ -247,6 +251,7 @@ class QemuRuntime:
         qemu: str | None = None,
         python: str | None = None,
         browser_single_process: bool = True,
+        uid_base: int = confine.DEFAULT_UID_BASE,
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
@@ -258,6 +263,7 @@ class QemuRuntime:
         self.accel_setting = accel
         self.boot_timeout_s = boot_timeout_s
         self.browser_processes = "single" if browser_single_process else "multi"
+        self.uid_base = uid_base  # as root, each QEMU drops to a uid of its own (-runas)
         self.qemu = qemu or shutil.which("qemu-system-x86_64")
         self.qemu_img = shutil.which("qemu-img")
         self.python = python or sys.executable
@@ -364,6 +370,8 @@ class QemuRuntime:
                 "egress_socket": str((spec.egress_socket or state_dir / "egress.sock").absolute()),
             }
             _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+            if confine.privileged():
+                confine.allocate_marker(self.vms_dir, state_dir, self.uid_base)
             secret = secrets.token_urlsafe(32)
             _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
             config = json.dumps(
@@ -372,6 +380,7 @@ class QemuRuntime:
                     "role": spec.role.value,
                     "screen": meta["screen"],
                     "browser_processes": self.browser_processes,
+                    **_lease_config(spec),
                 }
             ).encode()
             _write_private(state_dir / "config.img", config.ljust(CONFIG_DISK_SIZE, b"\0"))
@@ -406,8 +415,17 @@ class QemuRuntime:
     def _qemu_argv(self, spec: VmSpec, state_dir: Path, image: Image, accel: str) -> list[str]:
         assert self.qemu is not None
         s = str(state_dir)
+        # QEMU opens its files, sockets and /dev/kvm as root, then drops to the VM's uid
+        # (-runas) under its seccomp filter (QEMU_SANDBOX).
+        drop: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            uid = (state_dir / confine.UID_MARKER).stat().st_uid
+            drop = ["-runas", f"{uid}:{uid}"]
         return [
             self.qemu,
+            "-sandbox",
+            QEMU_SANDBOX,
+            *drop,
             "-name",
             f"airlock-{spec.vm_id},process=airlock-{spec.vm_id[:20]}",
             "-M",
@@ -426,6 +444,9 @@ class QemuRuntime:
             "none",
             "-nic",
             "none",  # no network device: the egress proxy comes over the serial port
+            # A guest that reboots ends: the guest init reboots when its lease ran out, and a
+            # kernel panic (panic=-1) then ends the VM, visibly, instead of booting it afresh.
+            "-no-reboot",
             "-kernel",
             str(image.vmlinuz),
             "-initrd",
@@ -733,6 +754,20 @@ class QemuRuntime:
             problems.append(f"qemu-system-x86_64 not found: {INSTALL_HINT}")
         if not self.qemu_img:
             problems.append(f"qemu-img not found: {INSTALL_HINT}")
+        if self.qemu and os.access(self.qemu, os.X_OK):
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [self.qemu, "-sandbox", QEMU_SANDBOX, "-version"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            if done.returncode != 0:
+                problems.append(
+                    f"this QEMU cannot run with -sandbox {QEMU_SANDBOX} (built without "
+                    f"seccomp?): {done.stderr.strip()[:200]}; install Debian's qemu-system-x86"
+                )
         for flavor in sorted(set(self.flavors.values())):
             try:
                 if find_image(self.image_dir, flavor) is None:
@@ -747,3 +782,10 @@ class QemuRuntime:
         except OSError as exc:
             problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
         return problems
+
+
+def _lease_config(spec: VmSpec) -> dict[str, str]:
+    """The boot lease for the guest init (``agent.guest``), which hands it to the agent."""
+    if spec.lease_ms is None:
+        return {}
+    return {"lease_ms": str(spec.lease_ms), "lease_margin_ms": str(spec.lease_margin_ms)}

@@ -7,6 +7,13 @@ state directory at ``/run/airlock``. The data dir (database, ``secret.key``) is 
 mounted. Inside runs the guest agent (``agent.server``), which for a browser VM also runs
 Xvnc and Chromium.
 
+Contained (``confine``, ``vm_launch``): with a root controller each VM runs as a host uid of
+its own (the owner of its state dir) in its own user namespace, with no capabilities,
+``no_new_privs``, the controller's seccomp filter, a read-only ``/proc/sys``, a cgroup with
+memory, pids and CPU-weight limits, and tmpfs of a fixed size for all it can write: the state
+dir itself is a tmpfs the controller mounts on the host, so it outlives a controller restart
+as the VM does.
+
 A sandbox outlives the controller, like a Firecracker VM outlives the process that started
 it: no ``--die-with-parent``, its own session. Its state dir holds everything a restarted
 controller needs to find it (``meta.json``, ``pid`` with the host pid of the sandbox's init
@@ -40,10 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import airlock
+from airlock.agent import chromium_policy
 from airlock.agent.client import AgentClient, AgentError, http_get
 from airlock.agent.protocol import DEVTOOLS_PORT, MAX_MESSAGE
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
+from airlock.runtimes import confine, vm_launch
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
 from airlock.runtimes.vmdir import (
     DYING_VM_NICE,
@@ -74,8 +83,14 @@ MASKED_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-")
 MASKED_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/airlock")
 # Files in the state dir that the controller writes and the sandbox must not change.
 CONTROLLER_FILES = ("meta.json", "agent.secret", "pid", "agent.log")
+CHROMIUM_ETC = "chromium-etc"  # the browser's /etc/chromium, with Airlock's managed policy
 CREATING_GRACE_S = 60.0  # a state dir without a pid this young may be a create in flight
 AGENT_WRAPPER = '"$@"; kill -KILL -1'  # -1 in a pid namespace: all but init and the shell
+STAGE_DIR = "/run/airlock-stage"  # vm_launch's tmpfs of staged binds, in its own mount ns
+VM_TAG = "airlock-vm="  # $0 of the sandbox's shell: names its state dir in bwrap's cmdline
+DEFAULT_UID_BASE = confine.DEFAULT_UID_BASE
+DEFAULT_LIMITS = confine.Limits(memory_mb=2048, pids_max=1024, cpu_weight=100)
+DEFAULT_DISK_MB = 1024
 INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
 
 
@@ -100,7 +115,7 @@ def _sandbox_inits(state_dir: Path) -> list[int]:
     """Inits of live sandboxes for this state dir, found by command line (bwrap's init is a
     fork of bwrap, in a pid namespace other than ours): the fallback when the pid file does not
     name a live sandbox, e.g. a controller died between starting it and writing the pid."""
-    needle = b"\0" + os.fsencode(state_dir) + b"\0" + INNER_STATE.encode() + b"\0"
+    needle = b"\0" + VM_TAG.encode() + os.fsencode(state_dir) + b"\0"
     try:
         own = os.stat("/proc/self/ns/pid")
     except OSError:
@@ -245,6 +260,9 @@ class SandboxRuntime:
         python: str | Path | None = None,
         boot_timeout_s: float = 20.0,
         browser_single_process: bool = True,
+        limits: confine.Limits = DEFAULT_LIMITS,
+        disk_mb: int = DEFAULT_DISK_MB,
+        uid_base: int = DEFAULT_UID_BASE,
     ) -> None:
         self.vms_dir = Path(vms_dir).absolute()
         self.bwrap = str(bwrap) if bwrap else shutil.which("bwrap")
@@ -253,6 +271,14 @@ class SandboxRuntime:
         self.python = str(python or sys.executable)
         self.boot_timeout_s = boot_timeout_s
         self.browser_processes = "single" if browser_single_process else "multi"
+        self.limits = limits
+        self.disk_mb = disk_mb
+        self.uid_base = uid_base
+        # Root gives every VM its own uid, cgroup and tmpfs; anyone else runs VMs as itself.
+        self.privileged = confine.privileged()
+        if self.privileged:
+            with contextlib.suppress(OSError):  # if this fails, check() says so
+                os.makedirs(STAGE_DIR, mode=0o755, exist_ok=True)
         # Where ``import airlock`` comes from; the agent inside needs it on its path.
         self.package_root = Path(airlock.__file__).resolve().parent.parent
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # outer bwrap, to reap
@@ -295,28 +321,43 @@ class SandboxRuntime:
                 return p
         return None
 
-    def _bwrap_argv(self, spec: VmSpec, state_dir: Path, info_fd: int) -> list[str]:
+    def _bwrap_argv(
+        self, spec: VmSpec, state_dir: Path, fds: dict[str, int], source: Callable[[Path], str]
+    ) -> list[str]:
+        """bwrap's command line. ``fds`` holds the fds it inherits (``info``, ``seccomp``);
+        ``source`` says where bwrap finds a host path it binds (as root, staged by
+        ``vm_launch``: see there)."""
         assert self.bwrap is not None
+        mb = 2**20
         argv = [
             self.bwrap,
+            "--unshare-user",  # its own user namespace: no capability of it is the host's
+            "--disable-userns",  # and no further one inside (also refused by seccomp)
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-net",  # loopback only; bwrap brings lo up
+            "--unshare-cgroup",
+            "--cap-drop",
+            "ALL",
             "--hostname",
             f"airlock-{spec.vm_id[:8]}",
             "--new-session",
             "--info-fd",
-            str(info_fd),
+            str(fds["info"]),
+            "--seccomp",
+            str(fds["seccomp"]),
         ]
         for p in SYSTEM_PATHS:
             if os.path.islink(p):
                 argv += ["--symlink", os.readlink(p), p]
         # A fresh /tmp first, then the binds: a Python or a checkout that lives under /tmp
         # (a CI clone) stays visible on top of it.
-        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        argv += ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev"]
+        argv += ["--size", str(self.disk_mb * mb), "--tmpfs", "/dev/shm"]
+        argv += ["--size", str(self.disk_mb * mb), "--tmpfs", "/tmp"]
         for exposed in self.exposed_paths():
-            argv += ["--ro-bind", str(exposed), str(exposed)]
+            argv += ["--ro-bind", source(exposed), str(exposed)]
         for f in MASKED_FILES:
             if os.path.isfile(f):
                 argv += ["--ro-bind", "/dev/null", f]
@@ -324,12 +365,20 @@ class SandboxRuntime:
             if os.path.isdir(d):
                 argv += ["--tmpfs", d, "--remount-ro", d]
         if spec.role is VmRole.CLI:
-            argv += ["--bind", str(state_dir / "home"), INNER_HOME]
+            argv += ["--bind", source(state_dir / "home"), INNER_HOME]
         else:
-            argv += ["--perms", "0700", "--tmpfs", INNER_HOME]
-        argv += ["--bind", str(state_dir), INNER_STATE]
+            argv += ["--perms", "0700", "--size", str(self.disk_mb * mb), "--tmpfs", INNER_HOME]
+            if chromium_policy.ETC_CHROMIUM.is_dir() and (state_dir / CHROMIUM_ETC).is_dir():
+                # The host's /etc is read-only in here: its /etc/chromium with our managed
+                # policy added (agent.chromium_policy) goes over it.
+                argv += [
+                    "--ro-bind",
+                    source(state_dir / CHROMIUM_ETC),
+                    str(chromium_policy.ETC_CHROMIUM),
+                ]
+        argv += ["--bind", source(state_dir), INNER_STATE]
         for name in CONTROLLER_FILES:
-            argv += ["--ro-bind", str(state_dir / name), f"{INNER_STATE}/{name}"]
+            argv += ["--ro-bind", source(state_dir / name), f"{INNER_STATE}/{name}"]
         agent = [
             self.python,
             "-s",
@@ -352,13 +401,37 @@ class SandboxRuntime:
         if egress is not None and egress.absolute() != state_dir / "egress.sock":
             # The directory, not the socket: a proxy that restarts makes a new socket inode.
             egress = egress.absolute()
-            argv += ["--ro-bind", str(egress.parent), INNER_EGRESS_DIR]
+            argv += ["--ro-bind", source(egress.parent), INNER_EGRESS_DIR]
             agent += ["--egress-socket", f"{INNER_EGRESS_DIR}/{egress.name}"]
         # The agent is the VM: when it exits, for whatever reason, everything else in the
         # sandbox is killed, so its init (which waits for all children) exits and the VM is
         # gone, visibly, instead of lingering as a screen nobody can reach.
-        argv += ["--chdir", INNER_HOME, "--", "/bin/sh", "-c", AGENT_WRAPPER, "airlock-vm", *agent]
+        tag = f"{VM_TAG}{state_dir}"
+        argv += ["--chdir", INNER_HOME, "--", "/bin/sh", "-c", AGENT_WRAPPER, tag, *agent]
         return argv
+
+    def _command(
+        self, spec: VmSpec, state_dir: Path, meta: dict[str, Any], fds: dict[str, int]
+    ) -> list[str]:
+        """The whole command: bwrap's, and as root ``vm_launch`` before it (cgroups, staged
+        binds, the drop to the VM's uid)."""
+        uid = meta.get("uid")
+        if not self.privileged or not isinstance(uid, int):
+            return self._bwrap_argv(spec, state_dir, fds, str)
+        launch = [self.python, "-I", "-S", str(Path(vm_launch.__file__)), "--stage", STAGE_DIR]
+        for cgroup in meta.get("cgroups", []):
+            launch += ["--cgroup", str(Path(cgroup) / "cgroup.procs")]
+        launch += ["--uid", str(uid)]
+        staged: dict[Path, str] = {}
+
+        def source(path: Path) -> str:
+            if path not in staged:
+                staged[path] = f"{STAGE_DIR}/{len(staged)}"
+                launch.extend(["--dir" if path.is_dir() else "--file", str(path)])
+            return staged[path]
+
+        bwrap = self._bwrap_argv(spec, state_dir, fds, source)
+        return [*launch, "--", *bwrap]
 
     def _sandbox_env(self) -> dict[str, str]:
         """The sandbox's whole environment: nothing of the controller's (database URLs,
@@ -392,9 +465,9 @@ class SandboxRuntime:
         prepared = False
         record: PidRecord | None = None
         try:
-            secret = await asyncio.to_thread(self._prepare, spec, state_dir)
+            secret, meta = await asyncio.to_thread(self._prepare, spec, state_dir)
             prepared = True
-            record = await self._launch(spec, state_dir, deadline)
+            record = await self._launch(spec, state_dir, meta, deadline)
             await self._wait_ready(spec, state_dir, secret, deadline, record)
         except BaseException as exc:
             tail = log_excerpt(state_dir / "agent.log") if prepared else ""
@@ -419,25 +492,58 @@ class SandboxRuntime:
             detail={"boot_ms": str(boot_ms), "hostname": f"airlock-{spec.vm_id[:8]}"},
         )
 
-    def _prepare(self, spec: VmSpec, state_dir: Path) -> str:
-        """Make the state dir and the files the sandbox reads; return the agent's secret.
-        On failure nothing is left behind."""
+    def _prepare(self, spec: VmSpec, state_dir: Path) -> tuple[str, dict[str, Any]]:
+        """Make the state dir (as root: owned by a uid of its own, a tmpfs of
+        ``disk_mb``), the VM's cgroups and the files the sandbox reads; return the agent's
+        secret and the meta. On failure nothing is left behind."""
+        uid = os.geteuid()
         try:
             self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            state_dir.mkdir(mode=0o700)
+            if self.privileged:
+                uid = confine.allocate_dir(self.vms_dir, state_dir, self.uid_base)
+            else:
+                state_dir.mkdir(mode=0o700)
         except FileExistsError:
             raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists") from None
         except OSError as exc:
             raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
+        cgroups: builtins.list[Path] = []
         try:
-            return self._fill_state_dir(spec, state_dir)
+            if self.privileged:
+                confine.mount_tmpfs(state_dir, size_mb=self.disk_mb, uid=uid)
+                cgroups = confine.make_leaf(self._cgroup_name(spec.vm_id), self.limits)
+            return self._fill_state_dir(spec, state_dir, uid, cgroups)
         except BaseException as exc:
-            _remove_tree(state_dir)
+            self._discard(state_dir, [str(c) for c in cgroups])
             if isinstance(exc, OSError):
-                raise RuntimeFailure(f"cannot prepare {state_dir}: {exc.strerror}") from None
+                raise RuntimeFailure(f"cannot prepare {state_dir}: {exc}") from None
             raise
 
-    def _fill_state_dir(self, spec: VmSpec, state_dir: Path) -> str:
+    def _cgroup_name(self, vm_id: str) -> str:
+        # The vms dir's inode too: two runtimes (tests) may each have a VM of this id.
+        return f"{vm_id}.{os.stat(self.vms_dir).st_ino:x}"
+
+    def _own_cgroups(
+        self, state_dir: Path, cgroups: builtins.list[str] | None = None
+    ) -> builtins.list[Path]:
+        """The VM's cgroups as its meta.json records them. Only ours: meta.json is the
+        controller's, but a path from it is still checked."""
+        if cgroups is None:
+            found = read_meta(state_dir).get("cgroups", [])
+            cgroups = [str(c) for c in found] if isinstance(found, builtins.list) else []
+        return [Path(c) for c in cgroups if Path(c).name == self._cgroup_name(state_dir.name)]
+
+    def _discard(self, state_dir: Path, cgroups: builtins.list[str] | None = None) -> None:
+        """Remove what ``_prepare`` made: cgroups (killing what is left in them), the
+        tmpfs, the dir."""
+        confine.remove_leaves(self._own_cgroups(state_dir, cgroups))
+        confine.unmount(state_dir)
+        if state_dir.exists():
+            _remove_tree(state_dir)
+
+    def _fill_state_dir(
+        self, spec: VmSpec, state_dir: Path, uid: int, cgroups: builtins.list[Path]
+    ) -> tuple[str, dict[str, Any]]:
         os.chmod(state_dir, 0o700)
         meta = {
             "vm_id": spec.vm_id,
@@ -447,35 +553,51 @@ class SandboxRuntime:
             "runtime": self.name,
             "screen": f"{spec.screen[0]}x{spec.screen[1]}",
             "labels": spec.labels,
+            "uid": uid,
+            "cgroups": [str(c) for c in cgroups],
         }
         _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+        if spec.boot_lease is not None:  # the agent reads it at start (agent.protocol, lease)
+            _write_private(state_dir / "agent.lease", json.dumps(spec.boot_lease).encode())
         secret = secrets.token_urlsafe(32)
         _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
         _write_private(state_dir / "pid", b"")  # filled in place once bwrap tells us the pid
         _write_private(state_dir / "agent.log", b"")
+        if uid != os.geteuid():
+            os.chown(state_dir / "agent.secret", uid, uid)  # the agent reads it, as the VM
         if spec.role is VmRole.CLI:
             (state_dir / "home").mkdir(mode=0o700)
-        return secret
+            if uid != os.geteuid():
+                os.chown(state_dir / "home", uid, uid)
+        else:  # Chromium's managed policy (its own background traffic off), see _bwrap_argv
+            chromium_policy.etc_overlay(state_dir / CHROMIUM_ETC)
+        return secret, meta
 
-    async def _launch(self, spec: VmSpec, state_dir: Path, deadline: float) -> PidRecord:
+    async def _launch(
+        self, spec: VmSpec, state_dir: Path, meta: dict[str, Any], deadline: float
+    ) -> PidRecord:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         log_fd = os.open(state_dir / "agent.log", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fds: dict[str, int] = {"info": write_fd}
         try:
+            fds["seccomp"] = confine.seccomp_fd()
             proc = await asyncio.to_thread(
                 subprocess.Popen,
-                self._bwrap_argv(spec, state_dir, write_fd),
+                self._command(spec, state_dir, meta, fds),
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=(write_fd,),
+                pass_fds=tuple(fds.values()),
                 start_new_session=True,  # not in the controller's process group or session
                 env=self._sandbox_env(),
+                cwd="/",  # the VM's uid may not reach the controller's working directory
             )
         except OSError as exc:
             os.close(read_fd)
             raise RuntimeFailure(f"cannot start bwrap: {exc}") from None
         finally:
-            os.close(write_fd)
+            for fd in fds.values():
+                os.close(fd)
             os.close(log_fd)
         self._procs[spec.vm_id] = proc
         try:
@@ -591,6 +713,7 @@ class SandboxRuntime:
     def _teardown(self, vm_id: str, state_dir: Path) -> bool:
         """Kill the sandbox (by its pid file, else by command line), reap, remove the dir."""
         killed = False
+        confine.boost(self._own_cgroups(state_dir))
         record = _read_pid(state_dir)
         if record is not None:
             killed = _kill_init(record)
@@ -602,8 +725,7 @@ class SandboxRuntime:
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-        if state_dir.exists():
-            _remove_tree(state_dir)
+        self._discard(state_dir)
         return killed
 
     async def destroy(self, vm_id: str) -> bool:
@@ -656,7 +778,7 @@ class SandboxRuntime:
             else:
                 log.info("sandbox %s is gone; removing its state dir", entry.name)
                 with contextlib.suppress(OSError):
-                    _remove_tree(state_dir)
+                    self._discard(state_dir)
                 continue
             try:
                 role = VmRole(str(meta.get("role")))

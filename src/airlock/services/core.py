@@ -10,11 +10,16 @@ next one adopts them.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from datetime import timedelta
 from pathlib import Path
 
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
+from airlock.domain.egress_policy import EgressPolicy, PolicyError
+from airlock.domain.leases import LeasePolicy
 from airlock.domain.quotas import Limits
 from airlock.domain.vms import VmRole
 from airlock.metrics import Metrics
@@ -22,11 +27,13 @@ from airlock.providers.base import Provider
 from airlock.providers.claude_code import ClaudeCodeProvider
 from airlock.providers.codex import CodexProvider
 from airlock.providers.gemini_cli import GeminiCliProvider
-from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider, parse_routes
+from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.handoff import HandoffService
+from airlock.services.leases import LeaseKeeper
+from airlock.services.platform_jwt import JwtConfig, PlatformJwtVerifier
 from airlock.services.reconciler import Reconciler
 from airlock.services.scheduler import Scheduler
 from airlock.services.sessions import SessionService
@@ -75,10 +82,15 @@ def _service_boot_timeout(settings: Settings) -> float:
 
 def make_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "sandbox":
+        from airlock.runtimes.confine import Limits
         from airlock.runtimes.sandbox import SandboxRuntime
 
         return SandboxRuntime(
-            settings.vms_dir, browser_single_process=settings.browser_single_process
+            settings.vms_dir,
+            browser_single_process=settings.browser_single_process,
+            limits=Limits(settings.vm_memory_mb, settings.vm_pids_max, settings.vm_cpu_weight),
+            disk_mb=settings.vm_disk_mb,
+            uid_base=settings.vm_uid_base,
         )
     if settings.runtime == "qemu":
         from airlock.runtimes.qemu import QemuRuntime
@@ -90,17 +102,28 @@ def make_runtime(settings: Settings) -> Runtime:
             accel=settings.qemu_accel,
             boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
             browser_single_process=settings.browser_single_process,
+            uid_base=settings.vm_uid_base,
         )
     if settings.runtime == "firecracker":
         from airlock.images import find_image
-        from airlock.runtimes.firecracker import FirecrackerRuntime, GuestImage
+        from airlock.runtimes.confine import UID_COUNT
+        from airlock.runtimes.firecracker import FirecrackerRuntime, GuestImage, Jail
 
         def image(role: VmRole) -> GuestImage | None:
             found = find_image(settings.image_dir, role.value)
             return GuestImage.from_dir(found.path) if found is not None else None
 
+        # Jailed by default: each Firecracker in its own chroot, cgroup and the jailer's
+        # unprivileged uid/gid (the last of the VM uid range, kept for it). Only a root
+        # controller can jail; check() says when the jailer is missing.
+        jail = None
+        firecracker = shutil.which("firecracker")
+        if firecracker is not None and os.geteuid() == 0:
+            uid = settings.vm_uid_base + UID_COUNT - 1
+            jail = Jail(shutil.which("jailer") or "jailer", firecracker, uid=uid, gid=uid)
         return FirecrackerRuntime(
             settings.vms_dir,
+            jail=jail,
             image=image,
             boot_timeout_s=settings.vm_boot_timeout.total_seconds(),
             templates_dir=settings.data_dir / "firecracker-templates",  # snapshot warm starts
@@ -109,8 +132,26 @@ def make_runtime(settings: Settings) -> Runtime:
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
 
+def platform_jwt(settings: Settings) -> PlatformJwtVerifier | None:
+    """The verifier of the platform's user JWTs, when a JWKS is configured."""
+    if not settings.jwt_jwks_url:
+        return None
+    assert settings.jwt_issuer and settings.jwt_audience  # Settings checks they come together
+    return PlatformJwtVerifier(
+        JwtConfig(
+            jwks_url=settings.jwt_jwks_url,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            user_claim=settings.jwt_user_claim,
+            algorithms=tuple(settings.jwt_algorithm_list),
+            leeway=timedelta(milliseconds=settings.jwt_leeway_ms),
+            cache_for=timedelta(milliseconds=settings.jwt_jwks_cache_ms),
+            refetch_interval=timedelta(milliseconds=settings.jwt_jwks_refetch_ms),
+        )
+    )
+
+
 def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
-    extra = parse_routes(settings.oauth2_allowed_hosts)
     if demo:
         oauth2 = demo_oauth2_provider(settings.demo_idp_port)
     else:
@@ -119,10 +160,24 @@ def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
             token_url=settings.oauth2_token_url,
             client_id=settings.oauth2_client_id,
             scopes=settings.oauth2_scopes.split(),
-            routes=extra,
         )
     vendors: list[Provider] = [ClaudeCodeProvider(), CodexProvider(), GeminiCliProvider()]
     return {p.id: p for p in (oauth2, *vendors)}
+
+
+def egress_policies(settings: Settings, providers: dict[str, Provider]) -> dict[str, EgressPolicy]:
+    """Each provider's own policy with the operator's settings applied. A bad setting
+    stops the start with a message naming it."""
+    policies: dict[str, EgressPolicy] = {}
+    for provider_id, provider in providers.items():
+        try:
+            policies[provider_id] = provider.egress_policy().with_overrides(
+                settings.egress_overrides(provider_id)
+            )
+        except PolicyError as exc:
+            name = f"AIRLOCK_EGRESS_{provider_id.upper()}_*"
+            raise ValueError(f"egress settings for {provider_id} ({name}): {exc}") from None
+    return policies
 
 
 class Core:
@@ -143,11 +198,29 @@ class Core:
         self.metrics = Metrics()
         self.bus = SessionBus()
         self.tasks = TaskOwner("core")
-        self.egress = EgressManager()
+        self.egress = EgressManager(
+            policies=egress_policies(settings, self.providers),
+            db=self.db,
+            clock=self.clock,
+            metrics=self.metrics,
+            bus=self.bus,
+            flush_interval=settings.egress_flush_ms / 1000,
+        )
         self.policy = DeadlinePolicy(durations(settings))
         self.limits = limits(settings)
+        self.lease = LeasePolicy(
+            length=settings.vm_lease, margin=settings.vm_lease_margin, boot=settings.vm_boot_timeout
+        )
+        self.leases = LeaseKeeper(
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            policy=self.lease,
+            metrics=self.metrics,
+        )
         self.vault: Vault | None = None
         self.tokens = TokenService(self.db, self.clock)
+        self.platform_jwt = platform_jwt(settings)
         self.scheduler = Scheduler(
             db=self.db,
             runtime=self.runtime,
@@ -187,6 +260,7 @@ class Core:
             max_age=settings.warm_pool_max_age,
             boot_timeout=_service_boot_timeout(settings),
             max_browser_vms=settings.max_concurrent_vms,
+            lease=self.lease,
         )
         self._sessions: SessionService | None = None
 
@@ -217,6 +291,7 @@ class Core:
             boot_timeout=_service_boot_timeout(self.settings),
             limits=self.limits,
             warm_pool=self.warm_pool,
+            lease=self.lease,
         )
         self.handoff = HandoffService(
             db=self.db,
@@ -242,12 +317,15 @@ class Core:
         await self.sessions.recover()
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
+        self.tasks.spawn(self.leases.run(), name="leases")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")
 
     async def close(self) -> None:
         await self.tasks.close()
+        if self.platform_jwt is not None:
+            await self.platform_jwt.close()
         await self.egress.close()
         await self.db.close()
 

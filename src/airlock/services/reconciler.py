@@ -79,7 +79,12 @@ class Reconciler:
             rows = await repo.live_vms() + await repo.vms(ids=ids)
         recorded = {
             row.id: RecordedVm(
-                row.id, VmState(row.state), row.destroy_after, row.created_at, row.updated_at
+                row.id,
+                VmState(row.state),
+                row.destroy_after,
+                row.created_at,
+                row.updated_at,
+                row.guest_lease_until,
             )
             for row in rows
         }
@@ -144,11 +149,17 @@ class Reconciler:
                 failure = FailureReason.VM_LOST
             else:
                 if vm.state != VmState.DESTROYING.value:
-                    cause = (
-                        DestroyReason.BOOT_FAILED
-                        if action.kind is ActionKind.MARK_BOOT_FAILED
-                        else DestroyReason.VANISHED
-                    )
+                    cause = {
+                        ActionKind.MARK_BOOT_FAILED: DestroyReason.BOOT_FAILED,
+                        ActionKind.MARK_LEASE_EXPIRED: DestroyReason.LEASE_EXPIRED,
+                    }.get(action.kind, DestroyReason.VANISHED)
+                    reason = vm.destroy_reason or cause.value
+                    if action.kind is ActionKind.MARK_LEASE_EXPIRED:
+                        reason = cause.value  # how it really ended, whatever was planned
+                        log.warning(
+                            "VM ended itself: its lease ran out with no controller to renew it",
+                            extra={"vm_id": vm.id},
+                        )
                     await records.move_vm(
                         repo,
                         vm,
@@ -156,7 +167,7 @@ class Reconciler:
                         now=now,
                         cause=cause.value,
                         actor="reconciler",
-                        destroy_reason=vm.destroy_reason or cause.value,
+                        destroy_reason=reason,
                     )
                 await records.move_vm(
                     repo,
@@ -168,7 +179,11 @@ class Reconciler:
                     destroyed_at=now,
                     lease_until=None,
                 )
-                failure = FailureReason.VM_BOOT_FAILED
+                failure = (
+                    FailureReason.VM_LEASE_EXPIRED
+                    if action.kind is ActionKind.MARK_LEASE_EXPIRED
+                    else FailureReason.VM_BOOT_FAILED
+                )
             if live_session and session is not None:
                 await records.move_session(
                     repo,
@@ -188,4 +203,9 @@ class Reconciler:
 def _failure_text(reason: FailureReason) -> str:
     if reason is FailureReason.VM_LOST:
         return "vm_lost: the browser VM stopped unexpectedly; start a new login"
+    if reason is FailureReason.VM_LEASE_EXPIRED:
+        return (
+            "vm_lease_expired: the browser VM ended itself while no controller was running "
+            "to renew its lease; start a new login"
+        )
     return "vm_boot_failed: the browser VM did not come up in time; start a new login"

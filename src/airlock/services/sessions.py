@@ -26,6 +26,7 @@ from airlock.agent.client import AgentClient
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy
+from airlock.domain.leases import LeasePolicy
 from airlock.domain.quotas import Limits, Scope, StartKind
 from airlock.domain.sessions import FailureReason, SessionStatus
 from airlock.domain.vms import DestroyReason, VmRole, VmState
@@ -40,10 +41,11 @@ from airlock.errors import (
 )
 from airlock.metrics import Metrics
 from airlock.providers.base import Credentials, Provider
-from airlock.runtimes.base import Runtime, VmSpec
+from airlock.runtimes.base import Runtime
 from airlock.services import quotas, records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
+from airlock.services.leases import browser_spec
 from airlock.services.scheduler import Scheduler
 from airlock.services.warm_pool import WarmPool
 from airlock.store.db import Database
@@ -88,6 +90,7 @@ class SessionService:
         boot_timeout: float,
         limits: Limits,
         warm_pool: WarmPool | None = None,
+        lease: LeasePolicy | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -105,6 +108,7 @@ class SessionService:
         # Set by Core: the handoff into the session's CLI VM, after the capture is stored.
         self.after_capture: Callable[[str], Awaitable[None]] | None = None
         self.warm_pool = warm_pool
+        self.lease = lease  # the browser VM's own deadline (domain.leases); None: no lease
 
     # --- reading -----------------------------------------------------------------------
     async def get(self, session_id: str, user_id: str | None) -> tuple[AuthSession, Vm | None]:
@@ -257,6 +261,7 @@ class SessionService:
                     destroy_attempts=0,
                     warm=False,
                     detail={},
+                    guest_lease_until=self.lease.boot_until(now) if self.lease else None,
                 )
             else:
                 vm, vm_id = warm, warm.id
@@ -321,7 +326,7 @@ class SessionService:
 
     async def _boot(self, session_id: str, vm_id: str, user_id: str, provider: Provider) -> None:
         started = time.monotonic()
-        spec = VmSpec(vm_id=vm_id, role=VmRole.BROWSER, user_id=user_id)
+        spec = browser_spec(vm_id, user_id, self.lease)
         try:
             async with asyncio.timeout(self.boot_timeout):
                 running = await self.runtime.create(spec)
@@ -353,7 +358,9 @@ class SessionService:
     ) -> None:
         """On a booted VM (just booted, or warm): egress proxy, login, awaiting_user."""
         try:
-            await self.egress.start(vm_id, state_dir / "egress.sock", provider.egress_routes())
+            await self.egress.start(
+                vm_id, state_dir / "egress.sock", provider.id, session_id=session_id
+            )
             agent = await self._agent(vm_id)
             try:
                 await agent.start_login(provider.login_plan())
@@ -689,7 +696,10 @@ class SessionService:
                 )
                 continue
             await self.egress.start(
-                vm.id, running[vm.id].state_dir / "egress.sock", provider.egress_routes()
+                vm.id,
+                running[vm.id].state_dir / "egress.sock",
+                provider.id,
+                session_id=session.id,
             )
             self.tasks.spawn(self._watch(session.id, vm.id, provider), name=f"watch:{session.id}")
             log.info(

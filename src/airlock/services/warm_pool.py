@@ -23,10 +23,12 @@ from datetime import datetime, timedelta
 
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
+from airlock.domain.leases import LeasePolicy
 from airlock.domain.vms import DestroyReason, VmRole, VmState
 from airlock.metrics import Metrics
-from airlock.runtimes.base import Runtime, VmSpec
+from airlock.runtimes.base import Runtime
 from airlock.services import records
+from airlock.services.leases import browser_spec
 from airlock.services.scheduler import Scheduler
 from airlock.store.db import Database
 from airlock.store.repo import Repo
@@ -58,6 +60,7 @@ class WarmPool:
         max_age: timedelta,
         boot_timeout: float,
         max_browser_vms: int | None = None,
+        lease: LeasePolicy | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -69,6 +72,7 @@ class WarmPool:
         self.max_age = max_age
         self.boot_timeout = boot_timeout
         self.max_browser_vms = max_browser_vms  # warm VMs are live VMs: they count too
+        self.lease = lease  # warm VMs are browser VMs: leased like the others
         self._poked = asyncio.Event()
         self._failures = 0
 
@@ -158,6 +162,7 @@ class WarmPool:
                     destroy_attempts=0,
                     warm=True,
                     detail={},
+                    guest_lease_until=self.lease.boot_until(now) if self.lease else None,
                 )
                 repo.add_vm(vm)
                 repo.add_event(
@@ -180,9 +185,7 @@ class WarmPool:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.boot_timeout):
-                running = await self.runtime.create(
-                    VmSpec(vm_id=vm.id, role=VmRole.BROWSER, user_id=WARM_USER)
-                )
+                running = await self.runtime.create(browser_spec(vm.id, WARM_USER, self.lease))
         except Exception as exc:
             self._failures += 1
             log.warning("warm VM did not boot: %s", exc, extra={"vm_id": vm.id})

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from airlock.domain.quotas import Usage
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import LIVE, VmRole, VmState
-from airlock.store.tables import AuthSession, Credential, Event, Token, Vm
+from airlock.store.tables import AuthSession, Credential, EgressHost, Event, Token, Vm
 
 # States whose deadline the scheduler acts on (destroying rows come back when their lease ends).
 _SCHEDULED = (VmState.CREATING, VmState.RUNNING, VmState.DRAINING, VmState.RETAINED)
@@ -69,6 +69,73 @@ class Repo:
             cond = or_(cond, Event.vm_id.in_(vm_ids))
         rows = await self.session.scalars(select(Event).where(cond).order_by(Event.id))
         return list(rows)
+
+    # --- egress ------------------------------------------------------------------------
+    async def add_egress_count(
+        self,
+        *,
+        session_id: str,
+        provider: str,
+        host: str,
+        port: int,
+        decision: str,
+        count: int,
+        first_at: datetime,
+        last_at: datetime,
+    ) -> bool:
+        """Add ``count`` connections to a host's row (made on first sight); True when new."""
+        row = await self.session.scalar(
+            select(EgressHost).where(
+                EgressHost.session_id == session_id,
+                EgressHost.host == host,
+                EgressHost.port == port,
+                EgressHost.decision == decision,
+            )
+        )
+        if row is not None:
+            row.count += count
+            row.last_at = max(row.last_at, last_at)
+            return False
+        self.session.add(
+            EgressHost(
+                session_id=session_id,
+                provider=provider,
+                host=host,
+                port=port,
+                decision=decision,
+                count=count,
+                first_at=first_at,
+                last_at=last_at,
+            )
+        )
+        await self.session.flush()
+        return True
+
+    async def egress_hosts(self, session_id: str) -> list[EgressHost]:
+        rows = await self.session.scalars(
+            select(EgressHost)
+            .where(EgressHost.session_id == session_id)
+            .order_by(EgressHost.first_at, EgressHost.id)
+        )
+        return list(rows)
+
+    async def egress_observed(
+        self, provider: str, decisions: Sequence[str]
+    ) -> list[tuple[str, int, int, datetime, datetime]]:
+        """(host, port, sessions, first seen, last seen) of a provider's hosts."""
+        rows = await self.session.execute(
+            select(
+                EgressHost.host,
+                EgressHost.port,
+                func.count(func.distinct(EgressHost.session_id)),
+                func.min(EgressHost.first_at),
+                func.max(EgressHost.last_at),
+            )
+            .where(EgressHost.provider == provider, EgressHost.decision.in_(decisions))
+            .group_by(EgressHost.host, EgressHost.port)
+            .order_by(EgressHost.host, EgressHost.port)
+        )
+        return [(h, p, n, a, b) for h, p, n, a, b in rows.all()]
 
     # --- tokens ------------------------------------------------------------------------
     def add_token(self, token: Token) -> None:

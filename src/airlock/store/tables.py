@@ -87,6 +87,9 @@ class Vm(Base):
     destroyed_at: Mapped[datetime | None]
     # A claim on the destroy: whoever holds an unexpired lease is destroying it right now.
     lease_until: Mapped[datetime | None]
+    # Not that lease: the browser VM's own. After this moment (the last lease the controller
+    # granted, plus its margin) the VM may have ended itself; None for a VM without one.
+    guest_lease_until: Mapped[datetime | None]
     destroy_attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     warm: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -159,3 +162,30 @@ class Event(Base):
     cause: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(160))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class EgressHost(Base):
+    """One host a session's browser VM asked the egress proxy for, per decision, counted:
+    one row per (session, host, port, decision), however many connections it took. Denials
+    are recorded always; allowed hosts only in learn mode (``airlock egress suggest``)."""
+
+    __tablename__ = "egress_hosts"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    session_id: Mapped[str] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    decision: Mapped[str] = mapped_column(String(16))  # allowed | learned | denied | noise
+    count: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    first_at: Mapped[datetime]
+    last_at: Mapped[datetime]
+
+    __table_args__ = (
+        Index(
+            "ix_egress_hosts_session_host", "session_id", "host", "port", "decision", unique=True
+        ),
+        Index("ix_egress_hosts_provider_decision", "provider", "decision"),
+    )

@@ -1,14 +1,15 @@
 """The HTTP routes, one module per group: auth sessions, the VNC
-socket and viewer tokens, VMs, providers, operations."""
+socket and viewer tokens, a session's egress denials, VMs, providers, operations."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from airlock.api.routes import ops, providers, sessions, viewer, vms, vnc
+from airlock.api.routes import egress, ops, providers, sessions, viewer, vms, vnc
 
 ROUTERS: tuple[APIRouter, ...] = (
     sessions.router,
+    egress.router,
     viewer.router,
     vnc.router,
     vms.router,

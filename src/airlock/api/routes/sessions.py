@@ -15,6 +15,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import StreamingResponse
+from pydantic import SerializeAsAny
 
 from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep, SignerDep, ViewerSigner
@@ -299,7 +300,7 @@ async def credentials(
 
 @router.get(
     "/session/{sessionId}/timeline",
-    response_model=list[schemas.TimelineEntry],
+    response_model=list[SerializeAsAny[schemas.TimelineEntry]],
     summary="The session's audit trail: every transition of it and its VM (our extension)",
     responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
@@ -307,4 +308,5 @@ async def timeline(
     session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
 ) -> list[schemas.TimelineEntry]:
     session, _ = await core.sessions.get(session_id, _reader(principal, user_id))
-    return schemas.timeline_out(await core.sessions.events(session))
+    counts = {(r.host, r.port, r.decision): r.count for r in await core.egress.hosts(session.id)}
+    return schemas.timeline_out(await core.sessions.events(session), counts)

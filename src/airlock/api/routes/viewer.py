@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -133,6 +134,7 @@ async def _stream(
     loop = asyncio.get_running_loop()
     view = first
     last = ""
+    last_blocked = ""
     last_write = loop.time()
     while True:
         data = view.model_dump_json(by_alias=True)
@@ -140,6 +142,10 @@ async def _stream(
             last = data
             last_write = loop.time()
             yield f"event: session\ndata: {data}\n\n"
+        if notice := await egress_notice(core, session_id, last_blocked):
+            last_blocked = notice
+            last_write = loop.time()
+            yield f"event: egress\ndata: {notice}\n\n"
         if view.vm is None or VmState(view.vm.state).terminal:
             return
         version = await core.bus.wait(session_id, version, SSE_WAKE_S)
@@ -151,6 +157,13 @@ async def _stream(
         except NotFound:
             return
         view = await _view(core, session, vm)
+
+
+async def egress_notice(core: Core, session_id: str, last: str) -> str | None:
+    """The ``egress`` event's data when the page's blocked requests changed, else None."""
+    blocked, hosts = await core.egress.blocked(session_id)
+    data = json.dumps({"blocked": blocked, "hosts": hosts})
+    return data if blocked and data != last else None
 
 
 @router.post(

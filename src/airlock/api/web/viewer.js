@@ -3,6 +3,8 @@
 // the person has seen the login succeed. Everything is authorized by the viewer token in
 // this page's URL; the page never sees a bearer token.
 
+import { showEgressNotice } from "./egress_notice.js";
+
 const NOVNC = "/static/novnc/core/rfb.js";
 const KEEPALIVE_MS = 20_000;
 const COMPLETE_AFTER_MS = 2_500; // long enough to read "Connected ✓"
@@ -109,6 +111,7 @@ function listen() {
     eventsRetry = 0;
     onSession(JSON.parse(e.data));
   });
+  events.addEventListener("egress", (e) => showEgressNotice(JSON.parse(e.data)));
   events.onerror = () => {
     if (vmGone()) {
       events.close(); // the stream ends after the VM's final state: nothing more to hear
