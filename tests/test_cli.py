@@ -192,6 +192,18 @@ def _free_port() -> int:
 
 
 def test_serve_demo_prints_a_token_serves_the_api_and_the_idp(cli: Cli) -> None:
+    first = _serve_demo(cli)
+    # A second start prints a new token and revokes the first: one demo token at a time,
+    # however often the demo is started.
+    second = _serve_demo(cli)
+    assert second != first
+    demo = [t for t in cli.json("tokens", "list") if t["subject"] == "demo"]
+    assert len(demo) == 2
+    assert sum(1 for t in demo if t["revokedAt"] is None) == 1
+
+
+def _serve_demo(cli: Cli) -> str:
+    """Run ``serve --demo`` until its API and IdP answer; stop it; return its token."""
     port, idp_port = _free_port(), _free_port()
     cli.env["AIRLOCK_DEMO_IDP_PORT"] = str(idp_port)
     cli.env["AIRLOCK_LOG_JSON"] = "true"
@@ -241,6 +253,7 @@ def test_serve_demo_prints_a_token_serves_the_api_and_the_idp(cli: Cli) -> None:
     assert "Application shutdown complete" in err
     assert "Traceback" not in err
     assert token not in err  # printed once, above, and never logged
+    return token
 
 
 def test_vms_and_sessions_ls_show_what_runs(cli: Cli) -> None:

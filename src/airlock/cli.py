@@ -46,6 +46,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+DEMO_TOKEN_ACTOR = "serve --demo"
 tokens_app = typer.Typer(help="API tokens (stored hashed; shown once).", no_args_is_help=True)
 sessions_app = typer.Typer(help="Auth sessions.", no_args_is_help=True)
 vms_app = typer.Typer(help="Browser VMs and CLI VMs.", no_args_is_help=True)
@@ -163,7 +164,8 @@ def serve(
     if demo:
 
         async def demo_token(core: Core) -> str:
-            return (await core.tokens.create("user", "demo")).value
+            # One demo token at a time: the one printed by the last start.
+            return (await core.tokens.rotate("user", "demo", actor=DEMO_TOKEN_ACTOR)).value
 
         token = _with_core(settings, demo_token)
         # The token is shown to the person starting the demo, never logged.

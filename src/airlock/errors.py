@@ -8,6 +8,7 @@ The tree. ``api/`` maps each class to one HTTP status and error code.
     ├── Forbidden                      403 forbidden: a user token naming another user
     ├── NotFound                       404 *_not_found: missing, or someone else's
     ├── Conflict                       409 conflict: not allowed in the current state
+    ├── TooManyRequests                429 a per-user quota or a per-client rate limit
     ├── Unavailable                    503 unavailable: a dependency is down or at capacity
     │   └── RuntimeFailure             the VM runtime failed to do what was asked
     └── CredentialError                422 invalid_credentials: captured files are unusable
@@ -22,11 +23,15 @@ class AirlockError(Exception):
     status = 500
     code = "internal"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        # Seconds until asking again is worth it: the answer's ``Retry-After`` header.
+        self.retry_after = retry_after
 
 
 class InvalidInput(AirlockError):
@@ -52,6 +57,11 @@ class NotFound(AirlockError):
 class Conflict(AirlockError):
     status = 409
     code = "conflict"
+
+
+class TooManyRequests(AirlockError):
+    status = 429
+    code = "too_many_requests"
 
 
 class Unavailable(AirlockError):

@@ -198,7 +198,15 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Logging level.")
     log_json: bool | None = Field(None, description="JSON logs; default: when not a TTY.")
     vm_boot_timeout_ms: int = Field(60_000, gt=0, description="How long a VM may take to boot.")
-    max_concurrent_vms: int = Field(64, gt=0, description="Live browser VMs a controller runs.")
+    max_concurrent_vms: int = Field(
+        64,
+        gt=0,
+        description="Browser VMs a controller runs: every live one counts, warm, draining, "
+        "retained and destroying included. A start past it is 503 with Retry-After.",
+    )
+    max_concurrent_cli_vms: int = Field(
+        64, gt=0, description="CLI VMs a controller runs (their own cap); past it 503."
+    )
     vm_memory_mb: int = Field(
         2048,
         ge=64,
@@ -222,11 +230,47 @@ class Settings(BaseSettings):
         le=2**32 - 65536 - 2,
         description="First of the 65,536 host uids VMs run as, one each (root controller).",
     )
+
     browser_single_process: bool = Field(
         True,
         description="Chromium in a browser VM runs as one process: about a third less CPU "
         "per login. Chromium calls the mode unsupported; false gives its usual process model.",
     )
+
+    # --- quotas and rate limits ------------------------------------------------------
+    user_max_sessions: int = Field(
+        3, gt=0, description="Live login sessions one user may have at once; past it 429."
+    )
+    user_max_cli_vms: int = Field(
+        5, gt=0, description="Live CLI VMs one user may have (every node); past it 429."
+    )
+    user_starts_per_minute: int = Field(
+        10, gt=0, description="Logins plus CLI VMs one user may start a minute; past it 429."
+    )
+    client_requests_per_minute: int = Field(
+        600,
+        ge=0,
+        description="Per client address: requests to routes without an API token (viewer "
+        "pages and sockets, operations) and refused API tokens; past it 429. "
+        "0 turns the limit off.",
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses or networks (CIDR) of reverse proxies whose "
+        "X-Forwarded-For names the client; from anyone else the header is ignored.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        import ipaddress
+
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or network (CIDR): {part!r}") from None
+        return value
 
     @field_validator("jwt_algorithms")
     @classmethod

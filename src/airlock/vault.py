@@ -142,7 +142,9 @@ class Vault:
     def derive(self, label: str) -> list[bytes]:
         """A 256-bit key per vault key for another purpose (HKDF-SHA256, ``label`` as info),
         the current key's first: controllers sharing one key file derive the same keys, and
-        the credential keys themselves never serve two purposes."""
+        the credential keys themselves never serve two purposes. Reloads a replaced key
+        file first, so a rotation reaches what is derived here without a restart."""
+        self._refresh()
         order = [self.current, *sorted(k for k in self._keys if k != self.current)]
         return [
             HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label.encode()).derive(

@@ -9,6 +9,7 @@ a test needs are written as rows, the way the services write them.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,15 +37,25 @@ BASE_URL = "http://airlock.test:4000"
 class NoVmRuntime:
     """A ``Runtime`` for API tests: nothing runs here, and nothing can be started.
 
-    ``list_fails`` makes ``list()`` fail, as a runtime that cannot be reached does."""
+    ``list_fails`` makes ``list()`` fail, as a runtime that cannot be reached does.
+    ``slow_boots`` makes ``create()`` wait (until the app closes) before it fails, as a
+    boot in progress does: the session stays live meanwhile. ``boots_succeed`` makes
+    ``create()`` answer at once as if a VM booted (nothing runs; its agent cannot be
+    reached), so a CLI VM is created and a login fails later, at its agent."""
 
     name = "novm"
 
     def __init__(self) -> None:
         self.list_fails = False
+        self.slow_boots = False
+        self.boots_succeed = False
         self.destroyed: list[str] = []
 
     async def create(self, spec: VmSpec) -> RunningVm:
+        if self.slow_boots:
+            await asyncio.Event().wait()  # cancelled when the app closes
+        if self.boots_succeed:
+            return RunningVm(spec.vm_id, spec.role, None, Path("/nonexistent") / spec.vm_id)
         raise RuntimeFailure("no VMs in API tests")
 
     async def destroy(self, vm_id: str) -> bool:

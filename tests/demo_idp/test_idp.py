@@ -265,6 +265,37 @@ async def test_too_many_wrong_passwords_end_the_request(client: httpx.AsyncClien
     assert r.status_code == 400 and "location" not in r.headers
 
 
+async def test_a_new_request_id_buys_no_new_guesses(
+    client: httpx.AsyncClient, clock: Clock
+) -> None:
+    """The lockout counts wrong passwords per client and user, not per request id: every
+    GET /authorize mints a new id, and five more guesses with it would be no lockout."""
+
+    async def guess(password: str, username: str = "demo") -> httpx.Response:
+        form = await client.get("/authorize", params=authorize_params(pkce()))
+        return await client.post(
+            "/authorize",
+            data={"request_id": request_id(form.text), "username": username, "password": password},
+        )
+
+    for _ in range(4):
+        assert (await guess("wrong")).status_code == 200
+    assert (await guess("wrong")).status_code == 403
+    # Locked: even the right password, with a fresh request id, is refused for a while.
+    r = await guess("demo")
+    assert r.status_code == 403 and "location" not in r.headers
+    # Made-up user names are no lever: they neither count nor unlock.
+    for i in range(50):
+        assert (await guess("x", username=f"nobody{i}")).status_code == 200
+    assert (await guess("demo")).status_code == 403
+    clock.now += 901  # the window ends
+    assert callback(await guess("demo"))["state"] == "st-123"
+    # A success clears the count: four more wrong ones do not lock.
+    for _ in range(4):
+        assert (await guess("wrong")).status_code == 200
+    assert callback(await guess("demo"))["state"] == "st-123"
+
+
 async def test_full_code_flow(client: httpx.AsyncClient) -> None:
     p = pkce()
     params = callback(await sign_in(client, p))

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import airlock
 from airlock.aio import TaskOwner
 from airlock.api import static
+from airlock.api.clients import ClientLimiter, ClientRateLimit, parse_networks
 from airlock.api.deps import ViewerSigner
 from airlock.api.routes import ROUTERS
 from airlock.api.schemas import error_body
@@ -92,7 +93,17 @@ def create_app(
     static.mount(app)  # the dashboard at /, our scripts, noVNC's modules
     _install_error_handlers(app)
     app.add_middleware(JsonByDefault)
+    app.add_middleware(NoStore)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(
+        ClientRateLimit,
+        limiter=(
+            ClientLimiter(cfg.client_requests_per_minute)
+            if cfg.client_requests_per_minute > 0
+            else None
+        ),
+        trusted=parse_networks(cfg.trusted_proxies),
+    )
     app.add_middleware(InternalErrors)  # outermost of ours: catches whatever escapes
     return app
 
@@ -116,6 +127,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.warning("request failed: %s (%s)", exc.code, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
         return _json_error(exc.status, exc.code, exc.message, **headers)
 
     async def illegal_transition(_: Request, exc: Exception) -> JSONResponse:
@@ -123,7 +136,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _json_error(422, "invalid_request", _describe(exc.errors()))
+        errors = list(exc.errors())
+        if errors and all(tuple(e.get("loc", ()))[:1] == ("path",) for e in errors):
+            # A malformed id in the path: the same 400 the services give (http-api.md).
+            return _json_error(400, "invalid_id", _describe(errors))
+        return _json_error(422, "invalid_request", _describe(errors))
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -174,6 +191,30 @@ class InternalErrors:
                 raise  # the answer is on its way: only the server can end it
             response = _json_error(500, "internal", "internal error; see the controller's log")
             await response(scope, receive, send)
+
+
+class NoStore:
+    """``Cache-Control: no-store`` on every ``/api`` answer that sets no cache policy of
+    its own: session answers carry viewer tokens (``novncURL``), and every other one is
+    one user's data; neither belongs in a browser's or a proxy's cache."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_policy)
 
 
 class JsonByDefault:

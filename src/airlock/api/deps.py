@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -88,21 +89,27 @@ class ViewerSigner:
     """Short-lived viewer tokens: ``{expiry ms}.{mode}.{hmac}``, the HMAC-SHA256 over
     (session id, VM id, expiry, mode), mode ``f`` (full) or ``v`` (view-only).
 
-    The keys are derived from the vault's key file (``Vault.derive``), not kept per data dir,
-    so controllers sharing one database and key file verify each other's tokens. The first
-    key signs; every key verifies (tokens minted before a vault key rotation stay valid until
-    they expire). A token carries no user: it opens one session's viewer, for one VM, until
+    The keys are derived from the vault's key file (``Vault.derive``) at every mint and
+    verify, not once at start: the vault reloads a replaced key file, so ``airlock vault
+    rotate`` reaches a running controller's viewer tokens at once (a token signed with a
+    key the rotation dropped stops opening the viewer). Controllers sharing one database
+    and key file verify each other's tokens. The current key signs; every key verifies
+    (tokens minted before a rotation stay valid until they expire or their key is
+    dropped). A token carries no user: it opens one session's viewer, for one VM, until
     it expires, and nothing else accepts it, so no route can trade it for a fresh one."""
 
-    def __init__(self, keys: list[bytes], ttl: timedelta) -> None:
-        if not keys or any(len(k) < 32 for k in keys):
-            raise ValueError("viewer tokens need at least one 256-bit key")
-        self._keys = keys
+    def __init__(self, vault: Vault, ttl: timedelta) -> None:
+        self._vault = vault
         self.ttl = ttl
+        if any(len(k) < 32 for k in self._keys()):
+            raise ValueError("viewer tokens need 256-bit keys")
 
     @classmethod
     def from_vault(cls, vault: Vault, ttl: timedelta) -> ViewerSigner:
-        return cls(vault.derive(VIEWER_KEY_LABEL), ttl)
+        return cls(vault, ttl)
+
+    def _keys(self) -> list[bytes]:
+        return self._vault.derive(VIEWER_KEY_LABEL)
 
     def _mac(self, key: bytes, session_id: str, vm_id: str, expiry: int, mode: str) -> str:
         msg = f"viewer:{session_id}:{vm_id}:{expiry}:{mode}".encode()
@@ -112,7 +119,7 @@ class ViewerSigner:
     def mint(self, session_id: str, vm_id: str, *, now: datetime, view_only: bool = False) -> str:
         expiry = _ms(now + self.ttl)
         mode = "v" if view_only else "f"
-        return f"{expiry}.{mode}.{self._mac(self._keys[0], session_id, vm_id, expiry, mode)}"
+        return f"{expiry}.{mode}.{self._mac(self._keys()[0], session_id, vm_id, expiry, mode)}"
 
     def verify(self, token: str, session_id: str, vm_id: str, *, now: datetime) -> ViewerClaims:
         """The token's claims; ``Unauthorized`` when it is malformed, forged, for another
@@ -122,7 +129,7 @@ class ViewerSigner:
         expiry = int(expiry_text)
         if not any(
             hmac.compare_digest(mac, self._mac(key, session_id, vm_id, expiry, mode))
-            for key in self._keys
+            for key in self._keys()
         ):
             raise Unauthorized("invalid viewer token", code="invalid_viewer_token")
         if expiry <= _ms(now):
@@ -138,17 +145,16 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+# ASCII digits only (str.isdigit takes "²", which int() refuses), a mode, a base64url MAC.
+_TOKEN = re.compile(r"([0-9]{1,15})\.([fv])\.([A-Za-z0-9_-]{40,48})")
+MAX_VIEWER_TOKEN = 256
+
+
 def _split(token: str) -> tuple[str, str, str]:
-    parts = token.split(".")
-    if (
-        len(parts) != 3
-        or not parts[0].isdigit()
-        or len(parts[0]) > 15
-        or parts[1] not in ("f", "v")
-        or not 40 <= len(parts[2]) <= 48
-    ):
+    match = _TOKEN.fullmatch(token) if len(token) <= MAX_VIEWER_TOKEN else None
+    if match is None:
         raise Unauthorized("invalid viewer token", code="invalid_viewer_token")
-    return parts[0], parts[1], parts[2]
+    return match.group(1), match.group(2), match.group(3)
 
 
 async def verify_viewer_token(
@@ -161,6 +167,7 @@ async def verify_viewer_token(
     token never outlives its VM."""
     if not token:
         raise Unauthorized("a viewer token is required (?token=)", code="invalid_viewer_token")
+    _split(token)  # a malformed token is refused before any database read
     try:
         session, vm = await core.sessions.get(session_id, None)
     except (NotFound, InvalidInput):

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 
 from airlock.domain.vms import VmState
 from airlock.errors import InvalidInput
-from airlock.services.tokens import check_name
+from airlock.services.tokens import NAME_PATTERN, check_name
 from airlock.store.tables import AuthSession, Credential, EgressHost, Event, Vm
 
 
@@ -35,9 +35,11 @@ def _user_id(value: str) -> str:
         raise ValueError(exc.message) from None
 
 
-UserId = Annotated[str, AfterValidator(_user_id)]
+UserId = Annotated[
+    str, Field(max_length=128, pattern=f"^{NAME_PATTERN}$"), AfterValidator(_user_id)
+]
 ProviderId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
-VmId = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^vm-[A-Za-z0-9]+$")]
+VmId = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^vm-[A-Za-z0-9]{1,61}$")]
 
 # VMs whose screen a person can still look at; novncURL is null otherwise.
 VIEWABLE = frozenset({VmState.CREATING, VmState.RUNNING, VmState.DRAINING})
@@ -63,6 +65,51 @@ class ErrorBody(_Out):
 
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
+
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds until asking again is worth it.",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+ERROR_TEXT = {
+    400: "Bad input: a malformed id (`invalid_id`), user name or value, or a service token "
+    "that names no user.",
+    401: "Missing, malformed, unknown or revoked token (a viewer token where one is asked).",
+    403: "A user token naming another user, or something this token may not do.",
+    404: "No such session or VM for this caller (another user's is answered the same).",
+    409: "Not allowed in the current state.",
+    413: "Request body over 64 KiB.",
+    422: "A body or query that does not validate (`invalid_request`), or unusable credentials.",
+    429: "A per-user quota (`too_many_sessions`, `too_many_cli_vms`, `rate_limited`) or the "
+    "per-client limit (`rate_limited`); see `Retry-After`.",
+    503: "This controller is full (`at_capacity`, see `Retry-After`), or a provider or the "
+    "VM runtime is unavailable.",
+}
+
+
+def errors(*statuses: int, html: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status it can answer with the error shape (the
+    ``html`` ones as a page, for the viewer page), ``Retry-After`` on 429 and 503."""
+    out: dict[int | str, dict[str, Any]] = {}
+    json_error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for status in statuses:
+        entry: dict[str, Any] = {"description": ERROR_TEXT[status]}
+        if html:  # an HTML route: JSON errors are named as such, not as the route's type
+            entry["content"] = dict(json_error)
+            if status in html:
+                entry["content"]["text/html"] = {"schema": {"type": "string"}}
+        else:
+            entry["model"] = ErrorBody
+        if status in (429, 503):
+            entry["headers"] = _RETRY_AFTER
+        out[status] = entry
+    return out
+
+
+# What every /api route with an API token can answer, besides its own.
+API_ERRORS = (400, 401, 403, 422, 429)
 
 
 # --- requests -----------------------------------------------------------------------------

@@ -61,9 +61,12 @@ MIN_KEEPALIVE_INTERVAL_S = 0.1
 CLOSE_TIMEOUT_S = 2.0
 VM_END_WAIT_S = 8.0  # after the VNC stream ends: how long to wait to learn the VM's fate
 
-SERVER_OPTIONS: dict[str, Any] = {"ws_per_message_deflate": False}
-"""What the uvicorn serving this app needs for the proxy: no permessage-deflate. RFB is
-already encoded; deflating it cost two thirds of the throughput (bench/vnc_proxy.py)."""
+SERVER_OPTIONS: dict[str, Any] = {"ws_per_message_deflate": False, "proxy_headers": False}
+"""What the uvicorn serving this app needs: no permessage-deflate for the proxy (RFB is
+already encoded; deflating it cost two thirds of the throughput, bench/vnc_proxy.py), and
+no ``X-Forwarded-For`` rewriting of the client address by uvicorn (it believes any
+loopback peer): ``api.clients`` decides whose header to believe
+(``AIRLOCK_TRUSTED_PROXIES``)."""
 
 CLOSE_VM_DESTROYED = 4001
 CLOSE_VM_LOST = 4002

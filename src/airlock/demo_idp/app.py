@@ -64,6 +64,10 @@ TICKET_TTL = 60.0
 MAX_ENTRIES = 10_000  # per table: the demo's memory stays bounded whatever callers do
 MAX_FORM = 64 * 1024
 MAX_SIGN_IN_FAILURES = 5
+LOCKOUT_S = 900.0  # the guesses a (client, user name) has left come back this long after
+LOCKED_OUT = (
+    "Too many wrong attempts for this user. Wait 15 minutes, then start again from the application."
+)
 SCOPES_SUPPORTED = ("openid", "profile", "email", "offline_access")
 DEFAULT_SCOPE = "openid profile"
 
@@ -118,7 +122,6 @@ class _Pending:
     scope: str
     state: str | None
     nonce: str | None
-    failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +152,27 @@ class _State:
         self.refresh = _Expiring[_Token](clock)
         self.rotated = _Expiring[str](clock)  # a rotated refresh token -> grant
         self.revoked = _Expiring[bool](clock)  # grant ids
+        # Wrong sign-ins per (client, user name), not per request: a new /authorize would
+        # otherwise give a guesser five more tries. Each failure restarts the window.
+        self.failures = _Expiring[int](clock)
         self.tickets = _Expiring[str](clock)  # SSO ticket -> pending request id
+
+    def locked_out(self, client_id: str, user_ok: bool, password_ok: bool) -> bool:
+        """Count a wrong password for the real user (made-up user names cost nothing and
+        store nothing: one entry per client); ``True`` once the user is locked out, even
+        with the right password, until ``LOCKOUT_S`` after the last failure."""
+        guesser = f"{client_id}\x00"
+        failures = self.failures.get(guesser) or 0
+        if not user_ok:
+            return False
+        if failures < MAX_SIGN_IN_FAILURES and not password_ok:
+            failures += 1
+            self.failures.put(guesser, failures, LOCKOUT_S)
+        if failures >= MAX_SIGN_IN_FAILURES:
+            return True
+        if password_ok:
+            self.failures.pop(guesser)
+        return False
 
 
 class _OAuthError(Exception):
@@ -385,13 +408,10 @@ def create_idp_app(
         # Compare both, always, so the time taken does not tell which one was wrong.
         user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
         password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
+        if state.locked_out(pending.client_id, user_ok, password_ok):
+            state.pending.pop(request_id)
+            return error_page_response(LOCKED_OUT, 403)
         if not (user_ok and password_ok):
-            pending.failures += 1
-            if pending.failures >= MAX_SIGN_IN_FAILURES:
-                state.pending.pop(request_id)
-                return error_page_response(
-                    "Too many wrong attempts. Start again from the application.", 403
-                )
             return login_form(request_id, pending, "Wrong user name or password.")
         state.pending.pop(request_id)
         return complete(pending)
@@ -432,11 +452,10 @@ def create_idp_app(
             return error_page_response("This sign-in request has expired or was already used.")
         user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
         password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
+        if state.locked_out(pending.client_id, user_ok, password_ok):
+            state.pending.pop(request_id)
+            return error_page_response(LOCKED_OUT, 403)
         if not (user_ok and password_ok):
-            pending.failures += 1
-            if pending.failures >= MAX_SIGN_IN_FAILURES:
-                state.pending.pop(request_id)
-                return error_page_response("Too many wrong attempts.", 403)
             return sso_form(request_id, "Wrong user name or password.")
         ticket = secrets.token_urlsafe(32)
         state.tickets.put(ticket, request_id, TICKET_TTL)

@@ -20,6 +20,7 @@ from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
 from airlock.domain.egress_policy import EgressPolicy, PolicyError
 from airlock.domain.leases import LeasePolicy
+from airlock.domain.quotas import Limits
 from airlock.domain.vms import VmRole
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
@@ -56,6 +57,16 @@ def durations(settings: Settings) -> Durations:
         idle_extension=settings.idle_extension,
         keep_failed=settings.debug_keep_failed_vms,
         debug_retention=settings.debug_retention,
+    )
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(
+        user_sessions=settings.user_max_sessions,
+        user_cli_vms=settings.user_max_cli_vms,
+        user_starts_per_minute=settings.user_starts_per_minute,
+        node_browser_vms=settings.max_concurrent_vms,
+        node_cli_vms=settings.max_concurrent_cli_vms,
     )
 
 
@@ -196,6 +207,7 @@ class Core:
             flush_interval=settings.egress_flush_ms / 1000,
         )
         self.policy = DeadlinePolicy(durations(settings))
+        self.limits = limits(settings)
         self.lease = LeasePolicy(
             length=settings.vm_lease, margin=settings.vm_lease_margin, boot=settings.vm_boot_timeout
         )
@@ -235,6 +247,7 @@ class Core:
             metrics=self.metrics,
             scheduler=self.scheduler,
             boot_timeout=_service_boot_timeout(settings),
+            limits=self.limits,
         )
         self.warm_pool = WarmPool(
             db=self.db,
@@ -276,7 +289,7 @@ class Core:
             scheduler=self.scheduler,
             tasks=self.tasks,
             boot_timeout=_service_boot_timeout(self.settings),
-            max_browser_vms=self.settings.max_concurrent_vms,
+            limits=self.limits,
             warm_pool=self.warm_pool,
             lease=self.lease,
         )

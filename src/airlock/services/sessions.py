@@ -27,6 +27,7 @@ from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy
 from airlock.domain.leases import LeasePolicy
+from airlock.domain.quotas import Limits, Scope, StartKind
 from airlock.domain.sessions import FailureReason, SessionStatus
 from airlock.domain.vms import DestroyReason, VmRole, VmState
 from airlock.errors import (
@@ -41,7 +42,7 @@ from airlock.errors import (
 from airlock.metrics import Metrics
 from airlock.providers.base import Credentials, Provider
 from airlock.runtimes.base import Runtime
-from airlock.services import records
+from airlock.services import quotas, records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.leases import browser_spec
@@ -87,7 +88,7 @@ class SessionService:
         scheduler: Scheduler,
         tasks: TaskOwner,
         boot_timeout: float,
-        max_browser_vms: int,
+        limits: Limits,
         warm_pool: WarmPool | None = None,
         lease: LeasePolicy | None = None,
     ) -> None:
@@ -103,7 +104,7 @@ class SessionService:
         self.scheduler = scheduler
         self.tasks = tasks
         self.boot_timeout = boot_timeout
-        self.max_browser_vms = max_browser_vms
+        self.limits = limits
         # Set by Core: the handoff into the session's CLI VM, after the capture is stored.
         self.after_capture: Callable[[str], Awaitable[None]] | None = None
         self.warm_pool = warm_pool
@@ -221,7 +222,18 @@ class SessionService:
                     or VmState(target.state).terminal
                 ):
                     raise NotFound(f"no CLI VM {cli_vm_id} for this user", code="vm_not_found")
+            refusal = await quotas.check(
+                repo,
+                StartKind.LOGIN,
+                user_id=user_id,
+                limits=self.limits,
+                now=now,
+                login_timeout=self.policy.durations.login_timeout,
+            )
+            if refusal is not None and refusal.scope is Scope.USER:
+                raise quotas.error(refusal)
             # A warm VM if one is ready (a conditional claim: it goes to one session only).
+            # It is counted already, so a full node can still hand out its warm VMs.
             warm = (
                 await self.warm_pool.claim(
                     repo,
@@ -234,16 +246,8 @@ class SessionService:
                 else None
             )
             if warm is None:
-                live = await repo.vms(
-                    role=VmRole.BROWSER.value,
-                    states=[VmState.CREATING.value, VmState.RUNNING.value],
-                    node=repo.node,  # this controller's own: another host has its own limit
-                )
-                if len(live) >= self.max_browser_vms:
-                    raise Unavailable(
-                        "too many logins in progress on this controller; retry soon",
-                        code="at_capacity",
-                    )
+                if refusal is not None:
+                    raise quotas.error(refusal)
                 vm = Vm(
                     id=vm_id,
                     role=VmRole.BROWSER.value,

@@ -21,7 +21,8 @@ from airlock.store.tables import Token
 
 TokenKind = Literal["user", "service"]
 PREFIX = "alk_"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}"
+_NAME = re.compile(NAME_PATTERN)  # fullmatch: "$" with match would take "alice\n"
 
 
 def hash_token(value: str) -> str:
@@ -29,7 +30,7 @@ def hash_token(value: str) -> str:
 
 
 def check_name(name: str, what: str = "user id") -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidInput(
             f"invalid {what} {name[:40]!r}: use 1-128 letters, digits, '_', '.', '@' or '-'",
             code="invalid_name",
@@ -76,7 +77,7 @@ class TokenService:
         self.db = db
         self.clock = clock
 
-    async def create(self, kind: TokenKind, subject: str) -> IssuedToken:
+    async def create(self, kind: TokenKind, subject: str, *, actor: str = "cli") -> IssuedToken:
         check_name(subject, "user id" if kind == "user" else "service name")
         value = PREFIX + secrets.token_urlsafe(32)
         now = self.clock.now()
@@ -95,10 +96,25 @@ class TokenService:
                 kind="token",
                 subject_id=token.id,
                 cause="created",
-                actor="cli",
+                actor=actor,
                 detail={"token_kind": kind, "subject": subject},
             )
         return IssuedToken(token, value)
+
+    async def rotate(self, kind: TokenKind, subject: str, *, actor: str) -> IssuedToken:
+        """A new token for ``subject``; every earlier one that ``actor`` created is revoked
+        in the same transaction. ``serve --demo`` keeps one demo token this way: the one
+        printed at the last start works, none printed before it does."""
+        issued = await self.create(kind, subject, actor=actor)
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            for old in await repo.live_tokens_created_by(actor):
+                if old.id != issued.token.id:
+                    old.revoked_at = now
+                    repo.add_event(
+                        at=now, kind="token", subject_id=old.id, cause="revoked", actor=actor
+                    )
+        return issued
 
     async def list(self) -> list[Token]:
         async with self.db.read() as repo:

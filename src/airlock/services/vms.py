@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from datetime import timedelta
 
 from airlock.clock import Clock
+from airlock.domain.quotas import Limits, StartKind
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import DestroyReason, VmRole, VmState
 from airlock.errors import InvalidInput, NotFound, RuntimeFailure
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime, VmSpec
-from airlock.services import records
+from airlock.services import quotas, records
 from airlock.services.scheduler import Scheduler
 from airlock.services.sessions import new_vm_id
 from airlock.store.db import Database
@@ -22,9 +25,11 @@ from airlock.store.tables import Vm
 
 log = logging.getLogger("airlock.vms")
 
+_VM_ID = re.compile(r"vm-[A-Za-z0-9]{1,61}")  # ASCII only: str.isalnum takes "²" too
+
 
 def check_vm_id(vm_id: str) -> str:
-    if not (vm_id.startswith("vm-") and 4 <= len(vm_id) <= 64 and vm_id[3:].isalnum()):
+    if not _VM_ID.fullmatch(vm_id):
         raise InvalidInput(f"malformed VM id {vm_id[:40]!r}", code="invalid_id")
     return vm_id
 
@@ -39,6 +44,7 @@ class VmService:
         metrics: Metrics,
         scheduler: Scheduler,
         boot_timeout: float,
+        limits: Limits,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -46,6 +52,7 @@ class VmService:
         self.metrics = metrics
         self.scheduler = scheduler
         self.boot_timeout = boot_timeout
+        self.limits = limits
 
     async def get(self, vm_id: str, user_id: str | None) -> Vm:
         check_vm_id(vm_id)
@@ -89,6 +96,16 @@ class VmService:
             detail={},
         )
         async with self.db.transaction() as repo:
+            refusal = await quotas.check(
+                repo,
+                StartKind.CLI_VM,
+                user_id=user_id,
+                limits=self.limits,
+                now=now,
+                login_timeout=timedelta(0),  # CLI VMs have no login
+            )
+            if refusal is not None:
+                raise quotas.error(refusal)
             repo.add_vm(vm)
             repo.add_event(
                 at=now,

@@ -141,9 +141,10 @@ class WarmPool:
             pooled = await repo.warm_vms(_POOLED)
             wanted = self.size - len(pooled)
             if self.max_browser_vms is not None and wanted > 0:
+                await repo.lock_quota(None)  # the node's cap, as starts count it
                 live = await repo.vms(
                     role=VmRole.BROWSER.value,
-                    states=[VmState.CREATING.value, VmState.RUNNING.value],
+                    states=[s.value for s in VmState if s.live],  # every VM a VM
                     node=repo.node,
                 )
                 wanted = min(wanted, self.max_browser_vms - len(live))

@@ -12,6 +12,7 @@ that refuse to write (``PRAGMA query_only``). PostgreSQL uses its own row locks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 from collections import deque
@@ -70,12 +71,26 @@ def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         path = _sqlite_path(url)
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(path))
         engine = create_async_engine(url, connect_args={"timeout": 10})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _private_file(path: Path) -> None:
+    """The database holds hashed tokens, sealed credentials and every user's history: its
+    folder is created 0700 and the file 0600 before SQLite opens it (SQLite gives its
+    ``-wal`` and ``-shm`` files the database file's mode). An existing file made with a
+    looser mode by an older version is tightened."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if each.stat().st_mode & 0o077:
+                each.chmod(0o600)
 
 
 def make_reader_engine(url: str) -> AsyncEngine:

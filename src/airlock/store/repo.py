@@ -7,6 +7,7 @@ exactly one succeeds. That is what makes destroy exactly-once (invariant 3).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,8 +15,9 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from airlock.domain.quotas import Usage
 from airlock.domain.sessions import SessionStatus
-from airlock.domain.vms import LIVE, VmState
+from airlock.domain.vms import LIVE, VmRole, VmState
 from airlock.store.tables import AuthSession, Credential, EgressHost, Event, Token, Vm
 
 # States whose deadline the scheduler acts on (destroying rows come back when their lease ends).
@@ -147,6 +149,16 @@ class Repo:
 
     async def token(self, token_id: str) -> Token | None:
         return await self.session.get(Token, token_id)
+
+    async def live_tokens_created_by(self, actor: str) -> list[Token]:
+        """Unrevoked tokens whose creation event names ``actor``."""
+        created = select(Event.subject_id).where(
+            Event.kind == "token", Event.cause == "created", Event.actor == actor
+        )
+        rows = await self.session.scalars(
+            select(Token).where(Token.id.in_(created), Token.revoked_at.is_(None))
+        )
+        return list(rows)
 
     # --- vms ---------------------------------------------------------------------------
     def add_vm(self, vm: Vm) -> None:
@@ -314,6 +326,70 @@ class Repo:
         )
         return [(r, s, int(n)) for r, s, n in rows.all()]
 
+    # --- quotas ------------------------------------------------------------------------
+    async def lock_quota(self, user_id: str | None) -> None:
+        """Hold the user's and this node's quota locks until the transaction ends, so that
+        counting and inserting are one step for concurrent starts (``domain.quotas``).
+
+        PostgreSQL: transaction-scoped advisory locks, the user's first, then the node's,
+        always in that order (no deadlock); ``None``: the node's only (the warm pool's
+        refill). SQLite: nothing to do, because every write
+        transaction already holds the database's one write lock from its ``BEGIN
+        IMMEDIATE``, across processes too."""
+        if not self.postgres:
+            return
+        names = [f"user:{user_id}"] if user_id is not None else []
+        for name in [*names, f"node:{self.node}"]:
+            await self.session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(name)}
+            )
+
+    async def quota_usage(self, user_id: str, *, now: datetime, login_timeout: timedelta) -> Usage:
+        """What counts against ``user_id`` (every node) and against this node."""
+        live = [s.value for s in LIVE]
+        since = now - timedelta(minutes=1)
+        session_starts = list(
+            await self.session.scalars(
+                select(AuthSession.created_at).where(
+                    AuthSession.user_id == user_id,
+                    AuthSession.status.in_([s.value for s in SessionStatus if not s.terminal]),
+                )
+            )
+        )
+        recent = list(
+            await self.session.scalars(
+                select(AuthSession.created_at).where(
+                    AuthSession.user_id == user_id, AuthSession.created_at > since
+                )
+            )
+        )
+        recent += list(
+            await self.session.scalars(
+                select(Vm.created_at).where(
+                    Vm.user_id == user_id, Vm.role == VmRole.CLI.value, Vm.created_at > since
+                )
+            )
+        )
+        user_cli = await self.session.scalar(
+            select(func.count()).where(
+                Vm.user_id == user_id, Vm.role == VmRole.CLI.value, Vm.state.in_(live)
+            )
+        )
+        node_rows = (
+            await self.session.execute(
+                select(Vm.role, Vm.destroy_after).where(Vm.node == self.node, Vm.state.in_(live))
+            )
+        ).all()
+        browser = [after for role, after in node_rows if role == VmRole.BROWSER.value]
+        return Usage(
+            live_session_deadlines=tuple(_aware(t) + login_timeout for t in session_starts),
+            user_cli_vms=int(user_cli or 0),
+            recent_starts=tuple(_aware(t) for t in recent),
+            node_browser_vms=len(browser),
+            node_browser_deadlines=tuple(_aware(t) for t in browser if t is not None),
+            node_cli_vms=sum(1 for role, _ in node_rows if role == VmRole.CLI.value),
+        )
+
     # --- auth sessions -----------------------------------------------------------------
     def add_session(self, session: AuthSession) -> None:
         self.session.add(session)
@@ -379,6 +455,12 @@ class Repo:
             select(Credential).where(Credential.session_id.in_(list(session_ids)))
         )
         return {c.session_id: c for c in rows}
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name`` (PostgreSQL's bigint)."""
+    digest = hashlib.sha256(f"airlock-quota:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _aware(value: datetime) -> datetime:

@@ -20,6 +20,7 @@ router = APIRouter(prefix="/api/auth", tags=["auth sessions"])
     "/session/{sessionId}/egress",
     response_model=schemas.EgressOut,
     summary="Hosts the egress policy denied this session, counted (our extension)",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
 async def session_egress(
     session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None

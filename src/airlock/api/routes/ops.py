@@ -13,6 +13,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from airlock.api import schemas
 from airlock.api.deps import CoreDep
 from airlock.domain.vms import VmRole, VmState
 
@@ -23,7 +24,7 @@ router = APIRouter(tags=["operations"])
 READY_TIMEOUT_S = 5.0
 
 
-@router.get("/healthz", summary="The process is up")
+@router.get("/healthz", summary="The process is up", responses=schemas.errors(429))
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -31,7 +32,10 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="The database and the VM runtime answer",
-    responses={503: {"description": "A dependency does not answer"}},
+    responses={
+        **schemas.errors(429),
+        503: {"model": schemas.ErrorBody, "description": "A dependency does not answer."},
+    },
 )
 async def readyz(core: CoreDep) -> JSONResponse:
     checks: dict[str, str] = {}
@@ -56,7 +60,10 @@ async def readyz(core: CoreDep) -> JSONResponse:
     "/metrics",
     summary="Prometheus metrics (text format)",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+        **schemas.errors(429),
+    },
 )
 async def metrics(core: CoreDep) -> Response:
     async with core.db.read() as repo:

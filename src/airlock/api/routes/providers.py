@@ -15,6 +15,7 @@ router = APIRouter(prefix="/api", tags=["providers"])
     response_model=list[schemas.ProviderOut],
     response_model_exclude_none=True,
     summary="Providers this controller can run, and why not where one cannot",
+    responses=schemas.errors(401, 429),
 )
 async def list_providers(core: CoreDep, principal: PrincipalDep) -> list[schemas.ProviderOut]:
     out = []

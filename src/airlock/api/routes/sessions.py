@@ -23,7 +23,7 @@ from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmState
 from airlock.errors import NotFound
 from airlock.services.core import Core
-from airlock.services.tokens import Principal
+from airlock.services.tokens import NAME_PATTERN, Principal
 from airlock.store.tables import AuthSession, Credential, Vm
 
 log = logging.getLogger("airlock.api")
@@ -38,11 +38,20 @@ UserQuery = Annotated[
     Query(
         alias="userId",
         max_length=128,
+        pattern=f"^{NAME_PATTERN}$",
         description="Service tokens: whose session. User tokens: only their own name.",
     ),
 ]
+SESSION_ID_PATTERN = r"^[0-9a-f]{32}$"
 SessionIdPath = Annotated[
-    str, Path(alias="sessionId", description="32 hex digits, as POST /start answered it.")
+    str,
+    Path(
+        alias="sessionId",
+        pattern=SESSION_ID_PATTERN,
+        min_length=32,
+        max_length=32,
+        description="32 lower-case hex digits, as POST /start answered it.",
+    ),
 ]
 StatusQuery = Annotated[SessionStatus | None, Query(alias="status")]
 
@@ -83,6 +92,7 @@ async def _session_view(
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.SessionOut,
     summary="Start a login: create a session and its browser VM",
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 413, 503),
 )
 async def start(
     body: schemas.StartRequest, core: CoreDep, signer: SignerDep, principal: PrincipalDep
@@ -99,6 +109,7 @@ async def start(
     "/sessions",
     response_model=list[schemas.SessionOut],
     summary="The caller's sessions, newest first",
+    responses=schemas.errors(*schemas.API_ERRORS),
 )
 async def list_sessions(
     core: CoreDep,
@@ -117,7 +128,12 @@ async def list_sessions(
     return [_out(core, signer, s, vm, creds.get(s.id)) for s, vm in rows]
 
 
-@router.get("/session/{sessionId}", response_model=schemas.SessionOut, summary="One session")
+@router.get(
+    "/session/{sessionId}",
+    response_model=schemas.SessionOut,
+    summary="One session",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
+)
 async def get_session(
     session_id: SessionIdPath,
     core: CoreDep,
@@ -132,7 +148,10 @@ async def get_session(
     "/session/{sessionId}/events",
     summary="Server-Sent Events: the session at every change",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **schemas.errors(*schemas.API_ERRORS, 404),
+    },
 )
 async def session_events(
     session_id: SessionIdPath,
@@ -147,10 +166,12 @@ async def session_events(
     reader = _reader(principal, user_id)
     version = core.bus.version(session_id)  # before the read: no change falls in between
     first = await _session_view(core, signer, session_id, reader)  # 404 before streaming
+    # (The caller is authenticated and the id well-formed by now; the bus records nothing
+    # until the stream waits, and forgets the session when its last waiter leaves.)
     return StreamingResponse(
         _event_stream(core, signer, session_id, reader, first, version),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
@@ -189,6 +210,7 @@ async def _event_stream(
     "/session/{sessionId}/keepalive",
     response_model=schemas.KeepaliveOut,
     summary="A person is still here: extend the browser VM's deadline",
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 409),
 )
 async def keepalive(
     session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
@@ -201,7 +223,7 @@ async def keepalive(
     "/session/{sessionId}/complete",
     response_model=schemas.CompleteOut,
     summary="The frontend has what it needs: destroy the browser VM now",
-    responses={409: {"model": schemas.ErrorBody, "description": "Not over yet."}},
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 409),
 )
 async def complete(
     session_id: SessionIdPath,
@@ -221,6 +243,7 @@ async def complete(
     "/session/{sessionId}",
     response_model=schemas.SessionOut,
     summary="Cancel the session (if not over) and destroy its VM",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
 async def cancel(
     session_id: SessionIdPath,
@@ -241,6 +264,7 @@ async def cancel(
     response_model=schemas.CredentialsOut,
     response_model_exclude_none=False,
     summary="What was captured (metadata; secret values only when exported)",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
 async def credentials(
     session_id: SessionIdPath,
@@ -278,6 +302,7 @@ async def credentials(
     "/session/{sessionId}/timeline",
     response_model=list[SerializeAsAny[schemas.TimelineEntry]],
     summary="The session's audit trail: every transition of it and its VM (our extension)",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
 async def timeline(
     session_id: SessionIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None

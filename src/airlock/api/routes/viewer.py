@@ -73,7 +73,7 @@ def _page(status: int, title: str, message: str) -> HTMLResponse:
     "/novnc",
     response_class=HTMLResponse,
     summary="The viewer page: the remote browser, live, with the session's status",
-    responses={401: {"description": "Bad or expired viewer token (an HTML page)."}},
+    responses=schemas.errors(400, 401, 404, 422, 429, 503, html=(401, 404, 503)),
 )
 async def viewer_page(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None
@@ -101,20 +101,24 @@ async def viewer_page(
     "/viewer/events",
     summary="Server-Sent Events for the viewer page (viewer token; our extension)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **schemas.errors(400, 401, 404, 422, 429),
+    },
 )
 async def viewer_events(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None
 ) -> StreamingResponse:
     """As ``/events`` (the session at once and at every change, until its VM is gone),
     with ``novncURL`` left out: a viewer token does not hand out new viewer tokens here."""
-    version = core.bus.version(session_id)
+    await viewed_session(core, signer, session_id, token)  # the token first: 401/404 here
+    version = core.bus.version(session_id)  # then the version, before the read
     _, session, vm = await viewed_session(core, signer, session_id, token)
     first = await _view(core, session, vm)
     return StreamingResponse(
         _stream(core, session_id, first, version),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
@@ -166,6 +170,7 @@ async def egress_notice(core: Core, session_id: str, last: str) -> str | None:
     "/viewer/keepalive",
     response_model=schemas.KeepaliveOut,
     summary="The viewer page is visible: extend the VM's deadline (viewer token; our extension)",
+    responses=schemas.errors(400, 401, 404, 409, 422, 429),
 )
 async def viewer_keepalive(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None
@@ -182,7 +187,7 @@ async def viewer_keepalive(
     "/viewer/complete",
     response_model=schemas.CompleteOut,
     summary="The viewer page showed the outcome: destroy the VM now (viewer token; our extension)",
-    responses={409: {"model": schemas.ErrorBody, "description": "Not over yet."}},
+    responses=schemas.errors(400, 401, 403, 404, 409, 422, 429),
 )
 async def viewer_complete(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None

@@ -15,15 +15,27 @@ from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep
 from airlock.domain.vms import VmRole, VmState
 from airlock.services.handoff import Injection
+from airlock.services.tokens import NAME_PATTERN
 
 router = APIRouter(prefix="/api/vms", tags=["vms"])
 
-VmIdPath = Annotated[str, Path(alias="vmId", description="vm- and letters or digits.")]
+VM_ID_PATTERN = r"^vm-[A-Za-z0-9]{1,61}$"
+VmIdPath = Annotated[
+    str,
+    Path(
+        alias="vmId",
+        pattern=VM_ID_PATTERN,
+        min_length=4,
+        max_length=64,
+        description="vm- and 1-61 ASCII letters or digits.",
+    ),
+]
 UserQuery = Annotated[
     str | None,
     Query(
         alias="userId",
         max_length=128,
+        pattern=f"^{NAME_PATTERN}$",
         description="Service tokens: whose VMs. User tokens: only their own name.",
     ),
 ]
@@ -34,6 +46,7 @@ UserQuery = Annotated[
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.VmDetail,
     summary="Create a long-lived CLI VM for the user (answers once it runs)",
+    responses=schemas.errors(*schemas.API_ERRORS, 413, 503),
 )
 async def create_vm(
     body: schemas.CreateVmRequest, core: CoreDep, principal: PrincipalDep
@@ -44,7 +57,12 @@ async def create_vm(
     return schemas.vm_detail(vm)
 
 
-@router.get("", response_model=list[schemas.VmDetail], summary="The caller's VMs, newest first")
+@router.get(
+    "",
+    response_model=list[schemas.VmDetail],
+    summary="The caller's VMs, newest first",
+    responses=schemas.errors(*schemas.API_ERRORS),
+)
 async def list_vms(
     core: CoreDep,
     principal: PrincipalDep,
@@ -61,7 +79,10 @@ async def list_vms(
 
 
 @router.get(
-    "/{vmId}", response_model=schemas.VmDetail, summary="One VM, also after it was destroyed"
+    "/{vmId}",
+    response_model=schemas.VmDetail,
+    summary="One VM, also after it was destroyed",
+    responses=schemas.errors(*schemas.API_ERRORS, 404),
 )
 async def get_vm(
     vm_id: VmIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
@@ -74,6 +95,7 @@ async def get_vm(
     "/{vmId}",
     response_model=schemas.VmDetail,
     summary="Destroy a VM (its owner or a service token); idempotent",
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 503),
 )
 async def delete_vm(
     vm_id: VmIdPath, core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
@@ -125,7 +147,7 @@ def _inject_out(i: Injection) -> InjectOut:
     "/{vmId}/credentials",
     response_model=InjectOut,
     summary="Log a CLI VM in with the user's latest credentials for a provider",
-    responses={409: {"model": schemas.ErrorBody, "description": "The VM is not running."}},
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 409, 413, 503),
 )
 async def inject_credentials(
     vm_id: VmIdPath, body: InjectRequest, core: CoreDep, principal: PrincipalDep

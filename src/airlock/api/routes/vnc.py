@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, WebSocket, status
-from pydantic import Field
+from fastapi import APIRouter, Path, Query, WebSocket, status
+from pydantic import Field, StrictBool
 
 from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep, SignerDep
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/api/auth/session/{sessionId}", tags=["viewer"])
 
 
 class ViewerTokenRequest(schemas._In):
-    viewOnly: bool = Field(
+    viewOnly: StrictBool = Field(
         False, description="A token whose VNC socket drops every input message (support)."
     )
 
@@ -41,7 +41,7 @@ class ViewerTokenOut(schemas._Out):
     status_code=status.HTTP_201_CREATED,
     response_model=ViewerTokenOut,
     summary="Mint a viewer token (view-only for support staff)",
-    responses={409: {"model": schemas.ErrorBody, "description": "The VM cannot be viewed."}},
+    responses=schemas.errors(*schemas.API_ERRORS, 404, 409, 413),
 )
 async def viewer_token(
     session_id: SessionIdPath,
@@ -76,8 +76,12 @@ async def viewer_token(
 @router.websocket("/vnc")
 async def vnc(
     ws: WebSocket,
-    session_id: SessionIdPath,
-    token: Annotated[str | None, Query(max_length=256)] = None,
+    session_id: Annotated[str, Path(alias="sessionId")],
+    token: Annotated[str | None, Query()] = None,
 ) -> None:
-    """Binary RFB, proxied to the VM's VNC server; see ``api.vnc_proxy``."""
+    """Binary RFB, proxied to the VM's VNC server; see ``api.vnc_proxy``.
+
+    Neither the id nor the token is constrained here: a failed check before the handshake
+    is an HTTP 403 that a page cannot read, so every refusal (a malformed id, a token too
+    long) is ``verify_viewer_token``'s, after it, as close code 4401."""
     await serve_viewer(ws, session_id, token)

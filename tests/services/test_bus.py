@@ -1,0 +1,58 @@
+"""``SessionBus``: a wait wakes on a change, no change is missed between reading a version
+and waiting on it, and the bus forgets a session once nobody waits on it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from airlock.services.bus import SessionBus
+
+A, B = "a" * 32, "b" * 32
+
+
+async def test_a_wait_wakes_on_a_publish_and_the_entry_goes_with_the_last_waiter() -> None:
+    bus = SessionBus()
+    seen = bus.version(A)
+    assert len(bus) == 0  # asking for a version records nothing
+    waiters = [asyncio.create_task(bus.wait(A, seen, 5), name=f"wait-{i}") for i in range(3)]
+    await asyncio.sleep(0)  # one loop turn: each wait registers at its first step
+    assert len(bus) == 1
+    await bus.publish(A)
+    versions = await asyncio.gather(*waiters)
+    assert all(v != seen for v in versions)
+    assert len(bus) == 0
+
+
+async def test_a_change_between_version_and_wait_is_not_missed() -> None:
+    bus = SessionBus()
+    seen = bus.version(A)
+    await bus.publish(A)  # nobody waits yet
+    moved = await asyncio.wait_for(bus.wait(A, seen, 5), 1)
+    assert moved != seen
+    # And a change seen by another waiter who has left is not lost either.
+    seen = bus.version(A)
+    other = asyncio.create_task(bus.wait(A, seen, 5), name="other")
+    await asyncio.sleep(0)  # one loop turn: each wait registers at its first step
+    assert len(bus) == 1
+    await bus.publish(A)
+    await other
+    assert len(bus) == 0
+    assert await asyncio.wait_for(bus.wait(A, seen, 5), 1) != seen
+
+
+async def test_no_change_times_out_and_leaves_nothing() -> None:
+    bus = SessionBus()
+    seen = bus.version(A)
+    await bus.publish(B)
+    await bus.wait(B, bus.version(B), 0.01)  # B's own wait: a clean start
+    seen = bus.version(A)
+    assert await bus.wait(A, seen, 0.05) == seen
+    assert len(bus) == 0
+
+
+async def test_many_made_up_ids_leave_the_bus_empty() -> None:
+    bus = SessionBus()
+    for i in range(200):
+        sid = f"{i:032x}"
+        await bus.wait(sid, bus.version(sid), 0)
+    assert len(bus) == 0
