@@ -48,14 +48,11 @@ import logging
 import os
 import re
 import secrets
-import select
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +64,18 @@ from airlock.agent.vsock import AGENT_PORT, EGRESS_PORT, VNC_PORT  # the guest's
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import UNIX_PATH_MAX, PidRecord, is_young, log_excerpt, read_meta
-from airlock.runtimes.vmdir import is_alive as _alive
+from airlock.runtimes.skeleton import (
+    Creation,
+    VmDirRuntime,
+    VmState,
+    kill,
+    lease_config,
+    record_pid,
+    write_meta,
+    write_private,
+)
+from airlock.runtimes.vmdir import UNIX_PATH_MAX, PidRecord, read_meta
 from airlock.runtimes.vmdir import open_unix as _open_unix
-from airlock.runtimes.vmdir import proc_stat as _proc_stat
 from airlock.runtimes.vmdir import read_pid as _read_pid
 
 log = logging.getLogger(__name__)
@@ -302,25 +307,6 @@ async def vsock_connect(
 # --- processes ---------------------------------------------------------------------------
 
 
-def _kill(record: PidRecord) -> bool:
-    """SIGKILL through a pidfd (no pid-reuse race) and wait. False if it was not running."""
-    try:
-        pidfd = os.pidfd_open(record.pid)
-    except ProcessLookupError:
-        return False
-    try:
-        if not _alive(record):
-            return False
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)  # readable once the process has exited
-        if not poller.poll(10_000):
-            raise RuntimeFailure(f"Firecracker {record.pid} did not die within 10 s")
-    finally:
-        os.close(pidfd)
-    return True
-
-
 def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=20, check=False)
 
@@ -497,10 +483,13 @@ class _Vm:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class FirecrackerRuntime:
+class FirecrackerRuntime(VmDirRuntime):
     """VMs as Firecracker microVMs; see the module docstring."""
 
     name = "firecracker"
+    label = "firecracker VM"
+    vm_id_pattern = VM_ID
+    creating_grace_s = CREATING_GRACE_S
 
     def __init__(
         self,
@@ -515,7 +504,7 @@ class FirecrackerRuntime:
         templates_dir: Path | None = None,
         browser_single_process: bool = True,
     ) -> None:
-        self.vms_dir = Path(vms_dir).absolute()
+        super().__init__(vms_dir)
         # Warm starts: with a templates dir, a create restores a snapshot of a booted VM of
         # its role (made on first use, remade when the image changes) instead of booting.
         self.templates_dir = templates_dir
@@ -534,17 +523,10 @@ class FirecrackerRuntime:
         self.boot_timeout_s = boot_timeout_s
         self.browser_processes = "single" if browser_single_process else "multi"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._creating: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
         with contextlib.suppress(OSError):
             self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- paths ------------------------------------------------------------------------------
-
-    def _state_dir(self, vm_id: str) -> Path:
-        if not VM_ID.fullmatch(vm_id):
-            raise RuntimeFailure(f"not a valid VM id: {vm_id!r}", code="bad_vm_id")
-        return self.vms_dir / vm_id
 
     def _fc_path(self, name: str) -> str:
         """A state-dir file as Firecracker names it: in the chroot's root when jailed, else
@@ -610,7 +592,8 @@ class FirecrackerRuntime:
 
     async def _cold(self, spec: VmSpec, image: GuestImage) -> RunningVm:
         plan = await self._begin(spec)
-        try:
+        async with self._starting(plan) as creation:
+            creation.push(lambda: self._teardown(plan.vm_id, plan.state_dir))
             secret = await asyncio.to_thread(self._stage_boot, spec, plan, image)
             await self._launch(plan)
             async with FirecrackerApi(plan.state_dir / API_SOCK) as api:
@@ -629,10 +612,6 @@ class FirecrackerRuntime:
                     )
                 )
             await self._wait_ready(spec.role, plan, secret)
-        except BaseException as exc:
-            raise await self._abort(plan, exc) from exc
-        finally:
-            self._creating.discard(spec.vm_id)
         return self._running(spec.role, plan)
 
     async def _begin(self, spec: VmSpec) -> _Vm:
@@ -641,7 +620,6 @@ class FirecrackerRuntime:
             raise RuntimeFailure("firecracker not found: install it (and the jailer) on PATH")
         if spec.vm_id in self._creating or await asyncio.to_thread(os.path.lexists, state_dir):
             raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists")
-        self._creating.add(spec.vm_id)
         return _Vm(spec.vm_id, state_dir, netns_name(spec.vm_id), extra={"started": "0"})
 
     def _make_state_dir(self, spec: VmSpec, plan: _Vm, *, kind: str) -> None:
@@ -655,18 +633,15 @@ class FirecrackerRuntime:
             plan.state_dir.symlink_to(root)
         else:
             plan.state_dir.mkdir(mode=0o700)
-        meta = {
-            "vm_id": spec.vm_id,
-            "role": spec.role.value,
-            "user_id": spec.user_id,
-            "created_at": datetime.now(UTC).isoformat(),
-            "runtime": self.name,
-            "start": kind,
-            "netns": plan.netns,
-            "jailed": self.jail is not None,
-            "labels": spec.labels,
-        }
-        _write_private(plan.state_dir / "meta.json", json.dumps(meta, indent=2).encode())
+        write_meta(
+            plan.state_dir,
+            spec,
+            self.name,
+            start=kind,
+            netns=plan.netns,
+            jailed=self.jail is not None,
+            labels=spec.labels,
+        )
         create_netns(plan.netns)
         # Guest connections to host port EGRESS_PORT land here: the controller's proxy.
         (plan.state_dir / f"{VSOCK}_{EGRESS_PORT}").symlink_to("egress.sock")
@@ -674,19 +649,19 @@ class FirecrackerRuntime:
     def _stage_boot(self, spec: VmSpec, plan: _Vm, image: GuestImage) -> str:
         self._make_state_dir(spec, plan, kind="cold")
         secret = secrets.token_urlsafe(32)
-        _write_private(plan.state_dir / "agent.secret", secret.encode() + b"\n")
+        write_private(plan.state_dir / "agent.secret", secret.encode() + b"\n")
         config = json.dumps(
             {
                 "secret": secret,
                 "role": spec.role.value,
                 "screen": f"{spec.screen[0]}x{spec.screen[1]}",
                 "browser_processes": self.browser_processes,
-                **_lease_config(spec),
+                **lease_config(spec),
             }
         ).encode()
         if len(config) > CONFIG_DISK_BYTES:
             raise RuntimeFailure("the VM's config does not fit its config disk")
-        _write_private(plan.state_dir / "config.img", config.ljust(CONFIG_DISK_BYTES, b"\0"))
+        write_private(plan.state_dir / "config.img", config.ljust(CONFIG_DISK_BYTES, b"\0"))
         _link_or_copy(image.kernel, plan.state_dir / "vmlinux")
         if image.initrd is not None:
             _link_or_copy(image.initrd, plan.state_dir / "initrd.img")
@@ -735,12 +710,8 @@ class FirecrackerRuntime:
             os.close(log_fd)
         self._procs[plan.vm_id] = proc
         plan.proc = proc
-        found = _proc_stat(proc.pid)
-        if found is None:
-            raise RuntimeFailure("Firecracker exited at once")
         # `ip netns exec` and the jailer exec Firecracker in place: this pid is the VMM.
-        plan.record = PidRecord(proc.pid, found[1])
-        _write_private(plan.state_dir / "pid", f"{proc.pid} {found[1]}\n".encode(), replace=True)
+        plan.record = record_pid(plan.state_dir / "pid", proc.pid, what="Firecracker")
         api = plan.state_dir / API_SOCK
         deadline = time.monotonic() + min(self.boot_timeout_s, 10.0)
         while not api.exists():
@@ -781,15 +752,11 @@ class FirecrackerRuntime:
                 raise RuntimeFailure(f"the VM did not come up in {self.boot_timeout_s:g} s: {last}")
             await asyncio.sleep(0.05)
 
-    async def _abort(self, plan: _Vm, exc: BaseException) -> BaseException:
-        """A create or restore failed: leave nothing behind (in a thread: it completes even
-        while this task is cancelled); return the error to raise, with the log's tail."""
-        tail = log_excerpt(plan.state_dir / "firecracker.log")
-        await asyncio.to_thread(self._teardown, plan.vm_id, plan.state_dir)
-        if not isinstance(exc, Exception):
-            return exc  # cancellation and the like pass through unchanged
-        reason = exc.message if isinstance(exc, RuntimeFailure) else repr(exc)
-        return RuntimeFailure(f"VM {plan.vm_id} did not start: {reason}\n--- log ---\n{tail}")
+    def _starting(self, plan: _Vm) -> contextlib.AbstractAsyncContextManager[Creation]:
+        """A create or restore: on failure it leaves nothing behind and raises with the
+        log's useful part."""
+        log_path = plan.state_dir / "firecracker.log"
+        return self._creating_vm(plan.vm_id, log_path, heading="log", verb="start")
 
     def _running(self, role: VmRole, plan: _Vm) -> RunningVm:
         return RunningVm(
@@ -828,7 +795,7 @@ class FirecrackerRuntime:
         # The template's root filesystem: its clones continue from this disk state.
         _copy_rootfs(state_dir / "rootfs.ext4", dest / "rootfs.ext4")
         template = {"vm_id": vm_id, "role": meta.get("role"), "jailed": self.jail is not None}
-        _write_private(dest / "template.json", json.dumps(template).encode())
+        write_private(dest / "template.json", json.dumps(template).encode())
 
     async def restore(self, spec: VmSpec, template: Path) -> RunningVm:
         """A new VM from a snapshot (``snapshot``): its own Firecracker, tap and vsock
@@ -838,7 +805,8 @@ class FirecrackerRuntime:
                 raise RuntimeFailure(f"not a snapshot: {template / name} is missing")
         old_secret = (template / "agent.secret").read_text().strip()
         plan = await self._begin(spec)
-        try:
+        async with self._starting(plan) as creation:
+            creation.push(lambda: self._teardown(plan.vm_id, plan.state_dir))
             await asyncio.to_thread(self._stage_restore, spec, plan, template)
             await self._launch(plan)
             async with FirecrackerApi(plan.state_dir / API_SOCK) as api:
@@ -853,10 +821,6 @@ class FirecrackerRuntime:
             new_secret = secrets.token_urlsafe(32)
             await self._refresh_identity(plan, old_secret, new_secret, spec.boot_lease)
             await self._wait_ready(spec.role, plan, new_secret)
-        except BaseException as exc:
-            raise await self._abort(plan, exc) from exc
-        finally:
-            self._creating.discard(spec.vm_id)
         return self._running(spec.role, plan)
 
     def _stage_restore(self, spec: VmSpec, plan: _Vm, template: Path) -> None:
@@ -892,7 +856,7 @@ class FirecrackerRuntime:
                 if time.monotonic() > deadline:
                     raise RuntimeFailure(f"the restored agent did not answer: {exc}") from None
                 await asyncio.sleep(0.05)
-        _write_private(plan.state_dir / "agent.secret", new_secret.encode() + b"\n", replace=True)
+        write_private(plan.state_dir / "agent.secret", new_secret.encode() + b"\n", replace=True)
         plan.extra.update({k: str(v) for k, v in result.items()})
         log.info("VM %s restored from a snapshot: %s", plan.vm_id, result)
 
@@ -902,7 +866,7 @@ class FirecrackerRuntime:
         killed = False
         record = _read_pid(state_dir)
         if record is not None:
-            killed = _kill(record)
+            killed = kill(record, what="Firecracker")
         proc = self._procs.pop(vm_id, None)
         if proc is not None:
             if proc.poll() is None:
@@ -919,17 +883,8 @@ class FirecrackerRuntime:
             shutil.rmtree(state_dir)
         return killed
 
-    async def destroy(self, vm_id: str) -> bool:
-        try:
-            state_dir = self._state_dir(vm_id)
-        except RuntimeFailure:
-            return False
-        lock = self._locks.setdefault(vm_id, asyncio.Lock())
-        async with lock:
-            killed = await asyncio.to_thread(self._teardown, vm_id, state_dir)
-        self._locks.pop(vm_id, None)
-        log.info("firecracker VM %s destroyed (was running: %s)", vm_id, killed)
-        return killed
+    async def _destroy_locked(self, vm_id: str, state_dir: Path) -> bool:
+        return await asyncio.to_thread(self._teardown, vm_id, state_dir)
 
     # -- list -------------------------------------------------------------------------------
 
@@ -939,85 +894,40 @@ class FirecrackerRuntime:
                 del self._procs[vm_id]
         return await asyncio.to_thread(self._scan, frozenset(self._creating))
 
-    def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
-        try:
-            entries = sorted(os.scandir(self.vms_dir), key=lambda e: e.name)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
-        found: builtins.list[RunningVm] = []
-        for entry in entries:
-            if not VM_ID.fullmatch(entry.name) or entry.name in self._templating:
-                continue  # a template being made is no VM of anyone's
-            if not entry.is_dir():  # follows a jailed VM's link to its chroot
-                if entry.is_symlink():  # the chroot is gone: only the link is left
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-                continue
-            state_dir = Path(entry.path)
-            meta = read_meta(state_dir)
-            record = _read_pid(state_dir)
-            if record is not None and _alive(record):
-                state, pid = "running", record.pid
-            elif entry.name in creating or (record is None and is_young(meta, CREATING_GRACE_S)):
-                state, pid = "creating", None
-            else:
-                log.info("firecracker VM %s is gone; cleaning up after it", entry.name)
-                with contextlib.suppress(OSError, RuntimeFailure):
-                    self._teardown(entry.name, state_dir)
-                continue
-            if entry.name.startswith(TEMPLATE_PREFIX) and state == "running":
-                log.info("removing %s, a template left by an earlier controller", entry.name)
-                with contextlib.suppress(OSError, RuntimeFailure):
-                    self._teardown(entry.name, state_dir)
-                continue
-            try:
-                role = VmRole(str(meta.get("role")))
-            except ValueError:
-                role = VmRole.BROWSER
-            found.append(
-                RunningVm(
-                    vm_id=entry.name,
-                    role=role,
-                    pid=pid,
-                    state_dir=state_dir,
-                    detail={
-                        "state": state,
-                        "created_at": str(meta.get("created_at", "")),
-                        "user_id": str(meta.get("user_id", "")),
-                        "netns": str(meta.get("netns", "")),
-                    },
-                )
-            )
-        return found
+    def _entry_dir(self, entry: os.DirEntry[str]) -> Path | None:
+        if entry.name in self._templating:
+            return None  # a template being made is no VM of anyone's
+        if not entry.is_dir():  # follows a jailed VM's link to its chroot
+            if entry.is_symlink():  # the chroot is gone: only the link is left
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            return None
+        return Path(entry.path)
+
+    def _remove_gone(self, vm_id: str, state_dir: Path) -> None:
+        self._teardown(vm_id, state_dir)
+
+    def _keep(self, vm_id: str, state: VmState, state_dir: Path) -> bool:
+        if vm_id.startswith(TEMPLATE_PREFIX) and state is VmState.RUNNING:
+            log.info("removing %s, a template left by an earlier controller", vm_id)
+            with contextlib.suppress(OSError, RuntimeFailure):
+                self._teardown(vm_id, state_dir)
+            return False
+        return True
+
+    def _detail(self, meta: dict[str, Any]) -> dict[str, str]:
+        return {"netns": str(meta.get("netns", ""))}
 
     # -- streams ----------------------------------------------------------------------------
 
-    def _existing(self, vm_id: str) -> Path:
-        state_dir = self._state_dir(vm_id)
-        if not state_dir.is_dir():
-            raise RuntimeFailure(f"no VM {vm_id} in this runtime", code="vm_not_found")
-        return state_dir
+    async def _connect_agent(
+        self, state_dir: Path, secret: str, timeout_s: float = 10
+    ) -> AgentClient:
+        reader, writer = await vsock_connect(state_dir / VSOCK, AGENT_PORT, limit=MAX_MESSAGE + 1)
+        return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
 
-    async def agent_client(self, vm_id: str) -> AgentClient:
-        state_dir = self._existing(vm_id)
-        try:
-            secret = (state_dir / "agent.secret").read_text().strip()
-            reader, writer = await vsock_connect(
-                state_dir / VSOCK, AGENT_PORT, limit=MAX_MESSAGE + 1
-            )
-            return await AgentClient.connect(reader, writer, secret, timeout_s=10)
-        except (OSError, TimeoutError) as exc:
-            raise RuntimeFailure(f"cannot reach the agent of {vm_id}: {exc}") from None
-
-    async def open_agent(self, vm_id: str) -> Stream:
-        return (await self.agent_client(vm_id)).stream
-
-    async def open_vnc(self, vm_id: str) -> Stream:
-        state_dir = self._existing(vm_id)
-        try:
-            return await vsock_connect(state_dir / VSOCK, VNC_PORT)
-        except (OSError, TimeoutError) as exc:
-            raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
+    async def _connect_vnc(self, state_dir: Path) -> Stream:
+        return await vsock_connect(state_dir / VSOCK, VNC_PORT)
 
     # -- check ------------------------------------------------------------------------------
 
@@ -1044,19 +954,6 @@ class FirecrackerRuntime:
         return problems
 
 
-def _write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
-    """0600, written whole; ``replace`` swaps it atomically for an existing file."""
-    target = path.with_name(path.name + ".new") if replace else path
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.replace(target, path)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_bytes())
@@ -1078,12 +975,5 @@ def _image_identity(image: GuestImage) -> str:
 def _finish_template(staging: Path, dest: Path, identity: str) -> None:
     info = _read_json(staging / "template.json")
     (staging / "template.json").unlink()
-    _write_private(staging / "template.json", json.dumps({**info, "image": identity}).encode())
+    write_private(staging / "template.json", json.dumps({**info, "image": identity}).encode())
     os.replace(staging, dest)
-
-
-def _lease_config(spec: VmSpec) -> dict[str, str]:
-    """The boot lease for the guest init (``agent.guest``), which hands it to the agent."""
-    if spec.lease_ms is None:
-        return {}
-    return {"lease_ms": str(spec.lease_ms), "lease_margin_ms": str(spec.lease_margin_ms)}

@@ -30,9 +30,7 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -42,7 +40,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +51,15 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes import confine, vm_launch
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import (
-    DYING_VM_NICE,
-    VM_NICE,
-    PidRecord,
-    is_alive,
-    is_young,
-    log_excerpt,
-    read_meta,
-    set_cpu_nice,
-)
+from airlock.runtimes.skeleton import VmDirRuntime, kill, record_pid, write_meta
+from airlock.runtimes.skeleton import write_private as _write_private
+from airlock.runtimes.vmdir import DYING_VM_NICE, VM_NICE, PidRecord, read_meta, set_cpu_nice
 from airlock.runtimes.vmdir import open_unix as _open_unix
 from airlock.runtimes.vmdir import proc_stat as _proc_stat
 from airlock.runtimes.vmdir import read_pid as _read_pid
 
 log = logging.getLogger(__name__)
 
-VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 INNER_STATE = "/run/airlock"
 INNER_HOME = "/home/airlock"
 INNER_EGRESS_DIR = "/run/airlock-egress"
@@ -134,34 +123,20 @@ def _sandbox_inits(state_dir: Path) -> list[int]:
     return found
 
 
-def _wait_fd_readable(fd: int, timeout_s: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(int(timeout_s * 1000)))
-
-
 def _kill_init(record: PidRecord) -> bool:
     """SIGKILL a sandbox's init through a pidfd (no pid-reuse race), wait until it and every
     process of its pid namespace are gone. False if it was not running."""
-    try:
-        pidfd = os.pidfd_open(record.pid)
-    except ProcessLookupError:
+    namespaces: list[tuple[int, int]] = []
+
+    def before(pid: int) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/ns/pid")
+            namespaces.append((st.st_dev, st.st_ino))
+        set_cpu_nice(pid, DYING_VM_NICE)  # its processes' exit is work too
+
+    if not kill(record, what="sandbox init", before=before):
         return False
-    try:
-        if not is_alive(record):  # checked after pidfd_open: the pidfd pins this process
-            return False
-        try:
-            st = os.stat(f"/proc/{record.pid}/ns/pid")
-            ns: tuple[int, int] | None = (st.st_dev, st.st_ino)
-        except OSError:
-            ns = None
-        set_cpu_nice(record.pid, DYING_VM_NICE)  # its processes' exit is work too
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        if not _wait_fd_readable(pidfd, 10):
-            raise RuntimeFailure(f"sandbox init {record.pid} did not die within 10 s")
-    finally:
-        os.close(pidfd)
-    if ns is not None:
+    for ns in namespaces:
         deadline = time.monotonic() + 5
         while survivors := _ns_members(ns):
             if time.monotonic() > deadline:
@@ -220,15 +195,6 @@ def _set_once(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _default_chromium() -> str | None:
     # Debian's /usr/bin/chromium is a shell wrapper that sources /etc/chromium.d (extensions,
     # an shm probe); the binary itself starts faster and takes exactly our flags.
@@ -245,10 +211,12 @@ def _within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-class SandboxRuntime:
+class SandboxRuntime(VmDirRuntime):
     """VMs as bubblewrap sandboxes; see the module docstring."""
 
     name = "sandbox"
+    label = "sandbox"
+    creating_grace_s = CREATING_GRACE_S
 
     def __init__(
         self,
@@ -264,7 +232,7 @@ class SandboxRuntime:
         disk_mb: int = DEFAULT_DISK_MB,
         uid_base: int = DEFAULT_UID_BASE,
     ) -> None:
-        self.vms_dir = Path(vms_dir).absolute()
+        super().__init__(vms_dir)
         self.bwrap = str(bwrap) if bwrap else shutil.which("bwrap")
         self.xvnc = str(xvnc) if xvnc else shutil.which("Xvnc")
         self.chromium = str(chromium) if chromium else _default_chromium()
@@ -282,17 +250,10 @@ class SandboxRuntime:
         # Where ``import airlock`` comes from; the agent inside needs it on its path.
         self.package_root = Path(airlock.__file__).resolve().parent.parent
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # outer bwrap, to reap
-        self._creating: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
         with contextlib.suppress(OSError):  # if this fails, list() and check() say so
             self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- paths ------------------------------------------------------------------------------
-
-    def _state_dir(self, vm_id: str) -> Path:
-        if not VM_ID.fullmatch(vm_id):
-            raise RuntimeFailure(f"not a valid VM id: {vm_id!r}", code="bad_vm_id")
-        return self.vms_dir / vm_id
 
     def exposed_paths(self) -> list[Path]:
         """Every host directory a sandbox sees (read-only), besides its own state dir."""
@@ -457,31 +418,14 @@ class SandboxRuntime:
             raise RuntimeFailure(f"missing {', '.join(missing)}: {INSTALL_HINT}")
         if (exposed := self._data_dir_exposed()) is not None:
             raise RuntimeFailure(f"the data dir would be visible in sandboxes (via {exposed})")
-        if spec.vm_id in self._creating:
-            raise RuntimeFailure(f"VM {spec.vm_id} is being created", code="vm_exists")
         started = time.monotonic()
         deadline = started + self.boot_timeout_s
-        self._creating.add(spec.vm_id)  # list() must not take it for a dead VM's leftovers
-        prepared = False
-        record: PidRecord | None = None
-        try:
+        log_path = state_dir / "agent.log"
+        async with self._creating_vm(spec.vm_id, log_path, heading="agent.log") as creation:
             secret, meta = await asyncio.to_thread(self._prepare, spec, state_dir)
-            prepared = True
+            creation.push(lambda: self._teardown(spec.vm_id, state_dir))
             record = await self._launch(spec, state_dir, meta, deadline)
             await self._wait_ready(spec, state_dir, secret, deadline, record)
-        except BaseException as exc:
-            tail = log_excerpt(state_dir / "agent.log") if prepared else ""
-            if prepared:
-                # In a thread: it completes even if this task is being cancelled.
-                await asyncio.to_thread(self._teardown, spec.vm_id, state_dir)
-            if isinstance(exc, Exception) and prepared:
-                reason = exc.message if isinstance(exc, RuntimeFailure) else repr(exc)
-                raise RuntimeFailure(
-                    f"VM {spec.vm_id} did not boot: {reason}\n--- agent.log ---\n{tail}"
-                ) from exc
-            raise
-        finally:
-            self._creating.discard(spec.vm_id)
         boot_ms = round((time.monotonic() - started) * 1000)
         log.info("sandbox %s (%s) up in %d ms", spec.vm_id, spec.role.value, boot_ms)
         return RunningVm(
@@ -545,18 +489,15 @@ class SandboxRuntime:
         self, spec: VmSpec, state_dir: Path, uid: int, cgroups: builtins.list[Path]
     ) -> tuple[str, dict[str, Any]]:
         os.chmod(state_dir, 0o700)
-        meta = {
-            "vm_id": spec.vm_id,
-            "role": spec.role.value,
-            "user_id": spec.user_id,
-            "created_at": datetime.now(UTC).isoformat(),
-            "runtime": self.name,
-            "screen": f"{spec.screen[0]}x{spec.screen[1]}",
-            "labels": spec.labels,
-            "uid": uid,
-            "cgroups": [str(c) for c in cgroups],
-        }
-        _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+        meta = write_meta(
+            state_dir,
+            spec,
+            self.name,
+            screen=f"{spec.screen[0]}x{spec.screen[1]}",
+            labels=spec.labels,
+            uid=uid,
+            cgroups=[str(c) for c in cgroups],
+        )
         if spec.boot_lease is not None:  # the agent reads it at start (agent.protocol, lease)
             _write_private(state_dir / "agent.lease", json.dumps(spec.boot_lease).encode())
         secret = secrets.token_urlsafe(32)
@@ -607,18 +548,8 @@ class SandboxRuntime:
         pid = info.get("child-pid")
         if not isinstance(pid, int):
             raise RuntimeFailure(f"bwrap did not say its child pid (exit {proc.poll()})")
-        found = _proc_stat(pid)
-        if found is None:
-            raise RuntimeFailure(f"the sandbox (pid {pid}) exited at once")
-        record = PidRecord(pid, found[1])
         # In place (not rename): the sandbox sees this inode through a read-only bind.
-        fd = os.open(state_dir / "pid", os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-        try:
-            os.write(fd, f"{record.pid} {record.start_time}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return record
+        return record_pid(state_dir / "pid", pid, what="the sandbox", in_place=True)
 
     async def _read_info(self, fd: int, deadline: float) -> dict[str, Any]:
         """bwrap's --info-fd JSON: written once the sandbox exists, then the fd is closed."""
@@ -670,7 +601,7 @@ class SandboxRuntime:
                 await asyncio.sleep(0.02)
 
         async def ping() -> None:
-            async with await self._client(state_dir, secret) as client:
+            async with await self._connect_agent(state_dir, secret) as client:
                 await client.ping()
 
         async def vnc() -> None:
@@ -683,7 +614,7 @@ class SandboxRuntime:
                 raise ValueError(f"not an RFB server: {banner!r}")
 
         async def devtools() -> None:
-            client = await self._client(state_dir, secret)
+            client = await self._connect_agent(state_dir, secret)
             try:
                 reader, writer = await client.connect_port(DEVTOOLS_PORT)
             except BaseException:
@@ -704,9 +635,14 @@ class SandboxRuntime:
             await attempt("VNC", vnc)
             await attempt("DevTools", devtools)
 
-    async def _client(self, state_dir: Path, secret: str) -> AgentClient:
+    async def _connect_agent(
+        self, state_dir: Path, secret: str, timeout_s: float = 10
+    ) -> AgentClient:
         reader, writer = await _open_vm_socket(state_dir, "agent.sock", limit=MAX_MESSAGE + 1)
-        return await AgentClient.connect(reader, writer, secret, timeout_s=10)
+        return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
+
+    async def _connect_vnc(self, state_dir: Path) -> Stream:
+        return await _open_vm_socket(state_dir, "vnc.sock")
 
     # -- destroy ----------------------------------------------------------------------------
 
@@ -728,20 +664,11 @@ class SandboxRuntime:
         self._discard(state_dir)
         return killed
 
-    async def destroy(self, vm_id: str) -> bool:
-        try:
-            state_dir = self._state_dir(vm_id)
-        except RuntimeFailure:
-            return False  # no such id can exist
-        lock = self._locks.setdefault(vm_id, asyncio.Lock())
-        async with lock:
-            if not state_dir.exists():
-                self._reap(vm_id)
-                return False
-            killed = await asyncio.to_thread(self._teardown, vm_id, state_dir)
-        self._locks.pop(vm_id, None)
-        log.info("sandbox %s destroyed (was running: %s)", vm_id, killed)
-        return killed
+    async def _destroy_locked(self, vm_id: str, state_dir: Path) -> bool:
+        if not await asyncio.to_thread(state_dir.exists):
+            self._reap(vm_id)
+            return False
+        return await asyncio.to_thread(self._teardown, vm_id, state_dir)
 
     def _reap(self, vm_id: str) -> None:
         proc = self._procs.get(vm_id)
@@ -755,76 +682,11 @@ class SandboxRuntime:
             self._reap(vm_id)
         return await asyncio.to_thread(self._scan, frozenset(self._creating))
 
-    def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
-        try:
-            entries = sorted(os.scandir(self.vms_dir), key=lambda e: e.name)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
-        found: builtins.list[RunningVm] = []
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False) or not VM_ID.fullmatch(entry.name):
-                continue
-            state_dir = Path(entry.path)
-            meta = read_meta(state_dir)
-            record = _read_pid(state_dir)
-            pid: int | None = None
-            state = "running"
-            if record is not None and is_alive(record):
-                pid = record.pid
-            elif _sandbox_inits(state_dir):
-                state = "unrecorded"  # runs, but the pid file does not say so: destroy it
-            elif entry.name in creating or (record is None and is_young(meta, CREATING_GRACE_S)):
-                state = "creating"
-            else:
-                log.info("sandbox %s is gone; removing its state dir", entry.name)
-                with contextlib.suppress(OSError):
-                    self._discard(state_dir)
-                continue
-            try:
-                role = VmRole(str(meta.get("role")))
-            except ValueError:
-                role = VmRole.BROWSER  # unreadable meta: still report it, so it gets reaped
-            found.append(
-                RunningVm(
-                    vm_id=entry.name,
-                    role=role,
-                    pid=pid,
-                    state_dir=state_dir,
-                    detail={
-                        "state": state,
-                        "created_at": str(meta.get("created_at", "")),
-                        "user_id": str(meta.get("user_id", "")),
-                    },
-                )
-            )
-        return found
+    def _runs_unrecorded(self, state_dir: Path) -> bool:
+        return bool(_sandbox_inits(state_dir))
 
-    # -- streams ----------------------------------------------------------------------------
-
-    def _existing(self, vm_id: str) -> Path:
-        state_dir = self._state_dir(vm_id)
-        if not state_dir.is_dir():
-            raise RuntimeFailure(f"no VM {vm_id} in this runtime", code="vm_not_found")
-        return state_dir
-
-    async def agent_client(self, vm_id: str) -> AgentClient:
-        """A connected, authenticated ``AgentClient`` (``open_agent`` returns its stream)."""
-        state_dir = self._existing(vm_id)
-        try:
-            secret = (state_dir / "agent.secret").read_text().strip()
-            return await self._client(state_dir, secret)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot reach the agent of {vm_id}: {exc}") from None
-
-    async def open_agent(self, vm_id: str) -> Stream:
-        return (await self.agent_client(vm_id)).stream
-
-    async def open_vnc(self, vm_id: str) -> Stream:
-        state_dir = self._existing(vm_id)
-        try:
-            return await _open_vm_socket(state_dir, "vnc.sock")
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
+    def _remove_gone(self, vm_id: str, state_dir: Path) -> None:
+        self._discard(state_dir)
 
     # -- check ------------------------------------------------------------------------------
 
