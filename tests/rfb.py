@@ -282,7 +282,7 @@ class RfbClient:
     async def screenshot(self) -> Screenshot:
         """The whole screen as the VNC server has it now: one full (non-incremental)
         update, its raw rectangles painted into one picture. Call ``true_colour`` first."""
-        assert self.init is not None and self.init.bpp == 32
+        assert self.init is not None and self.init.bpp == 32  # Xvnc's default, or true_colour
         w, h = self.init.width, self.init.height
         pixels = bytearray(w * h * 4)
         await self.request_update(incremental=False)
@@ -290,9 +290,9 @@ class RfbClient:
             kind = (await self.read(1))[0]
             if kind == 0:
                 break
-            if kind == 2:
+            if kind == 2:  # Bell
                 continue
-            if kind == 3:
+            if kind == 3:  # ServerCutText
                 _, length = struct.unpack(">3sI", await self.read(7))
                 await self.read(length)
                 continue
@@ -308,6 +308,16 @@ class RfbClient:
                 start = ((y + row) * w + x) * 4
                 pixels[start : start + rw * 4] = data[row * rw * 4 : (row + 1) * rw * 4]
         return Screenshot(w, h, bytes(pixels))
+
+    async def read_frame(self) -> bytes:
+        """A whole screen as the person sees it, as B, G, R, X bytes (``screenshot``)."""
+        return (await self.screenshot()).bgrx
+
+    def pixel(self, frame: bytes, x: int, y: int) -> tuple[int, int, int]:
+        """(r, g, b) at ``x, y`` of a ``read_frame``."""
+        assert self.init is not None
+        i = (y * self.init.width + x) * 4
+        return frame[i + 2], frame[i + 1], frame[i]
 
     async def key(self, keysym: int) -> None:
         await self.t.send(struct.pack(">BBxxI", 4, 1, keysym) + struct.pack(">BBxxI", 4, 0, keysym))

@@ -226,6 +226,10 @@ def test_serve_demo_prints_a_token_serves_the_api_and_the_idp(cli: Cli) -> None:
         providers = {p["id"]: p for p in r.json()}
         assert providers["oauth2"]["available"] is True
         assert {"claude_code", "codex", "gemini_cli"} <= set(providers)
+        # Which Google accounts can sign in to Gemini CLI is said where people choose.
+        assert "Code Assist" in providers["gemini_cli"]["accounts"]
+        assert "Individual accounts" in providers["gemini_cli"]["accounts"]
+        assert "accounts" not in providers["oauth2"]
         idp = httpx.get(f"http://127.0.0.1:{idp_port}/.well-known/oauth-authorization-server")
         assert idp.status_code == 200
         assert idp.json()["issuer"] == f"http://idp.airlock.test:{idp_port}"

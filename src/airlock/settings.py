@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     viewer_token_ttl_ms: int = Field(
         600_000, gt=0, description="How long a viewer token (in novncURL) opens the viewer."
     )
+    viewer_copy_out: bool = Field(
+        True,
+        description="Text copied in the browser VM reaches the person's clipboard (RFB "
+        "ServerCutText). False: the VNC proxy drops it. View-only viewers never get it.",
+    )
+    viewer_clipboard_max: int = Field(
+        65_536,
+        gt=0,
+        le=1_048_576,
+        description="The longest paste (RFB ClientCutText, bytes) the VNC proxy passes into a "
+        "VM; longer ones are dropped. Neither direction is ever logged.",
+    )
 
     # --- the platform's identity: user JWTs besides Airlock's own tokens -------------
     jwt_jwks_url: str | None = Field(

@@ -5,30 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import pytest
 
 from airlock.agent import protocol
-from airlock.agent.client import AgentClient, AgentError, FileWrite, http_get
+from airlock.agent.client import AgentClient, AgentError, FileWrite
 from airlock.providers.base import LoginPlan
 
-from .conftest import CHROMIUM, HOME, XVNC, AgentHarness, StartAgent
+from .conftest import CHROMIUM, HOME, XVNC, StartAgent
 
 pytestmark = pytest.mark.sandbox
-
-
-async def devtools_get(agent: AgentHarness, path: str) -> tuple[int, bytes] | None:
-    """GET ``path`` from Chromium's DevTools inside the VM, through the agent's port pipe;
-    None while nothing listens there yet."""
-    try:
-        async with await agent.client() as pipe_client:
-            stream = await pipe_client.connect_port(protocol.DEVTOOLS_PORT)
-            answer = await http_get(stream, path)
-            stream[1].close()
-            return answer
-    except AgentError:
-        return None
 
 
 async def raw_exchange(
@@ -317,29 +305,75 @@ async def test_wipe_overwrites_and_removes(start_agent: StartAgent) -> None:
         assert left.stdout == ""
 
 
+# A login program's stand-in inside the VM: a web server on loopback that records each
+# request's path and query in a file, and $BROWSER called with its URLs (the first at once,
+# before Chromium is up; the second later, when the start page is long gone).
+FAKE_LOGIN = r"""
+import http.server, os, subprocess, sys, threading, time
+log = open(os.path.expanduser("~/requests.log"), "a", buffering=1)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        log.write(self.path + "\n")
+        self.send_response(200); self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<title>idp</title><script>fetch('/wd?' + navigator.webdriver)</script>")
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 8765), H)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+subprocess.run([os.environ["BROWSER"], "http://127.0.0.1:8765/authorize?a=1&b=two%20words"])
+while "second" not in open(os.path.expanduser("~/requests.log")).read():
+    if os.path.exists(os.path.expanduser("~/go")):
+        subprocess.run([os.environ["BROWSER"], "http://127.0.0.1:8765/second?c=3"])
+        os.unlink(os.path.expanduser("~/go"))
+    time.sleep(0.1)
+time.sleep(30)
+"""
+WINDOWS = (
+    "from airlock.agent import x11\n"
+    "with x11.XConnection('/tmp/.X11-unix/X0') as x:\n"
+    "    print(sum(x.viewable(w) for w in x.children(x.root)), x.top_level(), x.width)\n"
+)
+
+
 @pytest.mark.skipif(XVNC is None or CHROMIUM is None, reason="needs Xvnc and chromium")
-async def test_browser_role_opens_the_login_url_as_the_only_page(start_agent: StartAgent) -> None:
+async def test_browser_role_opens_the_login_url_in_place_without_devtools(
+    start_agent: StartAgent,
+) -> None:
     agent = await start_agent("browser")
-    url = "http://idp.example/authorize?a=1&b=two%20words"
     async with await agent.client() as client:
-        # Straight away: Chromium is not up yet, the agent keeps the URL and retries.
+        await client.write_files({"login.py": FAKE_LOGIN.encode()})
+        # Straight away: Chromium is not up yet; its start page fetches the URL when it is.
         await client.start_login(
-            LoginPlan(provider="p", argv=["sh", "-c", f'exec "$BROWSER" "{url}"'], watch=[])
+            LoginPlan(provider="p", argv=["{python}", "{home}/login.py"], watch=[])
         )
-        deadline = time.monotonic() + 15
-        pages: list[dict[str, str]] = []
-        while time.monotonic() < deadline:
-            if (await client.ping()).get("display") == ":0":
-                answer = await devtools_get(agent, "/json/list")
-                if answer is not None:  # DevTools is listening
-                    status, body = answer
-                    assert status == 200
-                    pages = [t for t in json.loads(body) if t["type"] == "page"]
-                    if [p["url"] for p in pages] == [url]:
-                        break
+
+        async def requests() -> list[str]:
+            seen = await client.run(["sh", "-c", "cat ~/requests.log 2>/dev/null || true"])
+            return [r for r in seen.stdout.splitlines() if r != "/favicon.ico"]
+
+        deadline = time.monotonic() + 20
+        while await requests() != ["/authorize?a=1&b=two%20words", "/wd?false"]:
+            assert time.monotonic() < deadline, await requests()
             await asyncio.sleep(0.1)
-        assert [p["url"] for p in pages] == [url]
-        assert (await client.login_status())["url"] == url
+        assert (await client.login_status())["url"].endswith("/authorize?a=1&b=two%20words")
+        # navigator.webdriver is false (the page said so, above): no automation flags.
+        # One window, the kiosk app window, covering the screen (the start page was
+        # replaced in place: no second window, no tab strip).
+        windows = (await client.run([sys.executable, "-c", WINDOWS])).stdout
+        assert windows.startswith("1 ") and "x=0, y=0, width=1280, height=800" in windows
+        # A later URL, once the start page is gone: Chromium's own command line hands it
+        # to the running browser.
+        await client.write_files({"go": b""})
+        deadline = time.monotonic() + 30
+        while "/second?c=3" not in await requests():
+            assert time.monotonic() < deadline, await requests()
+            await asyncio.sleep(0.1)
+        flags = await client.run(
+            ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' '\\n' | grep -- '^--' || true"]
+        )
+        assert (
+            "--remote-debugging" not in flags.stdout and "--enable-automation" not in flags.stdout
+        )
 
 
 @pytest.mark.skipif(XVNC is None or CHROMIUM is None, reason="needs Xvnc and chromium")
@@ -350,11 +384,8 @@ async def test_browser_process_model_is_the_one_asked_for(
     agent = await start_agent("browser", "--browser-processes", model)
     async with await agent.client() as client:
         deadline = time.monotonic() + 20
-        while True:  # until DevTools answers: Chromium has started its processes
-            answer = await devtools_get(agent, "/json/version")
-            if answer is not None and answer[0] == 200:
-                break
-            assert time.monotonic() < deadline, "DevTools never answered"
+        while not (await client.ping()).get("browser"):  # the start page asked for a URL
+            assert time.monotonic() < deadline, "Chromium never loaded its start page"
             await asyncio.sleep(0.1)
         listing = await client.run(
             ["sh", "-c", "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"]

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 import pytest
 
-from airlock.agent.client import AgentClient
 from airlock.runtimes.sandbox import SandboxRuntime
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -134,41 +133,3 @@ def server_factory(db_url: str, tmp_path: Path) -> Iterator[Any]:
         runtime = servers[0].runtime
         for vm in asyncio.run(runtime.list()):
             asyncio.run(runtime.destroy(vm.vm_id))
-
-
-@contextlib.asynccontextmanager
-async def devtools_port(runtime: SandboxRuntime, vm_id: str) -> AsyncIterator[int]:
-    """A loopback TCP port on the host that reaches Chromium's DevTools inside the VM,
-    one agent ``connect`` per connection (the VM itself has no network)."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            dst.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        agent_reader, agent_writer = await runtime.open_agent(vm_id)
-        agent = AgentClient(agent_reader, agent_writer)
-        up_reader, up_writer = await agent.connect_port(9222)
-        for t in (
-            asyncio.create_task(pipe(reader, up_writer)),
-            asyncio.create_task(pipe(up_reader, writer)),
-        ):
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield int(server.sockets[0].getsockname()[1])
-    finally:
-        server.close()
-        for t in list(tasks):
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()

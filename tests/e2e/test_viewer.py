@@ -1,30 +1,29 @@
 """What a person does, through the pages only: open the dashboard, sign in, click "Log in
-oauth2", see the identity provider's form in the noVNC canvas, click its user name field,
-type name and password as keystrokes through VNC, and watch the page say "Connected ✓";
-the page then calls ``complete`` and the browser VM goes.
+oauth2", see the identity provider's form in the live view, click once into the view (it
+takes the focus, nothing else), type the user name, Tab, the password, Enter, and watch the
+page say "Connected ✓"; the page then calls ``complete`` and the browser VM goes.
 
 Real everything: an ``airlock serve --demo`` process, a sandbox with Xvnc and Chromium, the
-controller's VNC proxy, noVNC from node_modules, Debian's Chromium driven by Playwright.
-The VM's own Chromium is only *read* over DevTools (its screenshot, where the fields are,
-which one has the focus) to prove that the canvas shows that page and that our clicks
-landed. Screenshots of each step go to test-artifacts/viewer-*.png.
+controller's VNC proxy, noVNC from node_modules, Debian's Chromium driven by Playwright as
+the person's browser. Nothing looks into the VM's Chromium (it has no DevTools): what the
+test knows of the VM is what the person sees, the live view's pixels, and the session's
+state. Screenshots of each step go to test-artifacts/viewer-*.png.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 import time
 from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Locator, Page, async_playwright, expect
+from playwright.async_api import Frame, Locator, Page, async_playwright, expect
 
 from airlock.api import static
-from tests.e2e.conftest import ARTIFACTS, Server, devtools_port
-from tests.e2e.test_login import login_page, wait_session
+from tests.e2e.conftest import ARTIFACTS, Server
+from tests.e2e.test_login import wait_session
 
 pytestmark = [
     pytest.mark.e2e,
@@ -41,172 +40,175 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-# How far the canvas is from a PNG of the VM's screen: the mean absolute difference per
-# colour channel (0-255) over the area both cover, and the canvas's framebuffer size.
-COMPARE = """async (canvas, png) => {
-  const img = new Image();
-  img.src = 'data:image/png;base64,' + png;
-  await img.decode();
-  const w = Math.min(img.width, canvas.width), h = Math.min(img.height, canvas.height);
-  if (!w || !h) return {diff: 255, width: canvas.width, height: canvas.height};
-  const ours = canvas.getContext('2d').getImageData(0, 0, w, h).data;
-  const scratch = document.createElement('canvas');
-  scratch.width = w;
-  scratch.height = h;
-  const ctx = scratch.getContext('2d');
-  ctx.drawImage(img, 0, 0);
-  const theirs = ctx.getImageData(0, 0, w, h).data;
-  let sum = 0;
-  for (let i = 0; i < ours.length; i += 4) {
-    sum += Math.abs(ours[i] - theirs[i]) + Math.abs(ours[i + 1] - theirs[i + 1])
-         + Math.abs(ours[i + 2] - theirs[i + 2]);
-  }
-  return {diff: sum / (w * h * 3), width: canvas.width, height: canvas.height};
-}"""
-SAME_PICTURE = 3.0  # a caret blink or a font's anti-aliasing, not another page
-FIELD_CENTRE = """(name) => {
-  const r = document.querySelector(`input[name=${name}]`).getBoundingClientRect();
-  return {x: r.x + r.width / 2, y: r.y + r.height / 2};
-}"""
-FOCUSED = "() => document.activeElement && document.activeElement.name"
+# The issue's own string: diacritics, a currency sign, spaces, shifted and AltGr symbols.
+PASSWORD = "Pässwörd-@€#1 ok ÀZ"
+PIXEL = "(c, [x, y]) => Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3))"
+CARD = [255, 255, 255]  # the demo IdP's form card, in the middle of its page
+PAGE = [238, 241, 245]  # the demo IdP's page background (#eef1f5)
 
 
 async def shot(page: Page, name: str) -> None:
     await page.screenshot(path=str(ARTIFACTS / f"viewer-{name}.png"))
 
 
-async def wait_same_picture(canvas: Locator, remote: Page, timeout: float = 30) -> None:
-    """Until the canvas shows what the VM's Chromium renders (its DevTools screenshot; the
-    kiosk window covers the screen from its top left corner)."""
+async def wait_pixels(canvas: Locator, want: dict[str, list[int]], timeout: float = 60) -> None:
+    """Until the live view shows the sign-in form laid out over the whole screen: the white
+    card in the middle and the page's background in the corners (a window that did not
+    follow a resize leaves Xvnc's black there)."""
     deadline = time.monotonic() + timeout
     while True:
-        png = base64.b64encode(await remote.screenshot()).decode()
-        seen = await canvas.evaluate(COMPARE, png)
-        if seen["diff"] <= SAME_PICTURE:
+        w, h = await canvas.evaluate("(c) => [c.width, c.height]")
+        points = {"centre": [w // 2, h // 2], "corner": [w - 3, h - 3], "origin": [2, 2]}
+        seen = {k: await canvas.evaluate(PIXEL, points[k]) for k in want}
+        if seen == want:
             return
-        assert time.monotonic() < deadline, f"the canvas does not show the VM's page: {seen}"
-        await asyncio.sleep(0.05)
-
-
-async def wait_window(remote: Page, size: list[int], timeout: float = 10) -> None:
-    """Until the VM's kiosk window has the screen's size (the agent follows a resize within
-    a second; X11 leaves Chromium's window a pixel short in each direction)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        window = await remote.evaluate("() => [innerWidth, innerHeight]")
-        if all(0 <= s - w <= 1 for s, w in zip(size, window, strict=True)):
-            return
-        assert time.monotonic() < deadline, f"the window stays {window} on a {size} screen"
+        assert time.monotonic() < deadline, f"the live view does not show the form: {seen}"
         await asyncio.sleep(0.1)
+
+
+async def open_login(page: Page) -> tuple[Frame, Locator, Locator]:
+    """Click "Log in oauth2" on the dashboard; the live view, its status and its canvas."""
+    await page.get_by_role("button", name="Log in oauth2").click()
+    frame_element = await page.wait_for_selector("#viewer-frame[src]")
+    viewer = await frame_element.content_frame()
+    assert viewer is not None
+    await viewer.wait_for_load_state()
+    return viewer, viewer.locator("#status"), viewer.locator("#screen canvas")
+
+
+async def click_beside_the_form(page: Page, canvas: Locator) -> None:
+    """One click into the live view, on the remote page but on none of its fields."""
+    box = await canvas.bounding_box()
+    assert box is not None
+    await page.mouse.click(box["x"] + 30, box["y"] + box["height"] / 2)
+
+
+async def sign_in(page: Page, user: str, password: str) -> None:
+    await page.keyboard.type(user, delay=25)
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(password, delay=25)
+    await page.keyboard.press("Enter")
+
+
+async def dashboard(
+    pw: Any, server: Server, user_token: str, permissions: tuple[str, ...] = ()
+) -> tuple[Any, Page]:
+    """The person's browser on the dashboard, signed in; ``permissions`` it grants the
+    dashboard's origin (the clipboard's, for the clipboard tests)."""
+    browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    context = await browser.new_context(
+        viewport={"width": 1280, "height": 960}, permissions=list(permissions)
+    )
+    page = await context.new_page()
+    await page.goto(f"{server.url}/")
+    await page.get_by_label("API token").fill(user_token)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("button", name="Log in oauth2")).to_be_enabled()
+    return browser, page
 
 
 # The pages do not care which database the controller uses; the lifecycle tests cover both.
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_a_person_logs_in_through_the_viewer_page(server_factory: Any) -> None:
+async def test_a_person_logs_in_ten_times_with_one_click_and_tab(server_factory: Any) -> None:
     started = time.monotonic()
-    server: Server = server_factory(grace_success_ms=30_000)
+    server: Server = server_factory(grace_success_ms=30_000, demo_password=PASSWORD)
     server.start()
     user_token = server.cli("tokens", "create", "--user", "alice")
     ARTIFACTS.mkdir(exist_ok=True)
     headers = {"Authorization": f"Bearer {user_token}"}
+    timings: list[float] = []
     async with (
         httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as api,
         async_playwright() as pw,
     ):
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser, page = await dashboard(pw, server, user_token)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 960})
-            await page.goto(f"{server.url}/")
-            await page.get_by_label("API token").fill(user_token)
-            await page.get_by_role("button", name="Sign in").click()
-            login = page.get_by_role("button", name="Log in oauth2")
-            await expect(login).to_be_enabled()
-            await shot(page, "1-dashboard")
-
-            clicked = time.monotonic()
-            await login.click()
-            frame_element = await page.wait_for_selector("#viewer-frame[src]")
-            viewer = await frame_element.content_frame()
-            assert viewer is not None
-            await viewer.wait_for_load_state()
-            page_loaded = time.monotonic()
-            status = viewer.locator("#status")
-            canvas = viewer.locator("#screen canvas")
-            sessions = (await api.get("/api/auth/sessions")).json()
-            session_id, vm_id = sessions[0]["sessionId"], sessions[0]["vm"]["vmId"]
-            await expect(status).to_have_text("Sign in with oauth2", timeout=60_000)
-
-            # Read-only access to the VM's own Chromium: what it renders, where its fields
-            # are, which one has the focus. Everything the person does goes through VNC.
-            async with devtools_port(server.runtime, vm_id) as port:
-                cdp = await pw.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
-                remote = await login_page(cdp, timeout=60)
-                await remote.wait_for_selector("input[name=username]")
-                await wait_same_picture(canvas, remote)
-                form_shown = time.monotonic()  # at most this long (the checks take time)
-
-                # resizeSession: the remote screen took the viewer's size (Xvnc applies
-                # SetDesktopSize), and the kiosk window followed it (the agent).
+            for n in range(10):
+                clicked = time.monotonic()
+                viewer, status, canvas = await open_login(page)
+                await expect(status).to_have_text("Sign in with oauth2", timeout=60_000)
+                # resizeSession: the remote screen took the view's size, and the kiosk
+                # window followed it (the agent's X11 fit): the form fills the new screen.
+                await wait_pixels(canvas, {"centre": CARD, "corner": PAGE, "origin": PAGE})
                 screen = await viewer.locator("#screen").bounding_box()
                 assert screen is not None
                 fb = await canvas.evaluate("(c) => [c.width, c.height]")
                 assert fb == [int(screen["width"]), int(screen["height"])], (fb, screen)
                 assert fb != [1280, 800]
-                await wait_window(remote, fb)
-                await wait_same_picture(canvas, remote)  # the page, laid out anew
-                await shot(page, "2-login-form")
-
-                async def click_field(name: str) -> None:
-                    """Click the canvas where the VM's page has field ``name``, and wait
-                    until that field has the focus in the VM: the click travelled through
-                    noVNC, our proxy and Xvnc."""
-                    field = await remote.evaluate(FIELD_CENTRE, name)
-                    box = await canvas.bounding_box()
-                    assert box is not None
-                    scale = box["width"] / fb[0]
-                    await page.mouse.click(
-                        box["x"] + field["x"] * scale, box["y"] + field["y"] * scale
+                timings.append(time.monotonic() - clicked)
+                if n == 0:
+                    await shot(page, "1-login-form")
+                await click_beside_the_form(page, canvas)
+                await expect(viewer.locator("#screen")).to_have_class(re.compile("focused"))
+                await sign_in(page, "demo", PASSWORD)
+                try:
+                    await expect(status).to_have_text("Connected ✓", timeout=30_000)
+                except AssertionError:
+                    await shot(page, f"failed-login-{n}")
+                    raise
+                sessions = (await api.get("/api/auth/sessions")).json()
+                done = await wait_session(api, sessions[0]["sessionId"], "completed")
+                assert done["credentials"]["captured"] is True
+                if n == 0:
+                    await shot(page, "2-connected")
+                    countdown = viewer.locator("#countdown")
+                    await expect(countdown).to_have_text(
+                        "(done: you can close this tab)", timeout=20_000
                     )
-                    deadline = time.monotonic() + 10
-                    while await remote.evaluate(FOCUSED) != name:
-                        assert time.monotonic() < deadline, f"the click did not reach {name}"
-                        await asyncio.sleep(0.05)
-
-                # The form opens with the user name focused: the password first, then back.
-                await click_field("password")
-                await click_field("username")
-                await cdp.close()  # only the VNC path from here on
-
-            # Keystrokes into the focused canvas: noVNC sends them as RFB key events.
-            await page.keyboard.type("demo", delay=30)
-            await page.keyboard.press("Tab")
-            await page.keyboard.type("demo", delay=30)
-            await shot(page, "3-typed")
-            await page.keyboard.press("Enter")
-
-            await expect(status).to_have_text("Connected ✓", timeout=30_000)
-            countdown = viewer.locator("#countdown")
-            await expect(countdown).to_have_text(re.compile(r"^\(closing in \d+ s\)$"))
-            done = await wait_session(api, session_id, "completed")
-            assert done["credentials"]["captured"] is True
-            await shot(page, "4-connected")
-
-            # The page calls complete a moment later: the VM goes at once ("completed"), not
-            # at the end of the 30 s grace period ("grace_ended").
-            await expect(countdown).to_have_text("(done: you can close this tab)", timeout=20_000)
-            vm = (await api.get(f"/api/vms/{vm_id}")).json()
-            assert vm["state"] == "destroyed", vm
-            assert vm["destroyReason"] == "completed"
-            timeline = (await api.get(f"/api/auth/session/{session_id}/timeline")).json()
-            assert any(e["actor"] == "viewer:alice" for e in timeline), timeline
-            await shot(page, "5-done")
+                    vm = (await api.get(f"/api/vms/{done['vm']['vmId']}")).json()
+                    assert vm["state"] == "destroyed" and vm["destroyReason"] == "completed"
+                    timeline = (
+                        await api.get(f"/api/auth/session/{done['sessionId']}/timeline")
+                    ).json()
+                    assert any(e["actor"] == "viewer:alice" for e in timeline), timeline
+            sessions = (await api.get("/api/auth/sessions")).json()
+            assert len(sessions) == 10
+            assert [s["status"] for s in sessions] == ["completed"] * 10
         finally:
             await browser.close()
-    assert vm_id not in {v.vm_id for v in await server.runtime.list()}
     print(
-        f"\nviewer: login clicked -> viewer page loaded {page_loaded - clicked:.2f} s; "
-        f"page loaded -> the canvas shows the VM's login form {form_shown - page_loaded:.2f} s "
-        f"(click -> form {form_shown - clicked:.2f} s); "
+        f"\nviewer: 10 logins; login clicked -> the form in the live view "
+        f"median {sorted(timings)[5]:.2f} s, max {max(timings):.2f} s; "
         f"test {time.monotonic() - started:.1f} s"
     )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_person_on_a_phone_raises_the_keyboard_and_signs_in(server_factory: Any) -> None:
+    """A phone: a touch screen, no physical keyboard. The Keyboard button focuses the view's
+    text area in the tap (what raises the on-screen keyboard); the on-screen keyboard's text
+    comes as input events, its Enter as a key. The remote screen fits the phone's width."""
+    server: Server = server_factory(grace_success_ms=30_000, demo_password=PASSWORD)
+    server.start()
+    user_token = server.cli("tokens", "create", "--user", "alice")
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(
+                viewport={"width": 412, "height": 915}, is_mobile=True, has_touch=True
+            )
+            page = await context.new_page()
+            await page.goto(f"{server.url}/")
+            await page.get_by_label("API token").fill(user_token)
+            await page.get_by_role("button", name="Sign in").tap()
+            await expect(page.get_by_role("button", name="Log in oauth2")).to_be_enabled()
+            viewer, status, canvas = await open_login(page)
+            await expect(status).to_have_text("Sign in with oauth2", timeout=60_000)
+            await wait_pixels(canvas, {"centre": CARD, "origin": PAGE})
+            box = await canvas.bounding_box()
+            frame = await viewer.locator("#screen").bounding_box()
+            assert box is not None and frame is not None
+            assert box["width"] <= frame["width"] + 1, (box, frame)  # the screen fits
+            keyboard = viewer.get_by_role("button", name="Keyboard")
+            await expect(keyboard).to_be_visible()  # shown on touch screens only
+            await keyboard.tap()
+            await expect(viewer.locator("#keys")).to_be_focused()
+            await page.keyboard.insert_text("demo")  # what an on-screen keyboard sends
+            await page.keyboard.press("Enter")  # empty password: the form focuses it
+            await page.keyboard.insert_text(PASSWORD)
+            await shot(page, "phone")
+            await page.keyboard.press("Enter")
+            await expect(status).to_have_text("Connected ✓", timeout=30_000)
+        finally:
+            await browser.close()

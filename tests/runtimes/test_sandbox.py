@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from airlock.agent.client import AgentClient, AgentError, http_get
-from airlock.agent.protocol import DEVTOOLS_PORT
+from airlock.agent.client import AgentClient, AgentError
+from airlock.agent.protocol import EGRESS_PORT, START_PAGE_PORT
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.providers.base import LoginPlan
@@ -119,7 +119,7 @@ async def test_is_a_runtime_and_check_finds_nothing_missing(runtime: SandboxRunt
     assert any("tigervnc-standalone-server" in p for p in problems)
 
 
-async def test_browser_vm_serves_agent_vnc_and_devtools(runtime: SandboxRuntime) -> None:
+async def test_browser_vm_serves_agent_and_vnc_and_no_devtools(runtime: SandboxRuntime) -> None:
     vm = await runtime.create(VmSpec(vm_id="br1", role=VmRole.BROWSER, user_id="u1"))
     assert vm.role is VmRole.BROWSER and vm.pid is not None and alive(vm.pid)
     assert vm.state_dir == runtime.vms_dir / "br1"
@@ -138,11 +138,11 @@ async def test_browser_vm_serves_agent_vnc_and_devtools(runtime: SandboxRuntime)
 
     async with await agent(runtime, "br1") as client:
         pong = await client.ping()
-        assert pong["role"] == "browser" and pong["display"] == ":0"
+        assert pong["role"] == "browser" and pong["display"] == ":0" and pong["browser"]
         hostname = await client.run(["hostname"])
         assert hostname.stdout.strip() == "airlock-br1"
-        # Loopback only, and nothing listens on TCP but the agent's 3128 and DevTools' 9222
-        # (no VNC port: VNC is only on the Unix socket).
+        # Loopback only, and nothing listens on TCP but the agent's egress port and start
+        # page (no VNC port: VNC is only on the Unix socket; no DevTools port).
         devices = await client.run(["cat", "/proc/net/dev"])
         assert re.findall(r"^\s*(\w+):", devices.stdout, re.M) == ["lo"]
         net = await client.run(["cat", "/proc/net/tcp", "/proc/net/tcp6"])
@@ -150,18 +150,21 @@ async def test_browser_vm_serves_agent_vnc_and_devtools(runtime: SandboxRuntime)
             int(m, 16)
             for m in re.findall(r"^\s*\d+: [0-9A-F]+:([0-9A-F]{4}) \S+ 0A", net.stdout, re.M)
         }
-        assert listening == {3128, DEVTOOLS_PORT}
+        assert listening == {EGRESS_PORT, START_PAGE_PORT}
+        # Every process in the VM, by its command line: no remote debugging, no automation
+        # (Google refuses to sign in such a browser), and Chromium is among them.
+        listing = await client.run(
+            ["sh", "-c", "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"]
+        )
+        commands = [line for line in listing.stdout.splitlines() if line.strip()]
+        assert any("--user-data-dir=" in line for line in commands), commands
+        for flag in ("--remote-debugging", "--enable-automation", "--headless", "9222"):
+            assert not any(flag in line for line in commands), (flag, commands)
 
     reader, writer = await runtime.open_vnc("br1")
     banner = await asyncio.wait_for(reader.readexactly(12), 5)
     writer.close()
     assert re.fullmatch(rb"RFB 003\.00\d\n", banner)
-
-    async with await agent(runtime, "br1") as client:
-        stream = await client.connect_port(DEVTOOLS_PORT)
-        status, body = await http_get(stream, "/json/version")
-        stream[1].close()
-    assert status == 200 and json.loads(body)["Browser"].startswith(("Chrome/", "HeadlessChrome"))
 
     # The whole VM, Xvnc and Chromium included, is one scheduling group below the controller.
     autogroup, groups = scheduling_groups(vm.pid)
@@ -521,7 +524,7 @@ async def test_list_raises_when_vms_dir_cannot_be_read(tmp_path: Path) -> None:
 
 
 async def test_browser_create_latency(runtime: SandboxRuntime) -> None:
-    """Boot time of a browser VM until agent, VNC and DevTools all answer (target < 1.5 s
+    """Boot time of a browser VM until agent, VNC and Chromium (its start page) answer (< 1.5 s
     on 2 cores). Asserted loosely here; the report quotes the measured median."""
     times = []
     for n in range(3):

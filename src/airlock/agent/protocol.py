@@ -12,11 +12,13 @@ for ``qemu``, vsock for ``firecracker``). Messages are JSON objects, one per lin
    {"code": "...", "message": "..."}}``. One request at a time per connection; open more
    connections for concurrency.
 3. ``connect`` turns the connection into a raw byte pipe to a TCP port inside the VM once
-   it has answered ok (this is how the DevTools and, for ``qemu``, VNC streams travel).
+   it has answered ok (this is how, for ``qemu``, the VNC stream travels).
 
 Operations (arguments -> result):
 
-- ``ping`` -> ``{role, uptime_s, display?, lease_ends_in_ms?}``
+- ``ping`` -> ``{role, uptime_s, display?, browser?, lease_ends_in_ms?}`` (``browser: true``
+  once Chromium's window is up or its start page has asked for the URL: the browser VM is
+  ready for a login URL; ``lease_ends_in_ms`` while a lease holds).
 - ``start_login {login: LoginPlan}`` -> ``{started: true}``. Runs the plan's argv with
   ``BROWSER`` set to a helper that opens the URL in the VM's Chromium.
 - ``login_status`` -> ``{state: "idle"|"running"|"exited", exit_code, url, captured}``
@@ -49,7 +51,7 @@ VERSION = "1"
 MAX_MESSAGE = 4 * 1024 * 1024
 EGRESS_PORT = 3128  # inside the VM: the egress proxy as Chromium and the CLIs see it
 LEASE_EXPIRED_EXIT = 75  # the agent's exit status when its lease ran out
-DEVTOOLS_PORT = 9222  # inside the VM: Chromium's DevTools (reachable only via ``connect``)
+START_PAGE_PORT = 3129  # inside the VM, loopback only: the agent's start page for Chromium
 
 
 class ProtocolError(Exception):

@@ -336,3 +336,6 @@ class ProviderOut(_Out):
     name: str
     available: bool
     reason: str | None = Field(None, description="Why it is not available (absent if it is).")
+    accounts: str | None = Field(
+        None, description="Which accounts can log in, where the vendor limits that."
+    )

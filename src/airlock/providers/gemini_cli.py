@@ -20,6 +20,16 @@ network is there; offline (as in our CLI VMs), "Cached credentials are not valid
 to https://oauth2.googleapis.com/tokeninfo failed", which shows the CLI found, parsed and
 tried exactly the injected token (a missing or unreadable file says "Failed to load
 credentials" instead, an expired one fails at ``/token``). Needs Node >= 20.
+
+Which accounts can log in (``ACCOUNTS``, shown in ``GET /api/providers`` and the dashboard):
+Google reports that sign-in with *individual* Google accounts (free, Google AI Pro, Ultra)
+to Gemini CLI stopped on 2026-06-18 ("This client is no longer supported",
+google-gemini/gemini-cli #28229, #29279), while paid Gemini Code Assist seats (Standard,
+Enterprise, through a Google Cloud project) keep working. The pinned 0.61.0 has no such
+message in its bundle (checked: it still offers ``oauth-personal`` and only says "This model
+is not available for personal accounts" for some models), so the refusal comes from
+Google's servers, not from the CLI; it cannot be verified offline here. API keys
+(``GEMINI_API_KEY``) keep working but are not a browser login, so not what Airlock runs.
 """
 
 from __future__ import annotations
@@ -64,9 +74,18 @@ TRIED_OFFLINE = (
 )
 
 
+ACCOUNTS = (
+    "Only Google accounts with a paid Gemini Code Assist seat (Standard or Enterprise, "
+    "through a Google Cloud project). Individual accounts (free, Google AI Pro, Ultra) are "
+    'refused by Google since 2026-06-18 ("This client is no longer supported"); for '
+    "those, use an API key outside Airlock."
+)
+
+
 class GeminiCliProvider:
     id = "gemini_cli"
     name = "Gemini CLI"
+    accounts = ACCOUNTS
 
     def __init__(self, bin_dir: Path = vendor.VENDOR_BIN) -> None:
         self.binary = bin_dir / "gemini"

@@ -45,8 +45,8 @@ from typing import Any
 
 import airlock
 from airlock.agent import chromium_policy
-from airlock.agent.client import AgentClient, AgentError, http_get
-from airlock.agent.protocol import DEVTOOLS_PORT, MAX_MESSAGE
+from airlock.agent.client import AgentClient, AgentError
+from airlock.agent.protocol import MAX_MESSAGE
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes import confine, vm_launch
@@ -579,7 +579,8 @@ class SandboxRuntime(VmDirRuntime):
         self, spec: VmSpec, state_dir: Path, secret: str, deadline: float, record: PidRecord
     ) -> None:
         """Until the agent answers ping; for a browser VM also until VNC speaks RFB and
-        Chromium's DevTools answers (through the agent, as the controller will reach it)."""
+        Chromium is up (the agent's ping says so: its window is mapped, or its start page
+        asked for the URL)."""
         proc = self._procs.get(spec.vm_id)
 
         async def attempt(what: str, probe: Callable[[], Awaitable[None]]) -> None:
@@ -613,19 +614,10 @@ class SandboxRuntime(VmDirRuntime):
             if not banner.startswith(b"RFB "):
                 raise ValueError(f"not an RFB server: {banner!r}")
 
-        async def devtools() -> None:
-            client = await self._connect_agent(state_dir, secret)
-            try:
-                reader, writer = await client.connect_port(DEVTOOLS_PORT)
-            except BaseException:
-                await client.close()
-                raise
-            try:
-                status, body = await http_get((reader, writer), "/json/version")
-            finally:
-                writer.close()
-            if status != 200 or "Browser" not in json.loads(body):
-                raise ValueError(f"DevTools answered {status}")
+        async def browser() -> None:
+            async with await self._connect_agent(state_dir, secret) as client:
+                if not (await client.ping()).get("browser"):
+                    raise ValueError("Chromium is not up yet")
 
         await attempt("agent", ping)
         # Now, not at launch: bwrap's init calls setsid() (a new scheduling group, at nice
@@ -633,7 +625,7 @@ class SandboxRuntime(VmDirRuntime):
         set_cpu_nice(record.pid, VM_NICE)
         if spec.role is VmRole.BROWSER:
             await attempt("VNC", vnc)
-            await attempt("DevTools", devtools)
+            await attempt("Chromium", browser)
 
     async def _connect_agent(
         self, state_dir: Path, secret: str, timeout_s: float = 10

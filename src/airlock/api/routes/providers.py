@@ -22,7 +22,11 @@ async def list_providers(core: CoreDep, principal: PrincipalDep) -> list[schemas
         reason = provider.available()
         out.append(
             schemas.ProviderOut(
-                id=provider_id, name=provider.name, available=reason is None, reason=reason
+                id=provider_id,
+                name=provider.name,
+                available=reason is None,
+                reason=reason,
+                accounts=getattr(provider, "accounts", None),  # optional on a Provider
             )
         )
     return out

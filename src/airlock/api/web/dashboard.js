@@ -100,10 +100,20 @@ async function loadProviders() {
       ...providers.map((p) =>
         button(`Log in ${p.id}`, () => startLogin(p.id), {
           disabled: !p.available,
-          title: p.available ? p.name : `${p.name}: ${p.reason}`,
+          title: [p.available ? p.name : `${p.name}: ${p.reason}`, p.accounts]
+            .filter(Boolean)
+            .join("\n"),
           className: p.available ? "primary" : "",
         }),
       ),
+      ...providers
+        .filter((p) => p.accounts)
+        .map((p) => {
+          const line = document.createElement("p");
+          line.className = "muted provider-accounts";
+          line.textContent = `${p.name}: ${p.accounts}`;
+          return line;
+        }),
     );
   } catch (e) {
     box.textContent = `Cannot list providers: ${e.message}`;

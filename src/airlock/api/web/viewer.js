@@ -6,6 +6,9 @@
 import { showEgressNotice } from "./egress_notice.js";
 
 const NOVNC = "/static/novnc/core/rfb.js";
+const NOVNC_KEYBOARD = "/static/novnc/core/input/keyboard.js";
+const NOVNC_KEYSYMS = "/static/novnc/core/input/keysymdef.js";
+const CLIPBOARD_MAX = 64 * 1024; // characters, each way; the proxy drops longer cut texts
 const KEEPALIVE_MS = 20_000;
 const COMPLETE_AFTER_MS = 2_500; // long enough to read "Connected ✓"
 const GONE = new Set(["destroying", "destroyed", "lost"]);
@@ -179,13 +182,14 @@ async function connectVnc() {
   rfb.scaleViewport = true; // the whole remote screen, scaled to the window
   rfb.resizeSession = true; // and the remote screen resized to it, where the server can
   rfb.viewOnly = viewOnly;
-  rfb.focusOnClick = !viewOnly;
+  rfb.focusOnClick = false; // the text sink takes the keyboard, not the canvas (see below)
   rfb.background = "#222";
   rfb.addEventListener("connect", () => {
     vncRetry = 0;
     note("");
-    if (!viewOnly) rfb.focus();
+    if (!viewOnly) focusScreen();
   });
+  rfb.addEventListener("clipboard", (e) => copyOut(e.detail.text));
   rfb.addEventListener("disconnect", () => {
     rfb = null;
     if (vmGone() || completeSent) return;
@@ -199,23 +203,196 @@ async function connectVnc() {
   });
 }
 
-focusButton.addEventListener("click", () => rfb?.focus());
-// Keys go to the remote browser while its screen has focus (Tab included): F6 leaves it.
-window.addEventListener(
-  "keydown",
-  (e) => {
-    if (e.key === "F6" && document.activeElement?.tagName === "CANVAS") {
+// --- keyboard, clipboard and touch input (live view only, not view-only) ----------------
+//
+// The keyboard focus is a transparent text area over the screen (#keys), not the canvas:
+// - a key whose keydown names its character (any layout: noVNC takes e.key) or a special
+//   key (Tab, Enter, arrows, shortcuts) goes to noVNC's own Keyboard, as keysyms;
+// - text the local browser composes with no such keydown (dead keys, IME/CJK, on-screen
+//   keyboards, autofill, "insertText") lands in the text area: it is sent as the keysyms of
+//   its characters (Xvnc adds a keysym it has no key for to its keymap on the fly);
+// - Ctrl+V / ⌘V pastes natively into the text area (no clipboard permission needed): the
+//   text goes to Xvnc's clipboard (ClientCutText) and the remote field gets Ctrl+V, so it
+//   arrives exactly and at once, whatever its characters;
+// - the first click into the view only gives it the focus: a click passed through would
+//   also land in the remote page and take the focus off the field the page focused.
+
+const keysEl = document.getElementById("keys");
+const pasteButton = document.getElementById("paste-button");
+const keyboardButton = document.getElementById("keyboard-button");
+const pasteBox = document.getElementById("paste-box");
+const pasteText = document.getElementById("paste-text");
+const copyBox = document.getElementById("copy-box");
+const copyText = document.getElementById("copy-text");
+const XK_BACKSPACE = 0xff08;
+const XK_TAB = 0xff09;
+const XK_RETURN = 0xff0d;
+const XK_CONTROL_L = 0xffe3;
+const XK_V = 0x0076;
+let keysyms = null;
+
+function focusScreen() {
+  keysEl.focus({ preventScroll: true });
+}
+
+function composing(e) {
+  return e.isComposing || e.keyCode === 229 || ["Dead", "Process", "Unidentified"].includes(e.key);
+}
+
+// The characters the VM's keymap has keys for (ASCII, Latin-1, €: the agent maps them
+// before Chromium starts). Text with others (CJK, other scripts) goes as a paste: Xvnc would
+// add a key for each on the fly, and Chromium misses a key press right after such a change.
+const ON_THE_KEYMAP = /^[\n\r\t\x20-\x7e\xa0-\xff€]*$/u;
+
+function typeText(text) {
+  if (!rfb || !keysyms || !text) return;
+  if (!ON_THE_KEYMAP.test(text)) {
+    sendPaste(text);
+    return;
+  }
+  for (const ch of text) {
+    const cp = ch.codePointAt(0);
+    let keysym = keysyms.lookup(cp);
+    if (ch === "\n" || ch === "\r") keysym = XK_RETURN;
+    else if (ch === "\t") keysym = XK_TAB;
+    rfb.sendKey(keysym, null);
+  }
+}
+
+function sendPaste(text) {
+  if (!rfb || !text) return;
+  if (text.length > CLIPBOARD_MAX) {
+    note(`Not pasted: more than ${CLIPBOARD_MAX} characters.`);
+    setTimeout(() => note(""), 4000);
+    return;
+  }
+  rfb.clipboardPasteFrom(text); // Xvnc owns the remote clipboard now, with this text
+  rfb.sendKey(XK_CONTROL_L, "ControlLeft", true);
+  rfb.sendKey(XK_V, "KeyV", true);
+  rfb.sendKey(XK_V, "KeyV", false);
+  rfb.sendKey(XK_CONTROL_L, "ControlLeft", false);
+}
+
+async function copyOut(text) {
+  if (viewOnly || typeof text !== "string" || !text || text.length > CLIPBOARD_MAX) return;
+  try {
+    await navigator.clipboard.writeText(text);
+    copyBox.hidden = true;
+  } catch {
+    copyText.value = text; // the browser refused: the person copies it from the box
+    copyBox.hidden = false;
+  }
+}
+
+async function pasteControl() {
+  try {
+    const text = await navigator.clipboard.readText();
+    sendPaste(text);
+    focusScreen();
+  } catch {
+    pasteBox.hidden = false; // no permission (or Firefox, Safari): paste into a box instead
+    pasteText.value = "";
+    pasteText.focus();
+  }
+}
+
+async function setUpInput() {
+  const [{ default: Keyboard }, { default: symbols }] = await Promise.all([
+    import(NOVNC_KEYBOARD),
+    import(NOVNC_KEYSYMS),
+  ]);
+  keysyms = symbols;
+  const keyboard = new Keyboard(keysEl);
+  keyboard.onkeyevent = (keysym, code, down) => rfb?.sendKey(keysym, code, down);
+  keyboard.grab();
+  // Before noVNC's Keyboard (capture, on the parent): what the browser composes stays with
+  // the browser; Ctrl+V / ⌘V is left to the browser's own paste (see "paste" below).
+  screenEl.addEventListener(
+    "keydown",
+    (e) => {
+      if (e.target !== keysEl) return;
+      const paste = (e.ctrlKey || e.metaKey) && !e.altKey && e.key.toLowerCase() === "v";
+      if (paste || composing(e)) e.stopPropagation();
+      if (e.key === "F6") {
+        e.stopPropagation();
+        e.preventDefault();
+        focusButton.focus(); // keys go to the remote browser, Tab included: F6 leaves it
+      }
+    },
+    true,
+  );
+  keysEl.addEventListener("compositionend", (e) => {
+    typeText(e.data);
+    keysEl.value = "";
+  });
+  keysEl.addEventListener("input", (e) => {
+    if (e.isComposing || e.inputType === "insertCompositionText") return;
+    if (e.inputType === "insertLineBreak") rfb?.sendKey(XK_RETURN, null);
+    else if (e.inputType === "deleteContentBackward") rfb?.sendKey(XK_BACKSPACE, null);
+    else if (e.inputType !== "insertFromPaste") typeText(e.data ?? keysEl.value);
+    keysEl.value = "";
+  });
+  keysEl.addEventListener("paste", (e) => {
+    e.preventDefault();
+    sendPaste(e.clipboardData?.getData("text/plain") ?? "");
+  });
+  keysEl.addEventListener("focus", () => screenEl.classList.add("focused"));
+  focusButton.addEventListener("click", () => {
+    armed = false; // focused by the page's own control: the next click is the remote page's
+  });
+  keysEl.addEventListener("blur", () => screenEl.classList.remove("focused"));
+  // The first press into the view (and the first after it lost the focus) focuses it and
+  // goes no further: a person clicks into the view to type into it.
+  let armed = true;
+  let swallowUp = false;
+  keysEl.addEventListener("blur", () => {
+    armed = true;
+  });
+  const press = (e) => {
+    if (armed || document.activeElement !== keysEl) {
       e.preventDefault();
       e.stopPropagation();
-      focusButton.focus();
+      armed = false;
+      swallowUp = true;
+      focusScreen();
     }
-  },
-  true,
-);
+  };
+  const release = (e) => {
+    if (swallowUp) {
+      e.preventDefault();
+      e.stopPropagation();
+      swallowUp = false;
+    }
+    if (document.activeElement !== keysEl) focusScreen();
+  };
+  screenEl.addEventListener("mousedown", press, true);
+  screenEl.addEventListener("mouseup", release, true);
+  pasteButton.addEventListener("click", pasteControl);
+  keyboardButton.addEventListener("click", focusScreen); // in the tap: the keyboard shows
+  pasteBox.addEventListener("submit", (e) => {
+    e.preventDefault();
+    sendPaste(pasteText.value);
+    pasteText.value = "";
+    pasteBox.hidden = true;
+    focusScreen();
+  });
+  document.getElementById("paste-cancel").addEventListener("click", () => {
+    pasteBox.hidden = true;
+    focusScreen();
+  });
+  document.getElementById("copy-close").addEventListener("click", () => {
+    copyBox.hidden = true;
+    focusScreen();
+  });
+}
+
+focusButton.addEventListener("click", focusScreen);
 
 if (viewOnly) {
-  focusButton.hidden = true;
+  for (const el of [focusButton, pasteButton, keyboardButton, keysEl]) el.hidden = true;
   document.getElementById("view-only").hidden = false;
+} else {
+  setUpInput().catch(() => note("The viewer's keyboard could not load: reload the page."));
 }
 if (!sessionId || !token) {
   say("This viewer link is incomplete: it needs a session and a token.", "bad");
