@@ -504,8 +504,10 @@ class SandboxRuntime(VmDirRuntime):
         _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
         _write_private(state_dir / "pid", b"")  # filled in place once bwrap tells us the pid
         _write_private(state_dir / "agent.log", b"")
-        if uid != os.geteuid():
-            os.chown(state_dir / "agent.secret", uid, uid)  # the agent reads it, as the VM
+        if uid != os.geteuid():  # the agent reads these, as the VM's uid
+            os.chown(state_dir / "agent.secret", uid, uid)
+            if spec.boot_lease is not None:
+                os.chown(state_dir / "agent.lease", uid, uid)
         if spec.role is VmRole.CLI:
             (state_dir / "home").mkdir(mode=0o700)
             if uid != os.geteuid():
