@@ -16,7 +16,8 @@ The state dir ``{vms_dir}/{vm_id}/`` holds what a restarted controller needs: ``
 
 KVM or TCG: ``/dev/kvm`` can exist and still run no stock kernel (kvm-pvm hangs one), so
 ``accel="auto"`` boots the image's kernel once under KVM and waits for its first console
-line; the answer is cached in ``{cache}/kvm-probe.json`` per guest kernel and host kernel.
+line; the answer is cached in ``{cache}/kvm-probe.json`` per guest kernel and host kernel
+(``kvm_probe``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from airlock.errors import RuntimeFailure
 from airlock.images import Image, find_image
 from airlock.runtimes import confine
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
+from airlock.runtimes.kvm_probe import kvm_openable, probe_kvm
 from airlock.runtimes.skeleton import (
     VmDirRuntime,
     kill,
@@ -67,6 +68,7 @@ from airlock.runtimes.vmdir import (
 )
 
 log = logging.getLogger(__name__)
+__all__ = ["QemuRuntime", "kvm_openable", "probe_kvm"]  # the probe lives in kvm_probe
 
 CONFIG_DISK_SIZE = 4096
 MUX_PORT = "org.airlock.mux"
@@ -74,7 +76,6 @@ MUX_PORT = "org.airlock.mux"
 # the drop to the VM's uid (-runas).
 QEMU_SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 CREATING_GRACE_S = 120.0
-PROBE_TIMEOUT_S = 8.0
 # A CLI VM is where the vendor CLIs run, so it boots the image that has them.
 DEFAULT_FLAVORS = {VmRole.BROWSER: "browser", VmRole.CLI: "cli"}
 INSTALL_HINT = "apt-get install qemu-system-x86 qemu-utils (scripts/setup.sh --with-qemu)"
@@ -98,92 +99,6 @@ def _find_qemu(state_dir: Path) -> list[int]:
 
 def _alive(record: PidRecord | None) -> bool:
     return record is not None and is_alive(record)
-
-
-# -- KVM or TCG -----------------------------------------------------------------------------
-def kvm_openable() -> str | None:
-    """None if /dev/kvm can be opened, else why not."""
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
-    except OSError as exc:
-        return f"/dev/kvm: {exc.strerror}"
-    return None
-
-
-def probe_kvm(qemu: str, image: Image, cache_dir: Path) -> tuple[bool, str]:
-    """Whether KVM boots this image's stock kernel: (usable, why). Cached per guest kernel
-    and host kernel; the probe itself takes at most ``PROBE_TIMEOUT_S`` once."""
-    if (why := kvm_openable()) is not None:
-        return False, why
-    key = f"{image.kernel_version}@{os.uname().release}"
-    cache = cache_dir / "kvm-probe.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        known = json.loads(cache.read_text())[key]
-        return bool(known["usable"]), str(known["why"])
-    usable, why = _boot_probe(qemu, image)
-    with contextlib.suppress(OSError, ValueError):
-        data: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads(cache.read_text())
-        data[key] = {"usable": usable, "why": why, "at": datetime.now(UTC).isoformat()}
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, cache)
-    return usable, why
-
-
-def _boot_probe(qemu: str, image: Image) -> tuple[bool, str]:
-    argv = [
-        qemu,
-        "-M",
-        "q35",
-        "-accel",
-        "kvm",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-kernel",
-        str(image.vmlinuz),
-        "-append",
-        "console=ttyS0 panic=-1 rdinit=/bin/busybox",  # never gets far: the first line is enough
-        "-no-reboot",
-    ]
-    started = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-    except OSError as exc:
-        return False, f"cannot run {qemu}: {exc}"
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    seen = b""
-    try:
-        while time.monotonic() - started < PROBE_TIMEOUT_S:
-            with contextlib.suppress(BlockingIOError, TypeError):
-                seen += proc.stdout.read() or b""
-            if b"Linux version" in seen:
-                took = time.monotonic() - started
-                return True, f"a stock kernel printed its first line under KVM in {took:.1f} s"
-            if proc.poll() is not None:
-                tail = seen.decode(errors="replace").strip()[-300:]
-                return False, f"QEMU with KVM exited {proc.returncode}: {tail}"
-            time.sleep(0.05)
-        return False, (
-            f"a stock kernel printed nothing under KVM in {PROBE_TIMEOUT_S:g} s "
-            "(e.g. kvm-pvm runs only special guest kernels)"
-        )
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
 
 # -- the runtime ----------------------------------------------------------------------------

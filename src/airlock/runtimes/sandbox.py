@@ -19,7 +19,7 @@ it: no ``--die-with-parent``, its own session. Its state dir holds everything a 
 controller needs to find it (``meta.json``, ``pid`` with the host pid of the sandbox's init
 and that process's start time, so a reused pid is never mistaken for it) and to reach it
 (``agent.secret``, ``agent.sock``, ``vnc.sock``). Killing the sandbox's init kills its whole
-pid namespace.
+pid namespace. Finding, killing and reaching those processes is ``sandbox_host``'s.
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
-import stat
-import struct
 import subprocess
 import sys
 import time
@@ -51,10 +47,18 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes import confine, vm_launch
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.skeleton import VmDirRuntime, kill, record_pid, write_meta
+from airlock.runtimes.sandbox_host import (
+    INSTALL_HINT,
+    VM_TAG,
+    check_host,
+    kill_init,
+    open_vm_socket,
+    remove_tree,
+    sandbox_inits,
+)
+from airlock.runtimes.skeleton import VmDirRuntime, record_pid, write_meta
 from airlock.runtimes.skeleton import write_private as _write_private
-from airlock.runtimes.vmdir import DYING_VM_NICE, VM_NICE, PidRecord, read_meta, set_cpu_nice
-from airlock.runtimes.vmdir import open_unix as _open_unix
+from airlock.runtimes.vmdir import VM_NICE, PidRecord, read_meta, set_cpu_nice
 from airlock.runtimes.vmdir import proc_stat as _proc_stat
 from airlock.runtimes.vmdir import read_pid as _read_pid
 
@@ -76,118 +80,9 @@ CHROMIUM_ETC = "chromium-etc"  # the browser's /etc/chromium, with Airlock's man
 CREATING_GRACE_S = 60.0  # a state dir without a pid this young may be a create in flight
 AGENT_WRAPPER = '"$@"; kill -KILL -1'  # -1 in a pid namespace: all but init and the shell
 STAGE_DIR = "/run/airlock-stage"  # vm_launch's tmpfs of staged binds, in its own mount ns
-VM_TAG = "airlock-vm="  # $0 of the sandbox's shell: names its state dir in bwrap's cmdline
 DEFAULT_UID_BASE = confine.DEFAULT_UID_BASE
 DEFAULT_LIMITS = confine.Limits(memory_mb=2048, pids_max=1024, cpu_weight=100)
 DEFAULT_DISK_MB = 1024
-INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
-
-
-def _pids() -> list[int]:
-    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
-
-
-def _ns_members(ns: tuple[int, int]) -> list[int]:
-    """Host pids of every process in the pid namespace identified by (dev, inode)."""
-    members = []
-    for pid in _pids():
-        try:
-            st = os.stat(f"/proc/{pid}/ns/pid")
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) == ns:
-            members.append(pid)
-    return members
-
-
-def _sandbox_inits(state_dir: Path) -> list[int]:
-    """Inits of live sandboxes for this state dir, found by command line (bwrap's init is a
-    fork of bwrap, in a pid namespace other than ours): the fallback when the pid file does not
-    name a live sandbox, e.g. a controller died between starting it and writing the pid."""
-    needle = b"\0" + VM_TAG.encode() + os.fsencode(state_dir) + b"\0"
-    try:
-        own = os.stat("/proc/self/ns/pid")
-    except OSError:
-        return []
-    found = []
-    for pid in _pids():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if needle not in cmdline or os.path.basename(cmdline.split(b"\0", 1)[0]) != b"bwrap":
-                continue
-            ns = os.stat(f"/proc/{pid}/ns/pid")
-        except OSError:
-            continue
-        if (ns.st_dev, ns.st_ino) != (own.st_dev, own.st_ino):
-            found.append(pid)  # not the outer bwrap, which stays in our namespace
-    return found
-
-
-def _kill_init(record: PidRecord) -> bool:
-    """SIGKILL a sandbox's init through a pidfd (no pid-reuse race), wait until it and every
-    process of its pid namespace are gone. False if it was not running."""
-    namespaces: list[tuple[int, int]] = []
-
-    def before(pid: int) -> None:
-        with contextlib.suppress(OSError):
-            st = os.stat(f"/proc/{pid}/ns/pid")
-            namespaces.append((st.st_dev, st.st_ino))
-        set_cpu_nice(pid, DYING_VM_NICE)  # its processes' exit is work too
-
-    if not kill(record, what="sandbox init", before=before):
-        return False
-    for ns in namespaces:
-        deadline = time.monotonic() + 5
-        while survivors := _ns_members(ns):
-            if time.monotonic() > deadline:
-                raise RuntimeFailure(f"processes {survivors} of a killed sandbox survive")
-            for pid in survivors:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.01)
-    return True
-
-
-def _remove_tree(path: Path) -> None:
-    def onerror(func: Any, failed: str, exc_info: Any) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
-
-    for attempt in range(3):  # a dying agent may still have been creating a socket
-        try:
-            shutil.rmtree(path, onerror=onerror)
-            return
-        except OSError:
-            if attempt == 2:
-                raise
-            time.sleep(0.05)
-
-
-def _same_pid_ns(a: int, b: int) -> bool:
-    try:
-        sa, sb = os.stat(f"/proc/{a}/ns/pid"), os.stat(f"/proc/{b}/ns/pid")
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-async def _open_vm_socket(state_dir: Path, name: str, *, limit: int = 2**16) -> Stream:
-    """Connect to a socket the sandbox serves in its state dir. The sandbox can write that
-    directory: a symlink there would lead the controller to a socket of the host. So only a
-    socket is accepted, and its listener must live in the sandbox's pid namespace."""
-    path = state_dir / name
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise OSError(f"{name} is not a socket")
-    reader, writer = await _open_unix(path, limit=limit)
-    record = _read_pid(state_dir)
-    if record is not None:
-        sock = writer.get_extra_info("socket")
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        peer_pid = struct.unpack("3i", creds)[0]
-        if not _same_pid_ns(peer_pid, record.pid):
-            writer.close()
-            raise OSError(f"{name} is not served from inside the VM")
-    return reader, writer
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
@@ -483,7 +378,7 @@ class SandboxRuntime(VmDirRuntime):
         confine.remove_leaves(self._own_cgroups(state_dir, cgroups))
         confine.unmount(state_dir)
         if state_dir.exists():
-            _remove_tree(state_dir)
+            remove_tree(state_dir)
 
     def _fill_state_dir(
         self, spec: VmSpec, state_dir: Path, uid: int, cgroups: builtins.list[Path]
@@ -608,7 +503,7 @@ class SandboxRuntime(VmDirRuntime):
                 await client.ping()
 
         async def vnc() -> None:
-            reader, writer = await _open_vm_socket(state_dir, "vnc.sock")
+            reader, writer = await open_vm_socket(state_dir, "vnc.sock")
             try:
                 banner = await reader.readexactly(12)
             finally:
@@ -632,11 +527,11 @@ class SandboxRuntime(VmDirRuntime):
     async def _connect_agent(
         self, state_dir: Path, secret: str, timeout_s: float = 10
     ) -> AgentClient:
-        reader, writer = await _open_vm_socket(state_dir, "agent.sock", limit=MAX_MESSAGE + 1)
+        reader, writer = await open_vm_socket(state_dir, "agent.sock", limit=MAX_MESSAGE + 1)
         return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
 
     async def _connect_vnc(self, state_dir: Path) -> Stream:
-        return await _open_vm_socket(state_dir, "vnc.sock")
+        return await open_vm_socket(state_dir, "vnc.sock")
 
     # -- destroy ----------------------------------------------------------------------------
 
@@ -646,11 +541,11 @@ class SandboxRuntime(VmDirRuntime):
         confine.boost(self._own_cgroups(state_dir))
         record = _read_pid(state_dir)
         if record is not None:
-            killed = _kill_init(record)
-        for pid in _sandbox_inits(state_dir):  # a sandbox the pid file does not name
+            killed = kill_init(record)
+        for pid in sandbox_inits(state_dir):  # a sandbox the pid file does not name
             found = _proc_stat(pid)
             if found is not None:
-                killed = _kill_init(PidRecord(pid, found[1])) or killed
+                killed = kill_init(PidRecord(pid, found[1])) or killed
         proc = self._procs.pop(vm_id, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -677,7 +572,7 @@ class SandboxRuntime(VmDirRuntime):
         return await asyncio.to_thread(self._scan, frozenset(self._creating))
 
     def _runs_unrecorded(self, state_dir: Path) -> bool:
-        return bool(_sandbox_inits(state_dir))
+        return bool(sandbox_inits(state_dir))
 
     def _remove_gone(self, vm_id: str, state_dir: Path) -> None:
         self._discard(state_dir)
@@ -688,56 +583,7 @@ class SandboxRuntime(VmDirRuntime):
         return await asyncio.to_thread(self._check)
 
     def _check(self) -> builtins.list[str]:
-        problems: builtins.list[str] = []
-        for what, path, package in (
-            ("bwrap", self.bwrap, "bubblewrap"),
-            ("Xvnc", self.xvnc, "tigervnc-standalone-server"),
-            ("chromium", self.chromium, "chromium"),
-        ):
-            if not path or not os.access(path, os.X_OK):
-                problems.append(
-                    f"{what} not found ({path or 'not on PATH'}): apt-get install {package}"
-                    f" (all of them: {INSTALL_HINT})"
-                )
-        if self.bwrap and os.access(self.bwrap, os.X_OK):
-            probe = [
-                self.bwrap,
-                "--unshare-pid",
-                "--unshare-ipc",
-                "--unshare-uts",
-                "--unshare-net",
-                "--ro-bind",
-                "/",
-                "/",
-                "--proc",
-                "/proc",
-                "--dev",
-                "/dev",
-                "true",
-            ]
-            try:
-                done = subprocess.run(probe, capture_output=True, timeout=10, check=False)
-                if done.returncode != 0:
-                    problems.append(
-                        "bwrap cannot create namespaces here: "
-                        + done.stderr.decode("utf-8", "replace").strip()
-                    )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                problems.append(f"bwrap does not run: {exc}")
-        if self.xvnc and os.access(self.xvnc, os.X_OK):
-            try:
-                done = subprocess.run(
-                    [self.xvnc, "-help"], capture_output=True, timeout=10, check=False
-                )
-                if b"rfbunixpath" not in done.stdout + done.stderr:
-                    problems.append(
-                        "this Xvnc cannot serve VNC on a Unix socket (no -rfbunixpath): "
-                        "install TigerVNC's tigervnc-standalone-server"
-                    )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                problems.append(f"Xvnc does not run: {exc}")
-        if not hasattr(os, "pidfd_open"):
-            problems.append("this Python or kernel lacks pidfd_open (Linux >= 5.3 needed)")
+        problems = check_host(self.bwrap, self.xvnc, self.chromium)
         if (exposed := self._data_dir_exposed()) is not None:
             problems.append(
                 f"the data dir {self.vms_dir.parent} lies in {exposed}, which every sandbox "

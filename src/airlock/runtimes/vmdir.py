@@ -56,12 +56,17 @@ def read_pid(state_dir: Path, name: str = "pid") -> PidRecord | None:
         return None
 
 
-def read_meta(state_dir: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} if it is missing, unreadable or not an object."""
     try:
-        meta = json.loads((state_dir / "meta.json").read_bytes())
+        value = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return {}
-    return meta if isinstance(meta, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_meta(state_dir: Path) -> dict[str, Any]:
+    return read_json(state_dir / "meta.json")
 
 
 def is_young(meta: dict[str, Any], grace_s: float) -> bool:
