@@ -500,7 +500,7 @@ def _binary(
 def _kvm_probe(image_dir: Path, accel: str) -> Check | None:
     """What the qemu runtime will choose, by its own probe (cached) with a built image."""
     from airlock.images import find_image
-    from airlock.runtimes.qemu import probe_kvm
+    from airlock.runtimes.kvm_probe import probe_kvm
 
     qemu = shutil.which("qemu-system-x86_64")
     image = next((i for f in ("minimal", "browser") if (i := find_image(image_dir, f))), None)

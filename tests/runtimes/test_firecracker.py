@@ -26,11 +26,11 @@ from airlock.agent.client import AgentClient, AgentError
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import VmSpec
-from airlock.runtimes.firecracker import (
-    AGENT_PORT,
+from airlock.runtimes.firecracker import AGENT_PORT, FirecrackerRuntime
+from airlock.runtimes.firecracker_api_double import VsockMuxer
+from airlock.runtimes.firecracker_vmm import (
     ApiCall,
     BootPlan,
-    FirecrackerRuntime,
     GuestImage,
     Jail,
     boot_calls,
@@ -45,7 +45,6 @@ from airlock.runtimes.firecracker import (
     snapshot_calls,
     vsock_connect,
 )
-from airlock.runtimes.firecracker_api_double import VsockMuxer
 from tests.runtimes.firecracker_spec import validate
 
 needs_root = pytest.mark.skipif(

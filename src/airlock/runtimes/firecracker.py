@@ -1,18 +1,7 @@
 """The ``firecracker`` runtime: every VM is a Firecracker microVM driven over its API socket.
 
-Boot (``boot_calls``): ``PUT /machine-config``, ``/boot-source`` (the image's uncompressed
-``vmlinux``, its initrd and command line), ``/drives/rootfs`` (the VM's own copy of the root
-filesystem), ``/drives/config`` (a small read-only disk: JSON with the agent's secret, role
-and screen, as ``images`` documents it), ``/network-interfaces/eth0`` (a tap inside a
-network namespace of the VM's own, with no route anywhere), ``/vsock``, ``/entropy``
-(virtio-rng), then ``PUT /actions {InstanceStart}``.
-
-Streams: the agent and the VNC server are reached over vsock, host-initiated: connect to the
-VM's vsock Unix socket, send ``CONNECT <port>\\n``, read ``OK <host port>\\n``, then bytes flow
-(Firecracker closes the connection when nothing listens on that guest port). The egress
-proxy is reached from the guest the other way: Firecracker forwards a guest connection to
-host port ``EGRESS_PORT`` to ``{vsock socket}_{EGRESS_PORT}``, a relative symlink to the
-``egress.sock`` the controller serves in the state dir.
+The API requests, the vsock handshake, the network namespace and the jailer are in
+``firecracker_vmm``; this module decides what to run and when.
 
 Warm starts (``snapshot`` / ``restore``; automatic with ``templates_dir``: the first create
 of a role makes its template, later ones restore it): a template VM is booted until its
@@ -48,18 +37,13 @@ import logging
 import os
 import re
 import secrets
-import select
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from airlock.agent.client import AgentClient, AgentError
 from airlock.agent.protocol import MAX_MESSAGE
@@ -67,419 +51,44 @@ from airlock.agent.vsock import AGENT_PORT, EGRESS_PORT, VNC_PORT  # the guest's
 from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import UNIX_PATH_MAX, PidRecord, is_young, log_excerpt, read_meta
-from airlock.runtimes.vmdir import is_alive as _alive
-from airlock.runtimes.vmdir import open_unix as _open_unix
-from airlock.runtimes.vmdir import proc_stat as _proc_stat
+from airlock.runtimes.firecracker_vmm import (
+    API_SOCK,
+    TAP,
+    BootPlan,
+    FirecrackerApi,
+    GuestImage,
+    Jail,
+    boot_calls,
+    copy_rootfs,
+    create_netns,
+    delete_netns,
+    kvm_problem,
+    link_or_copy,
+    netns_name,
+    restore_calls,
+    snapshot_calls,
+    vsock_connect,
+)
+from airlock.runtimes.skeleton import (
+    Creation,
+    VmDirRuntime,
+    VmState,
+    kill,
+    lease_config,
+    record_pid,
+    write_meta,
+    write_private,
+)
+from airlock.runtimes.vmdir import PidRecord, read_json, read_meta
 from airlock.runtimes.vmdir import read_pid as _read_pid
 
 log = logging.getLogger(__name__)
 
 VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")  # the jailer allows [A-Za-z0-9-]
-GUEST_CID = 3  # per-VM vsock device: the same CID in every VM does not collide
-API_SOCK = "api.sock"
 VSOCK = "v.sock"
-TAP = "tap0"  # one per network namespace, so every VM has its own
-GUEST_MAC = "06:00:ac:10:00:02"
 CONFIG_DISK_BYTES = 4096
 CREATING_GRACE_S = 120.0
 TEMPLATE_PREFIX = "tmpl-"
-HANDSHAKE_TIMEOUT_S = 5.0
-
-
-class FirecrackerApiError(RuntimeFailure):
-    """Firecracker refused a request (its ``fault_message`` is the message)."""
-
-    def __init__(self, method: str, path: str, status: int, fault: str) -> None:
-        super().__init__(f"{method} {path}: {status} {fault}", code="firecracker_api")
-        self.status = status
-        self.fault = fault
-
-
-# --- the requests ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ApiCall:
-    method: str
-    path: str
-    body: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class GuestImage:
-    """The files of a guest image (``airlock.images``): uncompressed kernel, initrd, root
-    filesystem, and the kernel command line from its manifest."""
-
-    kernel: Path
-    rootfs: Path
-    initrd: Path | None = None
-    boot_args: str = "console=ttyS0 root=/dev/vda rw quiet panic=-1 random.trust_cpu=on"
-
-    @classmethod
-    def from_dir(cls, path: Path) -> GuestImage:
-        manifest: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            manifest = json.loads((path / "manifest.json").read_text())
-        initrd = path / "initrd.img"
-        image = cls(
-            kernel=path / "vmlinux",
-            rootfs=path / "rootfs.ext4",
-            initrd=initrd if initrd.exists() else None,
-        )
-        if isinstance(manifest.get("cmdline"), str):
-            image = cls(image.kernel, image.rootfs, image.initrd, manifest["cmdline"])
-        return image
-
-    def missing(self) -> list[str]:
-        return [str(p) for p in (self.kernel, self.rootfs) if not p.is_file()]
-
-
-@dataclass(frozen=True, slots=True)
-class BootPlan:
-    """Paths as Firecracker sees them (inside the chroot when jailed)."""
-
-    kernel: str
-    rootfs: str
-    config_disk: str
-    vsock_uds: str
-    boot_args: str
-    initrd: str | None = None
-    vcpus: int = 2
-    mem_mib: int = 1024
-    tap: str = TAP
-    guest_mac: str = GUEST_MAC
-
-
-def boot_calls(plan: BootPlan) -> list[ApiCall]:
-    """The whole cold boot, in order."""
-    boot_source: dict[str, Any] = {"kernel_image_path": plan.kernel, "boot_args": plan.boot_args}
-    if plan.initrd is not None:
-        boot_source["initrd_path"] = plan.initrd
-    return [
-        ApiCall(
-            "PUT",
-            "/machine-config",
-            {"vcpu_count": plan.vcpus, "mem_size_mib": plan.mem_mib, "smt": False},
-        ),
-        ApiCall("PUT", "/boot-source", boot_source),
-        ApiCall(
-            "PUT",
-            "/drives/rootfs",
-            {
-                "drive_id": "rootfs",
-                "path_on_host": plan.rootfs,
-                "is_root_device": True,
-                "is_read_only": False,
-            },
-        ),
-        ApiCall(
-            "PUT",
-            "/drives/config",
-            {
-                "drive_id": "config",
-                "path_on_host": plan.config_disk,
-                "is_root_device": False,
-                "is_read_only": True,
-            },
-        ),
-        ApiCall(
-            "PUT",
-            "/network-interfaces/eth0",
-            {"iface_id": "eth0", "host_dev_name": plan.tap, "guest_mac": plan.guest_mac},
-        ),
-        ApiCall("PUT", "/vsock", {"guest_cid": GUEST_CID, "uds_path": plan.vsock_uds}),
-        ApiCall("PUT", "/entropy", {}),
-        ApiCall("PUT", "/actions", {"action_type": "InstanceStart"}),
-    ]
-
-
-def snapshot_calls(snapshot_path: str, mem_path: str) -> list[ApiCall]:
-    """Pause, then a full snapshot. The template is destroyed afterwards, never resumed."""
-    return [
-        ApiCall("PATCH", "/vm", {"state": "Paused"}),
-        ApiCall(
-            "PUT",
-            "/snapshot/create",
-            {"snapshot_type": "Full", "snapshot_path": snapshot_path, "mem_file_path": mem_path},
-        ),
-    ]
-
-
-def restore_calls(snapshot_path: str, mem_path: str, *, tap: str, vsock_uds: str) -> list[ApiCall]:
-    """Load a snapshot into a fresh Firecracker with this clone's own tap and vsock socket,
-    with the guest clock advanced to now, then resume."""
-    return [
-        ApiCall(
-            "PUT",
-            "/snapshot/load",
-            {
-                "snapshot_path": snapshot_path,
-                "mem_backend": {"backend_type": "File", "backend_path": mem_path},
-                "network_overrides": [{"iface_id": "eth0", "host_dev_name": tap}],
-                "vsock_override": {"uds_path": vsock_uds},
-                "clock_realtime": True,
-                "resume_vm": False,
-            },
-        ),
-        ApiCall("PATCH", "/vm", {"state": "Resumed"}),
-    ]
-
-
-# --- the API client ----------------------------------------------------------------------
-
-
-class FirecrackerApi:
-    """HTTP/1.1 over the API Unix socket."""
-
-    def __init__(self, socket_path: Path, *, timeout_s: float = 10.0) -> None:
-        self.socket_path = socket_path
-        self._dir_fd: int | None = None
-        uds = str(socket_path)
-        if len(os.fsencode(uds)) > UNIX_PATH_MAX:  # a deep data dir: go through its fd
-            self._dir_fd = os.open(socket_path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            uds = f"/proc/self/fd/{self._dir_fd}/{socket_path.name}"
-        self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=uds),
-            base_url="http://localhost",
-            timeout=timeout_s,
-        )
-
-    async def __aenter__(self) -> FirecrackerApi:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._client.aclose()
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
-
-    async def call(self, call: ApiCall) -> Any:
-        try:
-            response = await self._client.request(call.method, call.path, json=call.body)
-        except httpx.HTTPError as exc:
-            raise RuntimeFailure(f"Firecracker API {call.method} {call.path}: {exc}") from None
-        if response.status_code >= 300:
-            try:
-                fault = str(response.json().get("fault_message", response.text))
-            except ValueError:
-                fault = response.text
-            raise FirecrackerApiError(call.method, call.path, response.status_code, fault[:500])
-        return response.json() if response.content else None
-
-    async def run(self, calls: Sequence[ApiCall]) -> None:
-        for call in calls:
-            await self.call(call)
-
-
-# --- vsock -------------------------------------------------------------------------------
-
-
-async def vsock_connect(
-    uds_path: Path, port: int, *, timeout_s: float = HANDSHAKE_TIMEOUT_S, limit: int = 2**16
-) -> Stream:
-    """Firecracker's host-initiated vsock handshake: ``CONNECT <port>\\n`` -> ``OK <n>\\n``.
-    Raises ConnectionError when the guest does not accept (Firecracker closes the stream)."""
-    reader, writer = await _open_unix(uds_path, limit=limit)
-    try:
-        writer.write(f"CONNECT {port}\n".encode())
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout_s)
-    except BaseException:
-        writer.close()
-        raise
-    if not line.endswith(b"\n") or not re.fullmatch(rb"OK \d+\n", line):
-        writer.close()
-        if not line:
-            raise ConnectionError(f"nothing listens on guest vsock port {port}")
-        raise ConnectionError(f"vsock handshake for port {port} failed: {line[:80]!r}")
-    return reader, writer
-
-
-# --- processes ---------------------------------------------------------------------------
-
-
-def _kill(record: PidRecord) -> bool:
-    """SIGKILL through a pidfd (no pid-reuse race) and wait. False if it was not running."""
-    try:
-        pidfd = os.pidfd_open(record.pid)
-    except ProcessLookupError:
-        return False
-    try:
-        if not _alive(record):
-            return False
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)  # readable once the process has exited
-        if not poller.poll(10_000):
-            raise RuntimeFailure(f"Firecracker {record.pid} did not die within 10 s")
-    finally:
-        os.close(pidfd)
-    return True
-
-
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=20, check=False)
-
-
-# --- the per-VM network namespace ----------------------------------------------------------
-
-
-def netns_name(vm_id: str) -> str:
-    return f"airlock-{vm_id}"[:48]
-
-
-def netns_exists(name: str) -> bool:
-    return Path("/var/run/netns", name).exists()
-
-
-def create_netns(name: str, tap: str = TAP) -> None:
-    """A namespace with loopback up and one tap, no address and no route: the VM's NIC
-    leads nowhere (egress goes through the proxy over vsock)."""
-    steps = [
-        ["ip", "netns", "add", name],
-        ["ip", "-n", name, "link", "set", "lo", "up"],
-        ["ip", "-n", name, "tuntap", "add", "dev", tap, "mode", "tap"],
-        ["ip", "-n", name, "link", "set", tap, "up"],
-    ]
-    for i, step in enumerate(steps):
-        done = _run(step)
-        if done.returncode != 0:
-            if i > 0:
-                delete_netns(name)
-            raise RuntimeFailure(f"{' '.join(step)} failed: {done.stderr.strip()}")
-
-
-def delete_netns(name: str) -> bool:
-    """Remove the namespace (its tap goes with it). Idempotent."""
-    if not netns_exists(name):
-        return False
-    done = _run(["ip", "netns", "delete", name])
-    if done.returncode != 0 and netns_exists(name):
-        raise RuntimeFailure(f"ip netns delete {name} failed: {done.stderr.strip()}")
-    return True
-
-
-def netns_links(name: str) -> list[str]:
-    done = _run(["ip", "-n", name, "-o", "link", "show"])
-    if done.returncode != 0:
-        return []
-    return [line.split(":")[1].strip().split("@")[0] for line in done.stdout.splitlines()]
-
-
-# --- the jailer --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Jail:
-    """How the jailer runs Firecracker, and what it leaves behind for us to clean."""
-
-    jailer: str
-    exec_file: str
-    uid: int
-    gid: int
-    chroot_base: Path = Path("/srv/jailer")
-    cgroup_version: int = field(default_factory=lambda: cgroup_version())
-    cgroup_root: Path = Path("/sys/fs/cgroup")
-
-    @property
-    def exec_name(self) -> str:
-        return Path(self.exec_file).name
-
-    def root(self, vm_id: str) -> Path:
-        """The chroot: ``{chroot base}/{exec file name}/{id}/root``."""
-        return self.chroot_base / self.exec_name / vm_id / "root"
-
-    def argv(self, vm_id: str, netns: str | None) -> list[str]:
-        argv = [
-            self.jailer,
-            "--id",
-            vm_id,
-            "--exec-file",
-            self.exec_file,
-            "--uid",
-            str(self.uid),
-            "--gid",
-            str(self.gid),
-            "--chroot-base-dir",
-            str(self.chroot_base),
-            "--cgroup-version",
-            str(self.cgroup_version),
-        ]
-        if netns is not None:
-            argv += ["--netns", f"/var/run/netns/{netns}"]
-        # Everything after "--" goes to Firecracker; paths are inside the chroot.
-        return [*argv, "--", "--api-sock", f"/{API_SOCK}", "--id", vm_id]
-
-    def cgroup_dirs(self, vm_id: str) -> list[Path]:
-        """Where the jailer puts the VM's cgroups: ``{root}/{exec name}/{id}`` on v2, and
-        the same under every controller's hierarchy on v1."""
-        if self.cgroup_version == 2:
-            return [self.cgroup_root / self.exec_name / vm_id]
-        try:
-            controllers = sorted(p for p in self.cgroup_root.iterdir() if p.is_dir())
-        except OSError:
-            return []
-        return [c / self.exec_name / vm_id for c in controllers]
-
-    def cleanup(self, vm_id: str) -> list[str]:
-        """Remove the chroot and the cgroups of one VM (the jailer does not). Returns what
-        it removed; idempotent."""
-        removed: list[str] = []
-        for cgroup in self.cgroup_dirs(vm_id):
-            if cgroup.is_dir():
-                for attempt in range(50):  # a cgroup empties a moment after its last task
-                    try:
-                        cgroup.rmdir()
-                        removed.append(str(cgroup))
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        if attempt == 49:
-                            raise
-                        time.sleep(0.02)
-        instance = self.root(vm_id).parent
-        if instance.exists():
-            shutil.rmtree(instance, ignore_errors=False)
-            removed.append(str(instance))
-        return removed
-
-
-def cgroup_version(root: Path = Path("/sys/fs/cgroup")) -> int:
-    """2 on a unified hierarchy (it has ``cgroup.controllers``), else 1."""
-    return 2 if (root / "cgroup.controllers").exists() else 1
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link where the file system allows (read-only inputs), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def _copy_rootfs(src: Path, dst: Path) -> None:
-    """Each VM writes its own root filesystem: a reflink where the file system can, else a
-    sparse copy."""
-    done = _run(["cp", "--reflink=auto", "--sparse=always", str(src), str(dst)])
-    if done.returncode != 0:
-        raise RuntimeFailure(f"cannot copy the root filesystem: {done.stderr.strip()}")
-
-
-def kvm_problem() -> str | None:
-    """Why a stock guest kernel cannot run on this host's KVM, or None."""
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm does not exist"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not accessible"
-    vendor = any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
-    if os.path.isdir("/sys/module/kvm_pvm") and not vendor:
-        return "/dev/kvm is served by kvm-pvm, which runs only special guest kernels"
-    return None
 
 
 # --- the runtime -------------------------------------------------------------------------
@@ -497,10 +106,13 @@ class _Vm:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class FirecrackerRuntime:
+class FirecrackerRuntime(VmDirRuntime):
     """VMs as Firecracker microVMs; see the module docstring."""
 
     name = "firecracker"
+    label = "firecracker VM"
+    vm_id_pattern = VM_ID
+    creating_grace_s = CREATING_GRACE_S
 
     def __init__(
         self,
@@ -515,7 +127,7 @@ class FirecrackerRuntime:
         templates_dir: Path | None = None,
         browser_single_process: bool = True,
     ) -> None:
-        self.vms_dir = Path(vms_dir).absolute()
+        super().__init__(vms_dir)
         # Warm starts: with a templates dir, a create restores a snapshot of a booted VM of
         # its role (made on first use, remade when the image changes) instead of booting.
         self.templates_dir = templates_dir
@@ -534,17 +146,10 @@ class FirecrackerRuntime:
         self.boot_timeout_s = boot_timeout_s
         self.browser_processes = "single" if browser_single_process else "multi"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._creating: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
         with contextlib.suppress(OSError):
             self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- paths ------------------------------------------------------------------------------
-
-    def _state_dir(self, vm_id: str) -> Path:
-        if not VM_ID.fullmatch(vm_id):
-            raise RuntimeFailure(f"not a valid VM id: {vm_id!r}", code="bad_vm_id")
-        return self.vms_dir / vm_id
 
     def _fc_path(self, name: str) -> str:
         """A state-dir file as Firecracker names it: in the chroot's root when jailed, else
@@ -586,7 +191,7 @@ class FirecrackerRuntime:
         dest = self.templates_dir / role.value
         identity = _image_identity(image)
         async with self._template_locks.setdefault(role, asyncio.Lock()):
-            if (await asyncio.to_thread(_read_json, dest / "template.json")).get(
+            if (await asyncio.to_thread(read_json, dest / "template.json")).get(
                 "image"
             ) == identity:
                 return dest
@@ -610,7 +215,8 @@ class FirecrackerRuntime:
 
     async def _cold(self, spec: VmSpec, image: GuestImage) -> RunningVm:
         plan = await self._begin(spec)
-        try:
+        async with self._starting(plan) as creation:
+            creation.push(lambda: self._teardown(plan.vm_id, plan.state_dir))
             secret = await asyncio.to_thread(self._stage_boot, spec, plan, image)
             await self._launch(plan)
             async with FirecrackerApi(plan.state_dir / API_SOCK) as api:
@@ -629,10 +235,6 @@ class FirecrackerRuntime:
                     )
                 )
             await self._wait_ready(spec.role, plan, secret)
-        except BaseException as exc:
-            raise await self._abort(plan, exc) from exc
-        finally:
-            self._creating.discard(spec.vm_id)
         return self._running(spec.role, plan)
 
     async def _begin(self, spec: VmSpec) -> _Vm:
@@ -641,7 +243,6 @@ class FirecrackerRuntime:
             raise RuntimeFailure("firecracker not found: install it (and the jailer) on PATH")
         if spec.vm_id in self._creating or await asyncio.to_thread(os.path.lexists, state_dir):
             raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists")
-        self._creating.add(spec.vm_id)
         return _Vm(spec.vm_id, state_dir, netns_name(spec.vm_id), extra={"started": "0"})
 
     def _make_state_dir(self, spec: VmSpec, plan: _Vm, *, kind: str) -> None:
@@ -655,18 +256,15 @@ class FirecrackerRuntime:
             plan.state_dir.symlink_to(root)
         else:
             plan.state_dir.mkdir(mode=0o700)
-        meta = {
-            "vm_id": spec.vm_id,
-            "role": spec.role.value,
-            "user_id": spec.user_id,
-            "created_at": datetime.now(UTC).isoformat(),
-            "runtime": self.name,
-            "start": kind,
-            "netns": plan.netns,
-            "jailed": self.jail is not None,
-            "labels": spec.labels,
-        }
-        _write_private(plan.state_dir / "meta.json", json.dumps(meta, indent=2).encode())
+        write_meta(
+            plan.state_dir,
+            spec,
+            self.name,
+            start=kind,
+            netns=plan.netns,
+            jailed=self.jail is not None,
+            labels=spec.labels,
+        )
         create_netns(plan.netns)
         # Guest connections to host port EGRESS_PORT land here: the controller's proxy.
         (plan.state_dir / f"{VSOCK}_{EGRESS_PORT}").symlink_to("egress.sock")
@@ -674,23 +272,23 @@ class FirecrackerRuntime:
     def _stage_boot(self, spec: VmSpec, plan: _Vm, image: GuestImage) -> str:
         self._make_state_dir(spec, plan, kind="cold")
         secret = secrets.token_urlsafe(32)
-        _write_private(plan.state_dir / "agent.secret", secret.encode() + b"\n")
+        write_private(plan.state_dir / "agent.secret", secret.encode() + b"\n")
         config = json.dumps(
             {
                 "secret": secret,
                 "role": spec.role.value,
                 "screen": f"{spec.screen[0]}x{spec.screen[1]}",
                 "browser_processes": self.browser_processes,
-                **_lease_config(spec),
+                **lease_config(spec),
             }
         ).encode()
         if len(config) > CONFIG_DISK_BYTES:
             raise RuntimeFailure("the VM's config does not fit its config disk")
-        _write_private(plan.state_dir / "config.img", config.ljust(CONFIG_DISK_BYTES, b"\0"))
-        _link_or_copy(image.kernel, plan.state_dir / "vmlinux")
+        write_private(plan.state_dir / "config.img", config.ljust(CONFIG_DISK_BYTES, b"\0"))
+        link_or_copy(image.kernel, plan.state_dir / "vmlinux")
         if image.initrd is not None:
-            _link_or_copy(image.initrd, plan.state_dir / "initrd.img")
-        _copy_rootfs(image.rootfs, plan.state_dir / "rootfs.ext4")
+            link_or_copy(image.initrd, plan.state_dir / "initrd.img")
+        copy_rootfs(image.rootfs, plan.state_dir / "rootfs.ext4")
         if self.jail is not None:
             for name in ("config.img", "rootfs.ext4"):
                 os.chown(plan.state_dir / name, self.jail.uid, self.jail.gid)
@@ -735,12 +333,8 @@ class FirecrackerRuntime:
             os.close(log_fd)
         self._procs[plan.vm_id] = proc
         plan.proc = proc
-        found = _proc_stat(proc.pid)
-        if found is None:
-            raise RuntimeFailure("Firecracker exited at once")
         # `ip netns exec` and the jailer exec Firecracker in place: this pid is the VMM.
-        plan.record = PidRecord(proc.pid, found[1])
-        _write_private(plan.state_dir / "pid", f"{proc.pid} {found[1]}\n".encode(), replace=True)
+        plan.record = record_pid(plan.state_dir / "pid", proc.pid, what="Firecracker")
         api = plan.state_dir / API_SOCK
         deadline = time.monotonic() + min(self.boot_timeout_s, 10.0)
         while not api.exists():
@@ -781,15 +375,11 @@ class FirecrackerRuntime:
                 raise RuntimeFailure(f"the VM did not come up in {self.boot_timeout_s:g} s: {last}")
             await asyncio.sleep(0.05)
 
-    async def _abort(self, plan: _Vm, exc: BaseException) -> BaseException:
-        """A create or restore failed: leave nothing behind (in a thread: it completes even
-        while this task is cancelled); return the error to raise, with the log's tail."""
-        tail = log_excerpt(plan.state_dir / "firecracker.log")
-        await asyncio.to_thread(self._teardown, plan.vm_id, plan.state_dir)
-        if not isinstance(exc, Exception):
-            return exc  # cancellation and the like pass through unchanged
-        reason = exc.message if isinstance(exc, RuntimeFailure) else repr(exc)
-        return RuntimeFailure(f"VM {plan.vm_id} did not start: {reason}\n--- log ---\n{tail}")
+    def _starting(self, plan: _Vm) -> contextlib.AbstractAsyncContextManager[Creation]:
+        """A create or restore: on failure it leaves nothing behind and raises with the
+        log's useful part."""
+        log_path = plan.state_dir / "firecracker.log"
+        return self._creating_vm(plan.vm_id, log_path, heading="log", verb="start")
 
     def _running(self, role: VmRole, plan: _Vm) -> RunningVm:
         return RunningVm(
@@ -826,9 +416,9 @@ class FirecrackerRuntime:
             shutil.copyfile(state_dir / name, dest / name)
             os.chmod(dest / name, 0o600)
         # The template's root filesystem: its clones continue from this disk state.
-        _copy_rootfs(state_dir / "rootfs.ext4", dest / "rootfs.ext4")
+        copy_rootfs(state_dir / "rootfs.ext4", dest / "rootfs.ext4")
         template = {"vm_id": vm_id, "role": meta.get("role"), "jailed": self.jail is not None}
-        _write_private(dest / "template.json", json.dumps(template).encode())
+        write_private(dest / "template.json", json.dumps(template).encode())
 
     async def restore(self, spec: VmSpec, template: Path) -> RunningVm:
         """A new VM from a snapshot (``snapshot``): its own Firecracker, tap and vsock
@@ -838,7 +428,8 @@ class FirecrackerRuntime:
                 raise RuntimeFailure(f"not a snapshot: {template / name} is missing")
         old_secret = (template / "agent.secret").read_text().strip()
         plan = await self._begin(spec)
-        try:
+        async with self._starting(plan) as creation:
+            creation.push(lambda: self._teardown(plan.vm_id, plan.state_dir))
             await asyncio.to_thread(self._stage_restore, spec, plan, template)
             await self._launch(plan)
             async with FirecrackerApi(plan.state_dir / API_SOCK) as api:
@@ -853,10 +444,6 @@ class FirecrackerRuntime:
             new_secret = secrets.token_urlsafe(32)
             await self._refresh_identity(plan, old_secret, new_secret, spec.boot_lease)
             await self._wait_ready(spec.role, plan, new_secret)
-        except BaseException as exc:
-            raise await self._abort(plan, exc) from exc
-        finally:
-            self._creating.discard(spec.vm_id)
         return self._running(spec.role, plan)
 
     def _stage_restore(self, spec: VmSpec, plan: _Vm, template: Path) -> None:
@@ -864,8 +451,8 @@ class FirecrackerRuntime:
         # Firecracker reopens the snapshot's drives by the names it booted with (relative or
         # chroot paths, see _fc_path): the clone's own copies.
         for name in ("vm.snap", "vm.mem", "config.img"):
-            _link_or_copy(template / name, plan.state_dir / name)
-        _copy_rootfs(template / "rootfs.ext4", plan.state_dir / "rootfs.ext4")
+            link_or_copy(template / name, plan.state_dir / name)
+        copy_rootfs(template / "rootfs.ext4", plan.state_dir / "rootfs.ext4")
         if self.jail is not None:
             for name in ("vm.mem", "config.img", "rootfs.ext4"):
                 os.chown(plan.state_dir / name, self.jail.uid, self.jail.gid)
@@ -892,7 +479,7 @@ class FirecrackerRuntime:
                 if time.monotonic() > deadline:
                     raise RuntimeFailure(f"the restored agent did not answer: {exc}") from None
                 await asyncio.sleep(0.05)
-        _write_private(plan.state_dir / "agent.secret", new_secret.encode() + b"\n", replace=True)
+        write_private(plan.state_dir / "agent.secret", new_secret.encode() + b"\n", replace=True)
         plan.extra.update({k: str(v) for k, v in result.items()})
         log.info("VM %s restored from a snapshot: %s", plan.vm_id, result)
 
@@ -902,7 +489,7 @@ class FirecrackerRuntime:
         killed = False
         record = _read_pid(state_dir)
         if record is not None:
-            killed = _kill(record)
+            killed = kill(record, what="Firecracker")
         proc = self._procs.pop(vm_id, None)
         if proc is not None:
             if proc.poll() is None:
@@ -919,17 +506,8 @@ class FirecrackerRuntime:
             shutil.rmtree(state_dir)
         return killed
 
-    async def destroy(self, vm_id: str) -> bool:
-        try:
-            state_dir = self._state_dir(vm_id)
-        except RuntimeFailure:
-            return False
-        lock = self._locks.setdefault(vm_id, asyncio.Lock())
-        async with lock:
-            killed = await asyncio.to_thread(self._teardown, vm_id, state_dir)
-        self._locks.pop(vm_id, None)
-        log.info("firecracker VM %s destroyed (was running: %s)", vm_id, killed)
-        return killed
+    async def _destroy_locked(self, vm_id: str, state_dir: Path) -> bool:
+        return await asyncio.to_thread(self._teardown, vm_id, state_dir)
 
     # -- list -------------------------------------------------------------------------------
 
@@ -939,85 +517,40 @@ class FirecrackerRuntime:
                 del self._procs[vm_id]
         return await asyncio.to_thread(self._scan, frozenset(self._creating))
 
-    def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
-        try:
-            entries = sorted(os.scandir(self.vms_dir), key=lambda e: e.name)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
-        found: builtins.list[RunningVm] = []
-        for entry in entries:
-            if not VM_ID.fullmatch(entry.name) or entry.name in self._templating:
-                continue  # a template being made is no VM of anyone's
-            if not entry.is_dir():  # follows a jailed VM's link to its chroot
-                if entry.is_symlink():  # the chroot is gone: only the link is left
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-                continue
-            state_dir = Path(entry.path)
-            meta = read_meta(state_dir)
-            record = _read_pid(state_dir)
-            if record is not None and _alive(record):
-                state, pid = "running", record.pid
-            elif entry.name in creating or (record is None and is_young(meta, CREATING_GRACE_S)):
-                state, pid = "creating", None
-            else:
-                log.info("firecracker VM %s is gone; cleaning up after it", entry.name)
-                with contextlib.suppress(OSError, RuntimeFailure):
-                    self._teardown(entry.name, state_dir)
-                continue
-            if entry.name.startswith(TEMPLATE_PREFIX) and state == "running":
-                log.info("removing %s, a template left by an earlier controller", entry.name)
-                with contextlib.suppress(OSError, RuntimeFailure):
-                    self._teardown(entry.name, state_dir)
-                continue
-            try:
-                role = VmRole(str(meta.get("role")))
-            except ValueError:
-                role = VmRole.BROWSER
-            found.append(
-                RunningVm(
-                    vm_id=entry.name,
-                    role=role,
-                    pid=pid,
-                    state_dir=state_dir,
-                    detail={
-                        "state": state,
-                        "created_at": str(meta.get("created_at", "")),
-                        "user_id": str(meta.get("user_id", "")),
-                        "netns": str(meta.get("netns", "")),
-                    },
-                )
-            )
-        return found
+    def _entry_dir(self, entry: os.DirEntry[str]) -> Path | None:
+        if entry.name in self._templating:
+            return None  # a template being made is no VM of anyone's
+        if not entry.is_dir():  # follows a jailed VM's link to its chroot
+            if entry.is_symlink():  # the chroot is gone: only the link is left
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            return None
+        return Path(entry.path)
+
+    def _remove_gone(self, vm_id: str, state_dir: Path) -> None:
+        self._teardown(vm_id, state_dir)
+
+    def _keep(self, vm_id: str, state: VmState, state_dir: Path) -> bool:
+        if vm_id.startswith(TEMPLATE_PREFIX) and state is VmState.RUNNING:
+            log.info("removing %s, a template left by an earlier controller", vm_id)
+            with contextlib.suppress(OSError, RuntimeFailure):
+                self._teardown(vm_id, state_dir)
+            return False
+        return True
+
+    def _detail(self, meta: dict[str, Any]) -> dict[str, str]:
+        return {"netns": str(meta.get("netns", ""))}
 
     # -- streams ----------------------------------------------------------------------------
 
-    def _existing(self, vm_id: str) -> Path:
-        state_dir = self._state_dir(vm_id)
-        if not state_dir.is_dir():
-            raise RuntimeFailure(f"no VM {vm_id} in this runtime", code="vm_not_found")
-        return state_dir
+    async def _connect_agent(
+        self, state_dir: Path, secret: str, timeout_s: float = 10
+    ) -> AgentClient:
+        reader, writer = await vsock_connect(state_dir / VSOCK, AGENT_PORT, limit=MAX_MESSAGE + 1)
+        return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
 
-    async def agent_client(self, vm_id: str) -> AgentClient:
-        state_dir = self._existing(vm_id)
-        try:
-            secret = (state_dir / "agent.secret").read_text().strip()
-            reader, writer = await vsock_connect(
-                state_dir / VSOCK, AGENT_PORT, limit=MAX_MESSAGE + 1
-            )
-            return await AgentClient.connect(reader, writer, secret, timeout_s=10)
-        except (OSError, TimeoutError) as exc:
-            raise RuntimeFailure(f"cannot reach the agent of {vm_id}: {exc}") from None
-
-    async def open_agent(self, vm_id: str) -> Stream:
-        return (await self.agent_client(vm_id)).stream
-
-    async def open_vnc(self, vm_id: str) -> Stream:
-        state_dir = self._existing(vm_id)
-        try:
-            return await vsock_connect(state_dir / VSOCK, VNC_PORT)
-        except (OSError, TimeoutError) as exc:
-            raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
+    async def _connect_vnc(self, state_dir: Path) -> Stream:
+        return await vsock_connect(state_dir / VSOCK, VNC_PORT)
 
     # -- check ------------------------------------------------------------------------------
 
@@ -1044,27 +577,6 @@ class FirecrackerRuntime:
         return problems
 
 
-def _write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
-    """0600, written whole; ``replace`` swaps it atomically for an existing file."""
-    target = path.with_name(path.name + ".new") if replace else path
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.replace(target, path)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _image_identity(image: GuestImage) -> str:
     """Changes when the image's files do: a template of an older image is remade."""
     parts = []
@@ -1076,14 +588,7 @@ def _image_identity(image: GuestImage) -> str:
 
 
 def _finish_template(staging: Path, dest: Path, identity: str) -> None:
-    info = _read_json(staging / "template.json")
+    info = read_json(staging / "template.json")
     (staging / "template.json").unlink()
-    _write_private(staging / "template.json", json.dumps({**info, "image": identity}).encode())
+    write_private(staging / "template.json", json.dumps({**info, "image": identity}).encode())
     os.replace(staging, dest)
-
-
-def _lease_config(spec: VmSpec) -> dict[str, str]:
-    """The boot lease for the guest init (``agent.guest``), which hands it to the agent."""
-    if spec.lease_ms is None:
-        return {}
-    return {"lease_ms": str(spec.lease_ms), "lease_margin_ms": str(spec.lease_margin_ms)}

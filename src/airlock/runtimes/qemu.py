@@ -16,7 +16,8 @@ The state dir ``{vms_dir}/{vm_id}/`` holds what a restarted controller needs: ``
 
 KVM or TCG: ``/dev/kvm`` can exist and still run no stock kernel (kvm-pvm hangs one), so
 ``accel="auto"`` boots the image's kernel once under KVM and waits for its first console
-line; the answer is cached in ``{cache}/kvm-probe.json`` per guest kernel and host kernel.
+line; the answer is cached in ``{cache}/kvm-probe.json`` per guest kernel and host kernel
+(``kvm_probe``).
 """
 
 from __future__ import annotations
@@ -27,15 +28,12 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,80 +47,41 @@ from airlock.errors import RuntimeFailure
 from airlock.images import Image, find_image
 from airlock.runtimes import confine
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import VM_NICE, is_young, log_excerpt, read_meta, set_cpu_nice
+from airlock.runtimes.kvm_probe import kvm_openable, probe_kvm
+from airlock.runtimes.skeleton import (
+    VmDirRuntime,
+    kill,
+    lease_config,
+    record_pid,
+    write_meta,
+    write_private,
+)
+from airlock.runtimes.vmdir import (
+    VM_NICE,
+    PidRecord,
+    is_alive,
+    log_excerpt,
+    proc_stat,
+    read_meta,
+    read_pid,
+    set_cpu_nice,
+)
 
 log = logging.getLogger(__name__)
+__all__ = ["QemuRuntime", "kvm_openable", "probe_kvm"]  # the probe lives in kvm_probe
 
-VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONFIG_DISK_SIZE = 4096
 MUX_PORT = "org.airlock.mux"
 # QEMU's seccomp filter: spawn=deny would refuse -daemonize's fork, elevateprivileges=deny
 # the drop to the VM's uid (-runas).
 QEMU_SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 CREATING_GRACE_S = 120.0
-PROBE_TIMEOUT_S = 8.0
 # A CLI VM is where the vendor CLIs run, so it boots the image that has them.
 DEFAULT_FLAVORS = {VmRole.BROWSER: "browser", VmRole.CLI: "cli"}
 INSTALL_HINT = "apt-get install qemu-system-x86 qemu-utils (scripts/setup.sh --with-qemu)"
 
 
 # -- processes ------------------------------------------------------------------------------
-def _start_time(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return None if fields[0] in (b"Z", b"X") else int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _read_pid(path: Path) -> tuple[int, int] | None:
-    try:
-        pid, start = path.read_text().split()
-        return int(pid), int(start)
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(record: tuple[int, int] | None) -> bool:
-    return record is not None and _start_time(record[0]) == record[1]
-
-
-def _write_pid(path: Path, pid: int) -> tuple[int, int]:
-    start = _start_time(pid)
-    if start is None:
-        raise RuntimeFailure(f"process {pid} exited at once")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{pid} {start}\n")
-    os.replace(tmp, path)
-    return pid, start
-
-
-def _kill(record: tuple[int, int] | None, timeout_s: float = 5.0) -> bool:
-    """SIGKILL through a pidfd (no pid-reuse race) and wait until it is gone."""
-    if record is None:
-        return False
-    try:
-        pidfd = os.pidfd_open(record[0])
-    except ProcessLookupError:
-        return False
-    try:
-        if _start_time(record[0]) != record[1]:
-            return False
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        deadline = time.monotonic() + timeout_s
-        while _start_time(record[0]) == record[1]:
-            if time.monotonic() > deadline:
-                raise RuntimeFailure(f"process {record[0]} did not die within {timeout_s:g} s")
-            time.sleep(0.01)
-        return True
-    finally:
-        os.close(pidfd)
-
-
 def _find_qemu(state_dir: Path) -> list[int]:
     """QEMU processes started for this state dir (by their QMP socket path on the command
     line): for a VM whose pid file was never written (a controller died mid-create)."""
@@ -138,105 +97,18 @@ def _find_qemu(state_dir: Path) -> list[int]:
     return found
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-# -- KVM or TCG -----------------------------------------------------------------------------
-def kvm_openable() -> str | None:
-    """None if /dev/kvm can be opened, else why not."""
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
-    except OSError as exc:
-        return f"/dev/kvm: {exc.strerror}"
-    return None
-
-
-def probe_kvm(qemu: str, image: Image, cache_dir: Path) -> tuple[bool, str]:
-    """Whether KVM boots this image's stock kernel: (usable, why). Cached per guest kernel
-    and host kernel; the probe itself takes at most ``PROBE_TIMEOUT_S`` once."""
-    if (why := kvm_openable()) is not None:
-        return False, why
-    key = f"{image.kernel_version}@{os.uname().release}"
-    cache = cache_dir / "kvm-probe.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        known = json.loads(cache.read_text())[key]
-        return bool(known["usable"]), str(known["why"])
-    usable, why = _boot_probe(qemu, image)
-    with contextlib.suppress(OSError, ValueError):
-        data: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads(cache.read_text())
-        data[key] = {"usable": usable, "why": why, "at": datetime.now(UTC).isoformat()}
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, cache)
-    return usable, why
-
-
-def _boot_probe(qemu: str, image: Image) -> tuple[bool, str]:
-    argv = [
-        qemu,
-        "-M",
-        "q35",
-        "-accel",
-        "kvm",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-kernel",
-        str(image.vmlinuz),
-        "-append",
-        "console=ttyS0 panic=-1 rdinit=/bin/busybox",  # never gets far: the first line is enough
-        "-no-reboot",
-    ]
-    started = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-    except OSError as exc:
-        return False, f"cannot run {qemu}: {exc}"
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    seen = b""
-    try:
-        while time.monotonic() - started < PROBE_TIMEOUT_S:
-            with contextlib.suppress(BlockingIOError, TypeError):
-                seen += proc.stdout.read() or b""
-            if b"Linux version" in seen:
-                took = time.monotonic() - started
-                return True, f"a stock kernel printed its first line under KVM in {took:.1f} s"
-            if proc.poll() is not None:
-                tail = seen.decode(errors="replace").strip()[-300:]
-                return False, f"QEMU with KVM exited {proc.returncode}: {tail}"
-            time.sleep(0.05)
-        return False, (
-            f"a stock kernel printed nothing under KVM in {PROBE_TIMEOUT_S:g} s "
-            "(e.g. kvm-pvm runs only special guest kernels)"
-        )
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
+def _alive(record: PidRecord | None) -> bool:
+    return record is not None and is_alive(record)
 
 
 # -- the runtime ----------------------------------------------------------------------------
-class QemuRuntime:
+class QemuRuntime(VmDirRuntime):
     """VMs as QEMU guests; see the module docstring."""
 
     name = "qemu"
+    label = "qemu VM"
+    creating_grace_s = CREATING_GRACE_S
+    missing_dir_is_empty = True
 
     def __init__(
         self,
@@ -255,7 +127,7 @@ class QemuRuntime:
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
-        self.vms_dir = Path(vms_dir).absolute()
+        super().__init__(vms_dir)
         self.image_dir = Path(image_dir).absolute()
         self.flavors = dict(flavors or DEFAULT_FLAVORS)
         self.memory_mb = memory_mb
@@ -270,15 +142,8 @@ class QemuRuntime:
         self.package_root = Path(airlock.__file__).resolve().parent.parent
         self._accel: dict[str, tuple[str, str]] = {}  # kernel version -> (accel, why)
         self._muxes: dict[str, subprocess.Popen[bytes]] = {}  # to reap
-        self._creating: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
 
     # -- helpers ----------------------------------------------------------------------------
-    def _state_dir(self, vm_id: str) -> Path:
-        if not VM_ID.fullmatch(vm_id):
-            raise RuntimeFailure(f"not a valid VM id: {vm_id!r}", code="bad_vm_id")
-        return self.vms_dir / vm_id
-
     def image_for(self, role: VmRole) -> Image:
         flavor = self.flavors[role]
         image = find_image(self.image_dir, flavor)
@@ -314,28 +179,15 @@ class QemuRuntime:
         accel, _why = await self.accel_for(image)
         started = time.monotonic()
         deadline = started + self.boot_timeout_s
-        self._creating.add(spec.vm_id)
-        prepared = False
-        try:
+        log_path = state_dir / "console.log"
+        async with self._creating_vm(spec.vm_id, log_path, heading="console") as creation:
             secret = await asyncio.to_thread(self._prepare, spec, state_dir, image, accel)
-            prepared = True
+            creation.push(lambda: self._teardown(spec.vm_id, state_dir, False))
             pid = await self._launch(spec, state_dir, image, accel)
             await self._wait_ready(state_dir, secret, deadline)
             if spec.role is VmRole.BROWSER and image.flavor == "browser":
                 await self._wait_vnc(state_dir, deadline)
             set_cpu_nice(pid, VM_NICE)  # booted: the controller's deadlines come first
-        except BaseException as exc:
-            tail = log_excerpt(state_dir / "console.log") if prepared else ""
-            if prepared:
-                await asyncio.to_thread(self._teardown, spec.vm_id, state_dir, False)
-            if isinstance(exc, Exception) and prepared:
-                reason = exc.message if isinstance(exc, RuntimeFailure) else repr(exc)
-                raise RuntimeFailure(
-                    f"VM {spec.vm_id} did not boot: {reason}\n--- console ---\n{tail}"
-                ) from exc
-            raise
-        finally:
-            self._creating.discard(spec.vm_id)
         boot_ms = round((time.monotonic() - started) * 1000)
         log.info("qemu VM %s (%s, %s) up in %d ms", spec.vm_id, spec.role.value, accel, boot_ms)
         return RunningVm(
@@ -355,35 +207,32 @@ class QemuRuntime:
         except OSError as exc:
             raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
         try:
-            meta = {
-                "vm_id": spec.vm_id,
-                "role": spec.role.value,
-                "user_id": spec.user_id,
-                "created_at": datetime.now(UTC).isoformat(),
-                "runtime": self.name,
-                "accel": accel,
-                "image": str(image.path),
-                "screen": f"{spec.screen[0]}x{spec.screen[1]}",
-                "labels": spec.labels,
-                # The controller's egress proxy for this VM (it may start listening only
-                # later): what a restarted host multiplexer serves the guest's channel from.
-                "egress_socket": str((spec.egress_socket or state_dir / "egress.sock").absolute()),
-            }
-            _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+            # egress_socket: the controller's egress proxy for this VM (it may start
+            # listening only later): what a restarted host multiplexer serves the guest from.
+            meta = write_meta(
+                state_dir,
+                spec,
+                self.name,
+                accel=accel,
+                image=str(image.path),
+                screen=f"{spec.screen[0]}x{spec.screen[1]}",
+                labels=spec.labels,
+                egress_socket=str((spec.egress_socket or state_dir / "egress.sock").absolute()),
+            )
             if confine.privileged():
                 confine.allocate_marker(self.vms_dir, state_dir, self.uid_base)
             secret = secrets.token_urlsafe(32)
-            _write_private(state_dir / "agent.secret", secret.encode() + b"\n")
+            write_private(state_dir / "agent.secret", secret.encode() + b"\n")
             config = json.dumps(
                 {
                     "secret": secret,
                     "role": spec.role.value,
                     "screen": meta["screen"],
                     "browser_processes": self.browser_processes,
-                    **_lease_config(spec),
+                    **lease_config(spec),
                 }
             ).encode()
-            _write_private(state_dir / "config.img", config.ljust(CONFIG_DISK_SIZE, b"\0"))
+            write_private(state_dir / "config.img", config.ljust(CONFIG_DISK_SIZE, b"\0"))
             assert self.qemu_img is not None
             done = subprocess.run(
                 [
@@ -504,7 +353,7 @@ class QemuRuntime:
             pid = int((state_dir / "qemu.pid").read_text().strip())
         except (OSError, ValueError):
             raise RuntimeFailure("QEMU did not write its pid file") from None
-        await asyncio.to_thread(_write_pid, state_dir / "pid", pid)
+        await asyncio.to_thread(record_pid, state_dir / "pid", pid)
         await asyncio.to_thread(self._start_mux, spec.vm_id, state_dir)
         return pid
 
@@ -543,16 +392,16 @@ class QemuRuntime:
         finally:
             os.close(log_fd)
         self._muxes[vm_id] = popen
-        _write_pid(state_dir / "mux.pid", popen.pid)
+        record_pid(state_dir / "mux.pid", popen.pid)
 
     async def _wait_ready(self, state_dir: Path, secret: str, deadline: float) -> None:
-        record = _read_pid(state_dir / "pid")
+        record = read_pid(state_dir)
         last: Exception | None = None
         while True:
-            if not _alive(record):
+            if record is None or not is_alive(record):
                 raise RuntimeFailure("QEMU exited")
             try:
-                client = await asyncio.wait_for(self._client(state_dir, secret, 3), 5)
+                client = await asyncio.wait_for(self._connect_agent(state_dir, secret, 3), 5)
                 async with client:
                     await client.ping()
                 return
@@ -584,30 +433,26 @@ class QemuRuntime:
             await asyncio.sleep(0.25)
         raise RuntimeFailure(f"VNC not ready in {self.boot_timeout_s:g} s: {last}")
 
-    async def _client(self, state_dir: Path, secret: str, timeout_s: float = 10) -> AgentClient:
+    async def _connect_agent(
+        self, state_dir: Path, secret: str, timeout_s: float = 10
+    ) -> AgentClient:
         reader, writer = await asyncio.open_unix_connection(
             str(state_dir / "agent.sock"), limit=MAX_MESSAGE + 1
         )
         return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
 
+    async def _connect_vnc(self, state_dir: Path) -> Stream:
+        return await asyncio.open_unix_connection(str(state_dir / "vnc.sock"))
+
     # -- destroy ----------------------------------------------------------------------------
-    async def destroy(self, vm_id: str) -> bool:
-        try:
-            state_dir = self._state_dir(vm_id)
-        except RuntimeFailure:
+    async def _destroy_locked(self, vm_id: str, state_dir: Path) -> bool:
+        if not await asyncio.to_thread(state_dir.exists):
+            self._reap(vm_id)
             return False
-        lock = self._locks.setdefault(vm_id, asyncio.Lock())
-        async with lock:
-            if not state_dir.exists():
-                self._reap(vm_id)
-                return False
-            was_running = _alive(_read_pid(state_dir / "pid"))
-            quit_ok = await self._qmp_quit(state_dir) if was_running else False
-            killed = await asyncio.to_thread(self._teardown, vm_id, state_dir, quit_ok)
-            killed = killed or was_running
-        self._locks.pop(vm_id, None)
-        log.info("qemu VM %s destroyed (was running: %s)", vm_id, killed)
-        return killed
+        was_running = _alive(read_pid(state_dir))
+        quit_ok = await self._qmp_quit(state_dir) if was_running else False
+        killed = await asyncio.to_thread(self._teardown, vm_id, state_dir, quit_ok)
+        return killed or was_running
 
     async def _qmp_quit(self, state_dir: Path) -> bool:
         """Ask QEMU to quit over QMP; True if it said yes. The kill comes after regardless."""
@@ -626,18 +471,18 @@ class QemuRuntime:
     def _teardown(self, vm_id: str, state_dir: Path, quit_sent: bool) -> bool:
         """Wait briefly for a QEMU that was told to quit, kill what is left (QEMU, also one the
         pid file does not name, and the multiplexer), remove every file."""
-        record = _read_pid(state_dir / "pid")
+        record = read_pid(state_dir)
         was_running = _alive(record)
         if quit_sent:
             deadline = time.monotonic() + 3
             while _alive(record) and time.monotonic() < deadline:
                 time.sleep(0.02)
-        _kill(record)
+        kill(record, timeout_s=5)
         for pid in _find_qemu(state_dir):
-            start = _start_time(pid)
-            if start is not None:
-                was_running = _kill((pid, start)) or was_running
-        _kill(_read_pid(state_dir / "mux.pid"))
+            found = proc_stat(pid)
+            if found is not None:
+                was_running = kill(PidRecord(pid, found[1]), timeout_s=5) or was_running
+        kill(read_pid(state_dir, "mux.pid"), timeout_s=5)
         popen = self._muxes.pop(vm_id, None)
         if popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -667,85 +512,21 @@ class QemuRuntime:
         """A running VM whose host multiplexer died (killed, crashed) is unreachable: its
         agent, screen and egress all go through it. Start a new one; the guest side waits
         for it and the two resynchronise."""
-        if _alive(_read_pid(state_dir / "mux.pid")):
+        if _alive(read_pid(state_dir, "mux.pid")):
             return
         log.warning("qemu VM %s: its host multiplexer is gone; starting a new one", vm_id)
         self._reap(vm_id)
         with contextlib.suppress(OSError):
             self._start_mux(vm_id, state_dir)
 
-    def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
-        if not self.vms_dir.exists():
-            return []
-        try:
-            entries = sorted(os.scandir(self.vms_dir), key=lambda e: e.name)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
-        found: builtins.list[RunningVm] = []
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False) or not VM_ID.fullmatch(entry.name):
-                continue
-            state_dir = Path(entry.path)
-            meta = read_meta(state_dir)
-            record = _read_pid(state_dir / "pid")
-            pid: int | None = None
-            state = "running"
-            if _alive(record):
-                assert record is not None
-                pid = record[0]
-            elif _find_qemu(state_dir):
-                state = "unrecorded"  # runs, but the pid file does not say so: destroy it
-            elif entry.name in creating or (record is None and is_young(meta, CREATING_GRACE_S)):
-                state = "creating"
-            else:
-                log.info("qemu VM %s is gone; removing its state dir", entry.name)
-                with contextlib.suppress(RuntimeFailure, OSError):
-                    self._teardown(entry.name, state_dir, False)
-                continue
-            try:
-                role = VmRole(str(meta.get("role")))
-            except ValueError:
-                role = VmRole.BROWSER
-            found.append(
-                RunningVm(
-                    vm_id=entry.name,
-                    role=role,
-                    pid=pid,
-                    state_dir=state_dir,
-                    detail={
-                        "state": state,
-                        "accel": str(meta.get("accel", "")),
-                        "created_at": str(meta.get("created_at", "")),
-                        "user_id": str(meta.get("user_id", "")),
-                    },
-                )
-            )
-        return found
+    def _runs_unrecorded(self, state_dir: Path) -> bool:
+        return bool(_find_qemu(state_dir))
 
-    # -- streams ----------------------------------------------------------------------------
-    def _existing(self, vm_id: str) -> Path:
-        state_dir = self._state_dir(vm_id)
-        if not state_dir.is_dir():
-            raise RuntimeFailure(f"no VM {vm_id} in this runtime", code="vm_not_found")
-        return state_dir
+    def _remove_gone(self, vm_id: str, state_dir: Path) -> None:
+        self._teardown(vm_id, state_dir, False)
 
-    async def agent_client(self, vm_id: str) -> AgentClient:
-        state_dir = self._existing(vm_id)
-        try:
-            secret = (state_dir / "agent.secret").read_text().strip()
-            return await self._client(state_dir, secret)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot reach the agent of {vm_id}: {exc}") from None
-
-    async def open_agent(self, vm_id: str) -> Stream:
-        return (await self.agent_client(vm_id)).stream
-
-    async def open_vnc(self, vm_id: str) -> Stream:
-        state_dir = self._existing(vm_id)
-        try:
-            return await asyncio.open_unix_connection(str(state_dir / "vnc.sock"))
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
+    def _detail(self, meta: dict[str, Any]) -> dict[str, str]:
+        return {"accel": str(meta.get("accel", ""))}
 
     # -- check ------------------------------------------------------------------------------
     async def check(self) -> builtins.list[str]:
@@ -782,10 +563,3 @@ class QemuRuntime:
         except OSError as exc:
             problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
         return problems
-
-
-def _lease_config(spec: VmSpec) -> dict[str, str]:
-    """The boot lease for the guest init (``agent.guest``), which hands it to the agent."""
-    if spec.lease_ms is None:
-        return {}
-    return {"lease_ms": str(spec.lease_ms), "lease_margin_ms": str(spec.lease_margin_ms)}

@@ -19,7 +19,7 @@ it: no ``--die-with-parent``, its own session. Its state dir holds everything a 
 controller needs to find it (``meta.json``, ``pid`` with the host pid of the sandbox's init
 and that process's start time, so a reused pid is never mistaken for it) and to reach it
 (``agent.secret``, ``agent.sock``, ``vnc.sock``). Killing the sandbox's init kills its whole
-pid namespace.
+pid namespace. Finding, killing and reaching those processes is ``sandbox_host``'s.
 """
 
 from __future__ import annotations
@@ -30,19 +30,12 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
-import select
 import shutil
-import signal
-import socket
-import stat
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +47,23 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes import confine, vm_launch
 from airlock.runtimes.base import RunningVm, Stream, VmSpec
-from airlock.runtimes.vmdir import (
-    DYING_VM_NICE,
-    VM_NICE,
-    PidRecord,
-    is_alive,
-    is_young,
-    log_excerpt,
-    read_meta,
-    set_cpu_nice,
+from airlock.runtimes.sandbox_host import (
+    INSTALL_HINT,
+    VM_TAG,
+    check_host,
+    kill_init,
+    open_vm_socket,
+    remove_tree,
+    sandbox_inits,
 )
-from airlock.runtimes.vmdir import open_unix as _open_unix
+from airlock.runtimes.skeleton import VmDirRuntime, record_pid, write_meta
+from airlock.runtimes.skeleton import write_private as _write_private
+from airlock.runtimes.vmdir import VM_NICE, PidRecord, read_meta, set_cpu_nice
 from airlock.runtimes.vmdir import proc_stat as _proc_stat
 from airlock.runtimes.vmdir import read_pid as _read_pid
 
 log = logging.getLogger(__name__)
 
-VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 INNER_STATE = "/run/airlock"
 INNER_HOME = "/home/airlock"
 INNER_EGRESS_DIR = "/run/airlock-egress"
@@ -87,146 +80,14 @@ CHROMIUM_ETC = "chromium-etc"  # the browser's /etc/chromium, with Airlock's man
 CREATING_GRACE_S = 60.0  # a state dir without a pid this young may be a create in flight
 AGENT_WRAPPER = '"$@"; kill -KILL -1'  # -1 in a pid namespace: all but init and the shell
 STAGE_DIR = "/run/airlock-stage"  # vm_launch's tmpfs of staged binds, in its own mount ns
-VM_TAG = "airlock-vm="  # $0 of the sandbox's shell: names its state dir in bwrap's cmdline
 DEFAULT_UID_BASE = confine.DEFAULT_UID_BASE
 DEFAULT_LIMITS = confine.Limits(memory_mb=2048, pids_max=1024, cpu_weight=100)
 DEFAULT_DISK_MB = 1024
-INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
-
-
-def _pids() -> list[int]:
-    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
-
-
-def _ns_members(ns: tuple[int, int]) -> list[int]:
-    """Host pids of every process in the pid namespace identified by (dev, inode)."""
-    members = []
-    for pid in _pids():
-        try:
-            st = os.stat(f"/proc/{pid}/ns/pid")
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) == ns:
-            members.append(pid)
-    return members
-
-
-def _sandbox_inits(state_dir: Path) -> list[int]:
-    """Inits of live sandboxes for this state dir, found by command line (bwrap's init is a
-    fork of bwrap, in a pid namespace other than ours): the fallback when the pid file does not
-    name a live sandbox, e.g. a controller died between starting it and writing the pid."""
-    needle = b"\0" + VM_TAG.encode() + os.fsencode(state_dir) + b"\0"
-    try:
-        own = os.stat("/proc/self/ns/pid")
-    except OSError:
-        return []
-    found = []
-    for pid in _pids():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if needle not in cmdline or os.path.basename(cmdline.split(b"\0", 1)[0]) != b"bwrap":
-                continue
-            ns = os.stat(f"/proc/{pid}/ns/pid")
-        except OSError:
-            continue
-        if (ns.st_dev, ns.st_ino) != (own.st_dev, own.st_ino):
-            found.append(pid)  # not the outer bwrap, which stays in our namespace
-    return found
-
-
-def _wait_fd_readable(fd: int, timeout_s: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(int(timeout_s * 1000)))
-
-
-def _kill_init(record: PidRecord) -> bool:
-    """SIGKILL a sandbox's init through a pidfd (no pid-reuse race), wait until it and every
-    process of its pid namespace are gone. False if it was not running."""
-    try:
-        pidfd = os.pidfd_open(record.pid)
-    except ProcessLookupError:
-        return False
-    try:
-        if not is_alive(record):  # checked after pidfd_open: the pidfd pins this process
-            return False
-        try:
-            st = os.stat(f"/proc/{record.pid}/ns/pid")
-            ns: tuple[int, int] | None = (st.st_dev, st.st_ino)
-        except OSError:
-            ns = None
-        set_cpu_nice(record.pid, DYING_VM_NICE)  # its processes' exit is work too
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        if not _wait_fd_readable(pidfd, 10):
-            raise RuntimeFailure(f"sandbox init {record.pid} did not die within 10 s")
-    finally:
-        os.close(pidfd)
-    if ns is not None:
-        deadline = time.monotonic() + 5
-        while survivors := _ns_members(ns):
-            if time.monotonic() > deadline:
-                raise RuntimeFailure(f"processes {survivors} of a killed sandbox survive")
-            for pid in survivors:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.01)
-    return True
-
-
-def _remove_tree(path: Path) -> None:
-    def onerror(func: Any, failed: str, exc_info: Any) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
-
-    for attempt in range(3):  # a dying agent may still have been creating a socket
-        try:
-            shutil.rmtree(path, onerror=onerror)
-            return
-        except OSError:
-            if attempt == 2:
-                raise
-            time.sleep(0.05)
-
-
-def _same_pid_ns(a: int, b: int) -> bool:
-    try:
-        sa, sb = os.stat(f"/proc/{a}/ns/pid"), os.stat(f"/proc/{b}/ns/pid")
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-async def _open_vm_socket(state_dir: Path, name: str, *, limit: int = 2**16) -> Stream:
-    """Connect to a socket the sandbox serves in its state dir. The sandbox can write that
-    directory: a symlink there would lead the controller to a socket of the host. So only a
-    socket is accepted, and its listener must live in the sandbox's pid namespace."""
-    path = state_dir / name
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise OSError(f"{name} is not a socket")
-    reader, writer = await _open_unix(path, limit=limit)
-    record = _read_pid(state_dir)
-    if record is not None:
-        sock = writer.get_extra_info("socket")
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        peer_pid = struct.unpack("3i", creds)[0]
-        if not _same_pid_ns(peer_pid, record.pid):
-            writer.close()
-            raise OSError(f"{name} is not served from inside the VM")
-    return reader, writer
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _default_chromium() -> str | None:
@@ -245,10 +106,12 @@ def _within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-class SandboxRuntime:
+class SandboxRuntime(VmDirRuntime):
     """VMs as bubblewrap sandboxes; see the module docstring."""
 
     name = "sandbox"
+    label = "sandbox"
+    creating_grace_s = CREATING_GRACE_S
 
     def __init__(
         self,
@@ -264,7 +127,7 @@ class SandboxRuntime:
         disk_mb: int = DEFAULT_DISK_MB,
         uid_base: int = DEFAULT_UID_BASE,
     ) -> None:
-        self.vms_dir = Path(vms_dir).absolute()
+        super().__init__(vms_dir)
         self.bwrap = str(bwrap) if bwrap else shutil.which("bwrap")
         self.xvnc = str(xvnc) if xvnc else shutil.which("Xvnc")
         self.chromium = str(chromium) if chromium else _default_chromium()
@@ -282,17 +145,10 @@ class SandboxRuntime:
         # Where ``import airlock`` comes from; the agent inside needs it on its path.
         self.package_root = Path(airlock.__file__).resolve().parent.parent
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # outer bwrap, to reap
-        self._creating: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
         with contextlib.suppress(OSError):  # if this fails, list() and check() say so
             self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- paths ------------------------------------------------------------------------------
-
-    def _state_dir(self, vm_id: str) -> Path:
-        if not VM_ID.fullmatch(vm_id):
-            raise RuntimeFailure(f"not a valid VM id: {vm_id!r}", code="bad_vm_id")
-        return self.vms_dir / vm_id
 
     def exposed_paths(self) -> list[Path]:
         """Every host directory a sandbox sees (read-only), besides its own state dir."""
@@ -457,31 +313,14 @@ class SandboxRuntime:
             raise RuntimeFailure(f"missing {', '.join(missing)}: {INSTALL_HINT}")
         if (exposed := self._data_dir_exposed()) is not None:
             raise RuntimeFailure(f"the data dir would be visible in sandboxes (via {exposed})")
-        if spec.vm_id in self._creating:
-            raise RuntimeFailure(f"VM {spec.vm_id} is being created", code="vm_exists")
         started = time.monotonic()
         deadline = started + self.boot_timeout_s
-        self._creating.add(spec.vm_id)  # list() must not take it for a dead VM's leftovers
-        prepared = False
-        record: PidRecord | None = None
-        try:
+        log_path = state_dir / "agent.log"
+        async with self._creating_vm(spec.vm_id, log_path, heading="agent.log") as creation:
             secret, meta = await asyncio.to_thread(self._prepare, spec, state_dir)
-            prepared = True
+            creation.push(lambda: self._teardown(spec.vm_id, state_dir))
             record = await self._launch(spec, state_dir, meta, deadline)
             await self._wait_ready(spec, state_dir, secret, deadline, record)
-        except BaseException as exc:
-            tail = log_excerpt(state_dir / "agent.log") if prepared else ""
-            if prepared:
-                # In a thread: it completes even if this task is being cancelled.
-                await asyncio.to_thread(self._teardown, spec.vm_id, state_dir)
-            if isinstance(exc, Exception) and prepared:
-                reason = exc.message if isinstance(exc, RuntimeFailure) else repr(exc)
-                raise RuntimeFailure(
-                    f"VM {spec.vm_id} did not boot: {reason}\n--- agent.log ---\n{tail}"
-                ) from exc
-            raise
-        finally:
-            self._creating.discard(spec.vm_id)
         boot_ms = round((time.monotonic() - started) * 1000)
         log.info("sandbox %s (%s) up in %d ms", spec.vm_id, spec.role.value, boot_ms)
         return RunningVm(
@@ -539,24 +378,21 @@ class SandboxRuntime:
         confine.remove_leaves(self._own_cgroups(state_dir, cgroups))
         confine.unmount(state_dir)
         if state_dir.exists():
-            _remove_tree(state_dir)
+            remove_tree(state_dir)
 
     def _fill_state_dir(
         self, spec: VmSpec, state_dir: Path, uid: int, cgroups: builtins.list[Path]
     ) -> tuple[str, dict[str, Any]]:
         os.chmod(state_dir, 0o700)
-        meta = {
-            "vm_id": spec.vm_id,
-            "role": spec.role.value,
-            "user_id": spec.user_id,
-            "created_at": datetime.now(UTC).isoformat(),
-            "runtime": self.name,
-            "screen": f"{spec.screen[0]}x{spec.screen[1]}",
-            "labels": spec.labels,
-            "uid": uid,
-            "cgroups": [str(c) for c in cgroups],
-        }
-        _write_private(state_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+        meta = write_meta(
+            state_dir,
+            spec,
+            self.name,
+            screen=f"{spec.screen[0]}x{spec.screen[1]}",
+            labels=spec.labels,
+            uid=uid,
+            cgroups=[str(c) for c in cgroups],
+        )
         if spec.boot_lease is not None:  # the agent reads it at start (agent.protocol, lease)
             _write_private(state_dir / "agent.lease", json.dumps(spec.boot_lease).encode())
         secret = secrets.token_urlsafe(32)
@@ -609,18 +445,8 @@ class SandboxRuntime:
         pid = info.get("child-pid")
         if not isinstance(pid, int):
             raise RuntimeFailure(f"bwrap did not say its child pid (exit {proc.poll()})")
-        found = _proc_stat(pid)
-        if found is None:
-            raise RuntimeFailure(f"the sandbox (pid {pid}) exited at once")
-        record = PidRecord(pid, found[1])
         # In place (not rename): the sandbox sees this inode through a read-only bind.
-        fd = os.open(state_dir / "pid", os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-        try:
-            os.write(fd, f"{record.pid} {record.start_time}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return record
+        return record_pid(state_dir / "pid", pid, what="the sandbox", in_place=True)
 
     async def _read_info(self, fd: int, deadline: float) -> dict[str, Any]:
         """bwrap's --info-fd JSON: written once the sandbox exists, then the fd is closed."""
@@ -673,11 +499,11 @@ class SandboxRuntime:
                 await asyncio.sleep(0.02)
 
         async def ping() -> None:
-            async with await self._client(state_dir, secret) as client:
+            async with await self._connect_agent(state_dir, secret) as client:
                 await client.ping()
 
         async def vnc() -> None:
-            reader, writer = await _open_vm_socket(state_dir, "vnc.sock")
+            reader, writer = await open_vm_socket(state_dir, "vnc.sock")
             try:
                 banner = await reader.readexactly(12)
             finally:
@@ -686,7 +512,7 @@ class SandboxRuntime:
                 raise ValueError(f"not an RFB server: {banner!r}")
 
         async def browser() -> None:
-            async with await self._client(state_dir, secret) as client:
+            async with await self._connect_agent(state_dir, secret) as client:
                 if not (await client.ping()).get("browser"):
                     raise ValueError("Chromium is not up yet")
 
@@ -698,9 +524,14 @@ class SandboxRuntime:
             await attempt("VNC", vnc)
             await attempt("Chromium", browser)
 
-    async def _client(self, state_dir: Path, secret: str) -> AgentClient:
-        reader, writer = await _open_vm_socket(state_dir, "agent.sock", limit=MAX_MESSAGE + 1)
-        return await AgentClient.connect(reader, writer, secret, timeout_s=10)
+    async def _connect_agent(
+        self, state_dir: Path, secret: str, timeout_s: float = 10
+    ) -> AgentClient:
+        reader, writer = await open_vm_socket(state_dir, "agent.sock", limit=MAX_MESSAGE + 1)
+        return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
+
+    async def _connect_vnc(self, state_dir: Path) -> Stream:
+        return await open_vm_socket(state_dir, "vnc.sock")
 
     # -- destroy ----------------------------------------------------------------------------
 
@@ -710,11 +541,11 @@ class SandboxRuntime:
         confine.boost(self._own_cgroups(state_dir))
         record = _read_pid(state_dir)
         if record is not None:
-            killed = _kill_init(record)
-        for pid in _sandbox_inits(state_dir):  # a sandbox the pid file does not name
+            killed = kill_init(record)
+        for pid in sandbox_inits(state_dir):  # a sandbox the pid file does not name
             found = _proc_stat(pid)
             if found is not None:
-                killed = _kill_init(PidRecord(pid, found[1])) or killed
+                killed = kill_init(PidRecord(pid, found[1])) or killed
         proc = self._procs.pop(vm_id, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -722,20 +553,11 @@ class SandboxRuntime:
         self._discard(state_dir)
         return killed
 
-    async def destroy(self, vm_id: str) -> bool:
-        try:
-            state_dir = self._state_dir(vm_id)
-        except RuntimeFailure:
-            return False  # no such id can exist
-        lock = self._locks.setdefault(vm_id, asyncio.Lock())
-        async with lock:
-            if not state_dir.exists():
-                self._reap(vm_id)
-                return False
-            killed = await asyncio.to_thread(self._teardown, vm_id, state_dir)
-        self._locks.pop(vm_id, None)
-        log.info("sandbox %s destroyed (was running: %s)", vm_id, killed)
-        return killed
+    async def _destroy_locked(self, vm_id: str, state_dir: Path) -> bool:
+        if not await asyncio.to_thread(state_dir.exists):
+            self._reap(vm_id)
+            return False
+        return await asyncio.to_thread(self._teardown, vm_id, state_dir)
 
     def _reap(self, vm_id: str) -> None:
         proc = self._procs.get(vm_id)
@@ -749,76 +571,11 @@ class SandboxRuntime:
             self._reap(vm_id)
         return await asyncio.to_thread(self._scan, frozenset(self._creating))
 
-    def _scan(self, creating: frozenset[str]) -> builtins.list[RunningVm]:
-        try:
-            entries = sorted(os.scandir(self.vms_dir), key=lambda e: e.name)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot read {self.vms_dir}: {exc.strerror}") from None
-        found: builtins.list[RunningVm] = []
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False) or not VM_ID.fullmatch(entry.name):
-                continue
-            state_dir = Path(entry.path)
-            meta = read_meta(state_dir)
-            record = _read_pid(state_dir)
-            pid: int | None = None
-            state = "running"
-            if record is not None and is_alive(record):
-                pid = record.pid
-            elif _sandbox_inits(state_dir):
-                state = "unrecorded"  # runs, but the pid file does not say so: destroy it
-            elif entry.name in creating or (record is None and is_young(meta, CREATING_GRACE_S)):
-                state = "creating"
-            else:
-                log.info("sandbox %s is gone; removing its state dir", entry.name)
-                with contextlib.suppress(OSError):
-                    self._discard(state_dir)
-                continue
-            try:
-                role = VmRole(str(meta.get("role")))
-            except ValueError:
-                role = VmRole.BROWSER  # unreadable meta: still report it, so it gets reaped
-            found.append(
-                RunningVm(
-                    vm_id=entry.name,
-                    role=role,
-                    pid=pid,
-                    state_dir=state_dir,
-                    detail={
-                        "state": state,
-                        "created_at": str(meta.get("created_at", "")),
-                        "user_id": str(meta.get("user_id", "")),
-                    },
-                )
-            )
-        return found
+    def _runs_unrecorded(self, state_dir: Path) -> bool:
+        return bool(sandbox_inits(state_dir))
 
-    # -- streams ----------------------------------------------------------------------------
-
-    def _existing(self, vm_id: str) -> Path:
-        state_dir = self._state_dir(vm_id)
-        if not state_dir.is_dir():
-            raise RuntimeFailure(f"no VM {vm_id} in this runtime", code="vm_not_found")
-        return state_dir
-
-    async def agent_client(self, vm_id: str) -> AgentClient:
-        """A connected, authenticated ``AgentClient`` (``open_agent`` returns its stream)."""
-        state_dir = self._existing(vm_id)
-        try:
-            secret = (state_dir / "agent.secret").read_text().strip()
-            return await self._client(state_dir, secret)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot reach the agent of {vm_id}: {exc}") from None
-
-    async def open_agent(self, vm_id: str) -> Stream:
-        return (await self.agent_client(vm_id)).stream
-
-    async def open_vnc(self, vm_id: str) -> Stream:
-        state_dir = self._existing(vm_id)
-        try:
-            return await _open_vm_socket(state_dir, "vnc.sock")
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot reach the VNC server of {vm_id}: {exc}") from None
+    def _remove_gone(self, vm_id: str, state_dir: Path) -> None:
+        self._discard(state_dir)
 
     # -- check ------------------------------------------------------------------------------
 
@@ -826,56 +583,7 @@ class SandboxRuntime:
         return await asyncio.to_thread(self._check)
 
     def _check(self) -> builtins.list[str]:
-        problems: builtins.list[str] = []
-        for what, path, package in (
-            ("bwrap", self.bwrap, "bubblewrap"),
-            ("Xvnc", self.xvnc, "tigervnc-standalone-server"),
-            ("chromium", self.chromium, "chromium"),
-        ):
-            if not path or not os.access(path, os.X_OK):
-                problems.append(
-                    f"{what} not found ({path or 'not on PATH'}): apt-get install {package}"
-                    f" (all of them: {INSTALL_HINT})"
-                )
-        if self.bwrap and os.access(self.bwrap, os.X_OK):
-            probe = [
-                self.bwrap,
-                "--unshare-pid",
-                "--unshare-ipc",
-                "--unshare-uts",
-                "--unshare-net",
-                "--ro-bind",
-                "/",
-                "/",
-                "--proc",
-                "/proc",
-                "--dev",
-                "/dev",
-                "true",
-            ]
-            try:
-                done = subprocess.run(probe, capture_output=True, timeout=10, check=False)
-                if done.returncode != 0:
-                    problems.append(
-                        "bwrap cannot create namespaces here: "
-                        + done.stderr.decode("utf-8", "replace").strip()
-                    )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                problems.append(f"bwrap does not run: {exc}")
-        if self.xvnc and os.access(self.xvnc, os.X_OK):
-            try:
-                done = subprocess.run(
-                    [self.xvnc, "-help"], capture_output=True, timeout=10, check=False
-                )
-                if b"rfbunixpath" not in done.stdout + done.stderr:
-                    problems.append(
-                        "this Xvnc cannot serve VNC on a Unix socket (no -rfbunixpath): "
-                        "install TigerVNC's tigervnc-standalone-server"
-                    )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                problems.append(f"Xvnc does not run: {exc}")
-        if not hasattr(os, "pidfd_open"):
-            problems.append("this Python or kernel lacks pidfd_open (Linux >= 5.3 needed)")
+        problems = check_host(self.bwrap, self.xvnc, self.chromium)
         if (exposed := self._data_dir_exposed()) is not None:
             problems.append(
                 f"the data dir {self.vms_dir.parent} lies in {exposed}, which every sandbox "

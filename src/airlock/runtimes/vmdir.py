@@ -3,7 +3,7 @@
 Each runtime keeps ``{vms_dir}/{vm_id}/`` with ``meta.json`` and a ``pid`` file holding the
 host pid *and* its start time (``/proc/PID/stat`` field 22), so a restarted controller finds
 what it started and never mistakes a reused pid for its VM. Runtimes may not import each
-other; they share this module instead.
+other; they share this module and ``skeleton`` (the part of a runtime that is not its I/O).
 """
 
 from __future__ import annotations
@@ -47,20 +47,26 @@ def is_alive(record: PidRecord) -> bool:
     return found is not None and found[1] == record.start_time and found[0] not in ("Z", "X")
 
 
-def read_pid(state_dir: Path) -> PidRecord | None:
+def read_pid(state_dir: Path, name: str = "pid") -> PidRecord | None:
+    """The record in ``state_dir/name``; None if there is none (or not a whole one)."""
     try:
-        pid, start = (state_dir / "pid").read_text().split()
+        pid, start = (state_dir / name).read_text().split()
         return PidRecord(int(pid), int(start))
     except (OSError, ValueError):
         return None
 
 
-def read_meta(state_dir: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} if it is missing, unreadable or not an object."""
     try:
-        meta = json.loads((state_dir / "meta.json").read_bytes())
+        value = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return {}
-    return meta if isinstance(meta, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_meta(state_dir: Path) -> dict[str, Any]:
+    return read_json(state_dir / "meta.json")
 
 
 def is_young(meta: dict[str, Any], grace_s: float) -> bool:

@@ -107,7 +107,8 @@ def make_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "firecracker":
         from airlock.images import find_image
         from airlock.runtimes.confine import UID_COUNT
-        from airlock.runtimes.firecracker import FirecrackerRuntime, GuestImage, Jail
+        from airlock.runtimes.firecracker import FirecrackerRuntime
+        from airlock.runtimes.firecracker_vmm import GuestImage, Jail
 
         def image(role: VmRole) -> GuestImage | None:
             found = find_image(settings.image_dir, role.value)
