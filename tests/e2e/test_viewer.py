@@ -181,7 +181,7 @@ async def test_a_person_logs_in_ten_times_with_one_click_and_tab(server_factory:
 
 
 async def _sign_in_fixing_typos(server_factory: Any, name: str, *, shortcuts: bool) -> None:
-    """Arrows, End, Backspace, Escape, Tab and Shift+Tab (and with ``shortcuts``, Ctrl+A/X/Z)
+    """Arrows, End, Backspace (held), Escape, Tab and Shift+Tab (with ``shortcuts``, Ctrl+A/X/Z)
     as a person fixes typos: the demo IdP signs in only if every field ends up exactly
     right, so a key that does something else, or nothing, fails the login."""
     server: Server = server_factory(grace_success_ms=30_000, demo_password=PASSWORD)
@@ -202,9 +202,11 @@ async def _sign_in_fixing_typos(server_factory: Any, name: str, *, shortcuts: bo
                 await keys.press(key)
             await keys.type("e")  # "demo"
             await keys.press("End")
-            await keys.type("XY", delay=25)
-            for _ in range(2):
-                await keys.press("Backspace")  # "demo" again
+            await keys.type("XYZWV", delay=25)
+            for _ in range(5):  # Backspace held down: a first press, then auto-repeats
+                await keys.down("Backspace")
+                await asyncio.sleep(0.03)
+            await keys.up("Backspace")  # "demo" again
             await keys.press("Escape")  # nothing to close: the field keeps its text
             await keys.press("Tab")
             if shortcuts:  # lower-case keys: Playwright's "Control+A" is Ctrl+Shift+A
