@@ -39,13 +39,20 @@ async def ask(sock: Path, host: str, port: int = 443) -> bytes:
     return answer
 
 
-def manager(db: Database, policy: EgressPolicy, **kw: object) -> EgressManager:
+def manager(
+    db: Database,
+    policy: EgressPolicy,
+    *,
+    bus: SessionBus | None = None,
+    metrics: Metrics | None = None,
+) -> EgressManager:
     return EgressManager(
         policies={policy.provider: policy},
         db=db,
         clock=Clock(),
-        metrics=kw.pop("metrics", None) or Metrics(),  # type: ignore[arg-type]
-        bus=kw.pop("bus", None) or SessionBus(),  # type: ignore[arg-type]
+        metrics=metrics if metrics is not None else Metrics(),
+        # Not ``bus or SessionBus()``: a bus nobody waits on has len() 0, so it is falsy.
+        bus=bus if bus is not None else SessionBus(),
         flush_interval=60,  # only the first sight of a host and explicit flushes write
     )
 
