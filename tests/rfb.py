@@ -247,13 +247,12 @@ class RfbClient:
             )
         )
 
-    async def read_update(self) -> int:
-        """Read server messages until a framebuffer update; return its pixel bytes."""
-        assert self.init is not None
+    async def _skip_to_update(self) -> None:
+        """Read server messages up to the type byte of a framebuffer update."""
         while True:
             kind = (await self.read(1))[0]
             if kind == 0:
-                break
+                return
             if kind == 2:  # Bell
                 continue
             if kind == 3:  # ServerCutText
@@ -261,6 +260,11 @@ class RfbClient:
                 await self.read(length)
                 continue
             raise AssertionError(f"unexpected server message {kind}")
+
+    async def read_update(self) -> int:
+        """Read server messages until a framebuffer update; return its pixel bytes."""
+        assert self.init is not None
+        await self._skip_to_update()
         (rects,) = struct.unpack(">xH", await self.read(3))
         total = 0
         for _ in range(rects):
@@ -286,17 +290,7 @@ class RfbClient:
         w, h = self.init.width, self.init.height
         pixels = bytearray(w * h * 4)
         await self.request_update(incremental=False)
-        while True:
-            kind = (await self.read(1))[0]
-            if kind == 0:
-                break
-            if kind == 2:  # Bell
-                continue
-            if kind == 3:  # ServerCutText
-                _, length = struct.unpack(">3sI", await self.read(7))
-                await self.read(length)
-                continue
-            raise AssertionError(f"unexpected server message {kind}")
+        await self._skip_to_update()
         (rects,) = struct.unpack(">xH", await self.read(3))
         for _ in range(rects):
             x, y, rw, rh, enc = struct.unpack(">HHHHi", await self.read(12))
