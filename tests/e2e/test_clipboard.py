@@ -123,8 +123,7 @@ async def test_text_copied_in_the_vm_reaches_the_local_clipboard(
             await expect(status).to_have_text("Sign in with oauth2", timeout=60_000)
             await wait_pixels(canvas, {"centre": CARD, "corner": PAGE})
             await click_beside_the_form(page, canvas)
-            # In the VM: type a code into the user name field, select it, copy it (the keys
-            # of a US keyboard: "Control+A" would be Ctrl+Shift+A).
+            # In the VM: type a code into the user name field, select it, copy it.
             await page.keyboard.type("code-4711 ÄÖ €", delay=25)
             await page.keyboard.press("Control+a")
             await page.keyboard.press("Control+c")

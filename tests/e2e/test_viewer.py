@@ -181,9 +181,9 @@ async def test_a_person_logs_in_ten_times_with_one_click_and_tab(server_factory:
 
 
 async def _sign_in_fixing_typos(server_factory: Any, name: str, *, shortcuts: bool) -> None:
-    """Arrows, End, Backspace (held), Escape, Tab and Shift+Tab (with ``shortcuts``, Ctrl+A/X/Z)
-    as a person fixes typos: the demo IdP signs in only if every field ends up exactly
-    right, so a key that does something else, or nothing, fails the login."""
+    """Arrows, End, Backspace (held), Escape, Tab and Shift+Tab (with ``shortcuts``, Ctrl+A/X/Z
+    and Ctrl+Shift+Z) as a person fixes typos: the demo IdP signs in only if every field ends
+    up exactly right, so a key that does something else, or nothing, fails the login."""
     server: Server = server_factory(grace_success_ms=30_000, demo_password=PASSWORD)
     server.start()
     user_token = server.cli("tokens", "create", "--user", "alice")
@@ -209,14 +209,19 @@ async def _sign_in_fixing_typos(server_factory: Any, name: str, *, shortcuts: bo
             await keys.up("Backspace")  # "demo" again
             await keys.press("Escape")  # nothing to close: the field keeps its text
             await keys.press("Tab")
-            if shortcuts:  # lower-case keys: Playwright's "Control+A" is Ctrl+Shift+A
+            if shortcuts:
                 await keys.type("wrong password", delay=25)
                 await keys.press("Control+a")
                 await keys.type(PASSWORD, delay=25)  # replaces the selection
                 await keys.press("Shift+Tab")  # back to the user name
-                await keys.press("Control+a")
-                await keys.press("Control+x")  # the field is empty now...
-                await keys.press("Control+z")  # ...and "demo" again
+                # Upper-case keys with no Shift, as a key with Caps Lock on gives (and
+                # Playwright's "Control+A"): a local browser takes them as Ctrl+A, so must
+                # the live view (Xvnc alone would add a Shift: Ctrl+Shift+A).
+                await keys.press("Control+A")
+                await keys.press("Control+X")  # the field is empty now...
+                await keys.press("Control+Z")  # ...and "demo" again
+                await keys.press("Control+Shift+Z")  # redo: empty...
+                await keys.press("Control+z")  # ...and "demo"
             else:
                 await keys.type(PASSWORD + "!", delay=25)
                 await keys.press("Backspace")

@@ -214,6 +214,8 @@ async function connectVnc() {
 // - Ctrl+V / ⌘V pastes natively into the text area (no clipboard permission needed): the
 //   text goes to Xvnc's clipboard (ClientCutText) and the remote field gets Ctrl+V, so it
 //   arrives exactly and at once, whatever its characters;
+// - a Ctrl shortcut (Ctrl+A/C/X/Z...) goes as the key's letter in the case its Shift gives
+//   (see shortcutKeysym);
 // - the first click into the view only gives it the focus: a click passed through would
 //   also land in the remote page and take the focus off the field the page focused.
 
@@ -233,6 +235,18 @@ let keysyms = null;
 
 function focusScreen() {
   keysEl.focus({ preventScroll: true });
+}
+
+// Xvnc (RawKeyboard off, so layouts work) ignores the scancode of a key event and types
+// its keysym with the keys of the VM's US keymap, pressing or releasing Shift as that
+// keysym needs. noVNC's keysym is the key's e.key, and with Ctrl held that is not always
+// the letter Shift gives: "A" with Caps Lock on (or from Playwright's "Control+A"), "ф" on a
+// Russian layout. Xvnc then adds a Shift (Ctrl+Shift+A: not select all) or a key that is
+// no letter at all, and the shortcut does nothing. A local browser takes the shortcut from
+// the key's keyCode (A-Z, the same in every layout) and the Shift key: so does this.
+function shortcutKeysym(e) {
+  if (!e.ctrlKey || e.altKey || e.metaKey || e.keyCode < 65 || e.keyCode > 90) return null;
+  return e.shiftKey ? e.keyCode : e.keyCode + 0x20; // XK_A..XK_Z, XK_a..XK_z
 }
 
 function composing(e) {
@@ -303,7 +317,12 @@ async function setUpInput() {
   ]);
   keysyms = symbols;
   const keyboard = new Keyboard(keysEl);
-  keyboard.onkeyevent = (keysym, code, down) => rfb?.sendKey(keysym, code, down);
+  const shortcuts = new Map(); // code -> the keysym of a shortcut key while it is down
+  keyboard.onkeyevent = (keysym, code, down) => {
+    const sym = shortcuts.get(code) ?? keysym; // its release too: the same keysym as its press
+    if (!down) shortcuts.delete(code);
+    rfb?.sendKey(sym, code, down);
+  };
   keyboard.grab();
   // Before noVNC's Keyboard (capture, on the parent): what the browser composes stays with
   // the browser; Ctrl+V / ⌘V is left to the browser's own paste (see "paste" below).
@@ -311,13 +330,23 @@ async function setUpInput() {
     "keydown",
     (e) => {
       if (e.target !== keysEl) return;
-      const paste = (e.ctrlKey || e.metaKey) && !e.altKey && e.key.toLowerCase() === "v";
-      if (paste || composing(e)) e.stopPropagation();
       if (e.key === "F6") {
         e.stopPropagation();
         e.preventDefault();
         focusButton.focus(); // keys go to the remote browser, Tab included: F6 leaves it
+        return;
       }
+      // The V key (keyCode 86 in any layout, as for the other shortcuts below) or a "v".
+      const vKey = e.keyCode === 86 || e.key.toLowerCase() === "v";
+      const paste = (e.ctrlKey || e.metaKey) && !e.altKey && vKey;
+      if (paste || composing(e)) {
+        e.stopPropagation();
+        return;
+      }
+      // For noVNC's Keyboard next, which tracks a key by its code (where there is one).
+      const shortcut = shortcutKeysym(e);
+      const tracked = e.code && e.code !== "Unidentified";
+      if (shortcut !== null && tracked && !shortcuts.has(e.code)) shortcuts.set(e.code, shortcut);
     },
     true,
   );
