@@ -32,6 +32,10 @@ Operations (arguments -> result):
 - ``run {argv, timeout_s, env?}`` -> ``{exit_code, stdout, stderr}`` (verification).
 - ``wipe {paths}`` -> ``{wiped: [paths]}``.
 - ``connect {port}`` -> ``{connected: true}``, then raw bytes to ``127.0.0.1:port``.
+- ``restored {secret, entropy}`` -> ``{reseeded: "ioctl"|"write", machine_id}``: the VM was
+  resumed from a snapshot other VMs share; ``entropy`` (base64, 32 to 512 bytes) goes into
+  the kernel's pool, ``/etc/machine-id`` is renewed where it can be, and ``secret`` (>= 32
+  printable chars) replaces the snapshot's for every later hello.
 - ``lease {for_ms, margin_ms?}`` -> ``{ends_in_ms}`` (browser VMs; a CLI VM answers
   ``no_lease``): the VM ends itself ``for_ms + margin_ms`` from now on its own monotonic
   clock unless the controller renews the lease before. The boot lease is the same JSON in
