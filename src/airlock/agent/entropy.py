@@ -11,10 +11,11 @@ import logging
 import secrets
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from airlock.agent.files import write_atomic
 from airlock.agent.oparg import OpError
+from airlock.agent.protocol import RestoredResult
 
 log = logging.getLogger("airlock.agent")
 
@@ -22,7 +23,7 @@ RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 
 
-def reseed_kernel_rng(entropy: bytes) -> str:
+def reseed_kernel_rng(entropy: bytes) -> Literal["ioctl", "write"]:
     """Mix ``entropy`` into the kernel's pool, credited and with a CRNG reseed where we may
     (``RNDADDENTROPY`` + ``RNDRESEEDCRNG``, needs CAP_SYS_ADMIN: Firecracker's
     random-for-clones.md), else as a plain write (mixed, not credited). Returns which."""
@@ -38,7 +39,7 @@ def reseed_kernel_rng(entropy: bytes) -> str:
             return "write"
 
 
-def restore(message: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+def restore(message: dict[str, Any]) -> tuple[bytes, RestoredResult]:
     """The ``restored`` op: take fresh entropy from the host into the kernel's pool, write a
     new machine id; returns the new secret (the snapshot's is known to every clone) and the
     op's result. Firecracker's VMGenID already reseeds the kernel's CRNG on Linux >= 5.18;

@@ -29,9 +29,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from airlock.agent import capture, entropy, protocol, streams
 from airlock.agent.capture import Login
@@ -58,7 +58,7 @@ HELLO_TIMEOUT_S = 10.0
 MAX_RUN_TIMEOUT_S = 600.0
 MAX_CAPTURE_TIMEOUT_S = 300.0
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[dict[str, Any]], Awaitable[Mapping[str, object]]]
 
 
 class Agent:
@@ -176,7 +176,7 @@ class Agent:
         self.exit_code = LEASE_EXPIRED_EXIT
         self._stop.set()
 
-    async def _op_lease(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_lease(self, message: dict[str, Any]) -> protocol.LeaseResult:
         """Renew (or shorten) the lease: this VM ends itself ``for_ms + margin_ms`` from now,
         on its own monotonic clock, unless renewed again. A duration, not an epoch, so the
         guest's wall clock never enters into it."""
@@ -263,8 +263,8 @@ class Agent:
 
     # -- operations -------------------------------------------------------------------------
 
-    async def _op_ping(self, message: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = {
+    async def _op_ping(self, message: dict[str, Any]) -> protocol.PingResult:
+        result: protocol.PingResult = {
             "role": self.config.role,
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
@@ -276,7 +276,7 @@ class Agent:
             result["browser"] = self.display.browser_ready
         return result
 
-    async def _op_start_login(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_start_login(self, message: dict[str, Any]) -> protocol.StartLoginResult:
         plan = message.get("login")
         if not isinstance(plan, dict):
             raise OpError("bad_request", "login must be a LoginPlan object")
@@ -330,8 +330,10 @@ class Agent:
         self._owner.children.discard(login.proc)
         log.info("login %s exited with %s", login.provider, code)
 
-    async def _op_login_status(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_login_status(self, message: dict[str, Any]) -> protocol.LoginStatusResult:
         login = self._login
+        state: Literal["idle", "running", "exited"]
+        code: int | None
         if login is None:
             state, code = "idle", None
         else:
@@ -344,7 +346,7 @@ class Agent:
             "captured": login is not None and login.captured is not None,
         }
 
-    async def _op_capture(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_capture(self, message: dict[str, Any]) -> protocol.CaptureResult:
         timeout = number(message.get("timeout_s"), "timeout_s", 0.0, MAX_CAPTURE_TIMEOUT_S)
         login = self._login
         if login is None:
@@ -359,7 +361,7 @@ class Agent:
             "files": {p: base64.b64encode(d).decode("ascii") for p, d in login.captured.items()},
         }
 
-    async def _op_ack_capture(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_ack_capture(self, message: dict[str, Any]) -> protocol.WipedResult:
         login = self._login
         if login is None or login.captured is None:
             return {"wiped": []}
@@ -370,7 +372,7 @@ class Agent:
         log.info("capture acknowledged: wiped %d file(s)", len(wiped))
         return {"wiped": wiped}
 
-    async def _op_write_files(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_write_files(self, message: dict[str, Any]) -> protocol.WrittenResult:
         files = message.get("files")
         if not isinstance(files, list):
             raise OpError("bad_request", "files must be a list")
@@ -397,7 +399,7 @@ class Agent:
         log.info("wrote %d file(s)", len(written))
         return {"written": written}
 
-    async def _op_run(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_run(self, message: dict[str, Any]) -> protocol.RunResult:
         argv = str_list(message.get("argv"), "argv")
         timeout = number(message.get("timeout_s"), "timeout_s", 30.0, MAX_RUN_TIMEOUT_S)
         env = self._child_env()
@@ -450,13 +452,13 @@ class Agent:
             "truncated": truncated,
         }
 
-    async def _op_wipe(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_wipe(self, message: dict[str, Any]) -> protocol.WipedResult:
         paths = str_list(message.get("paths"), "paths", allow_empty=True)
         wiped = [p for p in paths if shred(target_path(self.config.home, rel_path(p, "path")))]
         log.info("wiped %d file(s)", len(wiped))
         return {"wiped": wiped}
 
-    async def _op_restored(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _op_restored(self, message: dict[str, Any]) -> protocol.RestoredResult:
         """This VM was resumed from a snapshot that other VMs share: take fresh entropy from
         the host into the kernel's pool, a new machine id, and a new secret (the snapshot's
         is known to every clone). Firecracker's VMGenID already reseeds the kernel's CRNG on
