@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
-from airlock.agent import protocol
+from airlock.agent import protocol, streams
 from airlock.errors import RuntimeFailure
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -61,22 +61,17 @@ class RunResult:
 
 
 async def read_line(reader: asyncio.StreamReader, limit: int = protocol.MAX_MESSAGE) -> bytes:
-    """One message line of at most ``limit`` bytes, whatever the reader's own buffer limit
-    (a runtime may hand us a reader with asyncio's 64 KiB default)."""
-    buf = bytearray()
-    while True:
-        try:
-            buf += await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            buf += await reader.readexactly(exc.consumed)
-        except asyncio.IncompleteReadError:
-            raise AgentError("the agent closed the connection", code="closed") from None
-        else:
-            if len(buf) > limit:
-                raise AgentError("message from the agent is too large", code="protocol")
-            return bytes(buf)
-        if len(buf) > limit:
-            raise AgentError("message from the agent is too large", code="protocol")
+    """One message line (``streams.read_line``); any end of the stream, clean or inside a
+    message, is ``closed``, a line over ``limit`` is ``protocol``."""
+    try:
+        line = await streams.read_line(reader, limit)
+    except streams.TruncatedMessage:
+        line = None
+    except protocol.ProtocolError:
+        raise AgentError("message from the agent is too large", code="protocol") from None
+    if line is None:
+        raise AgentError("the agent closed the connection", code="closed")
+    return line
 
 
 async def http_get(stream: Stream, path: str) -> tuple[int, bytes]:

@@ -29,7 +29,6 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from airlock.agent.files import write_atomic
 from airlock.agent.protocol import EGRESS_PORT
 
 DEFAULT_PROXY = f"http://127.0.0.1:{EGRESS_PORT}"
@@ -342,36 +342,7 @@ def _write_tokens(path: Path, tokens: dict[str, Any], obtained_at: int) -> None:
     expires_in = tokens.get("expires_in")
     if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
         data["expires_at"] = obtained_at + int(expires_in)
-    _make_private_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(json.dumps(data, indent=2).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _make_private_dirs(directory: Path) -> None:
-    missing: list[Path] = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            d.mkdir(mode=0o700)
-        os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+    write_atomic(path, json.dumps(data, indent=2).encode() + b"\n", 0o600)
 
 
 def _extra_params(pairs: list[str]) -> dict[str, str]:

@@ -32,6 +32,10 @@ Operations (arguments -> result):
 - ``run {argv, timeout_s, env?}`` -> ``{exit_code, stdout, stderr}`` (verification).
 - ``wipe {paths}`` -> ``{wiped: [paths]}``.
 - ``connect {port}`` -> ``{connected: true}``, then raw bytes to ``127.0.0.1:port``.
+- ``restored {secret, entropy}`` -> ``{reseeded: "ioctl"|"write", machine_id}``: the VM was
+  resumed from a snapshot other VMs share; ``entropy`` (base64, 32 to 512 bytes) goes into
+  the kernel's pool, ``/etc/machine-id`` is renewed where it can be, and ``secret`` (>= 32
+  printable chars) replaces the snapshot's for every later hello.
 - ``lease {for_ms, margin_ms?}`` -> ``{ends_in_ms}`` (browser VMs; a CLI VM answers
   ``no_lease``): the VM ends itself ``for_ms + margin_ms`` from now on its own monotonic
   clock unless the controller renews the lease before. The boot lease is the same JSON in
@@ -45,13 +49,66 @@ env, ``{python}`` is replaced by the agent's interpreter and ``{home}`` by the V
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 VERSION = "1"
 MAX_MESSAGE = 4 * 1024 * 1024
 EGRESS_PORT = 3128  # inside the VM: the egress proxy as Chromium and the CLIs see it
 LEASE_EXPIRED_EXIT = 75  # the agent's exit status when its lease ran out
 START_PAGE_PORT = 3129  # inside the VM, loopback only: the agent's start page for Chromium
+
+
+# The result of each operation, as the agent sends it (the requests are checked field by
+# field on arrival, so they stay ``dict[str, Any]`` until then).
+
+
+class PingResult(TypedDict):
+    role: str
+    uptime_s: float
+    display: NotRequired[str]
+    browser: NotRequired[bool]
+    lease_ends_in_ms: NotRequired[int]
+
+
+class StartLoginResult(TypedDict):
+    started: bool
+
+
+class LoginStatusResult(TypedDict):
+    state: Literal["idle", "running", "exited"]
+    exit_code: int | None
+    url: str | None
+    captured: bool
+
+
+class CaptureResult(TypedDict):
+    captured: bool
+    files: NotRequired[dict[str, str]]  # path -> base64, when captured
+
+
+class WipedResult(TypedDict):
+    wiped: list[str]
+
+
+class WrittenResult(TypedDict):
+    written: list[str]
+
+
+class RunResult(TypedDict):
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool
+
+
+class LeaseResult(TypedDict):
+    ends_in_ms: int
+
+
+class RestoredResult(TypedDict):
+    reseeded: Literal["ioctl", "write"]
+    machine_id: bool
 
 
 class ProtocolError(Exception):

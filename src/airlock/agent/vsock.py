@@ -20,6 +20,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from airlock.agent.streams import Stream, splice
+
 log = logging.getLogger("airlock.agent.vsock")
 
 AGENT_PORT = 1024  # guest ports the host connects to
@@ -28,7 +30,6 @@ EGRESS_PORT = 3128  # host port the guest connects to
 HOST_CID = 2
 GUEST_TARGETS = {AGENT_PORT: "agent.sock", VNC_PORT: "vnc.sock"}
 
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Listen = Callable[[int], socket.socket]
 ConnectHost = Callable[[int], Awaitable[Stream]]
 
@@ -52,18 +53,6 @@ async def connect_host(port: int) -> Stream:
     return await asyncio.open_connection(sock=sock)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof()
-
-
 async def _join(a: Stream, connect: Callable[[], Awaitable[Stream]]) -> None:
     try:
         b = await connect()
@@ -71,11 +60,7 @@ async def _join(a: Stream, connect: Callable[[], Awaitable[Stream]]) -> None:
         log.warning("cannot reach the other end: %s", exc)
         a[1].close()
         return
-    try:
-        await asyncio.gather(_pump(a[0], b[1]), _pump(b[0], a[1]))
-    finally:
-        a[1].close()
-        b[1].close()
+    await splice(a, b)
 
 
 async def serve(

@@ -42,6 +42,7 @@ from typing import Any
 
 from airlock.agent.guest import write_boot_lease
 from airlock.agent.protocol import LEASE_EXPIRED_EXIT
+from airlock.agent.streams import pipe
 
 GUEST_PORTS = {1024: "agent.sock", 5900: "vnc.sock"}
 EGRESS_PORT = 3128
@@ -108,15 +109,13 @@ class VsockMuxer:
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One direction: ``streams.pipe``, then close the writer, so the end of either direction
+    ends the whole connection (not ``streams.splice``, which lets the other direction go on
+    after a half-close)."""
     try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            await pipe(reader, writer)
     finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof()
         writer.close()
 
 
