@@ -392,6 +392,13 @@ def create_idp_app(
         state.pending.put(request_id, pending, PENDING_TTL)
         return login_form(request_id, pending, None)
 
+    def credentials_match(form: dict[str, str]) -> tuple[bool, bool]:
+        """(user name right, password right), both compared always and in constant time, so
+        the time taken does not tell which one was wrong."""
+        user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
+        password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
+        return user_ok, password_ok
+
     @app.post("/authorize")
     async def sign_in(request: Request) -> Response:
         try:
@@ -405,9 +412,7 @@ def create_idp_app(
                 "This sign-in request has expired or was already used. "
                 "Start again from the application."
             )
-        # Compare both, always, so the time taken does not tell which one was wrong.
-        user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
-        password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
+        user_ok, password_ok = credentials_match(form)
         if state.locked_out(pending.client_id, user_ok, password_ok):
             state.pending.pop(request_id)
             return error_page_response(LOCKED_OUT, 403)
@@ -450,8 +455,7 @@ def create_idp_app(
         pending = state.pending.get(request_id)
         if pending is None:
             return error_page_response("This sign-in request has expired or was already used.")
-        user_ok = hmac.compare_digest(form.get("username", "").encode(), user.encode())
-        password_ok = hmac.compare_digest(form.get("password", "").encode(), password.encode())
+        user_ok, password_ok = credentials_match(form)
         if state.locked_out(pending.client_id, user_ok, password_ok):
             state.pending.pop(request_id)
             return error_page_response(LOCKED_OUT, 403)
