@@ -192,8 +192,28 @@ class Settings(BaseSettings):
         default_factory=socket.gethostname,
         min_length=1,
         max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$",
         description="This host's name on VM rows: a controller schedules and reconciles only "
         "its own node's VMs when several share one database.",
+    )
+    node_internal_url: str | None = Field(
+        None,
+        description="Base URL this node's peers reach it at (the internal link: VNC and agent "
+        "streams, destroys). Default http://{host}:{port}.",
+    )
+    node_heartbeat_ms: int = Field(
+        2_000, gt=0, description="How often a node writes its heartbeat and what it holds."
+    )
+    node_lease_ms: int = Field(
+        15_000,
+        gt=0,
+        description="A node whose heartbeat is older than this is down: no new VMs go there.",
+    )
+    node_grace_ms: int = Field(
+        300_000,
+        ge=0,
+        description="A node down this long past its lease has its live VMs marked lost and "
+        "their sessions failed (nothing is destroyed: it kills them itself when it returns).",
     )
     log_level: str = Field("INFO", description="Logging level.")
     log_json: bool | None = Field(None, description="JSON logs; default: when not a TTY.")
@@ -300,6 +320,12 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _node_times(self) -> Settings:
+        if self.node_lease_ms <= self.node_heartbeat_ms:
+            raise ValueError("AIRLOCK_NODE_LEASE_MS must be longer than AIRLOCK_NODE_HEARTBEAT_MS")
+        return self
+
     @field_validator("image_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -393,6 +419,22 @@ class Settings(BaseSettings):
     @property
     def vm_lease_margin(self) -> timedelta:
         return timedelta(milliseconds=self.vm_lease_margin_ms)
+
+    @property
+    def internal_url(self) -> str:
+        return (self.node_internal_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def node_heartbeat(self) -> timedelta:
+        return timedelta(milliseconds=self.node_heartbeat_ms)
+
+    @property
+    def node_lease(self) -> timedelta:
+        return timedelta(milliseconds=self.node_lease_ms)
+
+    @property
+    def node_grace(self) -> timedelta:
+        return timedelta(milliseconds=self.node_grace_ms)
 
     @property
     def vm_boot_timeout(self) -> timedelta:

@@ -153,6 +153,20 @@ class Vault:
             for key_id in order
         ]
 
+    def fingerprints(self) -> dict[str, str]:
+        """A fingerprint of each key (HKDF-SHA256 under its own label, hex, 128 bits):
+        enough to tell two key files apart, useless for recovering a key. The controllers
+        of one database compare theirs at start-up (``services.nodes``)."""
+        self._refresh()
+        return {
+            key_id: HKDF(
+                algorithm=hashes.SHA256(), length=16, salt=None, info=b"airlock key fingerprint v1"
+            )
+            .derive(key)
+            .hex()
+            for key_id, key in self._keys.items()
+        }
+
     def seal(self, plaintext: bytes, *, context: str) -> Sealed:
         self._refresh()
         nonce = secrets.token_bytes(12)

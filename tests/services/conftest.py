@@ -28,7 +28,8 @@ FAST = {
 @pytest.fixture
 async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
     """``await make_core(**settings)``; ``node="b"`` makes a second host's controller (its
-    own data dir and node name) on the same database."""
+    own data dir and node name) on the same database, with the cluster's one key file
+    (a controller with another one refuses to start: ``services.nodes``)."""
     cores: list[Core] = []
     data_dirs: set[Path] = set()
 
@@ -42,6 +43,7 @@ async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
             database_url=db_url,
             demo_idp_port=4999,
             node_name=f"node-{node}",
+            secret_key_file=tmp_path / "cluster.key",
             **values,
         )
         core = Core(settings, demo=True)

@@ -550,7 +550,7 @@ async def serve_viewer(ws: WebSocket, session_id: str, token: str | None) -> Non
     try:
         claims = await verify_token(core, signer, session_id, token)
         await core.sessions.keepalive(session_id, None)  # a viewer connected: presence
-        reader, writer = await core.runtime.open_vnc(claims.vm_id)
+        reader, writer = await core.routed.open_vnc(claims.vm_id)
     except AirlockError as exc:
         await _deny(ws, exc)
         return

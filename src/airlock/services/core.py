@@ -20,8 +20,10 @@ from airlock.clock import Clock
 from airlock.domain.deadlines import DeadlinePolicy, Durations
 from airlock.domain.egress_policy import EgressPolicy, PolicyError
 from airlock.domain.leases import LeasePolicy
+from airlock.domain.nodes import NodeTimes
 from airlock.domain.quotas import Limits
 from airlock.domain.vms import VmRole
+from airlock.errors import RuntimeFailure
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
 from airlock.providers.claude_code import ClaudeCodeProvider
@@ -33,6 +35,8 @@ from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.handoff import HandoffService
 from airlock.services.leases import LeaseKeeper
+from airlock.services.node_link import NodeCredentials, NodeLink, RoutedRuntime
+from airlock.services.nodes import NodeService, check_cluster_key
 from airlock.services.platform_jwt import JwtConfig, PlatformJwtVerifier
 from airlock.services.reconciler import Reconciler
 from airlock.services.scheduler import Scheduler
@@ -263,7 +267,39 @@ class Core:
             max_browser_vms=settings.max_concurrent_vms,
             lease=self.lease,
         )
+        self.nodes = NodeService(
+            db=self.db,
+            clock=self.clock,
+            metrics=self.metrics,
+            bus=self.bus,
+            name=settings.node_name,
+            internal_url=settings.internal_url,
+            public_url=settings.base_url,
+            browser_capacity=settings.max_concurrent_vms,
+            cli_capacity=settings.max_concurrent_cli_vms,
+            times=NodeTimes(settings.node_heartbeat, settings.node_lease, settings.node_grace),
+        )
         self._sessions: SessionService | None = None
+        self._routed: RoutedRuntime | None = None
+        self._credentials: NodeCredentials | None = None
+
+    @property
+    def routed(self) -> RoutedRuntime:
+        """The runtime whose streams reach a VM on whichever node holds it."""
+        if self._routed is None:
+            raise RuntimeError("Core.open() has not run")
+        return self._routed
+
+    @property
+    def node_credentials(self) -> NodeCredentials:
+        if self._credentials is None:
+            raise RuntimeError("Core.open() has not run")
+        return self._credentials
+
+    async def _internal_url(self, node: str) -> str | None:
+        async with self.db.read() as repo:
+            row = await repo.node_row(node)
+        return row.internal_url if row is not None else None
 
     @property
     def sessions(self) -> SessionService:
@@ -277,6 +313,22 @@ class Core:
         _private(self.settings.data_dir)
         await self.db.migrate()
         self.vault = Vault.open(self.settings.key_file)
+        await check_cluster_key(
+            self.db,
+            self.vault,
+            key_file=self.settings.key_file,
+            node=self.settings.node_name,
+            now=self.clock.now(),
+        )
+        self._credentials = NodeCredentials(self.vault, self.settings.node_name, self.clock)
+        self._routed = RoutedRuntime(
+            self.runtime,
+            db=self.db,
+            link=NodeLink(self._credentials, self.tasks),
+            node=self.settings.node_name,
+            internal_url=self._internal_url,
+        )
+        self.scheduler.remote_destroy = self._remote_destroy
         self._sessions = SessionService(
             db=self.db,
             runtime=self.runtime,
@@ -296,7 +348,7 @@ class Core:
         )
         self.handoff = HandoffService(
             db=self.db,
-            runtime=self.runtime,
+            runtime=self.routed,
             clock=self.clock,
             vault=self.vault,
             providers=self.providers,
@@ -305,9 +357,13 @@ class Core:
         self._sessions.after_capture = self.handoff.after_capture
 
     async def start(self) -> None:
-        """Open, adopt what runs, recover sessions, then run the loops."""
+        """Open, adopt what runs, recover sessions, then run the loops. The node is
+        registered not ready first (so peers can reach it), and ready only after its
+        reconcile: a node that returns kills what the database says is gone and adopts
+        what is still wanted before it takes new VMs."""
         await self.open()
         self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
+        await self.nodes.register(ready=False)
         report = await self.reconciler.reconcile_once()
         log.info(
             "start-up reconcile: %d running, %d actions",
@@ -316,12 +372,20 @@ class Core:
             extra={"skipped": report.skipped},
         )
         await self.sessions.recover()
+        await self.nodes.register(ready=True)
+        self.tasks.spawn(self.nodes.run(), name="nodes")
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")
+
+    async def _remote_destroy(self, node: str, vm_id: str, reason: str, actor: str) -> bool:
+        url = await self._internal_url(node)
+        if url is None:
+            raise RuntimeFailure(f"{vm_id} is on node {node}, which is not registered")
+        return await self.routed.link.destroy(url, vm_id, reason=reason, actor=actor)
 
     async def close(self) -> None:
         await self.tasks.close()

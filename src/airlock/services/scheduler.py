@@ -61,6 +61,9 @@ class Scheduler:
         self.on_destroyed = on_destroyed
         self._poked = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
+        # Set by Core: asks the node holding a VM of another node to destroy it now
+        # (node, vm id, reason, actor) -> whether it did; raises when it cannot be reached.
+        self.remote_destroy: Callable[[str, str, str, str], Awaitable[bool]] | None = None
 
     def poke(self) -> None:
         """A deadline moved earlier: re-read the next wake-up now."""
@@ -110,13 +113,45 @@ class Scheduler:
             vm = await repo.vm(vm_id, lock=True)
             if vm is None or vm.state in (VmState.DESTROYING.value, *_TERMINAL):
                 return False
-            if not await self._claim(repo, vm, now=now, reason=reason.value, actor=actor):
+            remote = vm.node if vm.node and vm.node != self.db.node else None
+            if remote is not None and self.remote_destroy is None:
+                return await self._due_now(repo, vm, now=now, reason=reason)
+            if remote is None and not await self._claim(
+                repo, vm, now=now, reason=reason.value, actor=actor
+            ):
                 return False
-            # The deadline becomes "now": destroy lag measures from the moment it was asked.
-            await repo.set_vm(vm.id, [VmState.DESTROYING], destroy_after=now)
-            vm.destroy_after = now
+            if remote is None:
+                # The deadline becomes "now": destroy lag measures from the moment it was asked.
+                await repo.set_vm(vm.id, [VmState.DESTROYING], destroy_after=now)
+                vm.destroy_after = now
+        if remote is not None:
+            return await self._destroy_remote(remote, vm, reason=reason, actor=actor)
         await self._destroy_claimed(vm)
         return True
+
+    async def _destroy_remote(
+        self, node: str, vm: Vm, *, reason: DestroyReason, actor: str
+    ) -> bool:
+        """Only the holder can destroy its VM: ask it. When it cannot be reached, the row
+        is made due now instead, so the holder's scheduler destroys it when it returns (or
+        the node is given up and the VM marked lost): never destructive from outside."""
+        assert self.remote_destroy is not None
+        try:
+            return await self.remote_destroy(node, vm.id, reason.value, actor)
+        except Exception as exc:
+            log.warning(
+                "the node holding the VM did not destroy it: %s; it is due now",
+                exc,
+                extra={"vm_id": vm.id, "node": node},
+            )
+        async with self.db.transaction(urgent=True) as repo:
+            return await self._due_now(repo, vm, now=self.clock.now(), reason=reason)
+
+    async def _due_now(self, repo: Repo, vm: Vm, *, now: datetime, reason: DestroyReason) -> bool:
+        await repo.set_vm(
+            vm.id, list(_DUE_STATES), destroy_after=now, destroy_reason=reason.value, updated_at=now
+        )
+        return False
 
     async def _claim(self, repo: Repo, vm: Vm, *, now: datetime, reason: str, actor: str) -> bool:
         """Take the destroy of ``vm`` (one claimer wins) and record it. A login still in
@@ -209,3 +244,4 @@ class Scheduler:
 
 
 _TERMINAL = (VmState.DESTROYED.value, VmState.LOST.value)
+_DUE_STATES = (VmState.CREATING, VmState.RUNNING, VmState.DRAINING, VmState.RETAINED)

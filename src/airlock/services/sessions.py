@@ -678,6 +678,8 @@ class SessionService:
         running = {vm.vm_id: vm for vm in await self.runtime.list()}
         for session in pending:
             vm = vms.get(session.vm_id or "")
+            if vm is not None and vm.node and vm.node != self.db.node:
+                continue  # another node's login: that node booted it and watches it
             if session.status == SessionStatus.INITIALIZING.value:
                 await self._fail(
                     session.id,

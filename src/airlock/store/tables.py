@@ -189,3 +189,38 @@ class EgressHost(Base):
         ),
         Index("ix_egress_hosts_provider_decision", "provider", "decision"),
     )
+
+
+class Node(Base):
+    """One controller (one host) of a cluster on this database: what its peers need to
+    reach it, what it can hold, and its heartbeat. ``state`` is the operator's intent
+    (``active`` or ``draining``); a node whose heartbeat is older than the lease is read as
+    ``down`` (``domain.nodes``). ``ready`` is false from start-up until its first reconcile
+    is done: it takes no new VMs before."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    internal_url: Mapped[str] = mapped_column(String(512))
+    public_url: Mapped[str] = mapped_column(String(512))
+    state: Mapped[str] = mapped_column(String(16))
+    browser_capacity: Mapped[int] = mapped_column(Integer)
+    cli_capacity: Mapped[int] = mapped_column(Integer)
+    browser_in_use: Mapped[int] = mapped_column(Integer)
+    cli_in_use: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    ready: Mapped[bool] = mapped_column(Boolean)
+
+
+class ClusterKey(Base):
+    """A fingerprint (HKDF of the key, never the key) of each vault key a controller of
+    this database started with: a controller with a different key file refuses to start."""
+
+    __tablename__ = "cluster_keys"
+
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    first_node: Mapped[str] = mapped_column(String(128))
+    seen_at: Mapped[datetime]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from airlock.api.routes import egress, ops, providers, sessions, viewer, vms, vnc
+from airlock.api.routes import egress, internal, nodes, ops, providers, sessions, viewer, vms, vnc
 
 ROUTERS: tuple[APIRouter, ...] = (
     sessions.router,
@@ -15,4 +15,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     vms.router,
     providers.router,
     ops.router,
+    nodes.router,
+    internal.router,
 )

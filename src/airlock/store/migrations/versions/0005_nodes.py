@@ -1,0 +1,52 @@
+"""Nodes (one controller per host, on one database) and the cluster key's fingerprints.
+
+``nodes``: each controller's registration and heartbeat, its capacity and what it holds,
+and the operator's intent (``active`` or ``draining``); ``down`` is read from the heartbeat.
+``cluster_keys``: a fingerprint of every vault key a controller started with (never the key),
+so a controller with another key file refuses to start instead of handing out viewer tokens
+and seals its peers cannot check or open.
+
+Revision ID: 0005_nodes
+Revises: 0004
+Create Date: 2026-12-01
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005_nodes"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+TS = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "nodes",
+        sa.Column("name", sa.String(128), primary_key=True),
+        sa.Column("internal_url", sa.String(512), nullable=False),
+        sa.Column("public_url", sa.String(512), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("browser_capacity", sa.Integer, nullable=False),
+        sa.Column("cli_capacity", sa.Integer, nullable=False),
+        sa.Column("browser_in_use", sa.Integer, nullable=False),
+        sa.Column("cli_in_use", sa.Integer, nullable=False),
+        sa.Column("version", sa.String(64), nullable=False),
+        sa.Column("started_at", TS, nullable=False),
+        sa.Column("heartbeat_at", TS, nullable=False),
+        sa.Column("ready", sa.Boolean, nullable=False),
+    )
+    op.create_table(
+        "cluster_keys",
+        sa.Column("key_id", sa.String(64), primary_key=True),
+        sa.Column("fingerprint", sa.String(64), nullable=False),
+        sa.Column("first_node", sa.String(128), nullable=False),
+        sa.Column("seen_at", TS, nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("cluster_keys")
+    op.drop_table("nodes")
