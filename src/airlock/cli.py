@@ -177,6 +177,10 @@ def serve(
             f"  Demo IdP login: {settings.demo_user} / {settings.demo_password}\n\n"
         )
         sys.stderr.flush()
+    else:
+        # Migrate and check the cluster key before serving: a key file that is not the
+        # cluster's is one clear message and exit status 1, not a traceback from uvicorn.
+        _with_core(settings, cli_nodes.preflight)
     config = uvicorn.Config(
         create_app(settings, demo=demo),
         host=settings.host,

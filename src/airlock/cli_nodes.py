@@ -62,6 +62,10 @@ def _run(action: Callable[[Core], Awaitable[T]]) -> T:
         _fail(exc.message)
 
 
+async def preflight(core: Core) -> None:
+    """Nothing beyond ``Core.open()``: the migrations and the cluster key check."""
+
+
 def _json(node: NodeView) -> dict[str, Any]:
     return {
         "name": node.name,

@@ -44,6 +44,7 @@ VM_KEYS = {
     "destroyAfter",
     "destroyedAt",
     "destroyReason",
+    "node",
 }
 SECRET = "access-token-that-must-not-leak-5b1e"
 

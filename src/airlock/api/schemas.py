@@ -140,6 +140,7 @@ class VmOut(_Out):
     destroyAfter: UtcTime | None
     destroyedAt: UtcTime | None
     destroyReason: str | None
+    node: str = Field(description="The node (host) whose runtime runs it.")
 
 
 class VmDetail(VmOut):
@@ -159,6 +160,7 @@ def vm_out(vm: Vm) -> VmOut:
         destroyAfter=vm.destroy_after,
         destroyedAt=vm.destroyed_at,
         destroyReason=vm.destroy_reason,
+        node=vm.node,
     )
 
 

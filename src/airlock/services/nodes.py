@@ -73,6 +73,7 @@ async def check_cluster_key(
     has not seen yet (the first start, or after ``airlock vault rotate``) is recorded."""
     mine = vault.fingerprints()
     async with db.transaction() as repo:
+        await repo.lock_cluster_keys()
         seen = await repo.cluster_keys()
         sealed_under = await repo.credential_key_ids()
         share = (

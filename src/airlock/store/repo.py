@@ -499,6 +499,14 @@ class Repo:
         return await self.vms(states=[s.value for s in LIVE], node=node)
 
     # --- the cluster key ---------------------------------------------------------------
+    async def lock_cluster_keys(self) -> None:
+        """Until the transaction ends: controllers starting at one instant check and record
+        their key fingerprints one at a time (SQLite: its one write lock already does)."""
+        if self.postgres:
+            await self.session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key("cluster-keys")}
+            )
+
     async def cluster_keys(self) -> dict[str, str]:
         rows = await self.session.scalars(select(ClusterKey))
         return {row.key_id: row.fingerprint for row in rows}
