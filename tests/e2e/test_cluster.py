@@ -181,3 +181,85 @@ async def test_the_internal_link_refuses_what_is_not_a_node_credential(
                 pass
         assert refused.value.response.status_code == 401
         assert b"invalid_node_credential" in (refused.value.response.body or b"")
+
+
+def _ms(env: dict[str, str], name: str) -> float:
+    return int(env[f"AIRLOCK_{name.upper()}"]) / 1000
+
+
+async def test_a_killed_node_is_given_up_after_its_grace_and_reconciles_on_return(
+    cluster_factory: Any,
+) -> None:
+    """kill -9 of node-b while it holds a live login and a CLI VM: it is down after the
+    lease, its VMs are lost (with a reason) only after the grace, nothing on node-a or
+    node-c is touched, nothing of node-b's is destroyed by them; restarted, node-b kills
+    what the database now says is gone and takes new VMs again."""
+    cluster: Cluster = cluster_factory(grace_success_ms=60_000)
+    cluster.start_all()
+    b = cluster["node-b"]
+    token = cluster["node-a"].cli("tokens", "create", "--user", "alice")
+    service = cluster["node-a"].cli("tokens", "create", "--service", "ops")
+    async with _client(b, token) as client:
+        started = (await client.post("/api/auth/start", json={"provider": "oauth2"})).json()
+        session_id, b_browser = started["sessionId"], started["vm"]["vmId"]
+        await wait_json(client, f"/api/auth/session/{session_id}", "status", "awaiting_user")
+        b_cli = (await client.post("/api/vms", json={"role": "cli"})).json()["vmId"]
+    others: dict[str, str] = {}
+    for name in ("node-a", "node-c"):
+        async with _client(cluster[name], token) as client:
+            others[name] = (await client.post("/api/vms", json={"role": "cli"})).json()["vmId"]
+
+    b.kill9()
+    killed = time.monotonic()
+    lease, grace = _ms(b.env, "node_lease_ms"), _ms(b.env, "node_grace_ms")
+    async with _client(cluster["node-a"], service) as ops:
+        deadline = killed + lease + 10
+        while (await _nodes(cluster, service))["node-b"]["state"] != "down":
+            assert time.monotonic() < deadline, "node-b never went down"
+            await asyncio.sleep(0.1)
+        down_after = time.monotonic() - killed
+        # Down, not given up: its login is still what it was.
+        body = (await ops.get(f"/api/auth/session/{session_id}")).json()
+        assert body["status"] == "awaiting_user"
+
+        gone = await wait_json(
+            ops, f"/api/auth/session/{session_id}", "status", "failed", timeout=lease + grace + 20
+        )
+        lost_after = time.monotonic() - killed
+        assert gone["failureReason"].startswith("vm_lost: the host node-b")
+        assert "start a new login" in gone["failureReason"]
+        for vm_id in (b_browser, b_cli):
+            vm = (await ops.get(f"/api/vms/{vm_id}?userId=alice")).json()
+            assert vm["state"] == "lost", vm
+            assert "node-b stopped answering" in vm["lastError"]
+        for name, vm_id in others.items():
+            vm = (await ops.get(f"/api/vms/{vm_id}?userId=alice")).json()
+            assert vm["state"] == "running" and vm["node"] == name, vm
+            assert vm_id in {v.vm_id for v in await cluster[name].runtime.list()}
+    assert down_after >= lease * 0.9, down_after
+    assert lost_after >= lease + grace, f"given up after {lost_after:.1f} s: before its grace"
+    # Nobody else could reach node-b's VMs, and nobody destroyed them.
+    assert {b_browser, b_cli} <= {v.vm_id for v in await b.runtime.list()}
+
+    b.start()  # the host comes back
+    assert not {b_browser, b_cli} & {v.vm_id for v in await b.runtime.list()}
+    nodes = await _nodes(cluster, service)
+    assert nodes["node-b"]["state"] == "active" and nodes["node-b"]["ready"]
+    async with _client(b, token) as client:
+        fresh = (await client.post("/api/vms", json={"role": "cli"})).json()
+    assert fresh["state"] == "running" and fresh["node"] == "node-b", fresh
+    print(f"node-b down after {down_after:.1f} s, its VMs lost after {lost_after:.1f} s")
+
+
+async def test_a_node_with_another_key_file_refuses_to_start(
+    cluster_factory: Any, tmp_path: Any
+) -> None:
+    cluster: Cluster = cluster_factory()
+    a, c = cluster["node-a"], cluster["node-c"]
+    a.start()
+    c.env["AIRLOCK_SECRET_KEY_FILE"] = str(tmp_path / "another.key")
+    c.launch()
+    assert c.proc is not None
+    assert c.proc.wait(60) == 1
+    log = c.all_logs()
+    assert "another.key" in log and "copy" in log, log[-2000:]
