@@ -534,6 +534,7 @@ EXPECTED_ROUTES = {
     ("POST", "/api/vms/{vmId}/credentials"),
     ("GET", "/api/nodes"),
     ("POST", "/internal/vms/{vmId}/destroy"),
+    ("POST", "/internal/boots"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 
+from airlock.domain.nodes import NodeState
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmState
 from airlock.services.core import Core
@@ -314,7 +315,9 @@ async def test_two_hosts_on_one_database_leave_each_others_vms_alone(
     lost; host b's scheduler must not try to destroy them."""
     a = await make_core(node="a", grace_success_ms=1500)
     b = await make_core(node="b", reconcile_interval_ms=300)
+    await a.nodes.set_intent("node-b", NodeState.DRAINING, actor="test")  # placed on a
     _, vm_id, vm = await complete_login(a)
+    assert vm.node == "node-a"
     await asyncio.sleep(1.0)  # several of b's reconcile rounds during a's grace period
     assert (await vm_row(b, vm_id)).state == VmState.DRAINING.value
     assert metric(b, "airlock_premature_vm_destructions_total") == 0

@@ -36,7 +36,9 @@ async def test_nodes_register_heartbeat_and_show_what_they_hold(make_core: CoreF
     assert listed["node-b"].internal_url == b.settings.internal_url
     first = listed["node-b"].heartbeat_at
 
+    await a.nodes.set_intent("node-a", NodeState.DRAINING, actor="test")  # placed on b
     vm = await b.vms.create_cli(user_id="alice", actor="user:alice")
+    assert vm.node == "node-b"
 
     async def counted() -> bool:
         node = await a.nodes.get("node-b")
@@ -72,8 +74,12 @@ async def test_a_silent_node_is_down_then_given_up_and_reconciles_when_it_return
     the database now says is gone before it says it is ready."""
     a = await make_core(node="a", **FAST_NODES)
     b = await make_core(node="b", **FAST_NODES)
+    await a.nodes.set_intent("node-b", NodeState.DRAINING, actor="test")
     mine = await a.vms.create_cli(user_id="carol", actor="user:carol")
+    await a.nodes.set_intent("node-b", NodeState.ACTIVE, actor="test")
+    await a.nodes.set_intent("node-a", NodeState.DRAINING, actor="test")
     theirs = await b.vms.create_cli(user_id="alice", actor="user:alice")
+    assert (mine.node, theirs.node) == ("node-a", "node-b")
     await b.close()  # leaves its VMs running; no more heartbeats
 
     async def down() -> bool:
@@ -102,7 +108,9 @@ async def test_a_silent_node_is_down_then_given_up_and_reconciles_when_it_return
 async def test_sessions_of_a_given_up_node_fail_with_a_reason(make_core: CoreFactory) -> None:
     a = await make_core(node="a", **FAST_NODES)
     b = await make_core(node="b", **FAST_NODES)
-    session, _vm = await b.sessions.start(user_id="alice", provider_id="oauth2", actor="test")
+    await a.nodes.set_intent("node-a", NodeState.DRAINING, actor="test")
+    session, placed = await b.sessions.start(user_id="alice", provider_id="oauth2", actor="test")
+    assert placed.node == "node-b"
     await b.close()
 
     async def failed() -> bool:

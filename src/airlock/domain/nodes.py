@@ -78,4 +78,4 @@ def choose(
     if warm:
         return max(warm, key=lambda c: (c.warm, c.free, c.name))
     drawn = rng.sample(usable, min(k, len(usable)))
-    return max(drawn, key=lambda c: (c.free, c.name))
+    return max(drawn, key=lambda c: c.free)  # a tie goes to the first drawn: at random

@@ -37,6 +37,7 @@ from airlock.services.handoff import HandoffService
 from airlock.services.leases import LeaseKeeper
 from airlock.services.node_link import NodeCredentials, NodeLink, RoutedRuntime
 from airlock.services.nodes import NodeService, check_cluster_key
+from airlock.services.placement import BootQueue, Placement
 from airlock.services.platform_jwt import JwtConfig, PlatformJwtVerifier
 from airlock.services.reconciler import Reconciler
 from airlock.services.scheduler import Scheduler
@@ -46,6 +47,7 @@ from airlock.services.vms import VmService
 from airlock.services.warm_pool import WarmPool
 from airlock.settings import Settings
 from airlock.store.db import Database
+from airlock.store.tables import Vm
 from airlock.vault import Vault
 
 log = logging.getLogger("airlock.core")
@@ -245,6 +247,8 @@ class Core:
             boot_timeout=settings.vm_boot_timeout,
             on_gone=self.egress.stop,
         )
+        node_times = NodeTimes(settings.node_heartbeat, settings.node_lease, settings.node_grace)
+        self.placement = Placement(name=settings.node_name, clock=self.clock, times=node_times)
         self.vms = VmService(
             db=self.db,
             runtime=self.runtime,
@@ -253,6 +257,18 @@ class Core:
             scheduler=self.scheduler,
             boot_timeout=_service_boot_timeout(settings),
             limits=self.limits,
+            placement=self.placement,
+        )
+        self.vms.poke = self._poke
+        self.boot_queue = BootQueue(
+            db=self.db,
+            clock=self.clock,
+            placement=self.placement,
+            tasks=self.tasks,
+            take_up=self._take_up,
+            give_up=self._give_up,
+            poke_peer=self._poke,
+            capacity=self._capacity,
         )
         self.warm_pool = WarmPool(
             db=self.db,
@@ -277,7 +293,7 @@ class Core:
             public_url=settings.base_url,
             browser_capacity=settings.max_concurrent_vms,
             cli_capacity=settings.max_concurrent_cli_vms,
-            times=NodeTimes(settings.node_heartbeat, settings.node_lease, settings.node_grace),
+            times=node_times,
         )
         self._sessions: SessionService | None = None
         self._routed: RoutedRuntime | None = None
@@ -345,7 +361,9 @@ class Core:
             limits=self.limits,
             warm_pool=self.warm_pool,
             lease=self.lease,
+            placement=self.placement,
         )
+        self._sessions.poke = self._poke
         self.handoff = HandoffService(
             db=self.db,
             runtime=self.routed,
@@ -374,12 +392,38 @@ class Core:
         await self.sessions.recover()
         await self.nodes.register(ready=True)
         self.tasks.spawn(self.nodes.run(), name="nodes")
+        self.tasks.spawn(self.boot_queue.run(), name="boot-queue")
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")
+
+    # --- placement: what this node does with VMs placed on it --------------------------
+    async def _poke(self, node: str) -> None:
+        if node == self.settings.node_name:
+            self.boot_queue.poke()
+            return
+        url = await self._internal_url(node)
+        if url is not None:
+            await self.routed.link.poke(url)
+
+    def _capacity(self, role: VmRole) -> int:
+        if role is VmRole.BROWSER:
+            return self.settings.max_concurrent_vms
+        return self.settings.max_concurrent_cli_vms
+
+    async def _take_up(self, vm: Vm) -> str | None:
+        if vm.role == VmRole.CLI.value:
+            return await self.vms.boot_cli(vm, actor="placement", record_failure=False)
+        return await self.sessions.take_up(vm)
+
+    async def _give_up(self, vm: Vm, why: str) -> None:
+        if vm.role == VmRole.CLI.value:
+            await self.vms.give_up(vm, why, actor="placement")
+        else:
+            await self.sessions.give_up(vm, why)
 
     async def _remote_destroy(self, node: str, vm_id: str, reason: str, actor: str) -> bool:
         url = await self._internal_url(node)

@@ -162,6 +162,19 @@ class NodeLink:
             )
         return bool(answer.json().get("destroyed"))
 
+    async def poke(self, internal_url: str) -> None:
+        """Tell a node that a VM was placed on it (best effort: its boot queue also looks on
+        a timer, so a lost poke only delays the boot)."""
+        token = self.credentials.mint("boots")
+        try:
+            async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S) as client:
+                await client.post(
+                    f"{internal_url.rstrip('/')}/internal/boots",
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+        except httpx.HTTPError as exc:
+            log.info("poke of %s failed: %s", internal_url, exc)
+
 
 async def _pump(
     ws: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

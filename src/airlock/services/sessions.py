@@ -46,6 +46,7 @@ from airlock.services import quotas, records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.leases import browser_spec
+from airlock.services.placement import Placement, no_host
 from airlock.services.scheduler import Scheduler
 from airlock.services.warm_pool import WarmPool
 from airlock.store.db import Database
@@ -91,6 +92,7 @@ class SessionService:
         limits: Limits,
         warm_pool: WarmPool | None = None,
         lease: LeasePolicy | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -109,6 +111,9 @@ class SessionService:
         self.after_capture: Callable[[str], Awaitable[None]] | None = None
         self.warm_pool = warm_pool
         self.lease = lease  # the browser VM's own deadline (domain.leases); None: no lease
+        self.placement = placement
+        # Set by Core: wake the boot queue of the node a VM was placed on.
+        self.poke: Callable[[str], Awaitable[None]] | None = None
 
     # --- reading -----------------------------------------------------------------------
     async def get(self, session_id: str, user_id: str | None) -> tuple[AuthSession, Vm | None]:
@@ -245,9 +250,26 @@ class SessionService:
                 if self.warm_pool is not None
                 else None
             )
+            node = self.db.node
+            if warm is None and self.placement is not None:
+                # Placement: a node with a warm VM first, else one with room (its quota
+                # lock held until the row is in); nowhere: 503 with Retry-After.
+                placed = await self.placement.choose(repo, VmRole.BROWSER)
+                if placed is None:
+                    raise no_host("a browser VM")
+                node = placed.node
+                if placed.warm and node != self.db.node and self.warm_pool is not None:
+                    warm = await self.warm_pool.claim(
+                        repo,
+                        user_id=user_id,
+                        now=now,
+                        destroy_after=self.policy.on_created(now),
+                        reason=DestroyReason.LOGIN_TIMEOUT.value,
+                        node=node,
+                    )
+            elif warm is None and refusal is not None:
+                raise quotas.error(refusal)
             if warm is None:
-                if refusal is not None:
-                    raise quotas.error(refusal)
                 vm = Vm(
                     id=vm_id,
                     role=VmRole.BROWSER.value,
@@ -262,6 +284,7 @@ class SessionService:
                     warm=False,
                     detail={},
                     guest_lease_until=self.lease.boot_until(now) if self.lease else None,
+                    node=node,
                 )
             else:
                 vm, vm_id = warm, warm.id
@@ -310,6 +333,12 @@ class SessionService:
             },
         )
         self.scheduler.poke()
+        if vm.node != self.db.node:
+            # Placed on another node: its boot queue boots it (or starts the login on its
+            # warm VM) and watches the login; this answer says initializing.
+            if self.poke is not None:
+                await self.poke(vm.node)
+            return session, vm
         if warm is not None and self.warm_pool is not None:
             # Booted already: start the login now, so the answer may say awaiting_user;
             # then refill (not before: a boot would compete with this login for the CPU).
@@ -347,6 +376,52 @@ class SessionService:
         await self._start_login(
             session_id, vm_id, provider, running.state_dir, dict(running.detail)
         )
+
+    async def take_up(self, vm: Vm) -> str | None:
+        """A browser VM placed on this node by another: boot it (or, a warm VM, just start
+        its login) and run its login as if the start had come here. None when done (or
+        nothing is left to do), else why not: the row is handed back."""
+        async with self.db.read() as repo:
+            session = await repo.session_of_vm(vm.id)
+        if session is None or SessionStatus(session.status).terminal:
+            return None  # cancelled meanwhile: the scheduler ends the row
+        provider = self.providers.get(session.provider)
+        if provider is None:
+            await self._fail(
+                session.id,
+                FailureReason.LOGIN_FAILED,
+                f"provider {session.provider} is not configured on node {self.db.node}",
+            )
+            return None
+        if vm.state == VmState.RUNNING.value:
+            state_dir = Path(str(vm.detail.get("state_dir", "")))
+            await self._start_login(session.id, vm.id, provider, state_dir, {})
+            return None
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.boot_timeout):
+                running = await self.runtime.create(browser_spec(vm.id, vm.user_id, self.lease))
+        except Exception as exc:
+            log.warning("VM %s did not boot: %s", vm.id, exc, extra={"session_id": session.id})
+            await self.runtime.destroy(vm.id)
+            return f"the browser VM did not start: {_short(exc)}"
+        self.metrics.vm_boot.labels("browser", self.runtime.name, "cold").observe(
+            time.monotonic() - started
+        )
+        await self._start_login(
+            session.id, vm.id, provider, running.state_dir, dict(running.detail)
+        )
+        return None
+
+    async def give_up(self, vm: Vm, why: str) -> None:
+        async with self.db.read() as repo:
+            session = await repo.session_of_vm(vm.id)
+        if session is not None:
+            await self._fail(
+                session.id,
+                FailureReason.VM_BOOT_FAILED,
+                f"{why}; start the login again in a moment",
+            )
 
     async def _start_login(
         self,
@@ -680,6 +755,8 @@ class SessionService:
             vm = vms.get(session.vm_id or "")
             if vm is not None and vm.node and vm.node != self.db.node:
                 continue  # another node's login: that node booted it and watches it
+            if vm is not None and vm.boot_claimed_at is None:
+                continue  # placed here, not taken up yet: the boot queue takes it up
             if session.status == SessionStatus.INITIALIZING.value:
                 await self._fail(
                     session.id,

@@ -8,22 +8,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from airlock.clock import Clock
-from airlock.domain.quotas import Limits, StartKind
+from airlock.domain.quotas import Limits, Scope, StartKind
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import DestroyReason, VmRole, VmState
 from airlock.errors import InvalidInput, NotFound, RuntimeFailure
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime, VmSpec
 from airlock.services import quotas, records
+from airlock.services.placement import MAX_PLACEMENTS, NO_HOST, Placement, no_host
 from airlock.services.scheduler import Scheduler
 from airlock.services.sessions import new_vm_id
 from airlock.store.db import Database
 from airlock.store.tables import Vm
 
 log = logging.getLogger("airlock.vms")
+
+PLACED_POLL_S = 0.1
+
 
 _VM_ID = re.compile(r"vm-[A-Za-z0-9]{1,61}")  # ASCII only: str.isalnum takes "²" too
 
@@ -45,6 +51,7 @@ class VmService:
         scheduler: Scheduler,
         boot_timeout: float,
         limits: Limits,
+        placement: Placement | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -53,6 +60,9 @@ class VmService:
         self.scheduler = scheduler
         self.boot_timeout = boot_timeout
         self.limits = limits
+        self.placement = placement
+        # Set by Core: wake the boot queue of the node a VM was placed on.
+        self.poke: Callable[[str], Awaitable[None]] | None = None
 
     async def get(self, vm_id: str, user_id: str | None) -> Vm:
         check_vm_id(vm_id)
@@ -104,8 +114,13 @@ class VmService:
                 now=now,
                 login_timeout=timedelta(0),  # CLI VMs have no login
             )
-            if refusal is not None:
+            if refusal is not None and (refusal.scope is Scope.USER or self.placement is None):
                 raise quotas.error(refusal)
+            if self.placement is not None:
+                placed = await self.placement.choose(repo, VmRole.CLI)
+                if placed is None:
+                    raise no_host("a CLI VM")
+                vm.node = placed.node
             repo.add_vm(vm)
             repo.add_event(
                 at=now,
@@ -115,15 +130,48 @@ class VmService:
                 to_state=VmState.CREATING.value,
                 cause="created",
                 actor=actor,
+                detail={"node": vm.node},
             )
+        if vm.node != self.db.node:
+            if self.poke is not None:
+                await self.poke(vm.node)
+            return await self._wait_placed(vm)
+        error = await self.boot_cli(vm, actor=actor, record_failure=True)
+        if error is not None:
+            raise RuntimeFailure(f"the CLI VM did not start: {error}")
+        return vm
+
+    async def _wait_placed(self, vm: Vm) -> Vm:
+        """A CLI VM placed on another node: answer once that node has booted it (or
+        another, after a hand-back), or its failure."""
+        deadline = time.monotonic() + self.boot_timeout * MAX_PLACEMENTS + 10
+        while time.monotonic() < deadline:
+            async with self.db.read() as repo:
+                row = await repo.vm(vm.id)
+            assert row is not None
+            if row.state == VmState.RUNNING.value:
+                return row
+            if VmState(row.state).terminal or row.state == VmState.DESTROYING.value:
+                if (row.last_error or "").startswith(NO_HOST):
+                    raise no_host("a CLI VM")
+                raise RuntimeFailure(f"the CLI VM did not start: {row.last_error or row.state}")
+            await asyncio.sleep(PLACED_POLL_S)
+        raise RuntimeFailure(f"the CLI VM did not start: node {vm.node} did not boot it in time")
+
+    async def boot_cli(self, vm: Vm, *, actor: str, record_failure: bool) -> str | None:
+        """Boot a CLI VM row of this node and record it running; None when it runs, else
+        why not (recorded as destroyed when ``record_failure``, else left for a
+        hand-back)."""
         started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.boot_timeout):
                 running = await self.runtime.create(
-                    VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=user_id)
+                    VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=vm.user_id)
                 )
         except Exception as exc:
             await self.runtime.destroy(vm.id)
+            if not record_failure:
+                return str(exc)[:300] or type(exc).__name__
             async with self.db.transaction() as repo:
                 await records.move_vm(
                     repo,
@@ -144,7 +192,7 @@ class VmService:
                     destroyed_at=self.clock.now(),
                     last_error=str(exc)[:500],
                 )
-            raise RuntimeFailure(f"the CLI VM did not start: {exc}") from exc
+            return str(exc)
         self.metrics.vm_boot.labels("cli", self.runtime.name, "cold").observe(
             asyncio.get_running_loop().time() - started
         )
@@ -158,9 +206,33 @@ class VmService:
                 cause="booted",
                 actor=actor,
                 running_at=now,
-                detail=dict(running.detail),
+                detail={**vm.detail, **running.detail},
             )
-        return vm
+        return None
+
+    async def give_up(self, vm: Vm, why: str, *, actor: str) -> None:
+        """No node could take ``vm``: it ends here with the reason its creator answers."""
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            if await records.move_vm(
+                repo,
+                vm,
+                VmState.DESTROYING,
+                now=now,
+                cause=DestroyReason.BOOT_FAILED.value,
+                actor=actor,
+                destroy_reason=DestroyReason.BOOT_FAILED.value,
+            ):
+                await records.move_vm(
+                    repo,
+                    vm,
+                    VmState.DESTROYED,
+                    now=now,
+                    cause=DestroyReason.BOOT_FAILED.value,
+                    actor=actor,
+                    destroyed_at=now,
+                    last_error=f"{NO_HOST}: {why}"[:500],
+                )
 
     async def delete(self, vm_id: str, *, user_id: str | None, actor: str) -> Vm:
         """Destroy a VM at its owner's request (a browser VM's live session is cancelled

@@ -20,6 +20,7 @@ import logging
 import secrets
 import time
 from datetime import datetime, timedelta
+from typing import Any
 
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
@@ -82,21 +83,34 @@ class WarmPool:
 
     # --- claiming (inside the session's transaction) ---------------------------------
     async def claim(
-        self, repo: Repo, *, user_id: str, now: datetime, destroy_after: datetime, reason: str
+        self,
+        repo: Repo,
+        *,
+        user_id: str,
+        now: datetime,
+        destroy_after: datetime,
+        reason: str,
+        node: str | None = None,
     ) -> Vm | None:
         """Take a running warm VM for a new session, or None when none is ready. The VM
-        becomes ``user_id``'s, with the session's deadline instead of the pool's."""
-        if self.size <= 0:
+        becomes ``user_id``'s, with the session's deadline instead of the pool's. ``node``:
+        one of another node's pool (placement found it there); that node's boot queue
+        then starts the login on it (the row is left unclaimed for it)."""
+        remote = node is not None and node != repo.node
+        if self.size <= 0 and not remote:
             return None
-        for vm in await repo.warm_vms([VmState.RUNNING], limit=self.size + 2, lock=True):
+        limit = max(self.size, 8) + 2
+        for vm in await repo.warm_vms([VmState.RUNNING], limit=limit, lock=True, node=node):
             if vm.destroy_after is not None and vm.destroy_after - now < MIN_REMAINING:
                 continue
+            extra: dict[str, Any] = {"boot_claimed_at": None} if remote else {}
             if await repo.claim_warm(
                 vm.id,
                 now=now,
                 user_id=user_id,
                 destroy_after=destroy_after,
                 destroy_reason=reason,
+                **extra,
             ):
                 vm.warm, vm.user_id, vm.updated_at = False, user_id, now
                 vm.destroy_after, vm.destroy_reason = destroy_after, reason

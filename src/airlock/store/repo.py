@@ -171,9 +171,64 @@ class Repo:
 
     # --- vms ---------------------------------------------------------------------------
     def add_vm(self, vm: Vm) -> None:
+        """A new row. One for this node is booted by its caller: claimed at once. One
+        placed on another node waits there for that node to claim it."""
         if not vm.node:
             vm.node = self.node
+        if vm.node == self.node and vm.boot_claimed_at is None:
+            vm.boot_claimed_at = vm.created_at
         self.session.add(vm)
+
+    async def unclaimed_boots(self, limit: int) -> list[Vm]:
+        """Rows placed on this node and not yet taken up, oldest first; on PostgreSQL
+        locked, skipping rows another transaction holds (two processes of one node)."""
+        query = (
+            select(Vm)
+            .where(
+                Vm.node == self.node,
+                Vm.boot_claimed_at.is_(None),
+                Vm.state.in_([VmState.CREATING.value, VmState.RUNNING.value]),
+            )
+            .order_by(Vm.created_at)
+            .limit(limit)
+        )
+        if self.postgres:
+            query = query.with_for_update(skip_locked=True)
+        return list(await self.session.scalars(query.execution_options(populate_existing=True)))
+
+    async def claim_boot(self, vm_id: str, *, now: datetime) -> bool:
+        """Take up a placed row: exactly one claimer wins it."""
+        result = await self.session.execute(
+            update(Vm)
+            .where(Vm.id == vm_id, Vm.node == self.node, Vm.boot_claimed_at.is_(None))
+            .values(boot_claimed_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def hand_back(
+        self, vm_id: str, *, to: str, now: datetime, detail: dict[str, Any]
+    ) -> bool:
+        """Give a row this node claimed but will not boot to node ``to``, unclaimed."""
+        result = await self.session.execute(
+            update(Vm)
+            .where(
+                Vm.id == vm_id,
+                Vm.node == self.node,
+                Vm.state.in_([VmState.CREATING.value, VmState.RUNNING.value]),
+            )
+            .values(node=to, boot_claimed_at=None, updated_at=now, detail=detail)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def lock_node(self, node: str) -> None:
+        """Until the transaction ends, the node's quota lock (as ``lock_quota`` takes it for
+        this node): placements onto one node count and insert one at a time."""
+        if self.postgres:
+            await self.session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(f"node:{node}")}
+            )
 
     async def vm(self, vm_id: str, *, lock: bool = False) -> Vm | None:
         query = select(Vm).where(Vm.id == vm_id)
@@ -233,14 +288,23 @@ class Repo:
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def warm_vms(
-        self, states: Iterable[VmState], *, limit: int | None = None, lock: bool = False
+        self,
+        states: Iterable[VmState],
+        *,
+        limit: int | None = None,
+        lock: bool = False,
+        node: str | None = None,
     ) -> list[Vm]:
-        """Warm-pool browser VMs (booted ahead, no session yet), oldest first. With ``lock``
-        (to claim one) on PostgreSQL, rows another transaction holds are skipped, so
-        concurrent claims spread out."""
+        """Warm-pool browser VMs (booted ahead, no session yet) of this node (or ``node``),
+        oldest first. With ``lock`` (to claim one) on PostgreSQL, rows another transaction
+        holds are skipped, so concurrent claims spread out."""
         query = (
             select(Vm)
-            .where(Vm.node == self.node, Vm.warm.is_(True), Vm.state.in_([s.value for s in states]))
+            .where(
+                Vm.node == (node or self.node),
+                Vm.warm.is_(True),
+                Vm.state.in_([s.value for s in states]),
+            )
             .order_by(Vm.created_at)
         )
         if limit is not None:
@@ -337,18 +401,20 @@ class Repo:
 
     # --- quotas ------------------------------------------------------------------------
     async def lock_quota(self, user_id: str | None) -> None:
-        """Hold the user's and this node's quota locks until the transaction ends, so that
-        counting and inserting are one step for concurrent starts (``domain.quotas``).
+        """Hold the user's quota lock (``None``: this node's) until the transaction ends, so
+        that counting and inserting are one step for concurrent starts (``domain.quotas``).
 
-        PostgreSQL: transaction-scoped advisory locks, the user's first, then the node's,
-        always in that order (no deadlock); ``None``: the node's only (the warm pool's
-        refill). SQLite: nothing to do, because every write
+        PostgreSQL: transaction-scoped advisory locks, the user's first, then one node's
+        (``lock_node``, by placement), always in that order (no deadlock); ``None``: the
+        node's only (the warm pool's refill). SQLite: nothing to do, because every write
         transaction already holds the database's one write lock from its ``BEGIN
         IMMEDIATE``, across processes too."""
         if not self.postgres:
             return
-        names = [f"user:{user_id}"] if user_id is not None else []
-        for name in [*names, f"node:{self.node}"]:
+        # A user's start takes its node's lock when placement has chosen the node
+        # (``lock_node``); the warm pool's refill fills this node.
+        names = [f"user:{user_id}"] if user_id is not None else [f"node:{self.node}"]
+        for name in names:
             await self.session.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(name)}
             )

@@ -94,10 +94,14 @@ class Vm(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     warm: Mapped[bool] = mapped_column(Boolean, default=False)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # When its node's controller took up its boot (or its login, for a warm VM placed from
+    # another node); None: placed there, not taken up yet (``services.placement``).
+    boot_claimed_at: Mapped[datetime | None]
 
     __table_args__ = (
         Index("ix_vms_state_destroy_after", "state", "destroy_after"),
         Index("ix_vms_node_state", "node", "state"),
+        Index("ix_vms_node_unclaimed", "node", "boot_claimed_at"),
     )
 
 

@@ -3,6 +3,7 @@
 - ``WS /internal/vms/{vmId}/vnc`` and ``.../agent``: a stream to a VM this node holds,
   relayed byte for byte (the VNC proxy and the agent client run on the calling node).
 - ``POST /internal/vms/{vmId}/destroy``: destroy a VM this node holds, now.
+- ``POST /internal/boots``: a VM was placed on this node: its boot queue looks now.
 
 Each needs a node credential for exactly that VM and purpose (``Authorization: Bearer``),
 minted with the cluster key by a registered node. A user's API token, a viewer token, a
@@ -42,15 +43,21 @@ def _bearer(headers: object) -> str | None:
     return value[7:].strip()
 
 
-async def _peer(core: Core, token: str | None, purpose: str, vm_id: str) -> str:
-    """The calling node, after its credential and the VM are checked."""
-    check_vm_id(vm_id)
+async def _registered(core: Core, token: str | None, purpose: str) -> str:
     peer = core.node_credentials.verify(token, purpose)
     async with core.db.read() as repo:
         registered = await repo.node_row(peer)
-        vm = await repo.vm(vm_id)
     if registered is None:
         raise Unauthorized(f"node {peer} is not registered", code="invalid_node_credential")
+    return peer
+
+
+async def _peer(core: Core, token: str | None, purpose: str, vm_id: str) -> str:
+    """The calling node, after its credential and the VM are checked."""
+    check_vm_id(vm_id)
+    peer = await _registered(core, token, purpose)
+    async with core.db.read() as repo:
+        vm = await repo.vm(vm_id)
     if vm is None or (vm.node and vm.node != core.settings.node_name):
         raise NotFound(
             f"{vm_id} is not held by node {core.settings.node_name}", code="vm_not_found"
@@ -96,6 +103,17 @@ async def relay(ws: WebSocket, vm_id: VmIdPath, kind: str) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await writer.wait_closed()
+
+
+@router.post(
+    "/boots",
+    summary="A peer placed a VM here: look for it now (node credential; peers only)",
+    responses=schemas.errors(401, 429),
+)
+async def boots(request: Request, core: CoreDep) -> JSONResponse:
+    await _registered(core, _bearer(request.headers), "boots")
+    core.boot_queue.poke()
+    return JSONResponse({"poked": True})
 
 
 class DestroyRequest(schemas._In):

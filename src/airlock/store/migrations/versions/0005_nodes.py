@@ -2,6 +2,9 @@
 
 ``nodes``: each controller's registration and heartbeat, its capacity and what it holds,
 and the operator's intent (``active`` or ``draining``); ``down`` is read from the heartbeat.
+``vms.boot_claimed_at``: placement writes a VM row for the node that is to boot it; that
+node's controller claims it (a conditional update, ``SKIP LOCKED``) exactly once. Empty: not
+taken up yet. Rows from before are all claimed (their controller booted them).
 ``cluster_keys``: a fingerprint of every vault key a controller started with (never the key),
 so a controller with another key file refuses to start instead of handing out viewer tokens
 and seals its peers cannot check or open.
@@ -46,7 +49,15 @@ def upgrade() -> None:
         sa.Column("seen_at", TS, nullable=False),
     )
 
+    with op.batch_alter_table("vms") as batch:
+        batch.add_column(sa.Column("boot_claimed_at", TS, nullable=True))
+    op.execute("UPDATE vms SET boot_claimed_at = created_at")
+    op.create_index("ix_vms_node_unclaimed", "vms", ["node", "boot_claimed_at"])
+
 
 def downgrade() -> None:
+    op.drop_index("ix_vms_node_unclaimed", "vms")
+    with op.batch_alter_table("vms") as batch:
+        batch.drop_column("boot_claimed_at")
     op.drop_table("cluster_keys")
     op.drop_table("nodes")
