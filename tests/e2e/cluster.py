@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +67,21 @@ class Node(Server):
 class Cluster:
     nodes: dict[str, Node]
     db_url: str
+    draining: set[str] = field(default_factory=set)
 
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
+
+    def only(self, *active: str) -> None:
+        """Drain every node but ``active`` (and activate those), as an operator does with
+        ``airlock nodes drain|activate``: placement then has no choice."""
+        for name in self.nodes:
+            if name in active and name in self.draining:
+                self[name].cli("nodes", "activate", name)
+                self.draining.discard(name)
+            elif name not in active and name not in self.draining:
+                self[name].cli("nodes", "drain", name)
+                self.draining.add(name)
 
     def start_all(self) -> None:
         for node in self.nodes.values():  # at the same instant: nobody waits for anybody

@@ -69,13 +69,16 @@ async def _nodes(cluster: Cluster, service: str) -> dict[str, dict[str, Any]]:
 async def _login_on(
     cluster: Cluster, token: str, holder: str, route: Any
 ) -> tuple[str, str, dict[str, Any]]:
-    """A person's whole login with its VM on ``holder``; ``route()`` names the node each
-    request goes to. Returns the session id, the VM id and the completed session."""
-    async with _client(cluster[holder], token) as client:
+    """A person's whole login with its VM placed on ``holder`` (the others drained);
+    ``route()`` names the node each request goes to, the start included. Returns the
+    session id, the VM id and the completed session."""
+    cluster.only(holder)
+    async with _client(cluster[route()], token) as client:
         started = await client.post("/api/auth/start", json={"provider": "oauth2"})
     assert started.status_code == 201, started.text
     session_id, vm_id = started.json()["sessionId"], started.json()["vm"]["vmId"]
     assert started.json()["vm"]["node"] == holder
+    cluster.only(*NAMES)
 
     async with _client(cluster[route()], token) as client:
         body = await wait_json(client, f"/api/auth/session/{session_id}", "status", "awaiting_user")
@@ -136,13 +139,16 @@ async def test_a_cli_vm_on_one_node_gets_credentials_through_another(
     cluster: Cluster = cluster_factory(grace_success_ms=60_000)
     cluster.start_all()
     token = cluster["node-a"].cli("tokens", "create", "--user", "alice")
-    async with _client(cluster["node-c"], token) as client:
+    cluster.only("node-c")
+    async with _client(cluster["node-a"], token) as client:  # placed on node-c
         cli_vm = (await client.post("/api/vms", json={"role": "cli"})).json()
     assert cli_vm["state"] == "running" and cli_vm["node"] == "node-c", cli_vm
     # A capture to inject: a login on node-b (its credentials arrive through its agent).
-    async with _client(cluster["node-b"], token) as client:
+    cluster.only("node-b")
+    async with _client(cluster["node-a"], token) as client:
         started = (await client.post("/api/auth/start", json={"provider": "oauth2"})).json()
         session_id, vm_id = started["sessionId"], started["vm"]["vmId"]
+        assert started["vm"]["node"] == "node-b"
         await wait_json(client, f"/api/auth/session/{session_id}", "status", "awaiting_user")
         await finish_login(cluster["node-b"].runtime, vm_id)
         await wait_json(client, f"/api/auth/session/{session_id}", "status", "completed")
@@ -172,8 +178,9 @@ async def test_the_internal_link_refuses_what_is_not_a_node_credential(
     token = cluster["node-a"].cli("tokens", "create", "--user", "alice")
     async with _client(cluster["node-b"], token) as client:
         cli_vm = (await client.post("/api/vms", json={"role": "cli"})).json()
+    holder = cli_vm["node"]
     vm_id = cli_vm["vmId"]
-    url = f"{_ws(cluster['node-b'].url)}/internal/vms/{vm_id}/agent"
+    url = f"{_ws(cluster[holder].url)}/internal/vms/{vm_id}/agent"
     forged = f"node-a.{int(time.time() * 1000) + 50_000}.{'A' * 43}"
     for value in (token, forged, "node-a.1.x", ""):
         with pytest.raises(InvalidStatus) as refused:
@@ -181,6 +188,42 @@ async def test_the_internal_link_refuses_what_is_not_a_node_credential(
                 pass
         assert refused.value.response.status_code == 401
         assert b"invalid_node_credential" in (refused.value.response.body or b"")
+
+
+async def test_a_drained_node_gets_no_new_vms_and_its_running_ones_finish(
+    cluster_factory: Any,
+) -> None:
+    cluster: Cluster = cluster_factory(grace_success_ms=60_000, user_starts_per_minute=100)
+    cluster.start_all()
+    token = cluster["node-a"].cli("tokens", "create", "--user", "alice")
+    cluster.only("node-c")
+    async with _client(cluster["node-a"], token) as client:
+        started = (await client.post("/api/auth/start", json={"provider": "oauth2"})).json()
+    session_id, c_vm = started["sessionId"], started["vm"]["vmId"]
+    assert started["vm"]["node"] == "node-c"
+    cluster.only("node-a", "node-b")  # node-c drained while its login is in progress
+
+    placed: list[str] = []
+    async with _client(cluster["node-c"], token) as client:  # even when asked there
+        for _ in range(4):
+            vm = (await client.post("/api/vms", json={"role": "cli"})).json()
+            assert vm["state"] == "running", vm
+            placed.append(vm["node"])
+    assert "node-c" not in placed and set(placed) == {"node-a", "node-b"}  # spread out
+    assert {v.vm_id for v in await cluster["node-c"].runtime.list()} == {c_vm}
+
+    # Its running login finishes normally, on node-c.
+    async with _client(cluster["node-b"], token) as client:
+        await wait_json(client, f"/api/auth/session/{session_id}", "status", "awaiting_user")
+        await finish_login(cluster["node-c"].runtime, c_vm)
+        await wait_json(client, f"/api/auth/session/{session_id}", "status", "completed")
+        done = await client.post(f"/api/auth/session/{session_id}/complete")
+        assert done.status_code == 200, done.text
+        vm = await wait_json(client, f"/api/vms/{c_vm}", "state", "destroyed")
+    assert vm["destroyReason"] == "completed"
+    assert await cluster["node-c"].runtime.list() == []
+    nodes = await _nodes(cluster, cluster["node-a"].cli("tokens", "create", "--service", "o"))
+    assert nodes["node-c"]["state"] == "draining" and nodes["node-c"]["browserInUse"] == 0
 
 
 def _ms(env: dict[str, str], name: str) -> float:
@@ -194,20 +237,23 @@ async def test_a_killed_node_is_given_up_after_its_grace_and_reconciles_on_retur
     lease, its VMs are lost (with a reason) only after the grace, nothing on node-a or
     node-c is touched, nothing of node-b's is destroyed by them; restarted, node-b kills
     what the database now says is gone and takes new VMs again."""
-    cluster: Cluster = cluster_factory(grace_success_ms=60_000)
+    cluster: Cluster = cluster_factory(grace_success_ms=60_000, user_starts_per_minute=100)
     cluster.start_all()
     b = cluster["node-b"]
     token = cluster["node-a"].cli("tokens", "create", "--user", "alice")
     service = cluster["node-a"].cli("tokens", "create", "--service", "ops")
-    async with _client(b, token) as client:
+    cluster.only("node-b")
+    async with _client(cluster["node-a"], token) as client:
         started = (await client.post("/api/auth/start", json={"provider": "oauth2"})).json()
         session_id, b_browser = started["sessionId"], started["vm"]["vmId"]
         await wait_json(client, f"/api/auth/session/{session_id}", "status", "awaiting_user")
         b_cli = (await client.post("/api/vms", json={"role": "cli"})).json()["vmId"]
     others: dict[str, str] = {}
     for name in ("node-a", "node-c"):
-        async with _client(cluster[name], token) as client:
+        cluster.only(name)
+        async with _client(cluster["node-b"], token) as client:
             others[name] = (await client.post("/api/vms", json={"role": "cli"})).json()["vmId"]
+    cluster.only(*NAMES)
 
     b.kill9()
     killed = time.monotonic()
@@ -236,6 +282,12 @@ async def test_a_killed_node_is_given_up_after_its_grace_and_reconciles_on_retur
             vm = (await ops.get(f"/api/vms/{vm_id}?userId=alice")).json()
             assert vm["state"] == "running" and vm["node"] == name, vm
             assert vm_id in {v.vm_id for v in await cluster[name].runtime.list()}
+        # Placement stops choosing it: new VMs go to node-a and node-c only.
+        for _ in range(3):
+            async with _client(cluster["node-c"], token) as client:
+                placed = (await client.post("/api/vms", json={"role": "cli"})).json()
+            assert placed["node"] in ("node-a", "node-c"), placed
+            await ops.delete(f"/api/vms/{placed['vmId']}?userId=alice")
     assert down_after >= lease * 0.9, down_after
     assert lost_after >= lease + grace, f"given up after {lost_after:.1f} s: before its grace"
     # Nobody else could reach node-b's VMs, and nobody destroyed them.
@@ -245,7 +297,8 @@ async def test_a_killed_node_is_given_up_after_its_grace_and_reconciles_on_retur
     assert not {b_browser, b_cli} & {v.vm_id for v in await b.runtime.list()}
     nodes = await _nodes(cluster, service)
     assert nodes["node-b"]["state"] == "active" and nodes["node-b"]["ready"]
-    async with _client(b, token) as client:
+    cluster.only("node-b")
+    async with _client(cluster["node-a"], token) as client:
         fresh = (await client.post("/api/vms", json={"role": "cli"})).json()
     assert fresh["state"] == "running" and fresh["node"] == "node-b", fresh
     print(f"node-b down after {down_after:.1f} s, its VMs lost after {lost_after:.1f} s")
