@@ -44,7 +44,7 @@ from airlock.api.deps import verify_viewer_token as verify_token
 from airlock.api.rfb import RfbClientFilter, RfbServerFilter, RfbViolation
 from airlock.errors import AirlockError
 from airlock.services.core import Core
-from airlock.services.viewers import ViewerRegistry, ViewerSocket, await_vm_end
+from airlock.services.viewers import ViewerRegistry, ViewerSocket, await_vm_end, keepalive
 
 log = logging.getLogger("airlock.vnc")
 
@@ -81,7 +81,7 @@ async def serve_viewer(ws: WebSocket, session_id: str, token: str | None) -> Non
     signer: ViewerSigner = get_viewer_signer(ws)
     try:
         claims = await verify_token(core, signer, session_id, token)
-        await core.sessions.keepalive(session_id, None)  # a viewer connected: presence
+        await keepalive(core, session_id)  # a viewer connected: presence
         reader, writer = await core.runtime.open_vnc(claims.vm_id)
     except AirlockError as exc:
         await _deny(ws, exc)
