@@ -2,11 +2,12 @@
 configured one will work here.
 
 The doctor knows no runtime: each runtime's host module answers ``host_checks()`` (its
-binaries, KVM as it will use it, what contains a VM), and the configured runtime answers
-``check()``. A row is required when the configured runtime needs it; a name that several
-runtimes check (``kvm``) is shown once, as the configured runtime sees it. The doctor adds
-only what is the controller's own: the data dir and the database. It changes nothing (a
-SQLite file that does not exist yet is not created).
+binaries, KVM as it will use it, what contains a VM; ``services.core.runtime_host_checks``
+lists them next to ``make_runtime``), and the configured runtime answers ``check()``. A
+row is required when the configured runtime needs it; a name that several runtimes check
+(``kvm``) is shown once, as the configured runtime sees it. The doctor adds only what is
+the controller's own: the data dir and the database. It changes nothing (a SQLite file
+that does not exist yet is not created).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,9 +22,7 @@ import typer
 from rich.table import Table
 
 from airlock.cli_common import JsonOpt, err, load_settings, out, print_json
-from airlock.runtimes import firecracker_vmm, kvm_probe, sandbox_host
-from airlock.runtimes.host_checks import HostCheck
-from airlock.services.core import make_runtime
+from airlock.services.core import make_runtime, runtime_host_checks
 from airlock.settings import Settings
 from airlock.store.db import Database
 
@@ -40,18 +38,9 @@ class Check:
     fix: str | None = None
 
 
-def host_checks(settings: Settings) -> dict[str, Callable[[], list[HostCheck]]]:
-    """Each runtime's own rows, by runtime name, in the order the report shows them."""
-    return {
-        "sandbox": sandbox_host.host_checks,
-        "qemu": lambda: kvm_probe.host_checks(settings.image_dir, settings.qemu_accel),
-        "firecracker": firecracker_vmm.host_checks,
-    }
-
-
 def doctor_checks(settings: Settings) -> list[Check]:
     rows: dict[str, Check] = {}
-    for runtime, checks in host_checks(settings).items():
+    for runtime, checks in runtime_host_checks(settings).items():
         configured = runtime == settings.runtime
         for c in checks():
             if c.name not in rows or configured:  # the configured runtime's view wins
