@@ -56,6 +56,26 @@ def test_the_readme_names_no_setting_that_does_not_exist() -> None:
     assert named <= known, f"README.md names unknown settings: {sorted(named - known)}"
 
 
+# The design documents the README cites by name; they live beside the repository, not in it.
+DESIGN_DOCS = {"architecture.md", "lifecycle.md", "http-api.md", "providers.md", "style.md"}
+
+
+def test_the_files_the_readme_names_exist() -> None:
+    """``egress.py`` became ``egress/``: a file the README names (``tests/e2e/test_egress.py``,
+    ``providers/gemini_cli.py``, ``escape_probe.py``) is somewhere in the repository."""
+    readme = _readme()
+    root = README.parent
+    skip = {".venv", ".git", "node_modules"}
+    tracked = [p.relative_to(root).as_posix() for p in root.rglob("*") if not skip & set(p.parts)]
+    missing = []
+    for name in set(re.findall(r"`([\w./-]+\.(?:py|md|sh|html|js|toml|yaml))`", readme)):
+        if name.rpartition("/")[2] in DESIGN_DOCS:
+            continue
+        if not any(t == name or t.endswith("/" + name) for t in tracked):
+            missing.append(name)
+    assert sorted(missing) == []
+
+
 def test_the_first_screen_says_make_run_and_make_test() -> None:
     readme = _readme()
     first_screen = "\n".join(readme.splitlines()[:40])
