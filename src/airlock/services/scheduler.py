@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.sessions import FailureReason, SessionStatus
-from airlock.domain.vms import DestroyReason, VmState
+from airlock.domain.vms import DESTROYABLE, DestroyReason, VmState
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime
 from airlock.services import records
@@ -108,7 +108,7 @@ class Scheduler:
         now = self.clock.now()
         async with self.db.transaction(urgent=True) as repo:
             vm = await repo.vm(vm_id, lock=True)
-            if vm is None or vm.state in (VmState.DESTROYING.value, *_TERMINAL):
+            if vm is None or vm.state not in DESTROYABLE:  # being destroyed, or gone
                 return False
             if not await self._claim(repo, vm, now=now, reason=reason.value, actor=actor):
                 return False
@@ -206,6 +206,3 @@ class Scheduler:
             )
         vm.destroy_attempts = attempts
         self.poke()
-
-
-_TERMINAL = (VmState.DESTROYED.value, VmState.LOST.value)

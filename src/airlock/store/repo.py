@@ -17,11 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from airlock.domain.quotas import Usage
 from airlock.domain.sessions import SessionStatus
-from airlock.domain.vms import LIVE, VmRole, VmState
+from airlock.domain.vms import DESTROYABLE, LIVE, VmRole, VmState
 from airlock.store.tables import AuthSession, Credential, EgressHost, Event, Token, Vm
-
-# States whose deadline the scheduler acts on (destroying rows come back when their lease ends).
-_SCHEDULED = (VmState.CREATING, VmState.RUNNING, VmState.DRAINING, VmState.RETAINED)
 
 
 class Repo:
@@ -265,7 +262,7 @@ class Repo:
             .where(
                 Vm.node == self.node,
                 or_(
-                    and_(Vm.state.in_([s.value for s in _SCHEDULED]), Vm.destroy_after <= now),
+                    and_(Vm.state.in_([s.value for s in DESTROYABLE]), Vm.destroy_after <= now),
                     and_(
                         Vm.state == VmState.DESTROYING.value,
                         or_(Vm.lease_until.is_(None), Vm.lease_until <= now),
@@ -296,7 +293,7 @@ class Repo:
             .where(
                 Vm.id == vm.id,
                 or_(
-                    Vm.state.in_([s.value for s in _SCHEDULED]),
+                    Vm.state.in_([s.value for s in DESTROYABLE]),
                     and_(Vm.state == VmState.DESTROYING.value, stale_lease),
                 ),
             )
@@ -309,7 +306,7 @@ class Repo:
         """The earliest moment the scheduler has something to do."""
         deadline = await self.session.scalar(
             select(func.min(Vm.destroy_after)).where(
-                Vm.node == self.node, Vm.state.in_([s.value for s in _SCHEDULED])
+                Vm.node == self.node, Vm.state.in_([s.value for s in DESTROYABLE])
             )
         )
         lease = await self.session.scalar(
