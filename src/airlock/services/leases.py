@@ -73,8 +73,8 @@ class LeaseKeeper:
         """Renew every running browser VM of this node; return how many confirmed."""
         async with self.db.read() as repo:
             rows = await repo.vms(
-                role=VmRole.BROWSER.value,
-                states=[s.value for s in BOOTED],
+                role=VmRole.BROWSER,
+                states=list(BOOTED),
                 node=repo.node,
             )
         gate = asyncio.Semaphore(CONCURRENCY)

@@ -126,9 +126,9 @@ class LoginRunner:
                 vm is not None
                 and session is not None
                 and vm.state in IN_SERVICE
-                and session.status == SessionStatus.INITIALIZING.value
+                and session.status == SessionStatus.INITIALIZING
             )
-            if ready and vm is not None and vm.state == VmState.CREATING.value:
+            if ready and vm is not None and vm.state == VmState.CREATING:
                 await records.move_vm(
                     repo,
                     vm,
@@ -271,7 +271,7 @@ class LoginRunner:
                     cause="credentials_captured",
                     actor="agent",
                 )
-                self.metrics.sessions.labels(SessionStatus.COMPLETED.value).inc()
+                self.metrics.sessions.labels(SessionStatus.COMPLETED).inc()
                 stored = True
                 if vm.state in IN_SERVICE:
                     plan = self.policy.on_completed(now)
@@ -284,7 +284,7 @@ class LoginRunner:
                         actor="controller",
                         session_id=session_id,
                         destroy_after=plan.destroy_after,
-                        destroy_reason=DestroyReason.GRACE_ENDED.value,
+                        destroy_reason=DestroyReason.GRACE_ENDED,
                     )
         await self._wipe(vm_id, session_id)
         await self.egress.stop(vm_id)
@@ -323,11 +323,11 @@ class LoginRunner:
                 session,
                 SessionStatus.FAILED,
                 now=now,
-                cause=reason.value,
+                cause=reason,
                 actor="controller",
-                failure_reason=f"{reason.value}: {message}",
+                failure_reason=f"{reason}: {message}",
             )
-            self.metrics.sessions.labels(SessionStatus.FAILED.value).inc()
+            self.metrics.sessions.labels(SessionStatus.FAILED).inc()
             vm = await repo.vm(session.vm_id, lock=True) if session.vm_id else None
             if vm is not None and vm.state in IN_SERVICE:
                 plan = self.policy.on_failed(now)
@@ -336,7 +336,7 @@ class LoginRunner:
                     vm,
                     plan.state,
                     now=now,
-                    cause=reason.value,
+                    cause=reason,
                     actor="controller",
                     session_id=session_id,
                     destroy_after=plan.destroy_after,
@@ -362,8 +362,8 @@ def _plaintext(creds: Credentials) -> bytes:
 
 def _reason_after_failure(state: VmState) -> str:
     if state is VmState.RETAINED:
-        return DestroyReason.RETENTION_ENDED.value
-    return DestroyReason.FAILED.value
+        return DestroyReason.RETENTION_ENDED
+    return DestroyReason.FAILED
 
 
 def short_error(exc: BaseException) -> str:

@@ -135,7 +135,7 @@ class SessionService:
     async def list(
         self, user_id: str | None, status: str | None = None, limit: int = 100
     ) -> list[tuple[AuthSession, Vm | None]]:
-        if status is not None and status not in {s.value for s in SessionStatus}:
+        if status is not None and status not in set(SessionStatus):
             raise InvalidInput(f"unknown status {status!r}", code="invalid_status")
         async with self.db.read() as repo:
             sessions = await repo.auth_sessions(
@@ -226,7 +226,7 @@ class SessionService:
             id=new_session_id(),
             user_id=user_id,
             provider=provider_id,
-            status=SessionStatus.INITIALIZING.value,
+            status=SessionStatus.INITIALIZING,
             cli_vm_id=cli_vm_id,
             created_at=now,
             updated_at=now,
@@ -244,7 +244,7 @@ class SessionService:
                 subject_id=session.id,
                 session_id=session.id,
                 vm_id=vm.id,
-                to_state=SessionStatus.INITIALIZING.value,
+                to_state=SessionStatus.INITIALIZING,
                 cause="started",
                 actor=actor,
                 detail={"provider": provider_id},
@@ -256,7 +256,7 @@ class SessionService:
                 "vm_id": vm.id,
                 "provider": provider_id,
                 "actor": actor,
-                "path": path.value,
+                "path": path,
             },
         )
         self.scheduler.poke()
@@ -290,7 +290,7 @@ class SessionService:
                     user_id=session.user_id,
                     now=now,
                     destroy_after=destroy_after,
-                    reason=DestroyReason.LOGIN_TIMEOUT.value,
+                    reason=DestroyReason.LOGIN_TIMEOUT,
                 )
                 if warm is not None:
                     repo.add_event(
@@ -391,7 +391,7 @@ class SessionService:
                 await records.move_session(
                     repo, fresh, SessionStatus.CANCELLED, now=now, cause="cancelled", actor=actor
                 )
-                self.metrics.sessions.labels(SessionStatus.CANCELLED.value).inc()
+                self.metrics.sessions.labels(SessionStatus.CANCELLED).inc()
         if vm is not None:
             await self.scheduler.destroy_now(vm.id, reason=DestroyReason.CANCELLED, actor=actor)
         await self.bus.publish(session_id)
@@ -408,14 +408,14 @@ class SessionService:
         running = {vm.vm_id: vm for vm in await self.runtime.list()}
         for session in pending:
             vm = vms.get(session.vm_id or "")
-            if session.status == SessionStatus.INITIALIZING.value:
+            if session.status == SessionStatus.INITIALIZING:
                 await self.login.fail(
                     session.id,
                     FailureReason.CONTROLLER_RESTARTED,
                     "the controller restarted while the browser VM was starting",
                 )
                 continue
-            if vm is None or vm.id not in running or vm.state != VmState.RUNNING.value:
+            if vm is None or vm.id not in running or vm.state != VmState.RUNNING:
                 continue  # the reconciler judges VMs that are gone
             provider = self.providers.get(session.provider)
             if provider is None:
@@ -445,7 +445,7 @@ async def _check_cli_target(repo: Repo, cli_vm_id: str, user_id: str) -> None:
     if (
         target is None
         or target.user_id != user_id
-        or target.role != VmRole.CLI.value
+        or target.role != VmRole.CLI
         or VmState(target.state).terminal
     ):
         raise NotFound(f"no CLI VM {cli_vm_id} for this user", code="vm_not_found")

@@ -72,9 +72,9 @@ class VmService:
         state: str | None = None,
         live_only: bool = False,
     ) -> list[Vm]:
-        if role is not None and role not in {r.value for r in VmRole}:
+        if role is not None and role not in set(VmRole):
             raise InvalidInput(f"unknown role {role!r}", code="invalid_role")
-        if state is not None and state not in {s.value for s in VmState}:
+        if state is not None and state not in set(VmState):
             raise InvalidInput(f"unknown state {state!r}", code="invalid_state")
         states = [state] if state else None
         if live_only and states is None:

@@ -83,7 +83,13 @@ class WarmPool:
 
     # --- claiming (inside the session's transaction) ---------------------------------
     async def claim(
-        self, repo: Repo, *, user_id: str, now: datetime, destroy_after: datetime, reason: str
+        self,
+        repo: Repo,
+        *,
+        user_id: str,
+        now: datetime,
+        destroy_after: datetime,
+        reason: DestroyReason,
     ) -> Vm | None:
         """Take a running warm VM for a new session, or None when none is ready. The VM
         becomes ``user_id``'s, with the session's deadline instead of the pool's."""
@@ -144,7 +150,7 @@ class WarmPool:
             if self.max_browser_vms is not None and wanted > 0:
                 await repo.lock_quota(None)  # the node's cap, as starts count it
                 live = await repo.vms(
-                    role=VmRole.BROWSER.value,
+                    role=VmRole.BROWSER,
                     states=LIVE,  # every VM a VM
                     node=repo.node,
                 )
