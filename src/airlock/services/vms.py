@@ -15,21 +15,20 @@ from datetime import timedelta
 from airlock.clock import Clock
 from airlock.domain.quotas import Limits, Scope, StartKind
 from airlock.domain.sessions import SessionStatus
-from airlock.domain.vms import DestroyReason, VmRole, VmState
-from airlock.errors import InvalidInput, NotFound, RuntimeFailure
+from airlock.domain.vms import LIVE, DestroyReason, VmRole, VmState
+from airlock.errors import Conflict, InvalidInput, NotFound, RuntimeFailure
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime, VmSpec
 from airlock.services import quotas, records
 from airlock.services.placement import MAX_PLACEMENTS, NO_HOST, Placement, no_host
 from airlock.services.scheduler import Scheduler
-from airlock.services.sessions import new_vm_id
+from airlock.services.vm_boot import BootFailed, VmBooter, add_vm, new_vm
 from airlock.store.db import Database
 from airlock.store.tables import Vm
 
 log = logging.getLogger("airlock.vms")
 
 PLACED_POLL_S = 0.1
-
 
 _VM_ID = re.compile(r"vm-[A-Za-z0-9]{1,61}")  # ASCII only: str.isalnum takes "²" too
 
@@ -60,6 +59,9 @@ class VmService:
         self.scheduler = scheduler
         self.boot_timeout = boot_timeout
         self.limits = limits
+        self.boots = VmBooter(
+            db=db, runtime=runtime, clock=clock, metrics=metrics, boot_timeout=boot_timeout
+        )
         self.placement = placement
         # Set by Core: wake the boot queue of the node a VM was placed on.
         self.poke: Callable[[str], Awaitable[None]] | None = None
@@ -80,31 +82,21 @@ class VmService:
         state: str | None = None,
         live_only: bool = False,
     ) -> list[Vm]:
-        if role is not None and role not in {r.value for r in VmRole}:
+        if role is not None and role not in set(VmRole):
             raise InvalidInput(f"unknown role {role!r}", code="invalid_role")
-        if state is not None and state not in {s.value for s in VmState}:
+        if state is not None and state not in set(VmState):
             raise InvalidInput(f"unknown state {state!r}", code="invalid_state")
         states = [state] if state else None
         if live_only and states is None:
-            states = [s.value for s in VmState if s.live]
+            states = list(LIVE)
         async with self.db.read() as repo:
             return await repo.vms(user_id=user_id, role=role, states=states)
 
     async def create_cli(self, *, user_id: str, actor: str) -> Vm:
+        """Add the row, boot it, and answer it running. A boot that fails, or a VM deleted
+        while it booted, is a clear error with the row's tombstone left behind."""
         now = self.clock.now()
-        vm = Vm(
-            id=new_vm_id(),
-            role=VmRole.CLI.value,
-            runtime=self.runtime.name,
-            user_id=user_id,
-            state=VmState.CREATING.value,
-            created_at=now,
-            updated_at=now,
-            destroy_after=None,
-            destroy_attempts=0,
-            warm=False,
-            detail={},
-        )
+        vm = new_vm(role=VmRole.CLI, runtime=self.runtime.name, user_id=user_id, now=now)
         async with self.db.transaction() as repo:
             refusal = await quotas.check(
                 repo,
@@ -114,6 +106,7 @@ class VmService:
                 now=now,
                 login_timeout=timedelta(0),  # CLI VMs have no login
             )
+            # A user's own limit is the user's; where there is room is placement's.
             if refusal is not None and (refusal.scope is Scope.USER or self.placement is None):
                 raise quotas.error(refusal)
             if self.placement is not None:
@@ -121,24 +114,18 @@ class VmService:
                 if placed is None:
                     raise no_host("a CLI VM")
                 vm.node = placed.node
-            repo.add_vm(vm)
-            repo.add_event(
-                at=now,
-                kind="vm",
-                subject_id=vm.id,
-                vm_id=vm.id,
-                to_state=VmState.CREATING.value,
-                cause="created",
-                actor=actor,
-                detail={"node": vm.node},
-            )
-        if vm.node != self.db.node:
+            add_vm(repo, vm, cause="created", actor=actor)
+        if vm.node and vm.node != self.db.node:
             if self.poke is not None:
                 await self.poke(vm.node)
             return await self._wait_placed(vm)
-        error = await self.boot_cli(vm, actor=actor, record_failure=True)
-        if error is not None:
-            raise RuntimeFailure(f"the CLI VM did not start: {error}")
+        spec = VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=user_id)
+        try:
+            running = await self.boots.boot_and_record(vm, spec, source="cold", actor=actor)
+        except BootFailed as failed:
+            raise RuntimeFailure(f"the CLI VM did not start: {failed.cause}") from failed
+        if running is None:
+            raise Conflict(f"the CLI VM {vm.id} was destroyed while it booted", code="vm_destroyed")
         return vm
 
     async def _wait_placed(self, vm: Vm) -> Vm:
@@ -149,56 +136,26 @@ class VmService:
             async with self.db.read() as repo:
                 row = await repo.vm(vm.id)
             assert row is not None
-            if row.state == VmState.RUNNING.value:
+            if row.state == VmState.RUNNING:
                 return row
-            if VmState(row.state).terminal or row.state == VmState.DESTROYING.value:
+            if row.state.terminal or row.state == VmState.DESTROYING:
                 if (row.last_error or "").startswith(NO_HOST):
                     raise no_host("a CLI VM")
                 raise RuntimeFailure(f"the CLI VM did not start: {row.last_error or row.state}")
             await asyncio.sleep(PLACED_POLL_S)
         raise RuntimeFailure(f"the CLI VM did not start: node {vm.node} did not boot it in time")
 
-    async def boot_cli(self, vm: Vm, *, actor: str, record_failure: bool) -> str | None:
-        """Boot a CLI VM row of this node and record it running; None when it runs, else
-        why not (recorded as destroyed when ``record_failure``, else left for a
-        hand-back)."""
-        started = asyncio.get_running_loop().time()
+    async def take_up(self, vm: Vm, *, actor: str) -> str | None:
+        """A CLI VM placed on this node by another: boot it and record it running. None
+        when done (or destroyed meanwhile), else why not (the row is handed back)."""
+        spec = VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=vm.user_id)
         try:
-            async with asyncio.timeout(self.boot_timeout):
-                running = await self.runtime.create(
-                    VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=vm.user_id)
-                )
-        except Exception as exc:
-            await self.runtime.destroy(vm.id)
-            if not record_failure:
-                return str(exc)[:300] or type(exc).__name__
-            async with self.db.transaction() as repo:
-                await records.move_vm(
-                    repo,
-                    vm,
-                    VmState.DESTROYING,
-                    now=self.clock.now(),
-                    cause=DestroyReason.BOOT_FAILED.value,
-                    actor=actor,
-                    destroy_reason=DestroyReason.BOOT_FAILED.value,
-                )
-                await records.move_vm(
-                    repo,
-                    vm,
-                    VmState.DESTROYED,
-                    now=self.clock.now(),
-                    cause=DestroyReason.BOOT_FAILED.value,
-                    actor=actor,
-                    destroyed_at=self.clock.now(),
-                    last_error=str(exc)[:500],
-                )
-            return str(exc)
-        self.metrics.vm_boot.labels("cli", self.runtime.name, "cold").observe(
-            asyncio.get_running_loop().time() - started
-        )
+            running = await self.boots.boot(spec, source="cold")
+        except BootFailed as failed:
+            return f"the CLI VM did not start: {failed.cause}"[:300]
         now = self.clock.now()
         async with self.db.transaction() as repo:
-            await records.move_vm(
+            won = await records.move_vm(
                 repo,
                 vm,
                 VmState.RUNNING,
@@ -208,6 +165,8 @@ class VmService:
                 running_at=now,
                 detail={**vm.detail, **running.detail},
             )
+        if not won:
+            await self.runtime.destroy(vm.id)
         return None
 
     async def give_up(self, vm: Vm, why: str, *, actor: str) -> None:
@@ -219,16 +178,16 @@ class VmService:
                 vm,
                 VmState.DESTROYING,
                 now=now,
-                cause=DestroyReason.BOOT_FAILED.value,
+                cause=DestroyReason.BOOT_FAILED,
                 actor=actor,
-                destroy_reason=DestroyReason.BOOT_FAILED.value,
+                destroy_reason=DestroyReason.BOOT_FAILED,
             ):
                 await records.move_vm(
                     repo,
                     vm,
                     VmState.DESTROYED,
                     now=now,
-                    cause=DestroyReason.BOOT_FAILED.value,
+                    cause=DestroyReason.BOOT_FAILED,
                     actor=actor,
                     destroyed_at=now,
                     last_error=f"{NO_HOST}: {why}"[:500],
