@@ -6,7 +6,7 @@ the nodes and what each holds, keeps those that are ``active``, ready and fresh,
 random among those with a free slot. The chosen node's quota lock is held until the row is
 in, so concurrent starts on every controller never overfill a node (per-node limits across
 nodes). The row is written for that node; this node boots its own at once, another node's
-waits there unclaimed (``vms.boot_claimed_at`` empty).
+waits there unclaimed (its ``boot_claimed_at`` empty).
 
 ``BootQueue`` runs on every node: woken by a peer over the internal link (and on a short
 timer, should that poke be lost), it claims the rows placed on it (a conditional update,

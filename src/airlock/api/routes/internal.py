@@ -1,6 +1,6 @@
 """``/internal``: what a node's peers call on it (``services.node_link``), never a user.
 
-- ``WS /internal/vms/{vmId}/vnc`` and ``.../agent``: a stream to a VM this node holds,
+- ``WS /internal/vms/{vmId}/{kind}``, kind ``vnc`` or ``agent``: a stream to a VM this node holds,
   relayed byte for byte (the VNC proxy and the agent client run on the calling node).
 - ``POST /internal/vms/{vmId}/destroy``: destroy a VM this node holds, now.
 - ``POST /internal/boots``: a VM was placed on this node: its boot queue looks now.

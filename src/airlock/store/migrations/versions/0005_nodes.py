@@ -2,7 +2,7 @@
 
 ``nodes``: each controller's registration and heartbeat, its capacity and what it holds,
 and the operator's intent (``active`` or ``draining``); ``down`` is read from the heartbeat.
-``vms.boot_claimed_at``: placement writes a VM row for the node that is to boot it; that
+The VM column ``boot_claimed_at``: placement writes a VM row for the node that is to boot it; that
 node's controller claims it (a conditional update, ``SKIP LOCKED``) exactly once. Empty: not
 taken up yet. Rows from before are all claimed (their controller booted them).
 ``cluster_keys``: a fingerprint of every vault key a controller started with (never the key),
