@@ -9,57 +9,20 @@ rest of the CLI does, so they work from any host of the cluster.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from airlock.api import schemas
+from airlock.cli_common import JsonOpt, err, load_settings, out, print_json, with_core
 from airlock.domain.nodes import NodeState
-from airlock.errors import AirlockError
 from airlock.services.core import Core
 from airlock.services.nodes import NodeView
-from airlock.settings import Settings
-
-T = TypeVar("T")
 
 nodes_app = typer.Typer(help="The cluster's nodes (one controller per host).", no_args_is_help=True)
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 NameArg = Annotated[str, typer.Argument(help="The node's name (AIRLOCK_NODE_NAME).")]
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _run(action: Callable[[Core], Awaitable[T]]) -> T:
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        _fail(f"invalid settings (AIRLOCK_* environment or .env): {exc.errors()[0]['msg']}", 2)
-
-    async def run() -> T:
-        core = Core(settings)
-        try:
-            await core.open()
-            return await action(core)
-        finally:
-            await core.close()
-
-    try:
-        return asyncio.run(run())
-    except AirlockError as exc:
-        _fail(exc.message)
 
 
 async def preflight(core: Core) -> None:
@@ -91,9 +54,9 @@ def nodes_ls(as_json: JsonOpt = False) -> None:
     async def action(core: Core) -> tuple[list[NodeView], Any]:
         return await core.nodes.list(), core.clock.now()
 
-    nodes, now = _run(action)
+    nodes, now = with_core(load_settings(), action)
     if as_json:
-        sys.stdout.write(json.dumps([_json(n) for n in nodes], indent=2) + "\n")
+        print_json([_json(n) for n in nodes])
         return
     if not nodes:
         err.print("no nodes have registered (no controller has started on this database)")
@@ -115,9 +78,9 @@ def nodes_ls(as_json: JsonOpt = False) -> None:
 
 
 def _set(name: str, intent: NodeState, as_json: bool) -> None:
-    node = _run(lambda core: core.nodes.set_intent(name, intent, actor="cli"))
+    node = with_core(load_settings(), lambda core: core.nodes.set_intent(name, intent, actor="cli"))
     if as_json:
-        sys.stdout.write(json.dumps(_json(node), indent=2) + "\n")
+        print_json(_json(node))
     else:
         out.print(f"node {node.name}: {node.intent} (now {node.state.value})")
 
