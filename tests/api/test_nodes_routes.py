@@ -11,7 +11,7 @@ import hmac
 
 from airlock.domain.vms import VmState
 from airlock.services.node_link import NodeCredentials
-from tests.api.conftest import Api
+from tests.api.conftest import Api, ApiFactory
 
 
 async def test_nodes_list_is_for_service_tokens(api: Api) -> None:
@@ -85,3 +85,26 @@ async def test_internal_destroy_of_junk_is_a_clear_4xx(api: Api) -> None:
     r = await api.client.post("/internal/vms/not-a-vm/destroy", json=junk_id, headers=headers)
     assert r.status_code in (400, 401)
     assert (await api.core.vms.get(vm.id, None)).state == VmState.RUNNING.value
+
+
+async def test_peers_with_node_credentials_are_not_rate_limited_forgers_are(
+    make_api: ApiFactory,
+) -> None:
+    api = await make_api(client_requests_per_minute=3)
+    creds = api.core.node_credentials
+    for _ in range(5):  # more than the limit, each with a valid node credential
+        vm = await api.add_vm("alice")
+        token = creds.mint(f"destroy:{vm.id}")
+        r = await api.client.post(
+            f"/internal/vms/{vm.id}/destroy",
+            json={"reason": "owner_delete", "actor": "node:peer"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 200, r.text
+    assert (await api.client.get("/healthz")).status_code == 200  # the bucket is still full
+    for _ in range(3):  # forged credentials: each refusal is charged
+        r = await api.client.post(
+            "/internal/boots", headers={"Authorization": "Bearer node-x.1.forged"}
+        )
+        assert r.status_code == 401
+    assert (await api.client.get("/healthz")).status_code == 429

@@ -12,11 +12,12 @@ usually holds whole.
 the dashboard page; its static files are not counted), the viewer-token routes (the
 viewer page, its events, keepalive and complete, the VNC socket), ``/api`` requests
 without a bearer token, and refused bearer tokens (each 401 is charged after the fact).
-A request with a valid API token is never charged: per-user quotas govern those. Past
-the limit: 429 with ``Retry-After``, or, on the VNC socket, close code 4429 after the
-handshake (a page cannot read a refused handshake). The table of buckets is bounded:
-clients whose bucket is full again are forgotten, and past ``MAX_CLIENTS`` the least
-recently seen go first.
+A request with a valid API token is never charged: per-user quotas govern those; nor is a
+peer node's request to ``/internal`` with a valid node credential (a refused one is charged
+like a refused token, on the socket too). Past the limit: 429 with ``Retry-After``, or, on
+the VNC socket, close code 4429 after the handshake (a page cannot read a refused handshake).
+The table of buckets is bounded: clients whose bucket is full again are forgotten, and past
+``MAX_CLIENTS`` the least recently seen go first.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def _exempt(scope: Scope) -> bool:
 
 def _limited_up_front(scope: Scope) -> bool:
     path: str = scope.get("path", "")
-    if not path.startswith("/api/") or _VIEWER_ROUTE.match(path):
+    token_route = path.startswith("/api/") or path.startswith("/internal/")
+    if not token_route or _VIEWER_ROUTE.match(path):
         return True
     return not any(name.lower() == b"authorization" for name, _ in scope.get("headers", ()))
 
@@ -173,7 +175,8 @@ class ClientRateLimit:
             return
 
         async def charge_refusals(message: Message) -> None:
-            if message["type"] == "http.response.start" and message.get("status") == 401:
+            start = ("http.response.start", "websocket.http.response.start")
+            if message["type"] in start and message.get("status") == 401:
                 limiter.hit(key)  # a wrong token costs like no token
             await send(message)
 
