@@ -77,6 +77,10 @@ class Reconciler:
         ids = [vm.vm_id for vm in running]
         async with self.db.read() as repo:
             rows = await repo.live_vms() + await repo.vms(ids=ids)
+        # A row placed here that the boot queue has not taken up yet is not booting: it
+        # cannot have failed its boot (unless the runtime runs it after all).
+        running_ids = set(ids)
+        rows = [r for r in rows if r.boot_claimed_at is not None or r.id in running_ids]
         recorded = {
             row.id: RecordedVm(
                 row.id,
