@@ -130,6 +130,11 @@ def make_runtime(settings: Settings) -> Runtime:
             templates_dir=settings.data_dir / "firecracker-templates",  # snapshot warm starts
             browser_single_process=settings.browser_single_process,
         )
+    if settings.runtime == "fake":
+        from airlock.runtimes.fake import FakeRuntime
+
+        log.warning("AIRLOCK_RUNTIME=fake: VMs are records and idle processes (tests only)")
+        return FakeRuntime(settings.vms_dir)
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
 
