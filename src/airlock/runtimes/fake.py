@@ -407,7 +407,8 @@ class FakeAgent:
         await self._send(
             writer, {"ok": True, "result": {"agent": protocol.VERSION, "role": vm.role.value}}
         )
-        pending: asyncio.Task[bytes | None] | None = None
+        pending: asyncio.Future[bytes | None] | None = None
+        op: asyncio.Future[dict[str, Any]] | None = None
         try:
             while True:
                 if pending is None:
@@ -433,10 +434,11 @@ class FakeAgent:
                         return
                 await self._send(writer, op.result())
         finally:
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
+            for task in (op, pending):  # hung up, or destroyed: nothing of it lingers
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
 
     async def _answer(self, vm: _Vm, rid: Any, message: dict[str, Any]) -> dict[str, Any]:
         op = message.get("op")
