@@ -373,7 +373,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=20, help="starts in flight")
+    parser.add_argument("--concurrency", type=int, default=8, help="starts in flight")
     parser.add_argument("--hold-s", type=float, default=15.0)
     parser.add_argument("--complete-rate", type=float, default=50.0, help="logins finished /s")
     parser.add_argument("--grace-ms", type=int, default=2000, help="AIRLOCK_GRACE_SUCCESS_MS")

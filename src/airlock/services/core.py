@@ -330,6 +330,11 @@ class Core:
 
     async def close(self) -> None:
         await self.tasks.close()
+        # A runtime that holds connections in this process (the fake runtime's agents)
+        # hangs them up; the others keep nothing here that outlives the tasks.
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            await close()
         if self.platform_jwt is not None:
             await self.platform_jwt.close()
         await self.egress.close()
