@@ -1,6 +1,7 @@
 """The whole lifecycle through the HTTP API and the real services, with ``AIRLOCK_RUNTIME=fake``
 (``runtimes/fake.py``): a CLI VM, a login whose credentials are injected into it, complete,
-and every VM gone from the runtime afterwards. On SQLite and PostgreSQL."""
+and every VM gone from the runtime afterwards; keys typed through the viewer's WebSocket reach
+the fake VM's screen. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from websockets.asyncio.client import connect
 
 from airlock.api.app import create_app
 from airlock.providers.oauth2 import TOKENS_PATH, demo_oauth2_provider
@@ -19,7 +22,10 @@ from airlock.runtimes.fake import FakeRuntime
 from airlock.runtimes.vmdir import proc_stat, read_pid
 from airlock.services.core import Core
 from airlock.settings import Settings
+from tests.api.live import serve
+from tests.e2e.conftest import free_port
 from tests.lifecycle_helpers import REFRESH_TOKEN, finish_login, running_ids, wait_for
+from tests.rfb import RfbClient, WsTransport
 
 BASE_URL = "http://airlock.test:4000"
 
@@ -189,3 +195,55 @@ async def test_credentials_injected_later_through_the_api(fake_api: FakeApi) -> 
     written = api.runtime.vms_dir / vm_id / "home" / TOKENS_PATH
     assert REFRESH_TOKEN in written.read_text()
     assert os.stat(written).st_uid == os.geteuid()
+
+
+async def test_a_person_types_into_a_fake_vm_through_the_viewer_socket(
+    db_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """The viewer path (novncURL's token, the VNC WebSocket, the proxy's RFB filter) on a
+    real server with the fake runtime: what the person types reaches the VM."""
+    port = free_port()
+    settings = settings_factory(
+        database_url=db_url,
+        public_url=f"http://127.0.0.1:{port}",
+        demo_idp_port=free_port(),
+        runtime="fake",
+    )
+    core = Core(settings, demo=True)
+    runtime = core.runtime
+    assert isinstance(runtime, FakeRuntime)
+    try:
+        async with serve(create_app(core=core, demo=True), lifespan=True, port=port) as url:
+            alice = (await core.tokens.create("user", "alice")).value
+            headers = {"Authorization": f"Bearer {alice}"}
+            async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+                r = await client.post("/api/auth/start", json={"provider": "oauth2"})
+                session_id = r.json()["sessionId"]
+
+                async def ready() -> bool:
+                    body = (await client.get(f"/api/auth/session/{session_id}")).json()
+                    return bool(body["status"] == "awaiting_user")
+
+                await wait_for(ready, timeout=30)
+                body = (await client.get(f"/api/auth/session/{session_id}")).json()
+                [token] = parse_qs(urlsplit(body["novncURL"]).query)["token"]
+                vm_id = body["vm"]["vmId"]
+                ws_url = "ws" + url.removeprefix("http")
+                ws_url += f"/api/auth/session/{session_id}/vnc?token={token}"
+                async with connect(ws_url, subprotocols=["binary"], max_size=None) as ws:  # type: ignore[list-item]
+                    rfb = RfbClient(WsTransport(ws))
+                    init = await rfb.handshake()
+                    assert (init.width, init.height) == (1280, 800)
+                    await rfb.true_colour()
+                    assert (await rfb.screenshot()).share((0x44, 0x44, 0x44), step=97) == 1.0
+                    for keysym in b"demo":
+                        await rfb.key(keysym)
+
+                    async def typed() -> bool:
+                        return bytes(runtime.vm(vm_id).keys) == b"demo"
+
+                    await wait_for(typed, timeout=15)
+    finally:
+        await runtime.close()
+        for vm in await runtime.list():
+            await runtime.destroy(vm.vm_id)

@@ -25,6 +25,7 @@ from airlock.runtimes.vmdir import proc_stat, read_pid
 from airlock.services.core import Core
 from airlock.settings import Settings
 from tests.lifecycle_helpers import finish_login, running_ids, token_response, wait_for
+from tests.rfb import RfbClient, StreamTransport
 
 AIRLOCK = Path(sys.executable).parent / "airlock"
 
@@ -308,3 +309,33 @@ async def test_a_crashed_vm_is_lost_to_the_reconciler(fake_core: Core) -> None:
     assert other.status == SessionStatus.AWAITING_USER.value
     assert (await core.vms.get(kept_vm, None)).state == VmState.RUNNING.value
     assert kept_vm in await running_ids(runtime)
+
+
+# --- the screen ---------------------------------------------------------------------------
+
+
+async def test_the_screen_speaks_rfb_and_remembers_keys(runtime: FakeRuntime) -> None:
+    await runtime.create(VmSpec("vm-s", VmRole.BROWSER, "alice", screen=(320, 240)))
+    client = RfbClient(StreamTransport(*await runtime.open_vnc("vm-s")))
+    init = await client.handshake()
+    assert (init.width, init.height, init.bpp) == (320, 240, 32)
+    await client.true_colour()
+    shot = await client.screenshot()
+    assert shot.share((0x44, 0x44, 0x44), tolerance=0) == 1.0
+    for keysym in b"hi":
+        await client.key(keysym)
+    await wait_for(lambda: _true(list(runtime.vm("vm-s").keys) == [ord("h"), ord("i")]))
+    await client.close()
+
+
+async def test_the_screen_hangs_up_on_what_is_not_rfb(runtime: FakeRuntime) -> None:
+    await runtime.create(VmSpec("vm-t", VmRole.BROWSER, "alice"))
+    reader, writer = await runtime.open_vnc("vm-t")
+    assert await reader.readexactly(12) == b"RFB 003.008\n"
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing more said
+    writer.close()
+    await runtime.destroy("vm-t")
+    with pytest.raises(RuntimeFailure):
+        await runtime.open_vnc("vm-t")

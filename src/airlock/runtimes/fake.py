@@ -16,7 +16,9 @@ the watched files with ``write_files``, as the login program would), ``login_sta
 ``capture`` and ``ack_capture`` (the watched files under ``home/``), ``write_files`` and
 ``wipe`` (only under ``home/``), ``run`` (a real process **on the host**, in ``home/``:
 there is no isolation at all), and ``lease`` (``list`` ends a VM whose lease ran out, as
-the VM would have ended itself). There is no screen: ``open_vnc`` refuses.
+the VM would have ended itself). Its screen is ``FakeScreen``: an RFB 3.8 server (security
+None, raw encoding, 32 bits a pixel) that shows one grey picture and remembers the keys it
+was sent, so the viewer page and the VNC proxy work against fake VMs too.
 
 It is never the default (``AIRLOCK_RUNTIME=fake`` selects it), and its ``check()`` reports
 that it is in use, so ``airlock doctor`` fails on a host configured with it.
@@ -36,11 +38,13 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from airlock.agent import protocol, streams
 from airlock.agent.capture import MAX_CAPTURE_FILE
@@ -58,7 +62,7 @@ log = logging.getLogger(__name__)
 
 IN_USE = (
     "the fake runtime is in use (AIRLOCK_RUNTIME=fake): VMs are records and idle processes, "
-    "with no browser, no screen and no isolation; for tests and benchmarks only"
+    "with no browser, a blank screen and no isolation; for tests and benchmarks only"
 )
 SLEEP = "/bin/sleep"
 LOGIN_FILE = "login.json"  # the recorded login plan, so a restarted controller still captures
@@ -68,6 +72,9 @@ KILL_TIMEOUT_S = 5.0
 OUTPUT_CAP = 64 * 1024  # per stream of a ``run``, as the real agent
 MAX_RUN_TIMEOUT_S = 600.0
 MAX_CAPTURE_TIMEOUT_S = 300.0
+MAX_CUT_TEXT = 1024 * 1024  # the longest paste the fake screen takes
+KEYS_KEPT = 4096  # the keysyms a fake screen remembers (what a person typed, for tests)
+GREY = (0x44, 0x44, 0x44)  # the fake screen's one colour
 RUN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 Handler = Callable[["_Vm", dict[str, Any]], Awaitable[Mapping[str, object]]]
@@ -87,6 +94,8 @@ class _Vm:
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # a write_files landed
     lease_end: float | None = None  # on the controller's monotonic clock
     connections: set[asyncio.Task[None]] = field(default_factory=set)
+    screen: tuple[int, int] = (1280, 800)
+    keys: deque[int] = field(default_factory=lambda: deque(maxlen=KEYS_KEPT))  # keys pressed
 
 
 def _spawn_idle() -> int:
@@ -193,7 +202,13 @@ class FakeRuntime(VmDirRuntime):
             except OSError as exc:
                 raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
             c.push(lambda: shutil.rmtree(state_dir, ignore_errors=True))
-            write_meta(state_dir, spec, self.name, labels=spec.labels)
+            write_meta(
+                state_dir,
+                spec,
+                self.name,
+                labels=spec.labels,
+                screen=f"{spec.screen[0]}x{spec.screen[1]}",
+            )
             write_private(state_dir / "agent.secret", os.urandom(24).hex().encode() + b"\n")
             (state_dir / "home").mkdir(mode=0o700)
             try:
@@ -202,7 +217,7 @@ class FakeRuntime(VmDirRuntime):
                 raise RuntimeFailure(f"cannot start {SLEEP}: {exc.strerror}") from None
             c.push(lambda: _kill_now(pid))
             record_pid(state_dir / "pid", pid, what="the fake VM's process")
-            vm = _Vm(spec.vm_id, spec.role, state_dir / "home", state_dir)
+            vm = _Vm(spec.vm_id, spec.role, state_dir / "home", state_dir, screen=spec.screen)
             if spec.lease_ms is not None:
                 vm.lease_end = time.monotonic() + (spec.lease_ms + spec.lease_margin_ms) / 1000
             self._vms[spec.vm_id] = vm
@@ -276,7 +291,7 @@ class FakeRuntime(VmDirRuntime):
                 role = VmRole(str(meta.get("role")))
             except ValueError:
                 role = VmRole.CLI
-            vm = _Vm(vm_id, role, state_dir / "home", state_dir)
+            vm = _Vm(vm_id, role, state_dir / "home", state_dir, screen=_screen(meta))
             login = read_json(state_dir / LOGIN_FILE)
             if login:
                 vm.login = login
@@ -304,10 +319,17 @@ class FakeRuntime(VmDirRuntime):
         return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
 
     async def _connect_vnc(self, state_dir: Path) -> Stream:
-        raise RuntimeFailure(
-            f"fake VM {state_dir.name} has no screen (the fake runtime runs no VNC server)",
-            code="no_screen",
-        )
+        vm = self.vm(state_dir.name)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            stream = await asyncio.open_connection(sock=ours)
+            reader, writer = await asyncio.open_connection(sock=theirs)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        _own(vm, FakeScreen(vm).serve(reader, writer), f"fake-screen:{vm.vm_id}")
+        return stream
 
     async def close(self) -> None:
         """Hang up every agent connection (a test's or a benchmark's end)."""
@@ -357,11 +379,7 @@ class FakeAgent:
         except BaseException:
             sock.close()
             raise
-        task = asyncio.get_running_loop().create_task(
-            self._connection(vm, reader, writer), name=f"fake-agent:{vm.vm_id}"
-        )
-        vm.connections.add(task)
-        task.add_done_callback(vm.connections.discard)
+        _own(vm, self._connection(vm, reader, writer), f"fake-agent:{vm.vm_id}")
 
     async def hang_up(self, vm: _Vm) -> None:
         tasks = builtins.list(vm.connections)
@@ -608,6 +626,98 @@ class FakeAgent:
         for_ms, margin_ms = lease_args(message)
         vm.lease_end = time.monotonic() + (for_ms + margin_ms) / 1000
         return {"ends_in_ms": for_ms + margin_ms}
+
+
+def _own(vm: _Vm, coro: Coroutine[Any, Any, None], name: str) -> None:
+    """Run one connection of ``vm`` in a task the VM owns (its destroy hangs it up)."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    vm.connections.add(task)
+    task.add_done_callback(vm.connections.discard)
+
+
+def _screen(meta: dict[str, Any]) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in str(meta.get("screen", "")).split("x"))
+    except ValueError:
+        return (1280, 800)
+    return width, height
+
+
+class FakeScreen:
+    """A fake VM's VNC server: RFB 3.8 with security None; one grey picture in raw encoding
+    at 32 bits a pixel (any channel layout the client asks for); key presses remembered.
+    Enough for the viewer page, the VNC proxy and a test that types."""
+
+    # client message type -> bytes after the type byte (ClientCutText's text comes after)
+    SIZES: ClassVar[dict[int, int]] = {0: 19, 2: 3, 3: 9, 4: 7, 5: 5, 6: 7}
+
+    def __init__(self, vm: _Vm) -> None:
+        self.vm = vm
+        self.pixel = self._pixel(32, False, 255, 255, 255, 16, 8, 0)
+
+    @staticmethod
+    def _pixel(
+        bpp: int, big: bool, rmax: int, gmax: int, bmax: int, rs: int, gs: int, bs: int
+    ) -> bytes:
+        r, g, b = GREY
+        value = (r * rmax // 255) << rs | (g * gmax // 255) << gs | (b * bmax // 255) << bs
+        return value.to_bytes(bpp // 8, "big" if big else "little")
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._session(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the VM was destroyed: its screen goes with it
+        finally:
+            writer.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        width, height = self.vm.screen
+        writer.write(b"RFB 003.008\n")
+        if not (await reader.readexactly(12)).startswith(b"RFB 003."):
+            return
+        writer.write(b"\x01\x01")  # one security type: None
+        if await reader.readexactly(1) != b"\x01":
+            return
+        writer.write(struct.pack(">I", 0))  # SecurityResult: OK
+        await reader.readexactly(1)  # ClientInit (shared or not: all are)
+        name = f"airlock fake VM {self.vm.vm_id}".encode()
+        pixel_format = struct.pack(">BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+        writer.write(struct.pack(">HH", width, height) + pixel_format)
+        writer.write(struct.pack(">I", len(name)) + name)
+        await writer.drain()
+        while True:
+            kind = (await reader.readexactly(1))[0]
+            size = self.SIZES.get(kind)
+            if size is None:
+                return  # not RFB: hang up, as a VNC server does
+            body = await reader.readexactly(size)
+            if kind == 0:  # SetPixelFormat
+                bpp, _depth, big, true_colour, *rest = struct.unpack(">xxxBBBBHHHBBBxxx", body)
+                if bpp != 32 or not true_colour:
+                    return  # only what noVNC and the tests ask for
+                self.pixel = self._pixel(bpp, bool(big), *rest)
+            elif kind == 2:  # SetEncodings: raw is always there
+                (count,) = struct.unpack(">xH", body)
+                await reader.readexactly(4 * count)
+            elif kind == 3:  # FramebufferUpdateRequest: nothing ever changes
+                incremental, x, y, w, h = struct.unpack(">BHHHH", body)
+                if not incremental:
+                    w, h = max(0, min(w, width - x)), max(0, min(h, height - y))
+                    header = struct.pack(">BxH", 0, 1) + struct.pack(">HHHHi", x, y, w, h, 0)
+                    writer.write(header + self.pixel * (w * h))
+                    await writer.drain()
+            elif kind == 4:  # KeyEvent
+                down, keysym = struct.unpack(">BxxI", body)
+                if down:
+                    self.vm.keys.append(keysym)
+            elif kind == 6:  # ClientCutText
+                (length,) = struct.unpack(">xxxI", body)
+                if length > MAX_CUT_TEXT:
+                    return
+                await reader.readexactly(length)
 
 
 def _in_home(vm: _Vm, value: str) -> Path:
