@@ -16,9 +16,13 @@ the watched files with ``write_files``, as the login program would), ``login_sta
 ``capture`` and ``ack_capture`` (the watched files under ``home/``), ``write_files`` and
 ``wipe`` (only under ``home/``), ``run`` (a real process **on the host**, in ``home/``:
 there is no isolation at all), and ``lease`` (``list`` ends a VM whose lease ran out, as
-the VM would have ended itself). Its screen is ``FakeScreen``: an RFB 3.8 server (security
-None, raw encoding, 32 bits a pixel) that shows one grey picture and remembers the keys it
-was sent, so the viewer page and the VNC proxy work against fake VMs too.
+the VM would have ended itself; with no controller left at all a fake VM's process stays,
+until the next controller reaps it as an orphan). The agent's side costs the controller's
+CPU here, where a real VM would pay for it: a benchmark's controller figures include it.
+
+Its screen is ``FakeScreen``: an RFB 3.8 server (security None, raw encoding, 32 bits a
+pixel) that shows one grey picture and remembers the keys it was sent, so the viewer page
+and the VNC proxy work against fake VMs too.
 
 It is never the default (``AIRLOCK_RUNTIME=fake`` selects it), and its ``check()`` reports
 that it is in use, so ``airlock doctor`` fails on a host configured with it.
@@ -117,7 +121,7 @@ def _spawn_idle() -> int:
 
 def _kill_now(pid: int) -> None:
     """A create's clean-up: its process, just started, goes at once."""
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, ChildProcessError):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
 
