@@ -132,6 +132,7 @@ class Controller:
             AIRLOCK_DEMO_IDP_PORT=str(free_port()),
             AIRLOCK_MAX_CONCURRENT_VMS=str(sessions + 64),
             AIRLOCK_GRACE_SUCCESS_MS=str(grace_ms),
+            AIRLOCK_LOGIN_TIMEOUT_MS="3600000",  # a slow start phase must not expire the first
             AIRLOCK_LOG_LEVEL="WARNING",
             AIRLOCK_LOG_JSON="true",
         )
@@ -238,14 +239,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await db.close()
             result["errors"] = controller_errors(controller.log)
-        except BaseException:
-            controller.stop()
-            kept = Path(tempfile.gettempdir()) / f"airlock-bench-fleet-{os.getpid()}.log"
-            shutil.copy(controller.log, kept)
-            print(f"fleet: failed; the controller's log is {kept}", file=sys.stderr)
-            raise
         finally:
             controller.stop()
+            kept = Path(tempfile.gettempdir()) / "airlock-bench-fleet-controller.log"
+            with contextlib.suppress(OSError):
+                shutil.copy(controller.log, kept)
+                print(f"fleet: the controller's log is {kept}", file=sys.stderr)
             shutil.rmtree(work, ignore_errors=True)
     return result
 

@@ -397,8 +397,8 @@ class FakeAgent:
     ) -> None:
         try:
             await self._session(vm, reader, writer)
-        except (ConnectionError, protocol.ProtocolError, streams.TruncatedMessage, TimeoutError):
-            pass
+        except (OSError, protocol.ProtocolError, streams.TruncatedMessage, TimeoutError):
+            pass  # a broken connection, or the VM's files went with its destroy
         except asyncio.CancelledError:
             pass  # the VM was destroyed: the connection goes with it
         finally:
