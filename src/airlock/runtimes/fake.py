@@ -254,9 +254,15 @@ class FakeRuntime(VmDirRuntime):
     async def list(self) -> builtins.list[RunningVm]:
         await self._end_expired_leases()
         found = await asyncio.to_thread(self._scan, frozenset(self._creating))
+        # What the agent remembers of VMs that are gone. Not of a VM created while the scan
+        # ran (its dir is newer than the scan): its process lives.
         seen = {vm.vm_id for vm in found}
         for vm_id in [v for v in self._vms if v not in seen and v not in self._creating]:
-            vm = self._vms.pop(vm_id)
+            vm = self._vms[vm_id]
+            record = read_pid(vm.state_dir)
+            if record is not None and is_alive(record):
+                continue
+            del self._vms[vm_id]
             await self.agent.hang_up(vm)
         return found
 
