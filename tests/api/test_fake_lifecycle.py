@@ -5,15 +5,21 @@ the fake VM's screen. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 from websockets.asyncio.client import connect
 
 from airlock.api.app import create_app
@@ -247,3 +253,74 @@ async def test_a_person_types_into_a_fake_vm_through_the_viewer_socket(
         await runtime.close()
         for vm in await runtime.list():
             await runtime.destroy(vm.vm_id)
+
+
+@contextlib.asynccontextmanager
+async def database_away(db_url: str) -> AsyncIterator[None]:
+    """The controller's database stops answering for a while, then comes back. SQLite: the
+    sessions table goes away (every read of it fails). PostgreSQL: the database refuses new
+    connections and its open ones are cut, which is what a failover looks like to a client."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        path = url.database
+        assert path is not None
+
+        def rename(old: str, new: str) -> None:
+            with sqlite3.connect(path, timeout=30) as conn:
+                conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+        await asyncio.to_thread(rename, "auth_sessions", "auth_sessions_away")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(rename, "auth_sessions_away", "auth_sessions")
+        return
+    server = make_url(os.environ["AIRLOCK_TEST_POSTGRES_URL"])
+    admin = await asyncpg.connect(
+        host=server.host,
+        port=server.port,
+        user=server.username,
+        password=server.password,
+        database=server.database,
+    )
+    name = url.database
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        try:
+            yield
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    finally:
+        await admin.close()
+
+
+async def test_a_login_completes_after_the_database_was_away_while_it_was_watched(
+    fake_api: FakeApi, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A capture watch that meets a database error keeps watching. It used to end there
+    (a pool timeout under load did it), and that session never saw its capture."""
+    api = fake_api
+    r = await api.client.post(
+        "/api/auth/start", json={"provider": "oauth2", "userId": "alice"}, headers=api.service
+    )
+    session_id = r.json()["sessionId"]
+    ready = await api.wait_session(session_id, "awaiting_user")
+    caplog.set_level(logging.WARNING, logger="airlock.sessions")
+
+    async def watch_saw_the_outage() -> bool:
+        return any(
+            "capture watch cannot read the session" in record.getMessage()
+            for record in caplog.records
+        )
+
+    async with database_away(db_url):
+        await wait_for(watch_saw_the_outage, timeout=60)  # one capture poll: 10 s
+
+    await finish_login(api.runtime, ready["vm"]["vmId"])
+    done = await api.wait_session(session_id, "completed")
+    assert done["credentials"]["captured"] is True
