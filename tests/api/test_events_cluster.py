@@ -32,6 +32,7 @@ from airlock.store.notify import asyncpg_dsn
 from airlock.store.tables import AuthSession, Vm
 from tests.api.conftest import NoVmRuntime
 from tests.api.live import serve
+from tests.lifecycle_helpers import wait_for
 
 HOUR_MS = 3_600_000
 DELIVERY_S = 10.0  # generous on a loaded machine; the safety re-read is an hour away
@@ -63,11 +64,13 @@ def node_settings(
 async def node(settings: Settings, name: str) -> AsyncIterator[Node]:
     provider = demo_oauth2_provider(settings.demo_idp_port)
     core = Core(settings, runtime=NoVmRuntime(), providers={provider.id: provider})
-    async with serve(create_app(core=core), lifespan=True) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            if core.channel is not None:
-                await asyncio.wait_for(core.channel.connected.wait(), DELIVERY_S)
-            yield Node(name, core, url, client)
+    async with (
+        serve(create_app(core=core), lifespan=True) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        if core.channel is not None:
+            await asyncio.wait_for(core.channel.connected.wait(), DELIVERY_S)
+        yield Node(name, core, url, client)
 
 
 async def add_session(core: Core, user_id: str) -> AuthSession:
@@ -164,6 +167,10 @@ def destroy_after(value: str) -> Callable[[dict[str, Any]], bool]:
     return lambda e: bool(e["vm"] and e["vm"]["destroyAfter"] == value)
 
 
+async def _true(value: bool) -> bool:
+    return value
+
+
 @pytest.fixture
 def pg_url(db_url: str) -> str:
     if not db_url.startswith("postgresql"):
@@ -222,9 +229,8 @@ async def test_a_dropped_listening_connection_recovers_and_misses_nothing(
                 )
             finally:
                 await admin.close()
-            async with asyncio.timeout(DELIVERY_S):
-                while b.core.channel.connected.is_set():
-                    await asyncio.sleep(0.01)
+            channel = b.core.channel
+            await wait_for(lambda: _true(not channel.connected.is_set()), timeout=DELIVERY_S)
             missed = await keepalive(a, session.id, token)  # its NOTIFY reaches no b
             assert b.core.channel.connects == 1, "b reconnected before the change: no gap"
             # b connects again, wakes every watcher once, and the re-read finds the change.
@@ -248,19 +254,43 @@ async def test_a_change_wakes_only_the_watchers_of_its_session(
         try:
             for w, s in zip(watchers, (sessions[0], *sessions), strict=True):
                 await w.until(lambda e, sid=s.id: e["sessionId"] == sid)
-            async with asyncio.timeout(DELIVERY_S):
-                while len(a.core.bus) < len(sessions):  # every stream is waiting now
-                    await asyncio.sleep(0.01)
+            # Every stream is waiting now.
+            await wait_for(lambda: _true(len(a.core.bus) == len(sessions)), timeout=DELIVERY_S)
             heard = a.core.bus.heard
             value = await keepalive(a, changed, token)
             for w in watchers[:2]:
                 await w.until(destroy_after(value))
             if a.core.channel is not None:  # PostgreSQL: our own NOTIFY comes back too
-                async with asyncio.timeout(DELIVERY_S):
-                    while a.core.bus.heard == heard:
-                        await asyncio.sleep(0.01)
+                await wait_for(lambda: _true(a.core.bus.heard > heard), timeout=DELIVERY_S)
             assert a.core.bus.wakes == 2  # the changed session's two, not the other three
             assert all(len(w.events) == 1 for w in watchers[2:])
         finally:
             for w in watchers:
                 await w.close()
+
+
+@pytest.mark.postgres
+async def test_a_change_by_a_process_that_runs_no_loop_reaches_the_controllers(
+    pg_url: str, tmp_path: Path, settings_factory: Callable[..., Settings]
+) -> None:
+    """As the CLI does (``Core.open()``, no loops): what it queued goes out at its close."""
+    async with node(node_settings(settings_factory, tmp_path, pg_url, "a"), "a") as a:
+        token = (await a.core.tokens.create("user", "alice")).value
+        session = await add_session(a.core, "alice")
+        on_a = Watcher(a.client, session.id, token)
+        try:
+            await on_a.until(lambda e: e["sessionId"] == session.id)
+            provider = demo_oauth2_provider(0)
+            cli = Core(
+                node_settings(settings_factory, tmp_path, pg_url, "a"),
+                runtime=NoVmRuntime(),
+                providers={provider.id: provider},
+            )
+            await cli.open()
+            try:
+                await cli.sessions.cancel(session.id, None, actor="cli")
+            finally:
+                await cli.close()
+            await on_a.until(lambda e: e["vm"]["state"] == "destroyed")
+        finally:
+            await on_a.close()

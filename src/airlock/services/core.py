@@ -337,6 +337,8 @@ class Core:
 
     async def close(self) -> None:
         await self.tasks.close()
+        if self.channel is not None:
+            await self.channel.flush()  # what a CLI process changed reaches the controllers
         if self.platform_jwt is not None:
             await self.platform_jwt.close()
         await self.egress.close()

@@ -68,6 +68,30 @@ class Channel:
         self._outbox.append(payload)
         self._ready.set()
 
+    async def flush(self) -> None:
+        """Send what is queued on a connection of its own, for a process that never ran
+        the loop (the CLI: ``airlock reconcile`` on PostgreSQL tells the controllers).
+        Best effort: what cannot be sent now is left to the watchers' safety re-read."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
+            try:
+                await self._notify(conn, batch)
+            finally:
+                await conn.close(timeout=PING_TIMEOUT_S)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("events: %d notifications not sent (%s)", len(batch), exc)
+
+    async def _notify(self, conn: Any, payloads: list[str]) -> None:
+        for i in range(0, len(payloads), SEND_BATCH):
+            await conn.execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+                self._channel,
+                payloads[i : i + SEND_BATCH],
+            )
+
     async def run(self) -> None:
         delay = BACKOFF_FIRST_S
         while True:
@@ -111,11 +135,7 @@ class Channel:
             if self._outbox:
                 batch, self._outbox = self._outbox[:SEND_BATCH], self._outbox[SEND_BATCH:]
                 try:
-                    await conn.execute(
-                        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                        self._channel,
-                        batch,
-                    )
+                    await self._notify(conn, batch)
                 except BaseException:
                     self._outbox[:0] = batch  # not sent: the next connection sends it
                     raise

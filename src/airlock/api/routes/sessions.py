@@ -76,8 +76,7 @@ def _out(
 async def _session_view(
     core: Core, signer: ViewerSigner, session_id: str, user_id: str | None
 ) -> schemas.SessionOut:
-    session, vm = await core.sessions.get(session_id, user_id)
-    cred = await core.sessions.credential(session.id)
+    session, vm, cred = await core.sessions.view(session_id, user_id)
     return _out(core, signer, session, vm, cred)
 
 

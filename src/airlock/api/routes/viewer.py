@@ -30,7 +30,7 @@ from airlock.api.deps import (
 from airlock.api.routes.sessions import SessionIdPath
 from airlock.errors import Forbidden, NotFound, Unauthorized
 from airlock.services.core import Core
-from airlock.store.tables import AuthSession, Vm
+from airlock.store.tables import AuthSession, Credential, Vm
 
 router = APIRouter(prefix="/api/auth/session/{sessionId}", tags=["viewer"])
 
@@ -113,8 +113,8 @@ async def viewer_events(
     _, session, vm = await viewed_session(core, signer, session_id, token)
 
     async def read() -> schemas.SessionOut:
-        session, vm = await core.sessions.get(session_id, None)
-        return await _view(core, session, vm)
+        session, vm, cred = await core.sessions.view(session_id, None)
+        return _viewer_out(core, session, vm, cred)
 
     async def egress() -> str | None:
         return await egress_notice(core, session_id)
@@ -132,7 +132,12 @@ async def viewer_events(
 
 
 async def _view(core: Core, session: AuthSession, vm: Vm | None) -> schemas.SessionOut:
-    cred = await core.sessions.credential(session.id)
+    return _viewer_out(core, session, vm, await core.sessions.credential(session.id))
+
+
+def _viewer_out(
+    core: Core, session: AuthSession, vm: Vm | None, cred: Credential | None
+) -> schemas.SessionOut:
     out = schemas.session_out(session, vm, cred, base_url=core.settings.base_url, viewer_token=None)
     return out.model_copy(update={"novncURL": None})
 
