@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import lifecycle, mux, qemu_boot, vnc_proxy, warm_pool
+from bench import lifecycle, mux, qemu_boot, sse_fanout, vnc_proxy, warm_pool
 
 if __name__ == "__main__":
     lifecycle.main()
@@ -15,3 +15,4 @@ if __name__ == "__main__":
     mux.main([])
     warm_pool.main()
     qemu_boot.main()
+    sse_fanout.main()

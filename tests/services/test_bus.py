@@ -96,3 +96,20 @@ def test_many_ids_are_split_over_payloads_postgresql_accepts() -> None:
     assert len(payloads) == 3 and all(len(p.encode()) < 8000 for p in payloads)
     decoded = [decode(p) for p in payloads]
     assert [i for d in decoded if d for i in d[1]] == ids
+
+
+async def test_a_subscription_keeps_its_entry_between_waits() -> None:
+    """A stream's heartbeat wait that times out must not make its next wait wake for
+    another session's change (which a wait that left the bus cannot rule out)."""
+    bus = SessionBus()
+    with bus.subscribe(A, bus.version(A)) as sub:
+        assert not await sub.changed(0.01)  # a heartbeat: nothing changed
+        other = asyncio.create_task(bus.wait(B, bus.version(B), 5))
+        await asyncio.sleep(0)
+        await bus.publish(B)
+        await other  # B's waiter left: its version is folded into the unwatched mark
+        assert not await sub.changed(0.01)  # still nothing for A: no needless re-read
+        await bus.publish(A)
+        assert await sub.changed(5)
+        assert len(bus) == 1
+    assert len(bus) == 0

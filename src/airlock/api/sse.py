@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from airlock.api import schemas
 from airlock.domain.vms import VmState
 from airlock.errors import NotFound
+from airlock.services.bus import Subscription
 from airlock.services.core import Core
 
 SSE_HEARTBEAT_S = 15.0
@@ -50,9 +51,20 @@ async def session_stream(
 ) -> AsyncIterator[str]:
     """The stream's text. ``version``: the bus version taken before ``first`` was read, so
     no change falls between them."""
+    with core.bus.subscribe(session_id, version) as subscription:
+        async for text in _stream(core, subscription, first, read, extras or {}):
+            yield text
+
+
+async def _stream(
+    core: Core,
+    subscription: Subscription,
+    first: schemas.SessionOut,
+    read: Read,
+    extras: Mapping[str, Extra],
+) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     resync = core.settings.events_resync.total_seconds()
-    extras = extras or {}
     sent: dict[str, str | None] = {name: None for name in extras}
     view = first
     last_key: str | None = None
@@ -80,11 +92,7 @@ async def session_stream(
                 last_write = now
                 yield ": keepalive\n\n"
                 continue
-            if resync_in <= 0:
-                break
-            seen = version
-            version = await core.bus.wait(session_id, version, min(heartbeat_in, resync_in))
-            if version != seen:
+            if resync_in <= 0 or await subscription.changed(min(heartbeat_in, resync_in)):
                 break
         last_read = loop.time()
         try:

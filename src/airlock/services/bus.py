@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 Outbox = Callable[[str], None]
@@ -101,21 +101,36 @@ class SessionBus:
                 self.wakes += 1
         entry.futures.clear()
 
+    @contextlib.contextmanager
+    def subscribe(self, session_id: str, seen: int) -> Iterator[Subscription]:
+        """Watch one session for as long as the block runs (an SSE stream's life): the
+        entry stays between waits, so a wait that timed out (a heartbeat) costs no re-read.
+        ``seen``: the version taken before the first read."""
+        entry = self._enter(session_id, seen)
+        try:
+            yield Subscription(entry, seen, self)
+        finally:
+            self._leave(session_id)
+
+    async def _wait_entry(self, entry: _Entry, seen: int, timeout: float) -> None:
+        if entry.version != seen or timeout <= 0:
+            return
+        future = asyncio.get_running_loop().create_future()
+        entry.futures.add(future)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+        # lands in the same loop turn as the wait finishing, and a shutdown would hang.
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await future
+        finally:
+            entry.futures.discard(future)
+
     async def wait(self, session_id: str, seen: int, timeout: float) -> int:
         """Wait until the session's version moves past ``seen`` or ``timeout`` passes."""
         entry = self._enter(session_id, seen)
         try:
-            if entry.version == seen and timeout > 0:
-                future = asyncio.get_running_loop().create_future()
-                entry.futures.add(future)
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
-                # lands in the same loop turn as the wait finishing, and a shutdown would hang.
-                try:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(timeout):
-                            await future
-                finally:
-                    entry.futures.discard(future)
+            await self._wait_entry(entry, seen, timeout)
             return entry.version
         finally:
             self._leave(session_id)
@@ -137,6 +152,23 @@ class SessionBus:
         # What this entry knew is folded into the unwatched mark, so a later wait from an
         # older version still wakes.
         self._unwatched = max(self._unwatched, entry.version)
+
+
+class Subscription:
+    """``SessionBus.subscribe``'s handle: one watcher of one session."""
+
+    def __init__(self, entry: _Entry, seen: int, bus: SessionBus) -> None:
+        self._entry = entry
+        self._seen = seen
+        self._bus = bus
+
+    async def changed(self, timeout: float) -> bool:
+        """Whether the session changed since the last call (or the first read), waiting up
+        to ``timeout`` for it."""
+        await self._bus._wait_entry(self._entry, self._seen, timeout)
+        moved = self._entry.version != self._seen
+        self._seen = self._entry.version
+        return moved
 
 
 # --- the payload of a NOTIFY: "<origin> <id> <id> ..." -------------------------------------

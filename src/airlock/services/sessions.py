@@ -636,11 +636,13 @@ class SessionService:
                 session_status=SessionStatus(session.status),
                 completed_at=session.completed_at,
             )
-            if new != vm.destroy_after and await repo.set_vm(
+            moved = new != vm.destroy_after and await repo.set_vm(
                 vm.id, [VmState(vm.state)], destroy_after=new, updated_at=now
-            ):
+            )
+            if moved:
                 vm.destroy_after = new
-        await self.bus.publish(session_id)
+        if moved:  # a keepalive that moved nothing wakes no watcher here or on the peers
+            await self.bus.publish(session_id)
         return vm.destroy_after
 
     async def complete(
