@@ -102,15 +102,17 @@ class Channel:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
+            connects = self.connects
             try:
                 await self._serve(conn)
-                delay = BACKOFF_FIRST_S  # it ran: the next drop starts the back-off afresh
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except Exception as exc:  # whatever it was, the loop must go on listening
                 log.warning("events: the listening connection failed (%s); reconnecting", exc)
             finally:
                 self.connected.clear()
                 self.backend_pid = None
                 conn.terminate()
+            if self.connects != connects:
+                delay = BACKOFF_FIRST_S  # it listened: this drop starts the back-off afresh
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
 
