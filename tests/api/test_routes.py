@@ -13,12 +13,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from airlock.api import sse
 from airlock.api.deps import ViewerSigner
-from airlock.api.routes import sessions as session_routes
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from airlock.store.tables import AuthSession, Credential
-from tests.api.conftest import BASE_URL, Api
+from tests.api.conftest import BASE_URL, Api, ApiFactory
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SESSION_KEYS = {
@@ -287,7 +287,8 @@ async def _move_vm(api: Api, vm_id: str, frm: VmState, to: VmState, publish: str
         await api.core.bus.publish(publish)
 
 
-async def test_events_follow_changes_until_the_vm_is_gone(api: Api) -> None:
+async def test_events_follow_changes_until_the_vm_is_gone(make_api: ApiFactory) -> None:
+    api = await make_api(events_resync_ms=200)  # the safety net's re-read, made short
     session, vm = await api.add_session("alice")
     stream = asyncio.create_task(
         api.client.get(f"/api/auth/session/{session.id}/events", headers=api.auth("alice"))
@@ -295,7 +296,8 @@ async def test_events_follow_changes_until_the_vm_is_gone(api: Api) -> None:
     await asyncio.sleep(0.3)
     await _move_vm(api, vm.id, VmState.RUNNING, VmState.DRAINING, publish=session.id)
     await asyncio.sleep(0.3)
-    # No publish: as if another controller process made the change; the poll finds it.
+    # No publish: as if a process that announces nothing (the CLI on SQLite) made the
+    # change; the safety net's re-read finds it.
     await _move_vm(api, vm.id, VmState.DRAINING, VmState.DESTROYED, publish=None)
     r = await asyncio.wait_for(stream, 10)
     events, _ = parse_sse(r.text)
@@ -305,8 +307,7 @@ async def test_events_follow_changes_until_the_vm_is_gone(api: Api) -> None:
 
 
 async def test_events_send_heartbeats(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_routes, "SSE_WAKE_S", 0.05)
-    monkeypatch.setattr(session_routes, "SSE_HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(sse, "SSE_HEARTBEAT_S", 0.1)
     session, vm = await api.add_session("alice")
     stream = asyncio.create_task(
         api.client.get(f"/api/auth/session/{session.id}/events", headers=api.auth("alice"))
