@@ -52,7 +52,11 @@ async def finish_login(runtime: Runtime, vm_id: str, content: bytes | None = Non
 
 
 async def wait_for(
-    check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 15.0, interval: float = 0.05
+    check: Callable[[], Awaitable[bool] | bool],
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.05,
+    what: str = "condition",
 ) -> float:
     """THE waiting helper of the tests: poll ``check`` (a function or a coroutine function)
     until it is true; return how long that took (wall seconds). Fails on timeout.
@@ -67,8 +71,24 @@ async def wait_for(
         if outcome:
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"{what}: not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def wait_for_blocking(
+    check: Callable[[], bool],
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> float:
+    """``wait_for`` for synchronous tests and fixtures (a server in a thread or a process)."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not met within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - start
 
 
 async def advance(clock: ManualClock, **kwargs: float) -> None:

@@ -7,12 +7,14 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 import pytest
 
 from airlock.agent import protocol
 from airlock.agent.client import AgentClient, AgentError, FileWrite
 from airlock.providers.base import LoginPlan
+from tests.lifecycle_helpers import wait_for
 
 from .conftest import CHROMIUM, HOME, XVNC, StartAgent
 
@@ -216,10 +218,11 @@ async def test_an_unacknowledged_capture_blocks_a_new_login(start_agent: StartAg
     async with await agent.client() as client:
         await client.start_login(plan)
         assert await client.capture_files(5) == {"c.json": b'{"t": 1}\n'}
-        for _ in range(100):
-            if (await client.login_status())["state"] == "exited":
-                break
-            await asyncio.sleep(0.02)
+
+        async def exited() -> bool:
+            return (await client.login_status())["state"] == "exited"
+
+        await wait_for(exited, timeout=5, interval=0.02)
         with pytest.raises(AgentError) as stranded:
             await client.start_login(plan)
         assert stranded.value.code == "conflict"
@@ -238,18 +241,20 @@ async def test_login_exit_code_and_browser_helper_url(start_agent: StartAgent) -
                 watch=["never.json"],
             )
         )
-        for _ in range(100):
-            status = await client.login_status()
-            if status["state"] == "exited":
-                break
-            await asyncio.sleep(0.05)
+        status: dict[str, Any] = {}
+
+        async def exited() -> bool:
+            status.update(await client.login_status())
+            return status["state"] == "exited"
+
+        await wait_for(exited, timeout=5)
         assert (status["state"], status["exit_code"], status["url"]) == ("exited", 7, url)
 
         await client.start_login(  # a finished login may be replaced
             LoginPlan(provider="t", argv=["sh", "-c", '"$BROWSER" file:///etc/passwd'], watch=[])
         )
-        await asyncio.sleep(0.5)
-        status = await client.login_status()
+        status.clear()
+        await wait_for(exited, timeout=5)
         assert status["exit_code"] == 1 and status["url"] is None  # only http(s) is opened
 
 
@@ -273,15 +278,19 @@ async def test_connect_pipes_to_a_port_inside(start_agent: StartAgent) -> None:
                 watch=[],
             )
         )
-    for _ in range(100):
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def connected() -> bool:
         client = await agent.client()
         try:
-            stream = await client.connect_port(8765)
-            break
+            streams.append(await client.connect_port(8765))
         except AgentError as exc:
             assert exc.code == "connect_failed"
-            await asyncio.sleep(0.05)
-    reader, writer = stream
+            return False
+        return True
+
+    await wait_for(connected, timeout=5)
+    reader, writer = streams[0]
     writer.write(b"GET /hello.txt HTTP/1.0\r\n\r\n")
     response = await reader.read()
     writer.close()
