@@ -360,10 +360,13 @@ async def test_browser_role_opens_the_login_url_in_place_without_devtools(
             seen = await client.run(["sh", "-c", "cat ~/requests.log 2>/dev/null || true"])
             return [r for r in seen.stdout.splitlines() if r != "/favicon.ico"]
 
-        deadline = time.monotonic() + 20
-        while await requests() != ["/authorize?a=1&b=two%20words", "/wd?false"]:
-            assert time.monotonic() < deadline, await requests()
-            await asyncio.sleep(0.1)
+        async def opened() -> bool:
+            return await requests() == ["/authorize?a=1&b=two%20words", "/wd?false"]
+
+        try:
+            await wait_for(opened, timeout=20, interval=0.1)
+        except AssertionError:
+            raise AssertionError(await requests()) from None
         assert (await client.login_status())["url"].endswith("/authorize?a=1&b=two%20words")
         # navigator.webdriver is false (the page said so, above): no automation flags.
         # One window, the kiosk app window, covering the screen (the start page was
@@ -373,10 +376,14 @@ async def test_browser_role_opens_the_login_url_in_place_without_devtools(
         # A later URL, once the start page is gone: Chromium's own command line hands it
         # to the running browser.
         await client.write_files({"go": b""})
-        deadline = time.monotonic() + 30
-        while "/second?c=3" not in await requests():
-            assert time.monotonic() < deadline, await requests()
-            await asyncio.sleep(0.1)
+
+        async def handed_on() -> bool:
+            return "/second?c=3" in await requests()
+
+        try:
+            await wait_for(handed_on, timeout=30, interval=0.1)
+        except AssertionError:
+            raise AssertionError(await requests()) from None
         flags = await client.run(
             ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' '\\n' | grep -- '^--' || true"]
         )
@@ -392,10 +399,11 @@ async def test_browser_process_model_is_the_one_asked_for(
 ) -> None:
     agent = await start_agent("browser", "--browser-processes", model)
     async with await agent.client() as client:
-        deadline = time.monotonic() + 20
-        while not (await client.ping()).get("browser"):  # the start page asked for a URL
-            assert time.monotonic() < deadline, "Chromium never loaded its start page"
-            await asyncio.sleep(0.1)
+
+        async def loaded() -> bool:  # the start page asked for a URL
+            return bool((await client.ping()).get("browser"))
+
+        await wait_for(loaded, timeout=20, interval=0.1, what="Chromium loads its start page")
         listing = await client.run(
             ["sh", "-c", "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"]
         )
