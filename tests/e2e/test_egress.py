@@ -63,13 +63,14 @@ async def vnc(server: Server, api: httpx.AsyncClient, session_id: str) -> AsyncI
 async def wait_screen(
     rfb: RfbClient, check: Callable[[Screenshot], bool], what: str, timeout: float = 60
 ) -> Screenshot:
-    deadline = time.monotonic() + timeout
-    while True:
-        shot = await rfb.screenshot()
-        if check(shot):
-            return shot
-        assert time.monotonic() < deadline, f"the screen never showed {what}"
-        await asyncio.sleep(0.25)
+    shots: list[Screenshot] = []
+
+    async def showing() -> bool:
+        shots[:] = [await rfb.screenshot()]
+        return check(shots[0])
+
+    await wait_for(showing, timeout=timeout, interval=0.25, what=f"the screen shows {what}")
+    return shots[0]
 
 
 async def settled(rfb: RfbClient, timeout: float = 30) -> Screenshot:
