@@ -214,6 +214,11 @@ async def test_cancel_destroys_now(
     core = await make_core()
     session_id, vm_id = await start_session(core)
     await asyncio.sleep(0.3)  # the capture watch is connected to the agent
+
+    def watching() -> bool:
+        return any(t.get_name() == f"core:watch:{session_id}" for t in asyncio.all_tasks())
+
+    assert watching()
     session, vm = await core.sessions.cancel(session_id, "alice", "user:alice")
     assert session.status == SessionStatus.CANCELLED.value
     assert vm is not None and vm.state == VmState.DESTROYED.value
@@ -221,8 +226,9 @@ async def test_cancel_destroys_now(
     assert vm_id not in await running_ids(core.runtime)
     again, _ = await core.sessions.cancel(session_id, "alice", "user:alice")  # idempotent
     assert again.status == SessionStatus.CANCELLED.value
-    await asyncio.sleep(0.5)
-    # The watch saw its agent go with the VM: expected, so no warning for the operator.
+    await wait_for(lambda: not watching(), timeout=10)
+    # The watch saw its agent go with the VM and ended: expected, so no warning for the
+    # operator.
     assert not [r for r in caplog.records if "agent unreachable" in r.getMessage()]
 
 
