@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from airlock.agent.client import AgentClient
-from airlock.clock import ManualClock
+from airlock.clock import Clock, ManualClock
 from airlock.providers.oauth2 import TOKENS_PATH
 from airlock.runtimes.base import Runtime
 
@@ -89,6 +89,14 @@ def wait_for_blocking(
             raise AssertionError(f"{what}: not met within {timeout} s")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+async def loops_asleep(clock: Clock, *names: str) -> None:
+    """After a core started on a ``ManualClock``: wait until its loops have reached their
+    first sleep on it, so the first ``advance`` wakes them rather than racing their start."""
+    if isinstance(clock, ManualClock):
+        names = names or ("scheduler", "reconciler", "leases")
+        await wait_for(lambda: all(clock.asleep(n) for n in names), interval=0.005)
 
 
 async def advance(clock: ManualClock, **kwargs: float) -> None:

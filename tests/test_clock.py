@@ -96,6 +96,7 @@ async def test_advance_waits_until_each_woken_loop_sleeps_again() -> None:
     task = asyncio.create_task(loop(), name="loop")
     try:
         await wait_for(lambda: clock.sleepers() == 1)
+        assert clock.asleep("loop") and not clock.asleep("other")
         assert clock.settled()
         await advance(clock, seconds=1)
         assert rounds == [START + timedelta(seconds=1)]  # over when advance returns

@@ -81,6 +81,13 @@ class ManualClock(Clock):
         """How many sleeps and timeouts wait on this clock now."""
         return len(self._wakes)
 
+    def asleep(self, task_name: str) -> bool:
+        """Whether a task whose name ends with ``task_name`` waits on this clock now."""
+        return any(
+            task is not None and task.get_name().endswith(task_name)
+            for _, task in self._wakes.values()
+        )
+
     def _register(self, seconds: float, wake: Callable[[], None]) -> int:
         task: asyncio.Task[object] | None = asyncio.current_task()
         self._naps[task] = self._naps.get(task, 0) + 1

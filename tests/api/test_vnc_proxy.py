@@ -37,7 +37,7 @@ from airlock.settings import Settings
 from tests.api.conftest import ApiFactory
 from tests.api.live import serve
 from tests.e2e.conftest import free_port
-from tests.lifecycle_helpers import advance, finish_login, wait_for
+from tests.lifecycle_helpers import advance, finish_login, loops_asleep, wait_for
 from tests.rfb import RfbClient, WsTransport, start_xvnc
 
 pytestmark = pytest.mark.sandbox
@@ -105,6 +105,7 @@ async def make_live(
             core = Core(settings, demo=True, clock=clock)
             app = create_app(core=core, demo=True)
             url = await stack.enter_async_context(serve(app, lifespan=True, port=port))
+            await loops_asleep(core.clock)
             alice = (await core.tokens.create("user", "alice")).value
             support = (await core.tokens.create("service", "support")).value
             client, service = [

@@ -13,6 +13,7 @@ from airlock.clock import Clock
 from airlock.runtimes.sandbox import SandboxRuntime
 from airlock.services.core import Core
 from airlock.settings import Settings
+from tests.lifecycle_helpers import loops_asleep
 
 CoreFactory = Callable[..., Awaitable[Core]]
 
@@ -52,6 +53,7 @@ async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
         cores.append(core)
         if start:
             await core.start()
+            await loops_asleep(core.clock)
         else:
             await core.open()
         return core

@@ -26,7 +26,7 @@ from airlock.runtimes.base import VmSpec
 from airlock.runtimes.qemu import QemuRuntime
 from airlock.services.core import Core
 from airlock.settings import Settings
-from tests.lifecycle_helpers import advance, finish_login, running_ids, wait_for
+from tests.lifecycle_helpers import advance, finish_login, loops_asleep, running_ids, wait_for
 from tests.qemu_image import image_dir, minimal_image
 from tests.services.conftest import FAST, CoreFactory
 from tests.services.test_lifecycle import metric, vm_row, wait_status, wait_vm_state
@@ -62,6 +62,7 @@ async def make_core(tmp_path: Path) -> AsyncIterator[CoreFactory]:
         core = Core(settings, demo=True, runtime=qemu_runtime(data_dir), clock=clock)
         cores.append(core)
         await core.start()
+        await loops_asleep(core.clock)
         return core
 
     yield factory
