@@ -42,6 +42,10 @@ class ManualClock(Clock):
     ``settled()`` tells a test when every task the last ``advance`` woke has gone back to
     sleep on this clock (or ended): the round it was woken for is over, so what that round
     did not do, it will not do until time moves again.
+
+    What runs in another process keeps the wall's time: a VM's own lease, an agent's
+    timeouts. The lease keeper renews on this clock, so a test that keeps a VM for longer
+    than its boot lease (a few minutes) must move the clock past a renewal period.
     """
 
     def __init__(self, start: datetime | None = None) -> None:
