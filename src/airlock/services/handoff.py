@@ -33,7 +33,7 @@ from sqlalchemy import select
 
 from airlock.agent.client import AgentClient, FileWrite
 from airlock.clock import Clock
-from airlock.domain.vms import VmRole, VmState
+from airlock.domain.vms import LIVE, VmRole, VmState
 from airlock.errors import AirlockError, Conflict, CredentialError, NotFound, Unavailable
 from airlock.providers.base import Account, Credentials, InjectFile, Provider, RunOutcome
 from airlock.runtimes.base import Runtime
@@ -130,7 +130,7 @@ class HandoffService:
             )
         async with self.db.transaction() as repo:
             vm = await repo.vm(vm_id)
-            if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI.value:
+            if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI:
                 raise NotFound(f"no CLI VM {vm_id} for this user", code="vm_not_found")
             cred = await repo.session.scalar(
                 select(Credential)
@@ -194,10 +194,10 @@ class HandoffService:
     async def _check_target(self, vm_id: str, user_id: str, cred: Credential, actor: str) -> None:
         async with self.db.read() as repo:
             vm = await repo.vm(vm_id)
-        if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI.value:
+        if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI:
             raise NotFound(f"no CLI VM {vm_id} for this user", code="vm_not_found")
-        if vm.state != VmState.RUNNING.value:
-            starting = vm.state == VmState.CREATING.value
+        if vm.state != VmState.RUNNING:
+            starting = vm.state == VmState.CREATING
             what = "is still starting" if starting else "is being destroyed"
             if VmState(vm.state).terminal:
                 what = f"is {vm.state}"
@@ -359,6 +359,6 @@ class HandoffService:
         if not ids:
             return []
         live = await repo.session.scalars(
-            select(Vm.id).where(Vm.id.in_(ids), Vm.state.in_([s.value for s in VmState if s.live]))
+            select(Vm.id).where(Vm.id.in_(ids), Vm.state.in_(list(LIVE)))
         )
         return sorted(live)
