@@ -19,6 +19,7 @@ from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from airlock.store.tables import AuthSession, Credential
 from tests.api.conftest import BASE_URL, Api, ApiFactory
+from tests.lifecycle_helpers import wait_for
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SESSION_KEYS = {
@@ -159,14 +160,16 @@ async def test_start_answers_201_initializing_then_the_failure_is_recorded(api: 
     assert body["status"] == "initializing"
     assert body["vm"]["state"] == "creating"
     assert body["vm"]["destroyAfter"] is not None  # the login deadline, from the start
+
     # NoVmRuntime cannot boot: the record says so, with a reason a person can act on.
-    for _ in range(200):
+    async def failed_already() -> bool:
         got = await api.client.get(
             f"/api/auth/session/{body['sessionId']}", headers=api.auth("alice")
         )
-        if got.json()["status"] == "failed":
-            break
-        await asyncio.sleep(0.02)
+        return bool(got.json()["status"] == "failed")
+
+    await wait_for(failed_already, timeout=4, interval=0.02)
+    got = await api.client.get(f"/api/auth/session/{body['sessionId']}", headers=api.auth("alice"))
     failed = got.json()
     assert failed["status"] == "failed"
     assert failed["failureReason"].startswith("vm_boot_failed")
