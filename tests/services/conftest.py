@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from airlock.clock import Clock
 from airlock.runtimes.sandbox import SandboxRuntime
 from airlock.services.core import Core
 from airlock.settings import Settings
+from tests.lifecycle_helpers import loops_asleep
 
 CoreFactory = Callable[..., Awaitable[Core]]
 
@@ -29,11 +31,15 @@ FAST = {
 async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
     """``await make_core(**settings)``; ``node="b"`` makes a second host's controller (its
     own data dir and node name) on the same database, with the cluster's one key file
-    (a controller with another one refuses to start: ``services.nodes``)."""
+    (a controller with another one refuses to start: ``services.nodes``);
+    ``clock=ManualClock()`` makes one whose deadlines and periods move only when the test
+    advances that clock."""
     cores: list[Core] = []
     data_dirs: set[Path] = set()
 
-    async def factory(*, start: bool = True, node: str = "a", **overrides: Any) -> Core:
+    async def factory(
+        *, start: bool = True, node: str = "a", clock: Clock | None = None, **overrides: Any
+    ) -> Core:
         values = {**FAST, **overrides}
         data_dir = tmp_path / f"data-{node}"
         data_dirs.add(data_dir)
@@ -46,10 +52,11 @@ async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
             secret_key_file=tmp_path / "cluster.key",
             **values,
         )
-        core = Core(settings, demo=True)
+        core = Core(settings, demo=True, clock=clock)
         cores.append(core)
         if start:
             await core.start()
+            await loops_asleep(core.clock)
         else:
             await core.open()
         return core

@@ -2,7 +2,8 @@
 build one; tests build as many as they like (each with its own data dir or database).
 
 ``start()`` migrates the database, reconciles once (adopting what a previous process left
-running), recovers sessions, then owns the scheduler and reconciler loops. ``close()``
+running), recovers sessions, then owns the scheduler and reconciler loops (and, on
+PostgreSQL, the events channel: ``LISTEN/NOTIFY`` between controllers). ``close()``
 stops the loops and proxies but leaves VMs running: they outlive the controller, and the
 next one adopts them.
 """
@@ -49,6 +50,7 @@ from airlock.services.vms import VmService
 from airlock.services.warm_pool import WarmPool
 from airlock.settings import Settings
 from airlock.store.db import Database
+from airlock.store.notify import Channel
 from airlock.store.tables import Vm
 from airlock.vault import Vault
 
@@ -138,6 +140,11 @@ def make_runtime(settings: Settings) -> Runtime:
             templates_dir=settings.data_dir / "firecracker-templates",  # snapshot warm starts
             browser_single_process=settings.browser_single_process,
         )
+    if settings.runtime == "fake":
+        from airlock.runtimes.fake import FakeRuntime
+
+        log.warning("AIRLOCK_RUNTIME=fake: VMs are records and idle processes (tests only)")
+        return FakeRuntime(settings.vms_dir)
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
 
@@ -218,6 +225,14 @@ class Core:
         self.providers = providers if providers is not None else make_providers(settings, demo=demo)
         self.metrics = Metrics()
         self.bus = SessionBus()
+        # PostgreSQL: changes reach the other controllers' watchers by LISTEN/NOTIFY (one
+        # connection, its own loop); SQLite is one node, the in-process bus is all it needs.
+        self.channel: Channel | None = None
+        if self.db.is_postgres:
+            self.channel = Channel(
+                settings.db_url, on_message=self.bus.receive, on_connect=self.bus.wake_all
+            )
+            self.bus.attach(self.channel.send)
         self.tasks = TaskOwner("core")
         self.egress = EgressManager(
             policies=egress_policies(settings, self.providers),
@@ -407,6 +422,8 @@ class Core:
         await self.nodes.register(ready=True)
         self.tasks.spawn(self.nodes.run(), name="nodes")
         self.tasks.spawn(self.boot_queue.run(), name="boot-queue")
+        if self.channel is not None:
+            self.tasks.spawn(self.channel.run(), name="events")
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
@@ -447,6 +464,13 @@ class Core:
 
     async def close(self) -> None:
         await self.tasks.close()
+        if self.channel is not None:
+            await self.channel.flush()  # what a CLI process changed reaches the controllers
+        # A runtime that holds connections in this process (the fake runtime's agents)
+        # hangs them up; the others keep nothing here that outlives the tasks.
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            await close()
         if self.platform_jwt is not None:
             await self.platform_jwt.close()
         await self.egress.close()

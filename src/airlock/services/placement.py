@@ -91,7 +91,9 @@ class Placement:
         capacity: dict[str, int] = {}
         candidates = []
         for row in rows:
-            state = effective_state(row.state, row.heartbeat_at, now=now, lease=self.times.lease)
+            # This node is alive (it runs this code), whatever its last heartbeat says.
+            beat = now if row.name == self.name else row.heartbeat_at
+            state = effective_state(row.state, beat, now=now, lease=self.times.lease)
             if state is not NodeState.ACTIVE or not row.ready:
                 continue
             capacity[row.name] = (
