@@ -20,6 +20,7 @@ def test_vm_sets_are_the_expected_states() -> None:
     } == vm_sm.DESTROYABLE
     assert {VmState.CREATING, VmState.RUNNING} == vm_sm.IN_SERVICE
     assert {VmState.RUNNING, VmState.DRAINING, VmState.RETAINED} == vm_sm.BOOTED
+    assert {VmState.CREATING, VmState.RUNNING, VmState.DRAINING} == vm_sm.VIEWABLE
 
 
 def test_vm_sets_agree_with_the_transition_table() -> None:
@@ -41,6 +42,9 @@ def test_vm_sets_agree_with_the_transition_table() -> None:
     assert vm_sm.BOOTED <= vm_sm.DESTROYABLE <= vm_sm.LIVE
     assert vm_sm.IN_SERVICE <= vm_sm.DESTROYABLE
     assert VmState.DESTROYING in vm_sm.LIVE - vm_sm.DESTROYABLE
+    # Viewable: in service or draining, never once a destroy may have started.
+    assert vm_sm.IN_SERVICE < vm_sm.VIEWABLE <= vm_sm.DESTROYABLE
+    assert VmState.RETAINED not in vm_sm.VIEWABLE  # a failed VM kept for debugging
 
 
 def test_session_sets_agree_with_the_transition_table() -> None:
