@@ -20,7 +20,8 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
-from airlock.domain.vms import VIEWABLE, VmState
+from airlock.api.schemas import VIEWABLE
+from airlock.domain.vms import VmState
 from airlock.errors import InvalidInput, NotFound, Unauthorized
 from airlock.services.core import Core
 from airlock.services.platform_jwt import looks_like_jwt

@@ -65,9 +65,6 @@ IN_SERVICE = frozenset(s for s, moves in TRANSITIONS.items() if VmState.DRAINING
 # Booted and not yet being destroyed: running, draining, retained. The guest runs and its
 # lease must be renewed.
 BOOTED = frozenset({VmState.RUNNING} | (TRANSITIONS[VmState.RUNNING] & DESTROYABLE))
-# A person can still look at its screen: in service, or draining (a session that ended is
-# still shown until its grace ends). Not retained: a failed VM kept for debugging.
-VIEWABLE = IN_SERVICE | {VmState.DRAINING}
 
 
 def can_move(current: VmState, target: VmState) -> bool:
