@@ -58,7 +58,15 @@ from airlock.runtimes.fake_agent import (
     own_connection,
 )
 from airlock.runtimes.fake_screen import FakeScreen
-from airlock.runtimes.skeleton import VmDirRuntime, record_pid, write_meta, write_private
+from airlock.runtimes.skeleton import (
+    VmDirRuntime,
+    kill,
+    make_state_dir,
+    record_pid,
+    vms_dir_problems,
+    write_meta,
+    write_private,
+)
 from airlock.runtimes.vmdir import PidRecord, is_alive, read_json, read_meta, read_pid
 
 log = logging.getLogger(__name__)
@@ -107,30 +115,12 @@ def _set_once(future: asyncio.Future[None]) -> None:
 
 
 async def _kill(record: PidRecord) -> bool:
-    """SIGKILL through a pidfd (no pid-reuse race), waiting for the exit on the event loop
-    (a pidfd is readable once its process has exited); False if it was not running."""
-    try:
-        pidfd = os.pidfd_open(record.pid)
-    except ProcessLookupError:
-        return False
-    try:
-        if not is_alive(record):  # checked after pidfd_open: the pidfd pins this process
-            return False
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        loop.add_reader(pidfd, _set_once, exited)
-        try:
-            async with asyncio.timeout(KILL_TIMEOUT_S):
-                await exited
-        except TimeoutError:
-            raise RuntimeFailure(f"fake VM process {record.pid} did not die") from None
-        finally:
-            loop.remove_reader(pidfd)
-    finally:
-        os.close(pidfd)
-    _reap(record.pid)
-    return True
+    """``skeleton.kill`` off the event loop, then the exit status collected if the process
+    is this controller's child; False if it was not running."""
+    killed = await asyncio.to_thread(kill, record, what="fake VM process", timeout_s=KILL_TIMEOUT_S)
+    if killed:
+        _reap(record.pid)
+    return killed
 
 
 def _pid_of(state_dir: Path) -> tuple[bool, PidRecord | None]:
@@ -166,13 +156,7 @@ class FakeRuntime(VmDirRuntime):
         state_dir = self._state_dir(spec.vm_id)
         started = time.monotonic()
         async with self._creating_vm(spec.vm_id, state_dir / "meta.json", heading="meta.json") as c:
-            try:
-                self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                state_dir.mkdir(mode=0o700)
-            except FileExistsError:
-                raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists") from None
-            except OSError as exc:
-                raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
+            make_state_dir(self.vms_dir, state_dir, spec.vm_id)
             c.push(lambda: shutil.rmtree(state_dir, ignore_errors=True))
             write_meta(
                 state_dir,
@@ -320,13 +304,7 @@ class FakeRuntime(VmDirRuntime):
         problems = [IN_USE]
         if not os.access(SLEEP, os.X_OK):
             problems.append(f"{SLEEP} is missing (coreutils): a fake VM's process")
-        try:
-            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not os.access(self.vms_dir, os.W_OK | os.X_OK):
-                problems.append(f"{self.vms_dir} is not writable")
-        except OSError as exc:
-            problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
-        return problems
+        return problems + vms_dir_problems(self.vms_dir)
 
 
 def _screen(meta: dict[str, Any]) -> tuple[int, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import builtins
 import contextlib
 import hmac
@@ -26,9 +25,17 @@ from typing import Any, Literal
 
 from airlock.agent import protocol, streams
 from airlock.agent.capture import MAX_CAPTURE_FILE
-from airlock.agent.files import shred, write_atomic
+from airlock.agent.files import shred, write_planned
 from airlock.agent.lease import lease_args
-from airlock.agent.oparg import OpError, home_path, number, rel_path, str_dict, str_list
+from airlock.agent.oparg import (
+    OpError,
+    file_plan,
+    home_path,
+    number,
+    rel_path,
+    str_dict,
+    str_list,
+)
 from airlock.domain.vms import VmRole
 from airlock.runtimes.skeleton import write_private
 
@@ -269,29 +276,7 @@ class FakeAgent:
         return {"wiped": wiped}
 
     async def _write_files(self, vm: FakeVm, message: dict[str, Any]) -> protocol.WrittenResult:
-        files = message.get("files")
-        if not isinstance(files, list):
-            raise OpError("bad_request", "files must be a list")
-        plan: builtins.list[tuple[str, Path, bytes, int]] = []
-        for item in files:  # validate everything before writing anything
-            if not isinstance(item, dict):
-                raise OpError("bad_request", "each file must be an object")
-            path = rel_path(item.get("path"), "path")
-            try:
-                content = base64.b64decode(item.get("content_b64", ""), validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                raise OpError("bad_request", f"content_b64 of {path} is not base64") from None
-            mode = item.get("mode", 0o600)
-            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-                raise OpError("bad_request", f"mode of {path} must be an int in 0..0o7777")
-            plan.append((path, _in_home(vm, path), content, mode))
-        written: builtins.list[str] = []
-        for path, target, content, mode in plan:
-            try:
-                write_atomic(target, content, mode)
-            except OSError as exc:
-                raise OpError("write_failed", f"cannot write {path}: {exc.strerror}") from None
-            written.append(path)
+        written = write_planned(file_plan(message.get("files"), lambda path: _in_home(vm, path)))
         vm.changed.set()
         return {"written": written}
 
