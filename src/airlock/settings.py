@@ -139,6 +139,11 @@ class Settings(BaseSettings):
     demo_user: str = Field("demo", description="The demo identity provider's user name.")
     demo_password: str = Field("demo", description="The demo identity provider's password.")
     demo_idp_port: int = Field(4001, ge=0, le=65535, description="Port of the demo IdP.")
+    demo_idp_admin_token: str | None = Field(
+        None,
+        description="Bearer token of the demo IdP's /admin routes (grant counters, revoking a "
+        "grant); unset, they do not exist.",
+    )
     oauth2_authorize_url: str | None = Field(None, description="oauth2 provider: authorize URL.")
     oauth2_token_url: str | None = Field(None, description="oauth2 provider: token URL.")
     oauth2_client_id: str | None = Field(None, description="oauth2 provider: client id.")
