@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     oauth2_authorize_url: str | None = Field(None, description="oauth2 provider: authorize URL.")
     oauth2_token_url: str | None = Field(None, description="oauth2 provider: token URL.")
     oauth2_client_id: str | None = Field(None, description="oauth2 provider: client id.")
+    oauth2_introspect_url: str | None = Field(
+        None,
+        description="oauth2 provider: RFC 7662 introspection URL, for the scheduled check of a "
+        "login's refresh token.",
+    )
     oauth2_scopes: str = Field("openid profile", description="oauth2 provider: scopes.")
     oauth2_allowed_hosts: str = Field(
         "",

@@ -26,7 +26,9 @@ from airlock.providers.base import (
     InjectFile,
     LoginPlan,
     RunOutcome,
+    StatusCheck,
     Verification,
+    judge_by_verification,
 )
 
 CREDENTIALS_PATH = ".claude/.credentials.json"
@@ -153,6 +155,13 @@ class ClaudeCodeProvider:
             check="claude auth status --json (reads ~/.claude/.credentials.json offline)",
             judge=_judge,
             timeout_s=60.0,
+        )
+
+    def status_check(self) -> StatusCheck:
+        """``claude auth status``: offline, it reads the file (a logged-out CLI says so)."""
+        verification = self.verification()
+        return StatusCheck(
+            verification.argv, verification.check, judge_by_verification(verification)
         )
 
 

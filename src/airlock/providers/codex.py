@@ -29,7 +29,9 @@ from airlock.providers.base import (
     InjectFile,
     LoginPlan,
     RunOutcome,
+    StatusCheck,
     Verification,
+    judge_by_verification,
 )
 
 AUTH_PATH = ".codex/auth.json"
@@ -148,6 +150,13 @@ class CodexProvider:
             check="codex login status (reads ~/.codex/auth.json offline)",
             judge=_judge,
             timeout_s=60.0,
+        )
+
+    def status_check(self) -> StatusCheck:
+        """``codex login status``: offline, it reads ``auth.json``."""
+        verification = self.verification()
+        return StatusCheck(
+            verification.argv, verification.check, judge_by_verification(verification)
         )
 
 

@@ -161,6 +161,7 @@ def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
             token_url=settings.oauth2_token_url,
             client_id=settings.oauth2_client_id,
             scopes=settings.oauth2_scopes.split(),
+            introspect_url=settings.oauth2_introspect_url,
         )
     vendors: list[Provider] = [ClaudeCodeProvider(), CodexProvider(), GeminiCliProvider()]
     return {p.id: p for p in (oauth2, *vendors)}
@@ -249,6 +250,9 @@ class Core:
             scheduler=self.scheduler,
             boot_timeout=_service_boot_timeout(settings),
             limits=self.limits,
+            on_running=lambda vm_id, state_dir: self.egress.start_cli(
+                vm_id, state_dir / "egress.sock"
+            ),
         )
         self.warm_pool = WarmPool(
             db=self.db,
@@ -316,6 +320,7 @@ class Core:
             extra={"skipped": report.skipped},
         )
         await self.sessions.recover()
+        await self.vms.adopt()
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
