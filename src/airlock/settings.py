@@ -79,6 +79,18 @@ class Settings(BaseSettings):
     credential_export: bool = Field(
         False, description="Allow service tokens to read secret credential values."
     )
+    credential_check_ms: int = Field(
+        300_000,
+        ge=0,
+        description="How often every login's health is decided again, and the CLI's offline "
+        "status check run in the VM that holds it; 0 turns the schedule off.",
+    )
+    credential_expiring_ms: int = Field(
+        7 * 24 * 3_600_000,
+        ge=0,
+        description="A login whose refresh token (or, with none, access token) ends within "
+        "this is expiring.",
+    )
     viewer_token_ttl_ms: int = Field(
         600_000, gt=0, description="How long a viewer token (in novncURL) opens the viewer."
     )

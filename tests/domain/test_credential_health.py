@@ -6,13 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from airlock.domain.credential_health import (
-    CheckResult,
-    GrantState,
-    HealthFacts,
-    decide,
-    needs_attention,
-)
+from airlock.domain.credential_health import CheckResult, HealthFacts, decide, needs_attention
+from airlock.domain.grants import GrantState
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

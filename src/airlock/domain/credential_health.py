@@ -23,18 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from airlock.domain.grants import GrantState
 
-class GrantState(StrEnum):
-    ACTIVE = "active"
-    EXPIRING = "expiring"
-    EXPIRED = "expired"
-    REVOKED = "revoked"
-    NEEDS_LOGIN = "needs_login"
-
-    @property
-    def attention(self) -> bool:
-        """A person has to act (log in again) now or soon."""
-        return self is not GrantState.ACTIVE
+ATTENTION = frozenset(
+    {GrantState.EXPIRING, GrantState.EXPIRED, GrantState.REVOKED, GrantState.NEEDS_LOGIN}
+)  # a person has to act (log in again) now or soon
 
 
 class CheckResult(StrEnum):
@@ -99,4 +92,4 @@ def _end(facts: HealthFacts, refresh_lifetime: timedelta | None) -> datetime | N
 
 def needs_attention(old: GrantState | None, new: GrantState) -> bool:
     """Whether a change of state is one to tell a person about (audit + SSE)."""
-    return new is not old and new.attention
+    return new is not old and new in ATTENTION

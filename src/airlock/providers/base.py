@@ -51,6 +51,7 @@ class Credentials:
     plan: str | None
     raw: dict[str, bytes]  # the original files, byte for byte, by home-relative path
     refreshed_at: datetime | None = None  # UTC; when the vendor last issued the tokens
+    refresh_expires_at: datetime | None = None  # UTC; the refresh token's end, where stated
 
 
 @dataclass(frozen=True, slots=True)

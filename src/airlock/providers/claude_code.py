@@ -104,6 +104,7 @@ class ClaudeCodeProvider:
         if "expiresAt" not in oauth:
             raise CredentialError(f"{where}.expiresAt is missing")
         expires_at = vendor.from_epoch_ms(oauth["expiresAt"], f"{where}.expiresAt")
+        refresh_expiry = None
         if oauth.get("refreshTokenExpiresAt") is not None:
             refresh_expiry = vendor.from_epoch_ms(
                 oauth["refreshTokenExpiresAt"], f"{where}.refreshTokenExpiresAt"
@@ -127,6 +128,7 @@ class ClaudeCodeProvider:
             ),
             plan=_opt_str(oauth, "subscriptionType"),
             raw={CREDENTIALS_PATH: bytes(raw)},
+            refresh_expires_at=refresh_expiry if refresh else None,
         )
 
     def injection(self, creds: Credentials) -> list[InjectFile]:

@@ -158,6 +158,8 @@ class OAuth2Provider:
             account=_account(data),
             plan=None,
             raw={TOKENS_PATH: bytes(raw)},
+            refreshed_at=_epoch(data, "obtained_at"),
+            refresh_expires_at=_epoch(data, "refresh_expires_at") if refresh_token else None,
         )
 
     def injection(self, creds: Credentials) -> list[InjectFile]:

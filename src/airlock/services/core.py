@@ -30,6 +30,7 @@ from airlock.providers.gemini_cli import GeminiCliProvider
 from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
+from airlock.services.credential_health import CredentialHealth
 from airlock.services.egress import EgressManager
 from airlock.services.handoff import HandoffService
 from airlock.services.leases import LeaseKeeper
@@ -307,6 +308,16 @@ class Core:
             bus=self.bus,
         )
         self._sessions.after_capture = self.handoff.after_capture
+        self.health = CredentialHealth(
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            vault=self.vault,
+            providers=self.providers,
+            bus=self.bus,
+            interval_s=self.settings.credential_check_ms / 1000,
+            expiring_within=timedelta(milliseconds=self.settings.credential_expiring_ms),
+        )
 
     async def start(self) -> None:
         """Open, adopt what runs, recover sessions, then run the loops."""
@@ -324,6 +335,8 @@ class Core:
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
+        if self.settings.credential_check_ms > 0:
+            self.tasks.spawn(self.health.run(), name="credential-health")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")
