@@ -31,6 +31,7 @@ from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
+from airlock.services.grants import GrantService
 from airlock.services.handoff import HandoffService
 from airlock.services.leases import LeaseKeeper
 from airlock.services.platform_jwt import JwtConfig, PlatformJwtVerifier
@@ -229,7 +230,7 @@ class Core:
             metrics=self.metrics,
             bus=self.bus,
             tasks=self.tasks,
-            on_destroyed=self.egress.stop,
+            on_destroyed=self._vm_gone,
         )
         self.reconciler = Reconciler(
             db=self.db,
@@ -239,7 +240,7 @@ class Core:
             bus=self.bus,
             interval=settings.reconcile_interval,
             boot_timeout=settings.vm_boot_timeout,
-            on_gone=self.egress.stop,
+            on_gone=self._vm_gone,
         )
         self.vms = VmService(
             db=self.db,
@@ -264,6 +265,13 @@ class Core:
             lease=self.lease,
         )
         self._sessions: SessionService | None = None
+        self.grants: GrantService | None = None
+
+    async def _vm_gone(self, vm_id: str) -> None:
+        """A VM is destroyed or vanished: its egress stops, its logins go to the vault."""
+        await self.egress.stop(vm_id)
+        if self.grants is not None:
+            await self.grants.released(vm_id)
 
     @property
     def sessions(self) -> SessionService:
@@ -294,11 +302,22 @@ class Core:
             warm_pool=self.warm_pool,
             lease=self.lease,
         )
-        self.handoff = HandoffService(
+        self.grants = GrantService(
             db=self.db,
             runtime=self.runtime,
             clock=self.clock,
             vault=self.vault,
+            providers=self.providers,
+            tasks=self.tasks,
+            sync_interval=self.settings.credential_sync,
+            retention=self.settings.credential_retention,
+        )
+        self.scheduler.before_destroy = self.grants.before_destroy
+        self.handoff = HandoffService(
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            grants=self.grants,
             providers=self.providers,
             bus=self.bus,
         )
@@ -319,6 +338,8 @@ class Core:
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
+        if self.grants is not None:
+            self.tasks.spawn(self.grants.run(), name="credential-sync")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")
