@@ -91,6 +91,18 @@ class Settings(BaseSettings):
         description="A login whose refresh token (or, with none, access token) ends within "
         "this is expiring.",
     )
+    credential_sync_ms: int = Field(
+        300_000,
+        gt=0,
+        description="How often each login's holder VM is read back; a refreshed login is "
+        "sealed as its new version (also before a CLI VM is destroyed and at every move).",
+    )
+    credential_retention_ms: int = Field(
+        604_800_000,
+        ge=0,
+        description="How long a superseded login version's secret is kept for audit before "
+        "it is wiped (its metadata stays).",
+    )
     viewer_token_ttl_ms: int = Field(
         600_000, gt=0, description="How long a viewer token (in novncURL) opens the viewer."
     )
@@ -348,6 +360,14 @@ class Settings(BaseSettings):
     @property
     def vms_dir(self) -> Path:
         return self.data_dir / "vms"
+
+    @property
+    def credential_sync(self) -> timedelta:
+        return timedelta(milliseconds=self.credential_sync_ms)
+
+    @property
+    def credential_retention(self) -> timedelta:
+        return timedelta(milliseconds=self.credential_retention_ms)
 
     @property
     def grace_success(self) -> timedelta:

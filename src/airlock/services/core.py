@@ -32,6 +32,7 @@ from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
 from airlock.services.credential_health import CredentialHealth
 from airlock.services.egress import EgressManager
+from airlock.services.grants import GrantService
 from airlock.services.handoff import HandoffService
 from airlock.services.leases import LeaseKeeper
 from airlock.services.platform_jwt import JwtConfig, PlatformJwtVerifier
@@ -231,7 +232,7 @@ class Core:
             metrics=self.metrics,
             bus=self.bus,
             tasks=self.tasks,
-            on_destroyed=self.egress.stop,
+            on_destroyed=self._vm_gone,
         )
         self.reconciler = Reconciler(
             db=self.db,
@@ -241,7 +242,7 @@ class Core:
             bus=self.bus,
             interval=settings.reconcile_interval,
             boot_timeout=settings.vm_boot_timeout,
-            on_gone=self.egress.stop,
+            on_gone=self._vm_gone,
         )
         self.vms = VmService(
             db=self.db,
@@ -269,6 +270,13 @@ class Core:
             lease=self.lease,
         )
         self._sessions: SessionService | None = None
+        self.grants: GrantService | None = None
+
+    async def _vm_gone(self, vm_id: str) -> None:
+        """A VM is destroyed or vanished: its egress stops, its logins go to the vault."""
+        await self.egress.stop(vm_id)
+        if self.grants is not None:
+            await self.grants.released(vm_id)
 
     @property
     def sessions(self) -> SessionService:
@@ -299,11 +307,22 @@ class Core:
             warm_pool=self.warm_pool,
             lease=self.lease,
         )
-        self.handoff = HandoffService(
+        self.grants = GrantService(
             db=self.db,
             runtime=self.runtime,
             clock=self.clock,
             vault=self.vault,
+            providers=self.providers,
+            tasks=self.tasks,
+            sync_interval=self.settings.credential_sync,
+            retention=self.settings.credential_retention,
+        )
+        self.scheduler.before_destroy = self.grants.before_destroy
+        self.handoff = HandoffService(
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            grants=self.grants,
             providers=self.providers,
             bus=self.bus,
         )
@@ -337,6 +356,8 @@ class Core:
         self.tasks.spawn(self.leases.run(), name="leases")
         if self.settings.credential_check_ms > 0:
             self.tasks.spawn(self.health.run(), name="credential-health")
+        if self.grants is not None:
+            self.tasks.spawn(self.grants.run(), name="credential-sync")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")

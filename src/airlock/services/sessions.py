@@ -42,7 +42,7 @@ from airlock.errors import (
 from airlock.metrics import Metrics
 from airlock.providers.base import Credentials, Provider
 from airlock.runtimes.base import Runtime
-from airlock.services import quotas, records
+from airlock.services import grants, quotas, records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.leases import browser_spec
@@ -507,6 +507,7 @@ class SessionService:
                         captured_at=now,
                     )
                 )
+                await grants.record_capture(repo, session_id, now=now)  # the login (one holder)
                 repo.add_event(
                     at=now,
                     kind="credential",

@@ -492,6 +492,19 @@ class Repo:
         )
         return {c.session_id: c for c in rows}
 
+    async def captures_without_grant(self, user_id: str, provider: str) -> list[Credential]:
+        """Captures written by a controller that knew no logins (oldest first)."""
+        rows = await self.session.scalars(
+            select(Credential)
+            .where(
+                Credential.user_id == user_id,
+                Credential.provider == provider,
+                Credential.grant_id.is_(None),
+            )
+            .order_by(Credential.captured_at, Credential.id)
+        )
+        return list(rows)
+
     # --- grants (logins with one holder; domain.grants) --------------------------------
     def add_grant(self, grant: Grant) -> None:
         self.session.add(grant)
@@ -631,6 +644,15 @@ class Repo:
         await self.set_grant(grant.id, current_version=number, updated_at=now)
         grant.current_version = number
         return number
+
+    async def supersede_versions(self, grant_id: str, *, now: datetime) -> None:
+        """Every version of a login that a newer login replaced is superseded now."""
+        await self.session.execute(
+            update(GrantVersion)
+            .where(GrantVersion.grant_id == grant_id, GrantVersion.superseded_at.is_(None))
+            .values(superseded_at=now)
+            .execution_options(synchronize_session=False)
+        )
 
     async def wipe_versions(
         self, *, superseded_before: datetime, now: datetime, grant_ids: Sequence[str] | None = None
