@@ -68,7 +68,7 @@ BUNDLES = frozenset({"google", "microsoft", "apple"})
 
 class CodexProvider:
     id = "codex"
-    name = "Codex CLI"
+    name = "Codex"
 
     def __init__(self, bin_dir: Path = vendor.VENDOR_BIN) -> None:
         self.binary = bin_dir / "codex"

@@ -159,7 +159,7 @@ class OAuth2Provider:
             plan=None,
             raw={TOKENS_PATH: bytes(raw)},
             refreshed_at=_epoch(data, "obtained_at"),
-            refresh_expires_at=_epoch(data, "refresh_expires_at") if refresh_token else None,
+            refresh_expires_at=_refresh_expires_at(data, now) if refresh_token else None,
         )
 
     def injection(self, creds: Credentials) -> list[InjectFile]:
@@ -313,6 +313,19 @@ def _expires_at(data: dict[str, Any], now: datetime) -> datetime | None:
     if expires_in is None:
         return None  # RFC 6749 5.1: expires_in is only RECOMMENDED
     return (obtained_at or now.astimezone(UTC)) + timedelta(seconds=expires_in)
+
+
+def _refresh_expires_at(data: dict[str, Any], now: datetime) -> datetime | None:
+    """The refresh token's end: ``refresh_expires_at`` (the refresher writes it), else
+    ``obtained_at`` plus ``refresh_token_expires_in`` (GitHub's and Azure AD's field, which
+    the demo IdP sends too); None where the server does not say."""
+    stated = _epoch(data, "refresh_expires_at")
+    if stated is not None:
+        return stated
+    lifetime = _seconds(data, "refresh_token_expires_in")
+    if lifetime is None or not 0 <= lifetime <= _MAX_EXPIRES_IN:
+        return None
+    return (_epoch(data, "obtained_at") or now.astimezone(UTC)) + timedelta(seconds=lifetime)
 
 
 def _scopes(data: dict[str, Any], requested: list[str]) -> list[str]:

@@ -23,8 +23,6 @@ No secret is logged or put in an event.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,12 +35,13 @@ from airlock.domain.credential_health import (
     decide,
     needs_attention,
 )
-from airlock.domain.grants import GrantState, version_context
+from airlock.domain.grants import GrantState
 from airlock.domain.vms import VmRole, VmState
 from airlock.errors import AirlockError, CredentialError
-from airlock.providers.base import Credentials, Provider, RunOutcome
+from airlock.providers.base import Provider, RunOutcome
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
+from airlock.services.grants import context_of, credentials_from_body
 from airlock.store.db import Database
 from airlock.store.tables import Grant, GrantVersion, Vm
 from airlock.vault import Sealed, Vault, VaultError
@@ -242,27 +241,22 @@ class CredentialHealth:
         if provider is None or version.key_id is None:
             return fallback
         try:
-            plaintext = self.vault.open_sealed(
-                Sealed(version.key_id, version.nonce, version.ciphertext),
-                context=version_context(
-                    grant_id=grant.id,
-                    version=version.version,
-                    provider=grant.provider,
-                    source=version.source,
-                    session_id=version.session_id,
+            stored = credentials_from_body(
+                grant.provider,
+                self.vault.open_sealed(
+                    Sealed(version.key_id, version.nonce, version.ciphertext),
+                    context=context_of(grant, version),
                 ),
             )
-            body = json.loads(plaintext)
-            raw = {p: base64.b64decode(d) for p, d in body["raw"].items()}
-        except (VaultError, ValueError, KeyError, TypeError, AttributeError):
+        except (VaultError, CredentialError, ValueError):
             log.warning("login %s: its newest version does not open", grant.id)
             return fallback
         try:
-            creds: Credentials = provider.normalise(raw, now=self.clock.now())
+            creds = provider.normalise(stored.raw, now=self.clock.now())
         except CredentialError:
             # The provider refuses the files as they are (an expired access token and no
             # refresh token, typically): what the vault's body says is what there is.
-            return _Facts(grant.access_expires_at, None, bool(body.get("refreshToken")), True)
+            return _Facts(stored.expires_at, None, stored.refresh_token is not None, True)
         return _Facts(
             creds.expires_at, creds.refresh_expires_at, creds.refresh_token is not None, True
         )
