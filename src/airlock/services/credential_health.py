@@ -161,7 +161,9 @@ class CredentialHealth:
             now=now,
             expiring_within=self.expiring_within,
         )
-        reason = summary or _reason(new, facts)
+        explained = _reason(new, facts)
+        told = new in (GrantState.REVOKED, GrantState.NEEDS_LOGIN, GrantState.ACTIVE)
+        reason = summary if summary and told else explained
         values: dict[str, object] = {
             "access_expires_at": facts.access_expires_at,
             "refresh_expires_at": facts.refresh_expires_at,
