@@ -80,7 +80,7 @@ async def test_each_cli_vm_shows_its_logins_and_the_buttons_act(
         await page.get_by_role("button", name="Sign in").click()
         held = page.locator(f'#vms tr[data-vm-id="{holder.id}"]')
         await expect(held).to_contain_text("OAuth 2.0")
-        await expect(held).to_contain_text("revoked, expires")
+        await expect(held).to_contain_text("alice@airlock.test: revoked")
         await expect(held.locator(".state-revoked")).to_be_visible()
         await expect(page.locator("#logins tr").first).to_contain_text("revoked")
         await expect(page.locator("#logins tr").first).to_contain_text(holder.id)

@@ -164,6 +164,8 @@ async def test_a_revoked_login_shows_revoked_and_log_in_again_replaces_it(
             assert idp.totals()["reusedRefreshTokens"] == 0
             metrics = (await api.get("/metrics")).text
             assert gauge(metrics, "revoked") == 0 and gauge(metrics, "active") == 1
-            await page.screenshot(path=str(ARTIFACTS / "health-3-logged-in-again.png"), full_page=True)
+            await page.screenshot(
+                path=str(ARTIFACTS / "health-3-logged-in-again.png"), full_page=True
+            )
         finally:
             await browser.close()

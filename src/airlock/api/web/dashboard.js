@@ -54,7 +54,7 @@ function loginSummary(c) {
   const end = c.refreshExpiresAt || c.accessExpiresAt;
   const word = { active: "active", expiring: "expiring", expired: "expired", revoked: "revoked",
     needs_login: "needs login" }[c.state] || c.state;
-  if (!end) return word;
+  if (!end || ["revoked", "needs_login"].includes(c.state)) return word; // no end to wait for
   return `${word}, ${new Date(end) > new Date() ? "expires" : "expired"} ${day(end)}`;
 }
 
