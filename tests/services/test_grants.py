@@ -137,6 +137,14 @@ async def test_the_login_moves_vm1_vm2_vault_vm3_and_the_idp_never_sees_a_reused
     grant = await the_login(core, "alice")
     assert grant.holder_vm_id is None
     assert await vault_file(core, "alice") == latest
+    # The opt-in export for service tokens gives that newest version, not the capture's.
+    session, _ = await core.sessions.get(session_id, None)
+    cred = await core.sessions.credential(session_id)
+    assert cred is not None
+    exported = await core.sessions.export_secret(
+        session, cred, actor="service:test", is_service=True, export_enabled=True
+    )
+    assert exported["refreshToken"] == json.loads(latest)["refresh_token"]
 
     # Inject into a new VM3: it refreshes, and the IdP accepts.
     vm3 = await core.vms.create_cli(user_id="alice", actor="test")
