@@ -15,6 +15,7 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 
@@ -414,3 +415,40 @@ async def test_vendor_login_moves_with_what_its_cli_refreshed(
     events = json.dumps([e.detail for e in await core.sessions.events(session)])
     for secret in (REFRESHED_REFRESH, CLAUDE_REFRESH, CODEX_REFRESH, GEMINI_REFRESH):
         assert secret not in caplog.text and secret not in events
+
+
+async def test_a_move_that_died_half_way_is_taken_back_by_the_next(
+    make_core: CoreFactory, idp: DemoIdp
+) -> None:
+    """A controller died after writing the login into its target but before recording it:
+    the row still shows its lease (run out) and target. The next move takes that copy back
+    first, so no second holder is left behind."""
+    core = await make_core()
+    await login(core, idp, "hal")
+    half, vm3 = [(await core.vms.create_cli(user_id="hal", actor="test")).id for _ in range(2)]
+    grant = await the_login(core, "hal")
+    written = await vault_file(core, "hal")
+    a = await agent(core, half)
+    try:
+        await a.write_files({TOKENS_PATH: written})  # what the dead controller wrote
+    finally:
+        await a.close()
+    now = core.clock.now()
+    async with core.db.transaction() as repo:
+        await repo.set_grant(
+            grant.id,
+            move_owner="dead-controller",
+            move_lease_until=now - timedelta(seconds=1),
+            move_target_vm_id=half,
+        )
+    latest = await refresh_in(core, half, idp)  # and its CLI even refreshed since
+
+    moved = await core.handoff.inject_latest(
+        vm_id=vm3, user_id="hal", provider_id="oauth2", actor="test"
+    )
+    assert moved.verified and await token_file(core, half) is None
+    assert await token_file(core, vm3) == latest
+    causes = [e.cause for e in await login_events(core, grant)]
+    assert "move_recovered" in causes
+    await refresh_in(core, vm3, idp)
+    assert idp.refused == []
