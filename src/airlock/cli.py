@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from airlock import cli_credentials
 from airlock.api import schemas
 from airlock.domain.sessions import SessionStatus
 from airlock.errors import AirlockError
@@ -59,6 +60,7 @@ image_app = typer.Typer(help="Guest images for the qemu and firecracker runtimes
 app.add_typer(image_app, name="image")
 egress_app = typer.Typer(help="The browser VMs' egress policy.", no_args_is_help=True)
 app.add_typer(egress_app, name="egress")
+app.add_typer(cli_credentials.app, name="credentials")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

@@ -46,6 +46,7 @@ from airlock.providers.base import (
     InjectFile,
     LoginPlan,
     RunOutcome,
+    StatusCheck,
     Verification,
 )
 
@@ -169,6 +170,11 @@ class GeminiCliProvider:
             judge=_judge,
             timeout_s=90.0,
         )
+
+    def status_check(self) -> StatusCheck | None:
+        """None: Gemini CLI has no status command, and its start-up check above calls
+        Google's tokeninfo and the model; a login's health comes from its expiries."""
+        return None
 
 
 def _judge(outcome: RunOutcome) -> tuple[bool, str]:

@@ -30,6 +30,7 @@ from airlock.providers.gemini_cli import GeminiCliProvider
 from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
+from airlock.services.credential_health import CredentialHealth
 from airlock.services.egress import EgressManager
 from airlock.services.grants import GrantService
 from airlock.services.handoff import HandoffService
@@ -162,6 +163,7 @@ def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
             token_url=settings.oauth2_token_url,
             client_id=settings.oauth2_client_id,
             scopes=settings.oauth2_scopes.split(),
+            introspect_url=settings.oauth2_introspect_url,
         )
     vendors: list[Provider] = [ClaudeCodeProvider(), CodexProvider(), GeminiCliProvider()]
     return {p.id: p for p in (oauth2, *vendors)}
@@ -250,6 +252,9 @@ class Core:
             scheduler=self.scheduler,
             boot_timeout=_service_boot_timeout(settings),
             limits=self.limits,
+            on_running=lambda vm_id, state_dir: self.egress.start_cli(
+                vm_id, state_dir / "egress.sock"
+            ),
         )
         self.warm_pool = WarmPool(
             db=self.db,
@@ -322,6 +327,16 @@ class Core:
             bus=self.bus,
         )
         self._sessions.after_capture = self.handoff.after_capture
+        self.health = CredentialHealth(
+            db=self.db,
+            runtime=self.runtime,
+            clock=self.clock,
+            vault=self.vault,
+            providers=self.providers,
+            bus=self.bus,
+            interval_s=self.settings.credential_check_ms / 1000,
+            expiring_within=timedelta(milliseconds=self.settings.credential_expiring_ms),
+        )
 
     async def start(self) -> None:
         """Open, adopt what runs, recover sessions, then run the loops."""
@@ -335,9 +350,12 @@ class Core:
             extra={"skipped": report.skipped},
         )
         await self.sessions.recover()
+        await self.vms.adopt()
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
+        if self.settings.credential_check_ms > 0:
+            self.tasks.spawn(self.health.run(), name="credential-health")
         if self.grants is not None:
             self.tasks.spawn(self.grants.run(), name="credential-sync")
         if self.settings.warm_pool > 0:

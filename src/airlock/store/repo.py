@@ -335,6 +335,33 @@ class Repo:
         )
         return [(r, s, int(n)) for r, s, n in rows.all()]
 
+    async def count_grants(self) -> list[tuple[str, str, int]]:
+        """Logins not superseded, by provider and health state (the metrics' gauge)."""
+        rows = await self.session.execute(
+            select(Grant.provider, Grant.state, func.count())
+            .where(Grant.superseded_at.is_(None))
+            .group_by(Grant.provider, Grant.state)
+        )
+        return [(p, s, int(n)) for p, s, n in rows.all()]
+
+    async def set_grant_health(
+        self, grant_id: str, *, expect_state: str, expect_version: int, **values: Any
+    ) -> bool:
+        """Record a health decision, only if nobody changed the login's state or version
+        since it was read (a move or a renewal in between wins; the next round decides
+        again)."""
+        result = await self.session.execute(
+            update(Grant)
+            .where(
+                Grant.id == grant_id,
+                Grant.state == expect_state,
+                Grant.current_version == expect_version,
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
     # --- quotas ------------------------------------------------------------------------
     async def lock_quota(self, user_id: str | None) -> None:
         """Hold the user's and this node's quota locks until the transaction ends, so that

@@ -1,0 +1,136 @@
+"""Logins' health with real parts: a real CLI VM (sandbox) holds a real demo IdP login; the
+scheduled check runs the provider's check in that VM through its agent; the IdP revokes.
+
+Runs on SQLite and PostgreSQL: the decision is recorded with a conditional update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from airlock.agent.client import AgentClient
+from airlock.domain.grants import GrantState
+from airlock.domain.sessions import SessionStatus
+from airlock.providers.oauth2 import TOKENS_PATH
+from airlock.services.core import Core
+from airlock.services.credential_health import bus_key
+from airlock.store.tables import Grant
+from tests.idp_live import LiveIdp, grant_of, live_idp
+from tests.lifecycle_helpers import finish_login, wait_for
+from tests.services.conftest import CoreFactory
+from tests.services.test_handoff import wait_injected, wait_status
+
+pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture
+def idp() -> Iterator[LiveIdp]:
+    with live_idp(refresh_ttl=30 * 24 * 3600) as server:
+        yield server
+
+
+async def login_into(core: Core, idp: LiveIdp, user: str, cli_vm_id: str) -> tuple[Grant, str]:
+    """A real login of the demo user, captured in a browser VM and placed in the CLI VM:
+    the grant and the IdP's id of it."""
+    session, browser = await core.sessions.start(
+        user_id=user, provider_id="oauth2", actor="test", cli_vm_id=cli_vm_id
+    )
+    await wait_status(core, session.id, SessionStatus.AWAITING_USER)
+    tokens = idp.sign_in()
+    await finish_login(core.runtime, browser.id, json.dumps(tokens).encode())
+    await wait_status(core, session.id, SessionStatus.COMPLETED)
+    await wait_injected(core, session.id, timeout=60)
+    grant = await one_grant(core, user)
+    assert grant.holder_vm_id == cli_vm_id
+    return grant, grant_of(tokens)
+
+
+async def one_grant(core: Core, user: str) -> Grant:
+    async with core.db.read() as repo:
+        [grant] = await repo.grants(user_id=user)
+    return grant
+
+
+async def test_a_revoked_login_is_revoked_after_one_check_and_stays_so(
+    make_core: CoreFactory, idp: LiveIdp
+) -> None:
+    core = await make_core(demo_idp_port=idp.port, credential_check_ms=0)
+    cli = await core.vms.create_cli(user_id="alice", actor="test")
+    grant, sid = await login_into(core, idp, "alice", cli.id)
+
+    assert await core.health.check_all() == []  # active, checked: nothing changed
+    checked = await one_grant(core, "alice")
+    assert checked.state == GrantState.ACTIVE.value and checked.last_checked_at is not None
+    assert checked.refresh_expires_at is not None  # from the token response's lifetime
+    assert idp.grants()[sid]["refreshesAccepted"] == 0  # the check used nothing up
+
+    idp.revoke(sid)
+    seen = core.bus.version(bus_key("alice"))
+    stream = asyncio.create_task(core.bus.wait(bus_key("alice"), seen, 60))  # an SSE stream
+    [change] = await core.health.check_all()
+    assert (change.old, change.new) == (GrantState.ACTIVE, GrantState.REVOKED)
+    assert await asyncio.wait_for(stream, 10) != seen  # it woke, well before its timeout
+    revoked = await one_grant(core, "alice")
+    assert revoked.state == GrantState.REVOKED.value
+    assert revoked.state_reason and "revoked" in revoked.state_reason
+    session, _ = await core.sessions.get(grant.session_id or "", None)
+    timeline = [
+        (e.kind, e.from_state, e.to_state, e.cause) for e in await core.sessions.events(session)
+    ]
+    assert ("grant", "active", "revoked", "health_check") in timeline
+    assert await core.health.check_all() == []  # stays revoked, no second event
+    assert idp.grants()[sid]["reusedRefreshTokens"] == 0
+
+
+async def test_the_schedule_finds_a_revocation_within_one_period(
+    make_core: CoreFactory, idp: LiveIdp
+) -> None:
+    period_ms = 2000
+    core = await make_core(demo_idp_port=idp.port, credential_check_ms=period_ms)
+    cli = await core.vms.create_cli(user_id="bob", actor="test")
+    _, sid = await login_into(core, idp, "bob", cli.id)
+    idp.revoke(sid)
+    revoked_at = time.monotonic()
+
+    async def revoked() -> bool:
+        return (await one_grant(core, "bob")).state == GrantState.REVOKED.value
+
+    # One period, plus one check's run in the VM (a loaded machine: its own allowance).
+    await wait_for(revoked, timeout=period_ms / 1000 + 30, interval=0.1)
+    print(f"revoked seen {time.monotonic() - revoked_at:.2f} s after the IdP revoked it")
+
+
+async def test_a_holder_without_the_files_needs_login_and_a_found_login_is_active_again(
+    make_core: CoreFactory, idp: LiveIdp
+) -> None:
+    core = await make_core(demo_idp_port=idp.port, credential_check_ms=0)
+    cli = await core.vms.create_cli(user_id="carol", actor="test")
+    await login_into(core, idp, "carol", cli.id)
+    home = core.settings.vms_dir / cli.id / "home"
+    saved = (home / TOKENS_PATH).read_bytes()
+    agent = AgentClient(*await core.runtime.open_agent(cli.id))
+    try:
+        assert (await agent.run(["rm", TOKENS_PATH], timeout_s=10)).exit_code == 0
+        [change] = await core.health.check_all()
+        assert change.new is GrantState.NEEDS_LOGIN
+        assert await core.health.check_all() == []
+        await agent.write_files({TOKENS_PATH: saved})
+    finally:
+        await agent.close()
+    [change] = await core.health.check_all()
+    assert (change.old, change.new) == (GrantState.NEEDS_LOGIN, GrantState.ACTIVE)
+
+
+async def test_a_refresh_token_near_its_end_is_expiring(make_core: CoreFactory) -> None:
+    with live_idp(refresh_ttl=2 * 24 * 3600) as idp:
+        core = await make_core(demo_idp_port=idp.port, credential_check_ms=0)
+        cli = await core.vms.create_cli(user_id="dave", actor="test")
+        await login_into(core, idp, "dave", cli.id)
+        [change] = await core.health.check_all()  # the 7-day window covers its 2 days
+        assert change.new is GrantState.EXPIRING
+        assert "refresh token ends" in change.reason
