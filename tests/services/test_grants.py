@@ -1,11 +1,12 @@
 """A login has exactly one holder, with real parts: real sandboxes (browser VM, CLI VMs), the
-real guest agent, the real vault, SQLite and PostgreSQL, and the real demo IdP, whose refresh
-tokens rotate with reuse detection (``tests/services/idp.py``).
+real guest agent, the real vault, SQLite and PostgreSQL, and the real demo IdP on a loopback
+port, whose refresh tokens rotate with reuse detection and which counts every rotated
+refresh token presented again (``tests/idp_live.py``).
 
-In these tests the test plays the CLI in the VM when it refreshes: it reads the token file
-from inside the VM (through the agent), asks the IdP for new tokens, and rewrites the file
-there, as a vendor CLI does. Any refresh the IdP refuses is a reuse the controller let
-happen: the tests require none.
+A VM "refreshes" by running the ``oauth2`` refresher in it (``agent.oauth2_refresh``, what a
+vendor CLI does: new tokens from the token endpoint through the VM's egress proxy, the token
+file rewritten). The IdP's reuse counter must stay 0: a reuse is a copy the controller let
+live in two places.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -22,10 +23,11 @@ import pytest
 from airlock.domain.grants import MoveOutcome
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmState
-from airlock.providers.oauth2 import TOKENS_PATH
+from airlock.providers.oauth2 import TOKENS_PATH, OAuth2Provider
 from airlock.services.core import Core
 from airlock.services.grants import HolderUnreachable
 from airlock.store.tables import Event, Grant
+from tests.idp_live import LiveIdp, grant_of, live_idp
 from tests.lifecycle_helpers import finish_login, wait_for
 from tests.providers.vendor_files import (
     CLAUDE_REFRESH,
@@ -36,7 +38,6 @@ from tests.providers.vendor_files import (
     gemini_file,
 )
 from tests.services.conftest import CoreFactory
-from tests.services.idp import DemoIdp
 from tests.services.test_handoff import VENDORS, agent, cli_home, wait_injected, wait_status
 
 pytestmark = pytest.mark.sandbox
@@ -45,10 +46,9 @@ REFRESHED_REFRESH = "test-refresh-token-after-a-refresh-9f8e"
 
 
 @pytest.fixture
-async def idp() -> AsyncIterator[DemoIdp]:
-    server = DemoIdp()
-    yield server
-    await server.close()
+def idp() -> Iterator[LiveIdp]:
+    with live_idp(refresh_ttl=3 * 24 * 3600) as server:
+        yield server
 
 
 async def token_file(core: Core, vm_id: str) -> bytes | None:
@@ -61,28 +61,46 @@ async def token_file(core: Core, vm_id: str) -> bytes | None:
     return r.stdout.encode() if r.exit_code == 0 else None
 
 
-async def refresh_in(core: Core, vm_id: str, idp: DemoIdp) -> bytes:
-    """The CLI in ``vm_id`` refreshes: new tokens from the IdP, its file rewritten there."""
-    current = await token_file(core, vm_id)
-    assert current is not None, f"{vm_id} holds no token file to refresh"
-    fresh = await idp.refresh(current)
+async def refresh_in(core: Core, vm_id: str) -> bytes:
+    """The CLI in ``vm_id`` refreshes (the refresher, in the VM); its new token file."""
+    provider = core.providers["oauth2"]
+    assert isinstance(provider, OAuth2Provider)
     a = await agent(core, vm_id)
     try:
-        await a.write_files({TOKENS_PATH: fresh})
+        r = await a.run(provider.refresh_argv(), timeout_s=60)
     finally:
         await a.close()
+    report = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {}
+    assert (r.exit_code, report.get("result")) == (0, "refreshed"), (r.stdout, r.stderr[-2000:])
+    fresh = await token_file(core, vm_id)
+    assert fresh is not None
     return fresh
 
 
-async def login(core: Core, idp: DemoIdp, user: str, cli_vm_id: str | None = None) -> str:
-    """A real login at the IdP, its last step played in the browser VM; the session id."""
+def counters(idp: LiveIdp, tokens: bytes) -> dict[str, object]:
+    """The IdP's counters for the login ``tokens`` belong to."""
+    return idp.grants()[grant_of(tokens)]
+
+
+def no_reuse(idp: LiveIdp, tokens: bytes, accepted: int) -> None:
+    seen = counters(idp, tokens)
+    assert seen["reusedRefreshTokens"] == 0 and seen["refreshesRefused"] == 0, seen
+    assert seen["revoked"] is False and seen["refreshesAccepted"] == accepted, seen
+
+
+async def login(
+    core: Core, idp: LiveIdp, user: str, cli_vm_id: str | None = None
+) -> tuple[str, bytes]:
+    """A real login at the IdP, its last step played in the browser VM: the session id and
+    the token file the login wrote."""
     session, browser = await core.sessions.start(
         user_id=user, provider_id="oauth2", actor="test", cli_vm_id=cli_vm_id
     )
     await wait_status(core, session.id, SessionStatus.AWAITING_USER)
-    await finish_login(core.runtime, browser.id, await idp.login())
+    tokens = json.dumps(idp.sign_in()).encode()
+    await finish_login(core.runtime, browser.id, tokens)
     await wait_status(core, session.id, SessionStatus.COMPLETED)
-    return session.id
+    return session.id, tokens
 
 
 async def the_login(core: Core, user: str) -> Grant:
@@ -108,20 +126,21 @@ async def login_events(core: Core, grant: Grant) -> list[Event]:
 
 
 async def test_the_login_moves_vm1_vm2_vault_vm3_and_the_idp_never_sees_a_reused_token(
-    make_core: CoreFactory, idp: DemoIdp, caplog: pytest.LogCaptureFixture
+    make_core: CoreFactory, idp: LiveIdp, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="airlock")
-    core = await make_core(grace_success_ms=120_000, max_drain_ms=120_000)
+    core = await make_core(demo_idp_port=idp.port, grace_success_ms=120_000, max_drain_ms=120_000)
     vm1 = await core.vms.create_cli(user_id="alice", actor="test")
     vm2 = await core.vms.create_cli(user_id="alice", actor="test")
 
     # Login with cliVmId = VM1; VM1's CLI refreshes twice.
-    session_id = await login(core, idp, "alice", vm1.id)
+    session_id, tokens = await login(core, idp, "alice", vm1.id)
     await wait_injected(core, session_id, timeout=60)
     grant = await the_login(core, "alice")
     assert grant.holder_vm_id == vm1.id and grant.account == "demo@airlock.test"
-    await refresh_in(core, vm1.id, idp)
-    latest = await refresh_in(core, vm1.id, idp)
+    files = [tokens, await refresh_in(core, vm1.id)]
+    latest = await refresh_in(core, vm1.id)
+    files.append(latest)
 
     # Move to VM2: the controller takes VM1's newest file (not the vault's stale capture).
     moved = await core.handoff.inject_latest(
@@ -131,7 +150,8 @@ async def test_the_login_moves_vm1_vm2_vault_vm3_and_the_idp_never_sees_a_reused
     assert moved.version == 2  # the capture, then what the move took from VM1
     assert await token_file(core, vm2.id) == latest
     assert await token_file(core, vm1.id) is None  # VM1 can no longer refresh
-    latest = await refresh_in(core, vm2.id, idp)  # the IdP accepts VM2's refresh
+    latest = await refresh_in(core, vm2.id)  # the IdP accepts VM2's refresh
+    files.append(latest)
 
     # Destroy VM2: the vault takes VM2's latest token first.
     await core.vms.delete(vm2.id, user_id="alice", actor="test")
@@ -154,16 +174,16 @@ async def test_the_login_moves_vm1_vm2_vault_vm3_and_the_idp_never_sees_a_reused
     )
     assert third.verified and third.moved_from is None
     assert await token_file(core, vm3.id) == latest
-    await refresh_in(core, vm3.id, idp)
+    files.append(await refresh_in(core, vm3.id))
 
-    assert idp.refused == [] and idp.accepted == 4
+    no_reuse(idp, tokens, accepted=4)
     # The event log tells the story; no refresh token anywhere in events or logs.
     events = await login_events(core, grant)
     moves = [(e.detail["from"], e.detail["to"]) for e in events if e.cause == "injected"]
     assert moves == [(None, vm1.id), (vm1.id, vm2.id), (None, vm3.id)]
     assert [e.vm_id for e in events if e.cause == "returned"] == [vm2.id]
     dumped = json.dumps([e.detail for e in events])
-    for token in idp.issued:
+    for token in (json.loads(f)["refresh_token"] for f in files):
         assert token not in dumped and token not in caplog.text
     # Every superseded version is kept (metadata) but the newest is the only one needed.
     async with core.db.read() as repo:
@@ -179,11 +199,12 @@ async def test_the_login_moves_vm1_vm2_vault_vm3_and_the_idp_never_sees_a_reused
 
 
 async def test_fifty_concurrent_moves_through_two_controllers_end_with_one_holder(
-    make_core: CoreFactory, idp: DemoIdp
+    make_core: CoreFactory, idp: LiveIdp
 ) -> None:
-    core = await make_core()
-    other = await make_core(start=False)  # a second controller of the same host and database
-    await login(core, idp, "bob")
+    core = await make_core(demo_idp_port=idp.port)
+    # A second controller of the same host and database.
+    other = await make_core(demo_idp_port=idp.port, start=False)
+    _, tokens = await login(core, idp, "bob")
     vms = [(await core.vms.create_cli(user_id="bob", actor="test")).id for _ in range(3)]
     pick = random.Random(12)
     targets = [pick.choice(vms) for _ in range(50)]
@@ -204,8 +225,8 @@ async def test_fifty_concurrent_moves_through_two_controllers_end_with_one_holde
     holding = [vm for vm in vms if (cli_home(core, vm) / TOKENS_PATH).exists()]
     assert holding == [holder]
     assert await token_file(core, holder) == await vault_file(core, "bob")
-    await refresh_in(core, holder, idp)  # the one holder's token is the live one
-    assert idp.refused == []
+    await refresh_in(core, holder)  # the one holder's token is the live one
+    no_reuse(idp, tokens, accepted=1)
 
     # The event log tells every move, in an order that chains: each starts where the one
     # before it ended.
@@ -226,12 +247,13 @@ async def test_fifty_concurrent_moves_through_two_controllers_end_with_one_holde
 
 
 async def test_an_unreachable_holder_refuses_the_move_unless_forced(
-    make_core: CoreFactory, idp: DemoIdp
+    make_core: CoreFactory, idp: LiveIdp
 ) -> None:
-    core = await make_core(reconcile_interval_ms=600_000)  # the test, not the reconciler
+    # The test stops VM1's agent, not the reconciler.
+    core = await make_core(demo_idp_port=idp.port, reconcile_interval_ms=600_000)
     vm1 = await core.vms.create_cli(user_id="carol", actor="test")
     vm2 = await core.vms.create_cli(user_id="carol", actor="test")
-    session_id = await login(core, idp, "carol", vm1.id)
+    session_id, _ = await login(core, idp, "carol", vm1.id)
     await wait_injected(core, session_id, timeout=60)
     # VM1's agent dies (the runtime stops it behind the controller's back).
     await core.runtime.destroy(vm1.id)
@@ -257,11 +279,11 @@ async def test_an_unreachable_holder_refuses_the_move_unless_forced(
 
 
 async def test_a_lost_vm_hands_its_login_back_to_the_vault(
-    make_core: CoreFactory, idp: DemoIdp
+    make_core: CoreFactory, idp: LiveIdp
 ) -> None:
-    core = await make_core()
+    core = await make_core(demo_idp_port=idp.port)
     vm1 = await core.vms.create_cli(user_id="dan", actor="test")
-    session_id = await login(core, idp, "dan", vm1.id)
+    session_id, tokens = await login(core, idp, "dan", vm1.id)
     await wait_injected(core, session_id, timeout=60)
     await core.runtime.destroy(vm1.id)  # vanishes: the reconciler marks it lost
 
@@ -277,18 +299,20 @@ async def test_a_lost_vm_hands_its_login_back_to_the_vault(
         vm_id=vm2.id, user_id="dan", provider_id="oauth2", actor="test"
     )
     assert again.verified and again.moved_from is None
-    await refresh_in(core, vm2.id, idp)
-    assert idp.refused == []
+    await refresh_in(core, vm2.id)
+    no_reuse(idp, tokens, accepted=1)
 
 
 async def test_the_schedule_syncs_back_and_superseded_secrets_are_wiped(
-    make_core: CoreFactory, idp: DemoIdp
+    make_core: CoreFactory, idp: LiveIdp
 ) -> None:
-    core = await make_core(credential_sync_ms=300, credential_retention_ms=0)
+    core = await make_core(
+        demo_idp_port=idp.port, credential_sync_ms=300, credential_retention_ms=0
+    )
     vm1 = await core.vms.create_cli(user_id="erin", actor="test")
-    session_id = await login(core, idp, "erin", vm1.id)
+    session_id, tokens = await login(core, idp, "erin", vm1.id)
     await wait_injected(core, session_id, timeout=60)
-    latest = await refresh_in(core, vm1.id, idp)
+    latest = await refresh_in(core, vm1.id)
 
     async def synced() -> bool:
         return (await the_login(core, "erin")).current_version == 2
@@ -312,20 +336,21 @@ async def test_the_schedule_syncs_back_and_superseded_secrets_are_wiped(
     assert core.grants is not None
     await core.grants.sync_all()
     assert (await the_login(core, "erin")).current_version == 2
+    no_reuse(idp, tokens, accepted=1)
 
 
 async def test_a_new_login_of_the_same_account_replaces_the_old_in_place(
-    make_core: CoreFactory, idp: DemoIdp
+    make_core: CoreFactory, idp: LiveIdp
 ) -> None:
-    core = await make_core(grace_success_ms=120_000, max_drain_ms=120_000)
+    core = await make_core(demo_idp_port=idp.port, grace_success_ms=120_000, max_drain_ms=120_000)
     vm1 = await core.vms.create_cli(user_id="fay", actor="test")
     vm2 = await core.vms.create_cli(user_id="fay", actor="test")
-    first = await login(core, idp, "fay", vm1.id)
+    first, _ = await login(core, idp, "fay", vm1.id)
     await wait_injected(core, first, timeout=60)
     old = await the_login(core, "fay")
 
     # Log in again for VM1: the new login replaces the old one there.
-    second = await login(core, idp, "fay", vm1.id)
+    second, _ = await login(core, idp, "fay", vm1.id)
     await wait_injected(core, second, timeout=60)
     new = await the_login(core, "fay")
     assert new.id != old.id and new.holder_vm_id == vm1.id
@@ -337,13 +362,13 @@ async def test_a_new_login_of_the_same_account_replaces_the_old_in_place(
     assert all(v.ciphertext is None and v.wiped_at is not None for v in old_versions)
 
     # A third login started for VM2: VM1 gives the login up, VM2 has the new files.
-    third = await login(core, idp, "fay", vm2.id)
+    third, tokens = await login(core, idp, "fay", vm2.id)
     await wait_injected(core, third, timeout=60)
     newest = await the_login(core, "fay")
     assert newest.holder_vm_id == vm2.id
     assert await token_file(core, vm1.id) is None
-    await refresh_in(core, vm2.id, idp)
-    assert idp.refused == []
+    await refresh_in(core, vm2.id)
+    no_reuse(idp, tokens, accepted=1)
 
 
 REFRESHED = {
@@ -418,13 +443,13 @@ async def test_vendor_login_moves_with_what_its_cli_refreshed(
 
 
 async def test_a_move_that_died_half_way_is_taken_back_by_the_next(
-    make_core: CoreFactory, idp: DemoIdp
+    make_core: CoreFactory, idp: LiveIdp
 ) -> None:
     """A controller died after writing the login into its target but before recording it:
     the row still shows its lease (run out) and target. The next move takes that copy back
     first, so no second holder is left behind."""
-    core = await make_core()
-    await login(core, idp, "hal")
+    core = await make_core(demo_idp_port=idp.port)
+    _, tokens = await login(core, idp, "hal")
     half, vm3 = [(await core.vms.create_cli(user_id="hal", actor="test")).id for _ in range(2)]
     grant = await the_login(core, "hal")
     written = await vault_file(core, "hal")
@@ -441,7 +466,7 @@ async def test_a_move_that_died_half_way_is_taken_back_by_the_next(
             move_lease_until=now - timedelta(seconds=1),
             move_target_vm_id=half,
         )
-    latest = await refresh_in(core, half, idp)  # and its CLI even refreshed since
+    latest = await refresh_in(core, half)  # and its CLI even refreshed since
 
     moved = await core.handoff.inject_latest(
         vm_id=vm3, user_id="hal", provider_id="oauth2", actor="test"
@@ -450,5 +475,5 @@ async def test_a_move_that_died_half_way_is_taken_back_by_the_next(
     assert await token_file(core, vm3) == latest
     causes = [e.cause for e in await login_events(core, grant)]
     assert "move_recovered" in causes
-    await refresh_in(core, vm3, idp)
-    assert idp.refused == []
+    await refresh_in(core, vm3)
+    no_reuse(idp, tokens, accepted=2)
