@@ -34,7 +34,7 @@ async def add_credential(api: Api, session: AuthSession) -> None:
         )
 
 
-async def post(api: Api, vm_id: str, who: str, body: dict[str, str]) -> tuple[int, dict]:  # type: ignore[type-arg]
+async def post(api: Api, vm_id: str, who: str, body: dict[str, object]) -> tuple[int, dict]:  # type: ignore[type-arg]
     r = await api.client.post(f"/api/vms/{vm_id}/credentials", json=body, headers=api.auth(who))
     assert SECRET not in r.text
     return r.status_code, r.json()
@@ -68,6 +68,9 @@ async def test_refusals_are_clear_and_change_nothing(api: Api) -> None:
     assert status == 404 and body["error"]["code"] == "provider_not_found"
     status, _ = await post(api, alices.id, "alice", {"provider": "oauth2", "extra": "x"})
     assert status == 422
+    for junk in ("yes", 1, None, [True]):
+        status, body = await post(api, alices.id, "alice", {"provider": "oauth2", "force": junk})
+        assert status == 422 and body["error"]["code"], (junk, body)
 
     # A VM being destroyed: 409, recorded, and the credentials row says nothing injected.
     status, body = await post(api, dying.id, "alice", {"provider": "oauth2"})

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep
@@ -111,7 +111,7 @@ class InjectRequest(BaseModel):
 
     provider: str = Field(min_length=1, max_length=64)
     userId: str | None = Field(None, max_length=128)
-    force: bool = Field(
+    force: StrictBool = Field(
         False,
         description="Move the login even when the VM that holds it cannot be reached (the "
         "vault's newest version goes in; a stale copy may remain there).",
