@@ -9,19 +9,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from airlock.agent.client import AgentClient
-from airlock.domain.grants import GrantState
+from airlock.domain.grants import GrantState, version_context
 from airlock.domain.sessions import SessionStatus
+from airlock.providers import claude_code, codex
 from airlock.providers.oauth2 import TOKENS_PATH
 from airlock.services.core import Core
 from airlock.services.credential_health import bus_key
-from airlock.store.tables import Grant
+from airlock.services.grants import credentials_body
+from airlock.store.tables import Grant, GrantVersion
 from tests.idp_live import LiveIdp, grant_of, live_idp
 from tests.lifecycle_helpers import finish_login, wait_for
+from tests.providers.vendor_files import claude_file, codex_file
 from tests.services.conftest import CoreFactory
 from tests.services.test_handoff import wait_injected, wait_status
 
@@ -134,3 +137,84 @@ async def test_a_refresh_token_near_its_end_is_expiring(make_core: CoreFactory) 
         [change] = await core.health.check_all()  # the 7-day window covers its 2 days
         assert change.new is GrantState.EXPIRING
         assert "refresh token ends" in change.reason
+
+
+VENDOR_CHECKS: dict[str, tuple[str, Callable[[], bytes]]] = {
+    # provider: (its file, the file in the vendor's format)
+    "claude_code": (claude_code.CREDENTIALS_PATH, claude_file),
+    "codex": (codex.AUTH_PATH, codex_file),
+}
+
+
+async def hold(core: Core, user: str, provider_id: str, files: dict[str, bytes], vm_id: str) -> str:
+    """A login of ``provider_id`` held by ``vm_id``, as a move leaves it: its files sealed
+    as the newest version in the vault, and written into the VM."""
+    provider = core.providers[provider_id]
+    creds = provider.normalise(files, now=core.clock.now())
+    assert core.vault is not None
+    grant_id = f"g-{provider_id}-{user}"
+    sealed = core.vault.seal(
+        credentials_body(creds),
+        context=version_context(
+            grant_id=grant_id, version=1, provider=provider_id, source="move", session_id=None
+        ),
+    )
+    now = core.clock.now()
+    async with core.db.transaction() as repo:
+        repo.add_grant(
+            Grant(
+                id=grant_id,
+                user_id=user,
+                provider=provider_id,
+                account="",
+                holder_vm_id=vm_id,
+                state=GrantState.ACTIVE.value,
+                current_version=1,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        await repo.session.flush()
+        repo.add_grant_version(
+            GrantVersion(
+                grant_id=grant_id,
+                version=1,
+                source="move",
+                vm_id=vm_id,
+                key_id=sealed.key_id,
+                nonce=sealed.nonce,
+                ciphertext=sealed.ciphertext,
+                created_at=now,
+            )
+        )
+    agent = AgentClient(*await core.runtime.open_agent(vm_id))
+    try:
+        await agent.write_files(files)
+    finally:
+        await agent.close()
+    return grant_id
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("provider_id", sorted(VENDOR_CHECKS))
+async def test_the_vendor_clis_own_status_check_runs_in_the_holder_vm(
+    make_core: CoreFactory, provider_id: str
+) -> None:
+    """The real CLI (from npm) says logged in: active and checked; its file gone from the
+    VM: it says logged out, and the login needs one."""
+    core = await make_core(credential_check_ms=0)
+    assert core.providers[provider_id].available() is None, "run scripts/setup.sh"
+    path, make_file = VENDOR_CHECKS[provider_id]
+    cli = await core.vms.create_cli(user_id="erin", actor="test")
+    await hold(core, "erin", provider_id, {path: make_file()}, cli.id)
+    assert await core.health.check_all() == []
+    grant = await one_grant(core, "erin")
+    assert grant.last_checked_at is not None and grant.state == GrantState.ACTIVE.value
+    agent = AgentClient(*await core.runtime.open_agent(cli.id))
+    try:
+        assert (await agent.run(["rm", path], timeout_s=10)).exit_code == 0
+    finally:
+        await agent.close()
+    [change] = await core.health.check_all()
+    assert change.new is GrantState.NEEDS_LOGIN, change
+    print(f"{provider_id}: {change.reason}")
