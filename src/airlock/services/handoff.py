@@ -159,6 +159,7 @@ class HandoffService:
         if holder is None:
             return
         async with self.grants.moving(old.id, target=None) as lease:
+            assert lease is not None  # a waiting claim returns a lease or raises
             if not keep_files:
                 try:
                     # The same provider's files: the new login's paths (the old one's
@@ -170,7 +171,7 @@ class HandoffService:
             now = self.clock.now()
             async with self.db.transaction() as repo:
                 await repo.set_grant_if_owner(
-                    old.id, lease.owner if lease else "", holder_vm_id=None, holder_since=now
+                    old.id, lease.owner, holder_vm_id=None, holder_since=now
                 )
                 repo.add_event(
                     at=now,
