@@ -12,33 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from airlock import cli_credentials
 from airlock.api import schemas
+from airlock.cli_common import (
+    JsonOpt,
+    err,
+    fail,
+    load_settings,
+    out,
+    print_json,
+    relative,
+    with_core,
+)
+from airlock.cli_doctor import doctor
 from airlock.domain.sessions import SessionStatus
 from airlock.errors import AirlockError
-from airlock.services.core import Core, make_runtime
+from airlock.services.core import Core
 from airlock.services.egress import suggest as egress_suggestion
 from airlock.services.tokens import check_name
-from airlock.settings import Settings
-from airlock.store.db import Database
 from airlock.store.tables import AuthSession, Token, Vm
-
-T = TypeVar("T")
 
 app = typer.Typer(
     name="airlock",
@@ -61,76 +60,22 @@ app.add_typer(image_app, name="image")
 egress_app = typer.Typer(help="The browser VMs' egress policy.", no_args_is_help=True)
 app.add_typer(egress_app, name="egress")
 app.add_typer(cli_credentials.app, name="credentials")
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+app.command()(doctor)
 
 
 def main() -> None:
     app()
 
 
-# --- plumbing -----------------------------------------------------------------------------
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        _fail(f"invalid settings (AIRLOCK_* environment or .env): {problems}", 2)
-
-
-def _with_core(settings: Settings, action: Callable[[Core], Awaitable[T]]) -> T:
-    """Open the database (and vault) only, run ``action``, close. Service errors become a
-    message and exit status 1."""
-
-    async def run() -> T:
-        core = Core(settings)
-        try:
-            await core.open()
-            return await action(core)
-        finally:
-            await core.close()
-
-    try:
-        return asyncio.run(run())
-    except AirlockError as exc:
-        _fail(exc.message)
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+# --- plumbing: in cli_common; the old names stay for modules that import them from here --
+_fail = fail
+_settings = load_settings
+_with_core = with_core
+_print_json = print_json
 
 
 def _iso(value: datetime | None) -> str | None:
     return schemas.iso(value) if value is not None else None
-
-
-def relative(value: datetime | None, now: datetime) -> str:
-    """``in 25 s``, ``3 min ago``, ``-`` for none."""
-    if value is None:
-        return "-"
-    seconds = (value - now).total_seconds()
-    span = abs(seconds)
-    if span < 1:
-        return "now"
-    if span < 120:
-        text = f"{span:.0f} s"
-    elif span < 7200:
-        text = f"{span / 60:.0f} min"
-    elif span < 172_800:
-        text = f"{span / 3600:.0f} h"
-    else:
-        text = f"{span / 86400:.0f} d"
-    return f"in {text}" if seconds > 0 else f"{text} ago"
 
 
 # --- serve --------------------------------------------------------------------------------
@@ -477,300 +422,3 @@ def image_build(
         _print_json({"path": str(image.path), **manifest})
         return
     out.print(str(image.path))
-
-
-# --- doctor -------------------------------------------------------------------------------
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    required: bool
-    detail: str
-    fix: str | None = None
-
-
-def _binary(
-    name: str, candidates: tuple[str, ...], package: str, *, required: bool, why: str
-) -> Check:
-    for candidate in candidates:
-        found = shutil.which(candidate)
-        if found:
-            return Check(name, True, required, f"{found}")
-    return Check(name, False, required, f"not found ({why})", f"apt-get install {package}")
-
-
-def _kvm_probe(image_dir: Path, accel: str) -> Check | None:
-    """What the qemu runtime will choose, by its own probe (cached) with a built image."""
-    from airlock.images import find_image
-    from airlock.runtimes.kvm_probe import probe_kvm
-
-    qemu = shutil.which("qemu-system-x86_64")
-    image = next((i for f in ("minimal", "browser") if (i := find_image(image_dir, f))), None)
-    if qemu is None or image is None:
-        return None
-    if accel == "tcg":
-        return Check("kvm", True, False, "present; qemu will use TCG (AIRLOCK_QEMU_ACCEL=tcg)")
-    usable, why = probe_kvm(qemu, image, image_dir)
-    if usable:
-        return Check("kvm", True, False, f"usable for stock kernels ({why}); qemu will use KVM")
-    return Check(
-        "kvm",
-        True,
-        False,
-        f"KVM present but unusable for stock kernels ({why}); qemu will use TCG",
-    )
-
-
-def _kvm_check(runtime: str, image_dir: Path, accel: str = "auto") -> Check:
-    kvm = Path("/dev/kvm")
-    required = runtime == "firecracker"
-    if not kvm.exists():
-        return Check(
-            "kvm",
-            False,
-            required,
-            "/dev/kvm absent: qemu would use TCG (slow); firecracker cannot run",
-            "run on a host with KVM (bare metal, or nested virtualisation enabled)",
-        )
-    try:
-        os.close(os.open(kvm, os.O_RDWR | os.O_CLOEXEC))
-    except OSError as exc:
-        return Check(
-            "kvm",
-            False,
-            required,
-            f"/dev/kvm present but not openable: {exc.strerror}; qemu would use TCG",
-            "add this user to the kvm group (usermod -aG kvm $USER)",
-        )
-    probed = _kvm_probe(image_dir, accel)
-    if probed is not None:
-        return probed if not required or probed.ok else Check("kvm", False, True, probed.detail)
-    pvm = Path("/sys/module/kvm_pvm").exists()
-    if pvm:
-        return Check(
-            "kvm",
-            not required,
-            required,
-            "KVM present but unusable for stock kernels (served by kvm-pvm: only specially "
-            "built guest kernels run); qemu will use TCG",
-            "use TCG (qemu) or a PVM guest kernel" if required else None,
-        )
-    return Check(
-        "kvm",
-        True,
-        required,
-        "present and openable; not probed for a stock kernel yet (no guest image: "
-        "airlock image build --flavor minimal)",
-    )
-
-
-def _data_dir_check(data_dir: Path) -> Check:
-    if data_dir.exists():
-        try:
-            with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".doctor-"):
-                pass
-        except OSError as exc:
-            return Check(
-                "data dir", False, True, f"{data_dir} not writable: {exc.strerror}", "chown it"
-            )
-        return Check("data dir", True, True, f"{data_dir} writable")
-    parent = next(p for p in data_dir.parents if p.exists())
-    if os.access(parent, os.W_OK | os.X_OK):
-        return Check("data dir", True, True, f"{data_dir} will be created (in {parent})")
-    return Check(
-        "data dir",
-        False,
-        True,
-        f"{data_dir} missing and {parent} not writable",
-        "set AIRLOCK_DATA_DIR to a writable directory",
-    )
-
-
-def _containment_checks(runtime: str) -> list[Check]:
-    """What keeps a sandbox VM in (runtimes/confine.py): a root controller (per-VM uids,
-    cgroups, tmpfs), user namespaces for an unprivileged uid, seccomp, cgroup limits."""
-    from airlock.runtimes import confine
-
-    required = runtime == "sandbox"
-    checks = []
-    if confine.privileged():
-        checks.append(Check("controller uid", True, required, "root: each VM gets its own uid"))
-    else:
-        checks.append(
-            Check(
-                "controller uid",
-                False,
-                required,
-                f"uid {os.geteuid()}: VMs would run as this user, with no cgroup limits, no "
-                "uid of their own and no size limit on their state dirs",
-                "run the controller as root: it drops every VM to a uid of its own",
-            )
-        )
-    bwrap = shutil.which("bwrap")
-    if bwrap is not None:
-        problem = confine.userns_problem(bwrap)
-        checks.append(
-            Check(
-                "user namespaces",
-                problem is None,
-                required,
-                "an unprivileged uid can create one" if problem is None else problem,
-                None
-                if problem is None
-                else "sysctl -w user.max_user_namespaces=15000; on Debian kernels before 6.1 "
-                "also kernel.unprivileged_userns_clone=1; on Ubuntu 23.10+ "
-                "kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile "
-                "allowing userns for /usr/bin/bwrap)",
-            )
-        )
-    seccomp = "Seccomp:" in Path("/proc/self/status").read_text()
-    checks.append(
-        Check(
-            "seccomp",
-            seccomp,
-            required,
-            "the kernel filters syscalls" if seccomp else "kernel without CONFIG_SECCOMP",
-            None if seccomp else "a kernel built with CONFIG_SECCOMP_FILTER",
-        )
-    )
-    problem = confine.cgroup_problem()
-    layout = confine.cgroup_layout()
-    if problem is None and layout is not None:
-        kind, parents = layout
-        where = ", ".join(str(p) for p in parents.values())
-        detail = f"cgroup {kind}: VM leaves under {where}"
-        if kind == "v1":
-            detail += " (no cgroup v2 memory/pids/cpu here; v1 limits work the same)"
-        checks.append(Check("cgroups", True, required, detail))
-    else:
-        checks.append(
-            Check(
-                "cgroups",
-                False,
-                required,
-                problem or "no cgroups",
-                "mount cgroup2 with the memory, pids and cpu controllers (systemd: "
-                "systemd.unified_cgroup_hierarchy=1); in a container or a systemd unit, "
-                "delegate a cgroup subtree to the controller (Delegate=yes, or docker/podman "
-                "--cgroupns=private with a writable /sys/fs/cgroup)",
-            )
-        )
-    return checks
-
-
-async def _database_check(settings: Settings) -> Check:
-    where = settings.db_url.split("@")[-1]  # never print a password in the URL
-    db = Database(settings.db_url)
-    try:
-        await asyncio.wait_for(db.ping(), 10)
-        return Check("database", True, True, f"reachable ({where})")
-    except Exception as exc:
-        return Check(
-            "database",
-            False,
-            True,
-            f"not reachable ({where}): {type(exc).__name__}: {str(exc)[:200]}",
-            "check AIRLOCK_DATABASE_URL (or the data dir for SQLite)",
-        )
-    finally:
-        await db.close()
-
-
-async def _runtime_check(settings: Settings) -> Check:
-    name = f"runtime {settings.runtime}"
-    try:
-        problems = await make_runtime(settings).check()
-    except Exception as exc:
-        return Check(name, False, True, f"{type(exc).__name__}: {str(exc)[:300]}")
-    if problems:
-        return Check(name, False, True, "; ".join(problems))
-    return Check(name, True, True, "self-check passed")
-
-
-def doctor_checks(settings: Settings) -> list[Check]:
-    runtime = settings.runtime
-    checks = [
-        _binary(
-            "bwrap",
-            ("bwrap",),
-            "bubblewrap",
-            required=runtime == "sandbox",
-            why="the sandbox runtime's isolation",
-        ),
-        _binary(
-            "Xvnc",
-            ("Xvnc",),
-            "tigervnc-standalone-server",
-            required=runtime == "sandbox",
-            why="the browser VM's display and VNC server",
-        ),
-        _binary(
-            "chromium",
-            ("chromium", "chromium-browser", "google-chrome"),
-            "chromium",
-            required=runtime == "sandbox",
-            why="the browser in the browser VM",
-        ),
-        _binary(
-            "pasta",
-            ("pasta", "passt"),
-            "passt",
-            required=False,
-            why="only for general egress from a sandbox; the egress proxy needs none",
-        ),
-        _binary(
-            "qemu-system-x86_64",
-            ("qemu-system-x86_64",),
-            "qemu-system-x86 qemu-utils",
-            required=runtime == "qemu",
-            why="the qemu runtime",
-        ),
-        _kvm_check(runtime, settings.image_dir, settings.qemu_accel),
-        _data_dir_check(settings.data_dir),
-        *_containment_checks(runtime),
-    ]
-    if runtime == "firecracker":
-        checks.append(
-            _binary(
-                "firecracker",
-                ("firecracker",),
-                "firecracker (from its GitHub releases; not in Debian)",
-                required=True,
-                why="the firecracker runtime",
-            )
-        )
-
-    sqlite_file = Path(settings.db_url.split(":///", 1)[-1])
-    sqlite_missing = settings.db_url.startswith("sqlite") and not sqlite_file.exists()
-
-    async def probes() -> list[Check]:
-        if sqlite_missing:  # connecting would create it; doctor changes nothing
-            database = Check("database", True, True, f"{sqlite_file} made at first start")
-        else:
-            database = await _database_check(settings)
-        return [database, await _runtime_check(settings)]
-
-    return checks + asyncio.run(probes())
-
-
-@app.command()
-def doctor(as_json: JsonOpt = False) -> None:
-    """Check this host for what the configured runtime needs; exit 1 if a required check
-    fails."""
-    settings = _settings()
-    checks = doctor_checks(settings)
-    failed = [c for c in checks if c.required and not c.ok]
-    if as_json:
-        _print_json(
-            {"runtime": settings.runtime, "ok": not failed, "checks": [asdict(c) for c in checks]}
-        )
-    else:
-        table = Table("check", "", "detail", "fix", title=f"runtime: {settings.runtime}")
-        for c in checks:
-            mark = "[green]ok[/green]" if c.ok else "[red]FAIL[/red]" if c.required else "-"
-            table.add_row(c.name, mark, c.detail, c.fix or "")
-        out.print(table)
-        if failed:
-            err.print(f"[red]{len(failed)} required check(s) failed[/red]")
-    if failed:
-        raise typer.Exit(1)

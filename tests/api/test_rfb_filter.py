@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airlock.api.vnc_proxy import (
+from airlock.api.rfb import (
     MAX_CLIENT_MESSAGE,
     RfbClientFilter,
     RfbServerFilter,

@@ -26,10 +26,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from airlock.api.app import create_app
-from airlock.api.vnc_proxy import ViewerRegistry
 from airlock.runtimes.base import Stream
 from airlock.runtimes.sandbox import SandboxRuntime
 from airlock.services.core import Core
+from airlock.services.viewers import ViewerRegistry
 from airlock.settings import Settings
 from tests.api.conftest import ApiFactory
 from tests.api.live import serve

@@ -37,7 +37,6 @@ from airlock.runtimes.firecracker_vmm import (
     cgroup_version,
     create_netns,
     delete_netns,
-    kvm_problem,
     netns_exists,
     netns_links,
     netns_name,
@@ -45,6 +44,7 @@ from airlock.runtimes.firecracker_vmm import (
     snapshot_calls,
     vsock_connect,
 )
+from airlock.runtimes.kvm_probe import kvm_problem
 from tests.runtimes.firecracker_spec import validate
 
 needs_root = pytest.mark.skipif(

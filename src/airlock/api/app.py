@@ -33,10 +33,10 @@ from airlock.api.clients import ClientLimiter, ClientRateLimit, parse_networks
 from airlock.api.deps import ViewerSigner
 from airlock.api.routes import ROUTERS
 from airlock.api.schemas import error_body
-from airlock.api.vnc_proxy import ViewerRegistry
 from airlock.domain import IllegalTransition
 from airlock.errors import AirlockError, Unauthorized
 from airlock.services.core import Core
+from airlock.services.viewers import ViewerRegistry
 from airlock.settings import Settings
 
 log = logging.getLogger("airlock.api")

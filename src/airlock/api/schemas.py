@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
 
+from airlock.domain import viewers
 from airlock.domain.vms import VmState
 from airlock.errors import InvalidInput
 from airlock.services.tokens import NAME_PATTERN, check_name
@@ -41,8 +42,7 @@ UserId = Annotated[
 ProviderId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
 VmId = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^vm-[A-Za-z0-9]{1,61}$")]
 
-# VMs whose screen a person can still look at; novncURL is null otherwise.
-VIEWABLE = frozenset({VmState.CREATING, VmState.RUNNING, VmState.DRAINING})
+VIEWABLE = viewers.VIEWABLE  # VMs whose screen a person can still look at (else no novncURL)
 
 
 class _Out(BaseModel):

@@ -12,7 +12,7 @@ by the book, so that the ``oauth2`` provider is exercised against real protocol 
   PKCE challenge; a replayed code revokes what it was exchanged for (RFC 6749 4.1.2);
 - rotating refresh tokens: each use returns a new one, and presenting a rotated one
   revokes the whole grant (RFC 9700 4.14.2); RFC 7662 introspection at ``/introspect``
-  (whether a token is still active, without using it); the tokens are ``tokens.py``'s;
+  (whether a token is still active, without using it); the tokens are ``demo_idp.tokens``'s;
 - ``/admin`` (only with an ``admin_token``, for its bearer): each grant's counters
   (refreshes accepted and refused, rotated refresh tokens seen again) and revoking a
   grant, so tests can prove that nobody reused a token and what a revoked login looks like;

@@ -7,7 +7,7 @@ the whole grant is revoked (RFC 9700 4.14.2, as Auth0 and Okta do). A replayed c
 its grant too (RFC 6749 4.1.2).
 
 Each grant keeps counters (refreshes accepted and refused, retired refresh tokens seen
-again) and why and when it was revoked, for the admin routes the tests read (``app.py``),
+again) and why and when it was revoked, for the admin routes the tests read (``demo_idp.app``),
 and an operator can revoke a grant there, as a vendor's "sign out everywhere" does. RFC 7662
 introspection answers whether a token is still active without using it up: Airlock's
 scheduled check asks it about the refresh token a CLI VM holds.

@@ -62,13 +62,13 @@ from airlock.runtimes.firecracker_vmm import (
     copy_rootfs,
     create_netns,
     delete_netns,
-    kvm_problem,
     link_or_copy,
     netns_name,
     restore_calls,
     snapshot_calls,
     vsock_connect,
 )
+from airlock.runtimes.kvm_probe import kvm_problem
 from airlock.runtimes.skeleton import (
     Creation,
     VmDirRuntime,

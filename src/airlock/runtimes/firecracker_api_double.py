@@ -109,9 +109,9 @@ class VsockMuxer:
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """One direction: ``streams.pipe``, then close the writer, so the end of either direction
-    ends the whole connection (not ``streams.splice``, which lets the other direction go on
-    after a half-close)."""
+    """One direction: ``agent.streams.pipe``, then close the writer, so the end of either
+    direction ends the whole connection (not ``agent.streams.splice``, which lets the other
+    direction go on after a half-close)."""
     try:
         with contextlib.suppress(OSError):
             await pipe(reader, writer)

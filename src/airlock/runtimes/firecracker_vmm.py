@@ -37,6 +37,8 @@ import httpx
 
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import Stream
+from airlock.runtimes.host_checks import HostCheck, binary
+from airlock.runtimes.kvm_probe import kvm_problem
 from airlock.runtimes.vmdir import UNIX_PATH_MAX
 from airlock.runtimes.vmdir import open_unix as _open_unix
 
@@ -411,13 +413,25 @@ def copy_rootfs(src: Path, dst: Path) -> None:
         raise RuntimeFailure(f"cannot copy the root filesystem: {done.stderr.strip()}")
 
 
-def kvm_problem() -> str | None:
-    """Why a stock guest kernel cannot run on this host's KVM, or None."""
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm does not exist"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not accessible"
-    vendor = any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
-    if os.path.isdir("/sys/module/kvm_pvm") and not vendor:
-        return "/dev/kvm is served by kvm-pvm, which runs only special guest kernels"
-    return None
+def host_checks() -> list[HostCheck]:
+    """The firecracker runtime's rows for ``airlock doctor``: its binary, and KVM that runs a
+    stock kernel (``kvm_probe.kvm_problem``; Firecracker has no fallback)."""
+    problem = kvm_problem()
+    return [
+        binary(
+            "firecracker",
+            ("firecracker",),
+            "firecracker (from its GitHub releases; not in Debian)",
+            needed=True,
+            why="the firecracker runtime",
+        ),
+        HostCheck(
+            "kvm",
+            problem is None,
+            True,
+            "usable for Firecracker" if problem is None else f"{problem}: firecracker cannot run",
+            None
+            if problem is None
+            else "run on a host with KVM for stock kernels (bare metal, or nested virtualisation)",
+        ),
+    ]

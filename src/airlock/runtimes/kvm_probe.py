@@ -1,8 +1,11 @@
-"""Whether KVM boots a stock kernel here, for the ``qemu`` runtime's ``accel="auto"``.
+"""Whether KVM runs a stock guest kernel here: the one KVM probe, for the ``qemu`` runtime's
+``accel="auto"``, the ``firecracker`` runtime's ``check()`` and ``airlock doctor``.
 
-``/dev/kvm`` can exist and still run no stock kernel (kvm-pvm hangs one), so the probe boots
-the image's kernel once under KVM and waits for its first console line; the answer is cached
-in ``{cache}/kvm-probe.json`` per guest kernel and host kernel. ``doctor`` asks it too.
+``/dev/kvm`` can exist and still run no stock kernel (kvm-pvm hangs one). ``kvm_problem``
+says what the host shows without booting anything; ``probe_kvm`` boots the image's kernel
+once under KVM and waits for its first console line, and caches the answer in
+``{cache}/kvm-probe.json`` per guest kernel and host kernel. ``host_checks`` are the qemu
+runtime's rows for the doctor: its binary, and which accelerator it will use.
 """
 
 from __future__ import annotations
@@ -16,17 +19,37 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from airlock.images import Image
+from airlock.images import Image, find_image
+from airlock.runtimes.host_checks import HostCheck, binary
 
 PROBE_TIMEOUT_S = 8.0
+KVM = "/dev/kvm"
 
 
 def kvm_openable() -> str | None:
     """None if /dev/kvm can be opened, else why not."""
     try:
-        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        os.close(os.open(KVM, os.O_RDWR | os.O_CLOEXEC))
     except OSError as exc:
         return f"/dev/kvm: {exc.strerror}"
+    return None
+
+
+def pvm_only() -> bool:
+    """KVM served by kvm-pvm alone (no kvm_intel or kvm_amd): only PVM guest kernels run."""
+    vendor = any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
+    return os.path.isdir("/sys/module/kvm_pvm") and not vendor
+
+
+def kvm_problem() -> str | None:
+    """Why a stock guest kernel cannot run on this host's KVM, as far as the host tells
+    without booting one, or None."""
+    if not os.path.exists(KVM):
+        return "/dev/kvm does not exist"
+    if (why := kvm_openable()) is not None:
+        return why
+    if pvm_only():
+        return "/dev/kvm is served by kvm-pvm, which runs only special guest kernels"
     return None
 
 
@@ -104,3 +127,67 @@ def _boot_probe(qemu: str, image: Image) -> tuple[bool, str]:
             proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def host_checks(image_dir: Path, accel: str) -> list[HostCheck]:
+    """The qemu runtime's rows for ``airlock doctor``: QEMU itself, and KVM as the runtime
+    will see it (not needed: without it qemu uses TCG)."""
+    qemu = binary(
+        "qemu-system-x86_64",
+        ("qemu-system-x86_64",),
+        "qemu-system-x86 qemu-utils",
+        needed=True,
+        why="the qemu runtime",
+    )
+    return [qemu, _kvm_check(qemu.detail if qemu.ok else None, image_dir, accel)]
+
+
+def _kvm_check(qemu: str | None, image_dir: Path, accel: str) -> HostCheck:
+    if not os.path.exists(KVM):
+        return HostCheck(
+            "kvm",
+            False,
+            False,
+            "/dev/kvm absent: qemu would use TCG (slow); firecracker cannot run",
+            "run on a host with KVM (bare metal, or nested virtualisation enabled)",
+        )
+    if (why := kvm_openable()) is not None:
+        return HostCheck(
+            "kvm",
+            False,
+            False,
+            f"{why} (present but not openable); qemu would use TCG",
+            "add this user to the kvm group (usermod -aG kvm $USER)",
+        )
+    image = next((i for f in ("minimal", "browser") if (i := find_image(image_dir, f))), None)
+    if qemu is not None and image is not None:
+        if accel == "tcg":
+            return HostCheck(
+                "kvm", True, False, "present; qemu will use TCG (AIRLOCK_QEMU_ACCEL=tcg)"
+            )
+        usable, why = probe_kvm(qemu, image, image_dir)
+        if usable:
+            return HostCheck(
+                "kvm", True, False, f"usable for stock kernels ({why}); qemu will use KVM"
+            )
+        return HostCheck(
+            "kvm",
+            True,
+            False,
+            f"KVM present but unusable for stock kernels ({why}); qemu will use TCG",
+        )
+    if pvm_only():
+        return HostCheck(
+            "kvm",
+            True,
+            False,
+            "KVM present but unusable for stock kernels (served by kvm-pvm: only specially "
+            "built guest kernels run); qemu will use TCG",
+        )
+    return HostCheck(
+        "kvm",
+        True,
+        False,
+        "present and openable; not probed for a stock kernel yet (no guest image: "
+        "airlock image build --flavor minimal)",
+    )

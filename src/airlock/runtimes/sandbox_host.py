@@ -1,7 +1,8 @@
 """The host side of a bubblewrap sandbox, for the ``sandbox`` runtime: finding its
 processes (by pid namespace, or by the tag on bwrap's command line when the pid file names
 none), killing a sandbox's init and every process of its namespace, reaching the sockets it
-serves without trusting its state dir, and whether this host can run sandboxes at all.
+serves without trusting its state dir, and whether this host can run sandboxes at all
+(``check_host`` for ``check()``, ``host_checks`` for ``airlock doctor``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,26 @@ from pathlib import Path
 from typing import Any
 
 from airlock.errors import RuntimeFailure
+from airlock.runtimes import confine
 from airlock.runtimes.base import Stream
+from airlock.runtimes.host_checks import HostCheck, binary
 from airlock.runtimes.skeleton import kill
 from airlock.runtimes.vmdir import DYING_VM_NICE, PidRecord, set_cpu_nice
 from airlock.runtimes.vmdir import open_unix as _open_unix
 from airlock.runtimes.vmdir import read_pid as _read_pid
 
 INSTALL_HINT = "apt-get install bubblewrap tigervnc-standalone-server chromium"
+# What a sandbox runs: (doctor's name, names on PATH, Debian package, what it is for).
+BINARIES = (
+    ("bwrap", ("bwrap",), "bubblewrap", "the sandbox runtime's isolation"),
+    ("Xvnc", ("Xvnc",), "tigervnc-standalone-server", "the browser VM's display and VNC server"),
+    (
+        "chromium",
+        ("chromium", "chromium-browser", "google-chrome"),
+        "chromium",
+        "the browser in the browser VM",
+    ),
+)
 VM_TAG = "airlock-vm="  # $0 of the sandbox's shell: names its state dir in bwrap's cmdline
 
 
@@ -139,11 +153,7 @@ async def open_vm_socket(state_dir: Path, name: str, *, limit: int = 2**16) -> S
 def check_host(bwrap: str | None, xvnc: str | None, chromium: str | None) -> list[str]:
     """What stops this host from running sandboxes with these binaries."""
     problems: list[str] = []
-    for what, path, package in (
-        ("bwrap", bwrap, "bubblewrap"),
-        ("Xvnc", xvnc, "tigervnc-standalone-server"),
-        ("chromium", chromium, "chromium"),
-    ):
+    for (what, _, package, _), path in zip(BINARIES, (bwrap, xvnc, chromium), strict=True):
         if not path or not os.access(path, os.X_OK):
             problems.append(
                 f"{what} not found ({path or 'not on PATH'}): apt-get install {package}"
@@ -187,3 +197,82 @@ def check_host(bwrap: str | None, xvnc: str | None, chromium: str | None) -> lis
     if not hasattr(os, "pidfd_open"):
         problems.append("this Python or kernel lacks pidfd_open (Linux >= 5.3 needed)")
     return problems
+
+
+def host_checks() -> list[HostCheck]:
+    """The sandbox runtime's rows for ``airlock doctor``: its binaries, then what keeps a
+    sandbox VM in (``confine``): a root controller (per-VM uids, cgroups, tmpfs), user
+    namespaces for an unprivileged uid, seccomp, cgroup limits."""
+    checks = [binary(n, c, p, needed=True, why=w) for n, c, p, w in BINARIES]
+    checks.append(
+        binary(
+            "pasta",
+            ("pasta", "passt"),
+            "passt",
+            needed=False,
+            why="only for general egress from a sandbox; the egress proxy needs none",
+        )
+    )
+    if confine.privileged():
+        checks.append(HostCheck("controller uid", True, True, "root: each VM gets its own uid"))
+    else:
+        checks.append(
+            HostCheck(
+                "controller uid",
+                False,
+                True,
+                f"uid {os.geteuid()}: VMs would run as this user, with no cgroup limits, no "
+                "uid of their own and no size limit on their state dirs",
+                "run the controller as root: it drops every VM to a uid of its own",
+            )
+        )
+    if (bwrap := shutil.which("bwrap")) is not None:
+        problem = confine.userns_problem(bwrap)
+        checks.append(
+            HostCheck(
+                "user namespaces",
+                problem is None,
+                True,
+                "an unprivileged uid can create one" if problem is None else problem,
+                None
+                if problem is None
+                else "sysctl -w user.max_user_namespaces=15000; on Debian kernels before 6.1 "
+                "also kernel.unprivileged_userns_clone=1; on Ubuntu 23.10+ "
+                "kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile "
+                "allowing userns for /usr/bin/bwrap)",
+            )
+        )
+    seccomp = "Seccomp:" in Path("/proc/self/status").read_text()
+    checks.append(
+        HostCheck(
+            "seccomp",
+            seccomp,
+            True,
+            "the kernel filters syscalls" if seccomp else "kernel without CONFIG_SECCOMP",
+            None if seccomp else "a kernel built with CONFIG_SECCOMP_FILTER",
+        )
+    )
+    checks.append(_cgroup_check())
+    return checks
+
+
+def _cgroup_check() -> HostCheck:
+    problem = confine.cgroup_problem()
+    layout = confine.cgroup_layout()
+    if problem is None and layout is not None:
+        kind, parents = layout
+        where = ", ".join(str(p) for p in parents.values())
+        detail = f"cgroup {kind}: VM leaves under {where}"
+        if kind == "v1":
+            detail += " (no cgroup v2 memory/pids/cpu here; v1 limits work the same)"
+        return HostCheck("cgroups", True, True, detail)
+    return HostCheck(
+        "cgroups",
+        False,
+        True,
+        problem or "no cgroups",
+        "mount cgroup2 with the memory, pids and cpu controllers (systemd: "
+        "systemd.unified_cgroup_hierarchy=1); in a container or a systemd unit, "
+        "delegate a cgroup subtree to the controller (Delegate=yes, or docker/podman "
+        "--cgroupns=private with a writable /sys/fs/cgroup)",
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from airlock.providers.codex import CodexProvider
 from airlock.providers.gemini_cli import GeminiCliProvider
 from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider
 from airlock.runtimes.base import Runtime
+from airlock.runtimes.host_checks import HostCheck
 from airlock.services.bus import SessionBus
 from airlock.services.credential_health import CredentialHealth
 from airlock.services.egress import EgressManager
@@ -152,6 +154,18 @@ def platform_jwt(settings: Settings) -> PlatformJwtVerifier | None:
             refetch_interval=timedelta(milliseconds=settings.jwt_jwks_refetch_ms),
         )
     )
+
+
+def runtime_host_checks(settings: Settings) -> dict[str, Callable[[], list[HostCheck]]]:
+    """What each runtime needs of this host, asked of the runtime's own host module, by
+    runtime name (``airlock doctor`` shows them all, required for the configured one)."""
+    from airlock.runtimes import firecracker_vmm, kvm_probe, sandbox_host
+
+    return {
+        "sandbox": sandbox_host.host_checks,
+        "qemu": lambda: kvm_probe.host_checks(settings.image_dir, settings.qemu_accel),
+        "firecracker": firecracker_vmm.host_checks,
+    }
 
 
 def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:

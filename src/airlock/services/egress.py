@@ -155,6 +155,9 @@ class EgressManager:
     async def start_cli(self, vm_id: str, socket_path: Path) -> None:
         """The proxy of a CLI VM (``cli_policy``); its decisions are not a session's."""
         await self.stop(vm_id)
+        if not socket_path.parent.is_dir():  # a runtime without state dirs on this host
+            log.warning("CLI VM %s has no state dir here: no egress proxy", vm_id)
+            return
         policy = self.cli_policy
 
         def observe(verdict: Verdict) -> None:

@@ -11,8 +11,8 @@ controller decrypts the credentials and, through the VM's guest agent:
    injected;
 3. asks the CLI itself (``Provider.verification``) whether it is logged in.
 
-The result is recorded on the credentials row (``injected_*``: the session's
-``credentials.injected``) and as an audit event.
+The result is recorded on the credentials row (``injected_*``: what the session JSON's
+``credentials`` say under ``injected``) and as an audit event.
 
 A login has one holder (``services.grants``): putting it into a VM while another VM holds it
 is a **move**. Under the login's move lease the controller takes the files back from the old

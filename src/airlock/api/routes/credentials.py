@@ -27,6 +27,8 @@ router = APIRouter(prefix="/api/credentials", tags=["credentials"])
 
 SSE_WAKE_S = 5.0  # re-read at least this often: other controllers' changes
 SSE_HEARTBEAT_S = 15.0
+SSE_MAX_S = 600.0  # a stream ends after this; EventSource reconnects (``retry``), a proxy
+# or a forgotten client does not hold it forever
 
 UserQuery = Annotated[
     str | None,
@@ -161,8 +163,8 @@ async def credential_events(
     core: CoreDep, principal: PrincipalDep, user_id: UserQuery = None
 ) -> StreamingResponse:
     """``event: credentials`` with the list at once and after every change of it (a login
-    that needs attention among them), a comment line every 15 s. A user's stream; a service
-    token names the user."""
+    that needs attention among them), a comment line every 15 s; it ends after 10 minutes
+    (EventSource reconnects). A user's stream; a service token names the user."""
     user = principal.user_for(user_id)
     assert user is not None
     return StreamingResponse(
@@ -176,8 +178,9 @@ async def _stream(core: Core, user_id: str) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     key = bus_key(user_id)
     last: bytes | None = None
-    last_write = loop.time()
-    while True:
+    last_write = started = loop.time()
+    yield "retry: 2000\n\n"
+    while loop.time() - started < SSE_MAX_S:
         version = core.bus.version(key)  # before the read: no change falls in between
         body = _LIST.dump_json(await _logins(core, user_id), by_alias=True)
         if body != last:
@@ -186,4 +189,6 @@ async def _stream(core: Core, user_id: str) -> AsyncIterator[str]:
         elif loop.time() - last_write >= SSE_HEARTBEAT_S:
             last_write = loop.time()
             yield ": keepalive\n\n"
-        await core.bus.wait(key, version, SSE_WAKE_S)
+        await core.bus.wait(
+            key, version, min(SSE_WAKE_S, max(0.0, started + SSE_MAX_S - loop.time()))
+        )

@@ -2,8 +2,8 @@
 
 Each route: check who asks and for whom (``Principal.user_for``), call ``SessionService``,
 serialize. Another user's session is a 404 exactly like a missing one, because the service
-is asked with the caller's user id. The viewer page (``/novnc``) and the VNC WebSocket
-(``/vnc``) are not served here yet.
+is asked with the caller's user id. The viewer page (``/novnc``) and what it calls with its
+viewer token are ``routes.viewer``; the VNC WebSocket (``/vnc``) is ``routes.vnc``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from airlock.api.deps import (
 )
 from airlock.api.routes.sessions import SSE_HEARTBEAT_S, SSE_WAKE_S, SessionIdPath
 from airlock.domain.vms import VmState
-from airlock.errors import Forbidden, NotFound, Unauthorized
+from airlock.errors import NotFound, Unauthorized
+from airlock.services import viewers
 from airlock.services.core import Core
 from airlock.store.tables import AuthSession, Vm
 
@@ -179,7 +180,7 @@ async def viewer_keepalive(
     viewer token is never traded for a new one (after its TTL the open VNC socket still
     counts as presence)."""
     claims, _, _ = await viewed_session(core, signer, session_id, token)
-    destroy_after = await core.sessions.keepalive(claims.session_id, None)
+    destroy_after = await viewers.keepalive(core, claims.session_id)
     return schemas.KeepaliveOut(destroyAfter=destroy_after)
 
 
@@ -193,7 +194,5 @@ async def viewer_complete(
     session_id: SessionIdPath, core: CoreDep, signer: SignerDep, token: TokenQuery = None
 ) -> schemas.CompleteOut:
     claims, session, _ = await viewed_session(core, signer, session_id, token)
-    if claims.view_only:
-        raise Forbidden("a view-only viewer cannot end the session", code="view_only")
-    session, vm = await core.sessions.complete(session.id, None, actor=f"viewer:{session.user_id}")
+    session, vm = await viewers.complete(core, session, view_only=claims.view_only)
     return schemas.CompleteOut(session=await _view(core, session, vm))
