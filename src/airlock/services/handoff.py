@@ -201,7 +201,7 @@ class HandoffService:
             )
         async with self.db.transaction() as repo:
             vm = await repo.vm(vm_id)
-            if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI.value:
+            if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI:
                 raise NotFound(f"no CLI VM {vm_id} for this user", code="vm_not_found")
             # A capture stored by a controller that knew no logins becomes one now.
             for capture in await repo.captures_without_grant(user_id, provider_id):
@@ -396,10 +396,10 @@ class HandoffService:
     async def _check_target(self, vm_id: str, user_id: str, grant: Grant, actor: str) -> None:
         async with self.db.read() as repo:
             vm = await repo.vm(vm_id)
-        if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI.value:
+        if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI:
             raise NotFound(f"no CLI VM {vm_id} for this user", code="vm_not_found")
-        if vm.state != VmState.RUNNING.value:
-            starting = vm.state == VmState.CREATING.value
+        if vm.state != VmState.RUNNING:
+            starting = vm.state == VmState.CREATING
             what = "is still starting" if starting else "is being destroyed"
             if VmState(vm.state).terminal:
                 what = f"is {vm.state}"
