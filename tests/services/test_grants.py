@@ -217,16 +217,42 @@ async def test_fifty_concurrent_moves_through_two_controllers_end_with_one_holde
         assert done.verified
         return MoveOutcome.MOVED if done.moved_from else MoveOutcome.INJECTED
 
-    await asyncio.gather(*(move(i, vm) for i, vm in enumerate(targets)))
+    # Meanwhile the CLI in every VM keeps refreshing whatever login it finds there (exit 5:
+    # none). A copy left behind by a move, or a file written back over a newer one, would
+    # show as a rotated refresh token presented again.
+    provider = core.providers["oauth2"]
+    assert isinstance(provider, OAuth2Provider)
+    moving = True
+    exits: list[int | None] = []
+
+    async def cli_refreshing(vm_id: str) -> None:
+        a = await agent(core, vm_id)
+        try:
+            while moving:
+                exits.append((await a.run(provider.refresh_argv(), timeout_s=60)).exit_code)
+        finally:
+            await a.close()
+
+    refreshers = [asyncio.create_task(cli_refreshing(vm)) for vm in vms]
+    try:
+        await asyncio.gather(*(move(i, vm) for i, vm in enumerate(targets)))
+    finally:
+        moving = False
+        await asyncio.gather(*refreshers)
+    refreshed = exits.count(0)
+    assert set(exits) <= {0, 5} and refreshed >= 5, exits
+    print(f"{refreshed} refreshes in the VMs during the 50 moves; {exits.count(5)} found none")
 
     grant = await the_login(core, "bob")
     holder = grant.holder_vm_id
     assert holder in vms
     holding = [vm for vm in vms if (cli_home(core, vm) / TOKENS_PATH).exists()]
     assert holding == [holder]
+    assert core.grants is not None
+    assert await core.grants.sync(grant.id, wait=True) in (None, grant.current_version + 1)
     assert await token_file(core, holder) == await vault_file(core, "bob")
     await refresh_in(core, holder)  # the one holder's token is the live one
-    no_reuse(idp, tokens, accepted=1)
+    no_reuse(idp, tokens, accepted=refreshed + 1)
 
     # The event log tells every move, in an order that chains: each starts where the one
     # before it ended.

@@ -75,17 +75,16 @@ class MovePlan:
     """What a move must do before the login lands in ``target``."""
 
     take_from: str | None  # the VM whose files are read back and removed first; None: vault
-    same_vm: bool  # the target already holds the login
+    same_vm: bool  # the target already holds the login (taken back and written again)
 
 
 def plan_move(*, holder: str | None, target: str) -> MovePlan:
     """Inject into ``target``: take the files back from the current holder first, unless it
-    is the vault or the target itself (then the vault's newest version is simply rewritten)."""
+    is the vault. The target itself too, when it holds the login: rewriting its files while
+    its CLI may be refreshing them could put back a token the refresh just rotated."""
     if holder is None:
         return MovePlan(take_from=None, same_vm=False)
-    if holder == target:
-        return MovePlan(take_from=None, same_vm=True)
-    return MovePlan(take_from=holder, same_vm=False)
+    return MovePlan(take_from=holder, same_vm=holder == target)
 
 
 def changed(stored: Mapping[str, bytes], read: Mapping[str, bytes]) -> bool:

@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from airlock.domain import IllegalTransition
+from airlock.domain.quotas import Refusal, Scope
 
 
 class SessionStatus(StrEnum):
@@ -26,10 +27,6 @@ class SessionStatus(StrEnum):
         return self in TERMINAL
 
 
-TERMINAL = frozenset(
-    {SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.CANCELLED, SessionStatus.EXPIRED}
-)
-
 _ENDINGS = frozenset({SessionStatus.FAILED, SessionStatus.CANCELLED, SessionStatus.EXPIRED})
 
 TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
@@ -42,6 +39,10 @@ TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
     SessionStatus.CANCELLED: frozenset(),
     SessionStatus.EXPIRED: frozenset(),
 }
+
+# Read off the table above (``tests/domain/test_state_sets.py`` pins them).
+TERMINAL = frozenset(s for s, moves in TRANSITIONS.items() if not moves)
+LIVE = frozenset(set(SessionStatus) - TERMINAL)  # initializing, awaiting_user
 
 
 def can_move(current: SessionStatus, target: SessionStatus) -> bool:
@@ -95,3 +96,22 @@ def record_changes(
     if target.terminal:
         changes["ended_at"] = now
     return changes
+
+
+class StartPath(StrEnum):
+    """How a login gets its browser VM."""
+
+    WARM = "warm"  # claim a VM the warm pool booted ahead (the login starts at once)
+    COLD = "cold"  # add a VM row and boot it now
+
+
+def start_paths(refusal: Refusal | None, *, pool: bool) -> tuple[StartPath, ...]:
+    """The ways a login may start, in the order to try them; none: ``refusal`` stands.
+
+    A user over their own limits gets nothing. A warm VM is counted already, so a full
+    node still hands out its warm VMs (when there is a ``pool``); a cold boot needs room.
+    """
+    if refusal is not None and refusal.scope is Scope.USER:
+        return ()
+    warm = (StartPath.WARM,) if pool else ()
+    return warm + ((StartPath.COLD,) if refusal is None else ())

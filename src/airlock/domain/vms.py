@@ -36,9 +36,6 @@ class VmState(StrEnum):
         return self not in TERMINAL
 
 
-TERMINAL = frozenset({VmState.DESTROYED, VmState.LOST})
-LIVE = frozenset(set(VmState) - TERMINAL)
-
 TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     # creating -> destroying: boot failed, cancelled, or the login deadline passed mid-boot.
     VmState.CREATING: frozenset(
@@ -55,6 +52,19 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     VmState.DESTROYED: frozenset(),
     VmState.LOST: frozenset(),
 }
+
+# The named sets, read off the table above (``tests/domain/test_state_sets.py`` pins them).
+TERMINAL = frozenset(s for s, moves in TRANSITIONS.items() if not moves)  # destroyed, lost
+LIVE = frozenset(set(VmState) - TERMINAL)
+# A deadline (or a request) can still start its destroy: creating, running, draining,
+# retained. ``destroying`` rows come back to the scheduler through their lease instead.
+DESTROYABLE = frozenset(s for s, moves in TRANSITIONS.items() if VmState.DESTROYING in moves)
+# Booting or booted and not yet on its way out: creating, running. A login can use the VM;
+# the warm pool counts these as its own.
+IN_SERVICE = frozenset(s for s, moves in TRANSITIONS.items() if VmState.DRAINING in moves)
+# Booted and not yet being destroyed: running, draining, retained. The guest runs and its
+# lease must be renewed.
+BOOTED = frozenset({VmState.RUNNING} | (TRANSITIONS[VmState.RUNNING] & DESTROYABLE))
 
 
 def can_move(current: VmState, target: VmState) -> bool:

@@ -54,13 +54,19 @@ log = logging.getLogger("airlock.grants")
 # Reads a login's files in the VM (home-relative paths; the agent runs it in the home) and
 # prints them base64 in JSON. ``take`` renames each file away before reading it and shreds
 # it after, again until the path stays empty: a CLI that refreshed meanwhile wrote a new file
-# there, and the newest is what the vault must get. Standard library only.
+# there, and the newest is what the vault must get. Where a refresher locks its file (a
+# ``.lock`` beside it, flock: the ``oauth2`` refresher), the take holds that lock, so a
+# refresh under way finishes first and none starts until the file is gone. Stdlib only.
 _FILES = (
-    "import base64, json, os, sys\n"
+    "import base64, fcntl, json, os, sys\n"
     "take = sys.argv[1] == 'take'\n"
     "out = {}\n"
     "for p in sys.argv[2:]:\n"
     "    out[p] = None\n"
+    "    lock = None\n"
+    "    if take and os.path.exists(p + '.lock'):\n"
+    "        lock = os.open(p + '.lock', os.O_RDWR | os.O_CLOEXEC)\n"
+    "        fcntl.flock(lock, fcntl.LOCK_EX)\n"
     "    for _ in range(5):\n"
     "        src = p + '.airlock-take' if take else p\n"
     "        try:\n"
@@ -78,6 +84,8 @@ _FILES = (
     "            f.flush()\n"
     "            os.fsync(f.fileno())\n"
     "        os.unlink(src)\n"
+    "    if lock is not None:\n"
+    "        os.close(lock)\n"
     "print(json.dumps(out))\n"
 )
 

@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -64,6 +64,7 @@ _READ_BACK = (
     "        out['files'][p] = [None, None, e.errno]\n"
     "print(json.dumps(out))\n"
 )
+_CHANGED = "changed since written"
 _EXISTING = 'for p; do [ -e "$p" ] && printf "%s\\n" "$p"; done; exit 0'
 
 
@@ -158,6 +159,7 @@ class HandoffService:
         if holder is None:
             return
         async with self.grants.moving(old.id, target=None) as lease:
+            assert lease is not None  # a waiting claim returns a lease or raises
             if not keep_files:
                 try:
                     # The same provider's files: the new login's paths (the old one's
@@ -169,7 +171,7 @@ class HandoffService:
             now = self.clock.now()
             async with self.db.transaction() as repo:
                 await repo.set_grant_if_owner(
-                    old.id, lease.owner if lease else "", holder_vm_id=None, holder_since=now
+                    old.id, lease.owner, holder_vm_id=None, holder_since=now
                 )
                 repo.add_event(
                     at=now,
@@ -199,7 +201,7 @@ class HandoffService:
             )
         async with self.db.transaction() as repo:
             vm = await repo.vm(vm_id)
-            if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI.value:
+            if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI:
                 raise NotFound(f"no CLI VM {vm_id} for this user", code="vm_not_found")
             # A capture stored by a controller that knew no logins becomes one now.
             for capture in await repo.captures_without_grant(user_id, provider_id):
@@ -236,12 +238,19 @@ class HandoffService:
             plan = grant_policy.plan_move(holder=grant.holder_vm_id, target=vm_id)
             stale: str | None = None
             if plan.take_from is not None:
-                stale = await self._take_from(grant, plan.take_from, lease, actor, force=force)
-            elif plan.same_vm:
-                await self._sync_in_place(grant, vm_id, lease)
+                stale = await self._take_from(
+                    grant, plan.take_from, lease, actor, force=force and not plan.same_vm
+                )
             await self._displace(grant, vm_id, actor)
             return await self._deliver(
-                grant, provider, vm_id, actor, lease, moved_from=plan.take_from, stale=stale
+                grant,
+                provider,
+                vm_id,
+                actor,
+                lease,
+                moved_from=None if plan.same_vm else plan.take_from,
+                stale=stale,
+                same_vm=plan.same_vm,
             )
 
     async def _take_from(
@@ -293,14 +302,6 @@ class HandoffService:
                 )
         return stale
 
-    async def _sync_in_place(self, grant: Grant, vm_id: str, lease: Lease) -> None:
-        """The target already holds the login: keep what its CLI refreshed."""
-        try:
-            files = await self.grants.read(vm_id, grant)
-        except HolderUnreachable:
-            return  # the write below reports the VM's trouble
-        await self.grants.seal(grant, files, source=VersionSource.SYNC, vm_id=vm_id, lease=lease)
-
     async def _displace(self, grant: Grant, vm_id: str, actor: str) -> None:
         """Another login of the same provider (another account) held by the target: its
         files are about to be overwritten, so the vault takes it back first."""
@@ -339,6 +340,7 @@ class HandoffService:
         *,
         moved_from: str | None,
         stale: str | None,
+        same_vm: bool,
     ) -> Injection:
         creds = await self.grants.current(grant)
         plan = provider.injection(creds)
@@ -352,6 +354,8 @@ class HandoffService:
                     [FileWrite(f.path, f.content, f.mode) for f in files]
                 )
                 intact, summary = await self._read_back(agent, files)
+                if not intact and summary.startswith(_CHANGED):
+                    intact, summary = await self._refreshed_since(grant, provider, vm_id, files)
                 check = "read-back of the written files (SHA-256, mode 0600, owner)"
                 verification = provider.verification()
                 if intact and verification is not None:
@@ -386,15 +390,16 @@ class HandoffService:
             check_ms=check_ms,
             moved_from=moved_from,
             stale=stale,
+            same_vm=same_vm,
         )
 
     async def _check_target(self, vm_id: str, user_id: str, grant: Grant, actor: str) -> None:
         async with self.db.read() as repo:
             vm = await repo.vm(vm_id)
-        if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI.value:
+        if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI:
             raise NotFound(f"no CLI VM {vm_id} for this user", code="vm_not_found")
-        if vm.state != VmState.RUNNING.value:
-            starting = vm.state == VmState.CREATING.value
+        if vm.state != VmState.RUNNING:
+            starting = vm.state == VmState.CREATING
             what = "is still starting" if starting else "is being destroyed"
             if VmState(vm.state).terminal:
                 what = f"is {vm.state}"
@@ -425,13 +430,36 @@ class HandoffService:
             seen = report["files"]
         except (ValueError, KeyError, TypeError):
             return False, f"read-back failed (exit {result.exit_code})"
+        changed = []
         for f in files:
             digest, mode, owner = seen.get(f.path, [None, None, None])
-            if digest != hashlib.sha256(f.content).hexdigest():
+            if digest is None:
                 return False, f"{f.path} does not hold what was written"
             if mode != f.mode or owner != uid:
                 return False, f"{f.path} has mode {mode:o} owner {owner}, expected {f.mode:o} {uid}"
+            if digest != hashlib.sha256(f.content).hexdigest():
+                changed.append(f.path)
+        if changed:
+            return False, f"{_CHANGED}: {', '.join(changed)}"
         return True, f"{len(files)} file(s) intact, mode 0600, owned by uid {uid}"
+
+    async def _refreshed_since(
+        self, grant: Grant, provider: Provider, vm_id: str, files: list[InjectFile]
+    ) -> tuple[bool, str]:
+        """A file that changed between the write and the read-back: the VM's CLI may have
+        refreshed it at once (it holds the login now). Accepted only when it is a valid
+        login of the same account, as the provider reads it; the next sync seals it."""
+        written = {f.path: f.content for f in files if not f.only_if_absent}
+        try:
+            now_there = await self.grants.files(vm_id, sorted(written), take=False)
+            current = {p: c for p, c in now_there.items() if c is not None}
+            creds = provider.normalise({**written, **current}, now=self.clock.now())
+        except (HolderUnreachable, CredentialError):
+            return False, "the login's files changed after they were written"
+        account = grant_policy.account_key(asdict(creds.account))
+        if account and grant.account and account != grant.account:
+            return False, "the login's files changed after they were written (another account)"
+        return True, "the files were written, and the CLI in the VM has refreshed them since"
 
     async def _failed(
         self, grant: Grant, vm_id: str, actor: str, message: str, *, moved_from: str | None
@@ -456,6 +484,7 @@ class HandoffService:
         check_ms: int | None,
         moved_from: str | None,
         stale: str | None,
+        same_vm: bool,
     ) -> Injection:
         now = self.clock.now()
         notice = None
@@ -471,14 +500,8 @@ class HandoffService:
                 raise Conflict(
                     f"the move lease of login {grant.id} was lost", code="move_lease_lost"
                 )
-            same = row.holder_vm_id == vm_id
-            await repo.set_grant(
-                grant.id,
-                holder_vm_id=vm_id,
-                holder_since=row.holder_since if same and row.holder_since else now,
-                updated_at=now,
-            )
-            if same:
+            await repo.set_grant(grant.id, holder_vm_id=vm_id, holder_since=now, updated_at=now)
+            if same_vm:
                 outcome = MoveOutcome.ALREADY_THERE
             cred = await repo.credential_of_session(grant.session_id) if grant.session_id else None
             if cred is not None:

@@ -16,14 +16,13 @@ from datetime import datetime
 from airlock.agent.client import AgentClient
 from airlock.clock import Clock
 from airlock.domain.leases import LeasePolicy
-from airlock.domain.vms import VmRole, VmState
+from airlock.domain.vms import BOOTED, VmRole
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime, VmSpec
 from airlock.store.db import Database
 
 log = logging.getLogger("airlock.leases")
 
-LEASED_STATES = (VmState.RUNNING, VmState.DRAINING, VmState.RETAINED)
 RENEW_TIMEOUT_S = 5.0
 CONCURRENCY = 8  # agents renewed at once: one hung agent does not hold up the others
 
@@ -74,8 +73,8 @@ class LeaseKeeper:
         """Renew every running browser VM of this node; return how many confirmed."""
         async with self.db.read() as repo:
             rows = await repo.vms(
-                role=VmRole.BROWSER.value,
-                states=[s.value for s in LEASED_STATES],
+                role=VmRole.BROWSER,
+                states=list(BOOTED),
                 node=repo.node,
             )
         gate = asyncio.Semaphore(CONCURRENCY)
@@ -119,4 +118,4 @@ class LeaseKeeper:
 
     async def _record(self, vm_id: str, until: datetime) -> None:
         async with self.db.transaction() as repo:
-            await repo.set_vm(vm_id, LEASED_STATES, guest_lease_until=until)
+            await repo.set_vm(vm_id, BOOTED, guest_lease_until=until)

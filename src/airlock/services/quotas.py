@@ -32,7 +32,7 @@ async def check(
         log.info(
             "start refused: %s",
             refusal.code,
-            extra={"user_id": user_id, "kind": kind.value, "scope": refusal.scope.value},
+            extra={"user_id": user_id, "kind": kind, "scope": refusal.scope},
         )
     return refusal
 

@@ -118,7 +118,7 @@ class Reconciler:
                     kind="vm",
                     subject_id=action.vm_id,
                     vm_id=action.vm_id,
-                    cause=DestroyReason.ORPHAN.value,
+                    cause=DestroyReason.ORPHAN,
                     actor="reconciler",
                 )
             return True
@@ -139,7 +139,7 @@ class Reconciler:
                     vm,
                     VmState.LOST,
                     now=now,
-                    cause=DestroyReason.VANISHED.value,
+                    cause=DestroyReason.VANISHED,
                     actor="reconciler",
                     destroyed_at=now,
                     destroy_reason="vanished",
@@ -148,14 +148,14 @@ class Reconciler:
                 log.error("VM vanished while it should be alive", extra={"vm_id": vm.id})
                 failure = FailureReason.VM_LOST
             else:
-                if vm.state != VmState.DESTROYING.value:
+                if vm.state != VmState.DESTROYING:
                     cause = {
                         ActionKind.MARK_BOOT_FAILED: DestroyReason.BOOT_FAILED,
                         ActionKind.MARK_LEASE_EXPIRED: DestroyReason.LEASE_EXPIRED,
                     }.get(action.kind, DestroyReason.VANISHED)
-                    reason = vm.destroy_reason or cause.value
+                    reason = vm.destroy_reason or cause
                     if action.kind is ActionKind.MARK_LEASE_EXPIRED:
-                        reason = cause.value  # how it really ended, whatever was planned
+                        reason = cause  # how it really ended, whatever was planned
                         log.warning(
                             "VM ended itself: its lease ran out with no controller to renew it",
                             extra={"vm_id": vm.id},
@@ -165,7 +165,7 @@ class Reconciler:
                         vm,
                         VmState.DESTROYING,
                         now=now,
-                        cause=cause.value,
+                        cause=cause,
                         actor="reconciler",
                         destroy_reason=reason,
                     )
@@ -190,11 +190,11 @@ class Reconciler:
                     session,
                     SessionStatus.FAILED,
                     now=now,
-                    cause=failure.value,
+                    cause=failure,
                     actor="reconciler",
                     failure_reason=_failure_text(failure),
                 )
-                self.metrics.sessions.labels(SessionStatus.FAILED.value).inc()
+                self.metrics.sessions.labels(SessionStatus.FAILED).inc()
         if session is not None:
             await self.bus.publish(session.id)
         return True

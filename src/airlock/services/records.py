@@ -40,18 +40,18 @@ async def move_vm(
             subject_id=vm.id,
             vm_id=vm.id,
             session_id=session_id,
-            from_state=current.value,
-            to_state=to.value,
+            from_state=current,
+            to_state=to,
             cause=cause,
             actor=actor,
         )
         log.info(
             "vm %s -> %s",
-            current.value,
-            to.value,
+            current,
+            to,
             extra={"vm_id": vm.id, "session_id": session_id, "cause": cause, "actor": actor},
         )
-        vm.state = to.value
+        vm.state = to
         for key, value in values.items():
             setattr(vm, key, value)
     return won
@@ -82,8 +82,8 @@ async def move_session(
             subject_id=session.id,
             session_id=session.id,
             vm_id=session.vm_id,
-            from_state=current.value,
-            to_state=to.value,
+            from_state=current,
+            to_state=to,
             cause=cause,
             actor=actor,
             detail={"failure_reason": values["failure_reason"]}
@@ -92,8 +92,8 @@ async def move_session(
         )
         log.info(
             "session %s -> %s",
-            current.value,
-            to.value,
+            current,
+            to,
             extra={
                 "session_id": session.id,
                 "vm_id": session.vm_id,
@@ -101,7 +101,7 @@ async def move_session(
                 "actor": actor,
             },
         )
-        session.status = to.value
+        session.status = to
         session.updated_at = now
         for key, value in values.items():
             setattr(session, key, value)

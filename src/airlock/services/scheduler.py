@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.sessions import FailureReason, SessionStatus
-from airlock.domain.vms import DestroyReason, VmRole, VmState
+from airlock.domain.vms import DESTROYABLE, DestroyReason, VmRole, VmState
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime
 from airlock.services import records
@@ -96,7 +96,7 @@ class Scheduler:
         claimed: list[Vm] = []
         async with self.db.transaction(urgent=True) as repo:
             for vm in await repo.due_vms(now, BATCH):
-                reason = vm.destroy_reason or DestroyReason.GRACE_ENDED.value
+                reason = vm.destroy_reason or DestroyReason.GRACE_ENDED
                 if await self._claim(repo, vm, now=now, reason=reason, actor="scheduler"):
                     claimed.append(vm)
         for vm in claimed:
@@ -110,9 +110,9 @@ class Scheduler:
         now = self.clock.now()
         async with self.db.transaction(urgent=True) as repo:
             vm = await repo.vm(vm_id, lock=True)
-            if vm is None or vm.state in (VmState.DESTROYING.value, *_TERMINAL):
+            if vm is None or vm.state not in DESTROYABLE:  # being destroyed, or gone
                 return False
-            if not await self._claim(repo, vm, now=now, reason=reason.value, actor=actor):
+            if not await self._claim(repo, vm, now=now, reason=reason, actor=actor):
                 return False
             # The deadline becomes "now": destroy lag measures from the moment it was asked.
             await repo.set_vm(vm.id, [VmState.DESTROYING], destroy_after=now)
@@ -120,7 +120,9 @@ class Scheduler:
         await self._destroy_claimed(vm)
         return True
 
-    async def _claim(self, repo: Repo, vm: Vm, *, now: datetime, reason: str, actor: str) -> bool:
+    async def _claim(
+        self, repo: Repo, vm: Vm, *, now: datetime, reason: DestroyReason, actor: str
+    ) -> bool:
         """Take the destroy of ``vm`` (one claimer wins) and record it. A login still in
         progress when its VM's deadline comes has passed its login deadline: it expires."""
         was = vm.state
@@ -135,10 +137,10 @@ class Scheduler:
                 now=now,
                 cause="login_deadline",
                 actor=actor,
-                failure_reason=FailureReason.LOGIN_TIMEOUT.value,
+                failure_reason=FailureReason.LOGIN_TIMEOUT,
             )
-            self.metrics.sessions.labels(SessionStatus.EXPIRED.value).inc()
-        if was != VmState.DESTROYING.value:
+            self.metrics.sessions.labels(SessionStatus.EXPIRED).inc()
+        if was != VmState.DESTROYING:
             repo.add_event(
                 at=now,
                 kind="vm",
@@ -146,12 +148,12 @@ class Scheduler:
                 vm_id=vm.id,
                 session_id=session.id if session else None,
                 from_state=was,
-                to_state=VmState.DESTROYING.value,
+                to_state=VmState.DESTROYING,
                 cause=reason,
                 actor=actor,
             )
             vm.destroy_reason = reason
-        vm.state = VmState.DESTROYING.value
+        vm.state = VmState.DESTROYING
         return True
 
     async def _destroy_claimed(self, vm: Vm) -> None:
@@ -210,6 +212,3 @@ class Scheduler:
             )
         vm.destroy_attempts = attempts
         self.poke()
-
-
-_TERMINAL = (VmState.DESTROYED.value, VmState.LOST.value)

@@ -7,7 +7,6 @@ needs from the controller: its egress proxy.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -17,13 +16,13 @@ from pathlib import Path
 from airlock.clock import Clock
 from airlock.domain.quotas import Limits, StartKind
 from airlock.domain.sessions import SessionStatus
-from airlock.domain.vms import DestroyReason, VmRole, VmState
-from airlock.errors import InvalidInput, NotFound, RuntimeFailure
+from airlock.domain.vms import LIVE, DestroyReason, VmRole, VmState
+from airlock.errors import Conflict, InvalidInput, NotFound, RuntimeFailure
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime, VmSpec
 from airlock.services import quotas, records
 from airlock.services.scheduler import Scheduler
-from airlock.services.sessions import new_vm_id
+from airlock.services.vm_boot import BootFailed, VmBooter, add_vm, new_vm
 from airlock.store.db import Database
 from airlock.store.tables import Vm
 
@@ -59,6 +58,9 @@ class VmService:
         self.scheduler = scheduler
         self.boot_timeout = boot_timeout
         self.limits = limits
+        self.boots = VmBooter(
+            db=db, runtime=runtime, clock=clock, metrics=metrics, boot_timeout=boot_timeout
+        )
 
     async def get(self, vm_id: str, user_id: str | None) -> Vm:
         check_vm_id(vm_id)
@@ -76,31 +78,21 @@ class VmService:
         state: str | None = None,
         live_only: bool = False,
     ) -> list[Vm]:
-        if role is not None and role not in {r.value for r in VmRole}:
+        if role is not None and role not in set(VmRole):
             raise InvalidInput(f"unknown role {role!r}", code="invalid_role")
-        if state is not None and state not in {s.value for s in VmState}:
+        if state is not None and state not in set(VmState):
             raise InvalidInput(f"unknown state {state!r}", code="invalid_state")
         states = [state] if state else None
         if live_only and states is None:
-            states = [s.value for s in VmState if s.live]
+            states = list(LIVE)
         async with self.db.read() as repo:
             return await repo.vms(user_id=user_id, role=role, states=states)
 
     async def create_cli(self, *, user_id: str, actor: str) -> Vm:
+        """Add the row, boot it, and answer it running. A boot that fails, or a VM deleted
+        while it booted, is a clear error with the row's tombstone left behind."""
         now = self.clock.now()
-        vm = Vm(
-            id=new_vm_id(),
-            role=VmRole.CLI.value,
-            runtime=self.runtime.name,
-            user_id=user_id,
-            state=VmState.CREATING.value,
-            created_at=now,
-            updated_at=now,
-            destroy_after=None,
-            destroy_attempts=0,
-            warm=False,
-            detail={},
-        )
+        vm = new_vm(role=VmRole.CLI, runtime=self.runtime.name, user_id=user_id, now=now)
         async with self.db.transaction() as repo:
             refusal = await quotas.check(
                 repo,
@@ -112,60 +104,14 @@ class VmService:
             )
             if refusal is not None:
                 raise quotas.error(refusal)
-            repo.add_vm(vm)
-            repo.add_event(
-                at=now,
-                kind="vm",
-                subject_id=vm.id,
-                vm_id=vm.id,
-                to_state=VmState.CREATING.value,
-                cause="created",
-                actor=actor,
-            )
-        started = asyncio.get_running_loop().time()
+            add_vm(repo, vm, cause="created", actor=actor)
+        spec = VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=user_id)
         try:
-            async with asyncio.timeout(self.boot_timeout):
-                running = await self.runtime.create(
-                    VmSpec(vm_id=vm.id, role=VmRole.CLI, user_id=user_id)
-                )
-        except Exception as exc:
-            await self.runtime.destroy(vm.id)
-            async with self.db.transaction() as repo:
-                await records.move_vm(
-                    repo,
-                    vm,
-                    VmState.DESTROYING,
-                    now=self.clock.now(),
-                    cause=DestroyReason.BOOT_FAILED.value,
-                    actor=actor,
-                    destroy_reason=DestroyReason.BOOT_FAILED.value,
-                )
-                await records.move_vm(
-                    repo,
-                    vm,
-                    VmState.DESTROYED,
-                    now=self.clock.now(),
-                    cause=DestroyReason.BOOT_FAILED.value,
-                    actor=actor,
-                    destroyed_at=self.clock.now(),
-                    last_error=str(exc)[:500],
-                )
-            raise RuntimeFailure(f"the CLI VM did not start: {exc}") from exc
-        self.metrics.vm_boot.labels("cli", self.runtime.name, "cold").observe(
-            asyncio.get_running_loop().time() - started
-        )
-        now = self.clock.now()
-        async with self.db.transaction() as repo:
-            await records.move_vm(
-                repo,
-                vm,
-                VmState.RUNNING,
-                now=now,
-                cause="booted",
-                actor=actor,
-                running_at=now,
-                detail=dict(running.detail),
-            )
+            running = await self.boots.boot_and_record(vm, spec, source="cold", actor=actor)
+        except BootFailed as failed:
+            raise RuntimeFailure(f"the CLI VM did not start: {failed.cause}") from failed
+        if running is None:
+            raise Conflict(f"the CLI VM {vm.id} was destroyed while it booted", code="vm_destroyed")
         await self._running(vm.id, running.state_dir)
         return vm
 

@@ -17,19 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from datetime import datetime, timedelta
 
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.leases import LeasePolicy
-from airlock.domain.vms import DestroyReason, VmRole, VmState
+from airlock.domain.vms import IN_SERVICE, LIVE, DestroyReason, VmRole, VmState
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime
-from airlock.services import records
 from airlock.services.leases import browser_spec
 from airlock.services.scheduler import Scheduler
+from airlock.services.vm_boot import BootFailed, VmBooter, add_vm, new_vm
 from airlock.store.db import Database
 from airlock.store.repo import Repo
 from airlock.store.tables import Vm
@@ -39,7 +38,6 @@ log = logging.getLogger("airlock.warm_pool")
 WARM_USER = ""  # a warm VM belongs to nobody until a session claims it
 CHECK_INTERVAL_S = 1.0  # also catches VMs the scheduler retired or the reconciler lost
 MIN_REMAINING = timedelta(seconds=5)  # never hand out a VM about to be retired
-_POOLED = (VmState.CREATING, VmState.RUNNING)
 
 
 def _backoff(failures: int) -> float:
@@ -73,6 +71,9 @@ class WarmPool:
         self.boot_timeout = boot_timeout
         self.max_browser_vms = max_browser_vms  # warm VMs are live VMs: they count too
         self.lease = lease  # warm VMs are browser VMs: leased like the others
+        self.boots = VmBooter(
+            db=db, runtime=runtime, clock=clock, metrics=metrics, boot_timeout=boot_timeout
+        )
         self._poked = asyncio.Event()
         self._failures = 0
 
@@ -82,7 +83,13 @@ class WarmPool:
 
     # --- claiming (inside the session's transaction) ---------------------------------
     async def claim(
-        self, repo: Repo, *, user_id: str, now: datetime, destroy_after: datetime, reason: str
+        self,
+        repo: Repo,
+        *,
+        user_id: str,
+        now: datetime,
+        destroy_after: datetime,
+        reason: DestroyReason,
     ) -> Vm | None:
         """Take a running warm VM for a new session, or None when none is ready. The VM
         becomes ``user_id``'s, with the session's deadline instead of the pool's."""
@@ -138,42 +145,28 @@ class WarmPool:
         now = self.clock.now()
         new: list[Vm] = []
         async with self.db.transaction() as repo:
-            pooled = await repo.warm_vms(_POOLED)
+            pooled = await repo.warm_vms(IN_SERVICE)
             wanted = self.size - len(pooled)
             if self.max_browser_vms is not None and wanted > 0:
                 await repo.lock_quota(None)  # the node's cap, as starts count it
                 live = await repo.vms(
-                    role=VmRole.BROWSER.value,
-                    states=[s.value for s in VmState if s.live],  # every VM a VM
+                    role=VmRole.BROWSER,
+                    states=LIVE,  # every VM a VM
                     node=repo.node,
                 )
                 wanted = min(wanted, self.max_browser_vms - len(live))
             for _ in range(wanted):
-                vm = Vm(
-                    id="vm-" + secrets.token_hex(8),
-                    role=VmRole.BROWSER.value,
+                vm = new_vm(
+                    role=VmRole.BROWSER,
                     runtime=self.runtime.name,
                     user_id=WARM_USER,
-                    state=VmState.CREATING.value,
-                    created_at=now,
-                    updated_at=now,
+                    now=now,
                     destroy_after=now + self.max_age,
-                    destroy_reason=DestroyReason.WARM_RETIRED.value,
-                    destroy_attempts=0,
+                    destroy_reason=DestroyReason.WARM_RETIRED,
                     warm=True,
-                    detail={},
                     guest_lease_until=self.lease.boot_until(now) if self.lease else None,
                 )
-                repo.add_vm(vm)
-                repo.add_event(
-                    at=now,
-                    kind="vm",
-                    subject_id=vm.id,
-                    vm_id=vm.id,
-                    to_state=VmState.CREATING.value,
-                    cause="warm_pool_fill",
-                    actor="warm_pool",
-                )
+                add_vm(repo, vm, cause="warm_pool_fill", actor="warm_pool")
                 new.append(vm)
         if new:
             self.scheduler.poke()  # a new deadline (the pool's maximum age)
@@ -183,58 +176,19 @@ class WarmPool:
 
     async def _boot(self, vm: Vm) -> None:
         started = time.monotonic()
+        spec = browser_spec(vm.id, WARM_USER, self.lease)
         try:
-            async with asyncio.timeout(self.boot_timeout):
-                running = await self.runtime.create(browser_spec(vm.id, WARM_USER, self.lease))
-        except Exception as exc:
+            # The state dir is where the session will start the VM's egress proxy.
+            running = await self.boots.boot_and_record(
+                vm, spec, source="warm_pool", actor="warm_pool", keep_state_dir=True
+            )
+        except BootFailed:
             self._failures += 1
-            log.warning("warm VM did not boot: %s", exc, extra={"vm_id": vm.id})
-            await self.runtime.destroy(vm.id)
-            async with self.db.transaction() as repo:
-                if await records.move_vm(
-                    repo,
-                    vm,
-                    VmState.DESTROYING,
-                    now=self.clock.now(),
-                    cause=DestroyReason.BOOT_FAILED.value,
-                    actor="warm_pool",
-                    destroy_reason=DestroyReason.BOOT_FAILED.value,
-                ):
-                    await records.move_vm(
-                        repo,
-                        vm,
-                        VmState.DESTROYED,
-                        now=self.clock.now(),
-                        cause=DestroyReason.BOOT_FAILED.value,
-                        actor="warm_pool",
-                        destroyed_at=self.clock.now(),
-                        last_error=str(exc)[:500],
-                    )
             return
         self._failures = 0
-        self.metrics.vm_boot.labels("browser", self.runtime.name, "warm_pool").observe(
-            time.monotonic() - started
-        )
-        now = self.clock.now()
-        async with self.db.transaction() as repo:
-            # The state dir is where the session will start the VM's egress proxy.
-            detail = {**running.detail, "state_dir": str(running.state_dir)}
-            won = await records.move_vm(
-                repo,
-                vm,
-                VmState.RUNNING,
-                now=now,
-                cause="booted",
-                actor="warm_pool",
-                running_at=now,
-                detail=detail,
+        if running is not None:  # else retired or destroyed while it booted
+            log.info(
+                "warm VM ready in %d ms",
+                (time.monotonic() - started) * 1000,
+                extra={"vm_id": vm.id},
             )
-        if not won:
-            # Retired or destroyed while it booted: the destroy may have run before the VM
-            # existed, so make sure nothing is left of it.
-            await self.runtime.destroy(vm.id)
-        log.info(
-            "warm VM ready in %d ms",
-            (time.monotonic() - started) * 1000,
-            extra={"vm_id": vm.id},
-        )

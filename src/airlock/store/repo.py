@@ -16,8 +16,9 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from airlock.domain.quotas import Usage
+from airlock.domain.sessions import LIVE as LIVE_SESSIONS
 from airlock.domain.sessions import SessionStatus
-from airlock.domain.vms import LIVE, VmRole, VmState
+from airlock.domain.vms import DESTROYABLE, LIVE, VmRole, VmState
 from airlock.store.tables import (
     AuthSession,
     Credential,
@@ -28,9 +29,6 @@ from airlock.store.tables import (
     Token,
     Vm,
 )
-
-# States whose deadline the scheduler acts on (destroying rows come back when their lease ends).
-_SCHEDULED = (VmState.CREATING, VmState.RUNNING, VmState.DRAINING, VmState.RETAINED)
 
 
 class Repo:
@@ -208,7 +206,7 @@ class Repo:
 
     async def live_vms(self) -> list[Vm]:
         """The live rows of this node (another host's VMs are not ours to judge)."""
-        return await self.vms(states=[s.value for s in LIVE], node=self.node)
+        return await self.vms(states=list(LIVE), node=self.node)
 
     async def move_vm(
         self, vm_id: str, expect: Iterable[VmState], to: VmState, **values: Any
@@ -216,8 +214,8 @@ class Repo:
         """Move a VM to ``to`` if it is still in one of ``expect``; report whether it did."""
         result = await self.session.execute(
             update(Vm)
-            .where(Vm.id == vm_id, Vm.state.in_([s.value for s in expect]))
-            .values(state=to.value, **values)
+            .where(Vm.id == vm_id, Vm.state.in_(list(expect)))
+            .values(state=to, **values)
             .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -226,7 +224,7 @@ class Repo:
         """Update fields of a VM still in one of ``expect`` (its state stays)."""
         result = await self.session.execute(
             update(Vm)
-            .where(Vm.id == vm_id, Vm.state.in_([s.value for s in expect]))
+            .where(Vm.id == vm_id, Vm.state.in_(list(expect)))
             .values(**values)
             .execution_options(synchronize_session=False)
         )
@@ -240,7 +238,7 @@ class Repo:
         concurrent claims spread out."""
         query = (
             select(Vm)
-            .where(Vm.node == self.node, Vm.warm.is_(True), Vm.state.in_([s.value for s in states]))
+            .where(Vm.node == self.node, Vm.warm.is_(True), Vm.state.in_(list(states)))
             .order_by(Vm.created_at)
         )
         if limit is not None:
@@ -257,7 +255,7 @@ class Repo:
             .where(
                 Vm.id == vm_id,
                 Vm.warm.is_(True),
-                Vm.state == VmState.RUNNING.value,
+                Vm.state == VmState.RUNNING,
                 Vm.destroy_after > now,
             )
             .values(warm=False, updated_at=now, **values)
@@ -274,9 +272,9 @@ class Repo:
             .where(
                 Vm.node == self.node,
                 or_(
-                    and_(Vm.state.in_([s.value for s in _SCHEDULED]), Vm.destroy_after <= now),
+                    and_(Vm.state.in_(list(DESTROYABLE)), Vm.destroy_after <= now),
                     and_(
-                        Vm.state == VmState.DESTROYING.value,
+                        Vm.state == VmState.DESTROYING,
                         or_(Vm.lease_until.is_(None), Vm.lease_until <= now),
                     ),
                 ),
@@ -294,19 +292,19 @@ class Repo:
         """Take the destroy of ``vm``: live -> destroying, or an expired lease renewed."""
         stale_lease = or_(Vm.lease_until.is_(None), Vm.lease_until <= now)
         values: dict[str, Any] = {
-            "state": VmState.DESTROYING.value,
+            "state": VmState.DESTROYING,
             "lease_until": now + lease,
             "updated_at": now,
         }
-        if reason is not None and vm.state != VmState.DESTROYING.value:
+        if reason is not None and vm.state != VmState.DESTROYING:
             values["destroy_reason"] = reason
         result = await self.session.execute(
             update(Vm)
             .where(
                 Vm.id == vm.id,
                 or_(
-                    Vm.state.in_([s.value for s in _SCHEDULED]),
-                    and_(Vm.state == VmState.DESTROYING.value, stale_lease),
+                    Vm.state.in_(list(DESTROYABLE)),
+                    and_(Vm.state == VmState.DESTROYING, stale_lease),
                 ),
             )
             .values(**values)
@@ -318,12 +316,12 @@ class Repo:
         """The earliest moment the scheduler has something to do."""
         deadline = await self.session.scalar(
             select(func.min(Vm.destroy_after)).where(
-                Vm.node == self.node, Vm.state.in_([s.value for s in _SCHEDULED])
+                Vm.node == self.node, Vm.state.in_(list(DESTROYABLE))
             )
         )
         lease = await self.session.scalar(
             select(func.min(Vm.lease_until)).where(
-                Vm.node == self.node, Vm.state == VmState.DESTROYING.value
+                Vm.node == self.node, Vm.state == VmState.DESTROYING
             )
         )
         candidates = [_aware(t) for t in (deadline, lease) if t is not None]
@@ -382,13 +380,13 @@ class Repo:
 
     async def quota_usage(self, user_id: str, *, now: datetime, login_timeout: timedelta) -> Usage:
         """What counts against ``user_id`` (every node) and against this node."""
-        live = [s.value for s in LIVE]
+        live = list(LIVE)
         since = now - timedelta(minutes=1)
         session_starts = list(
             await self.session.scalars(
                 select(AuthSession.created_at).where(
                     AuthSession.user_id == user_id,
-                    AuthSession.status.in_([s.value for s in SessionStatus if not s.terminal]),
+                    AuthSession.status.in_(list(LIVE_SESSIONS)),
                 )
             )
         )
@@ -402,13 +400,13 @@ class Repo:
         recent += list(
             await self.session.scalars(
                 select(Vm.created_at).where(
-                    Vm.user_id == user_id, Vm.role == VmRole.CLI.value, Vm.created_at > since
+                    Vm.user_id == user_id, Vm.role == VmRole.CLI, Vm.created_at > since
                 )
             )
         )
         user_cli = await self.session.scalar(
             select(func.count()).where(
-                Vm.user_id == user_id, Vm.role == VmRole.CLI.value, Vm.state.in_(live)
+                Vm.user_id == user_id, Vm.role == VmRole.CLI, Vm.state.in_(live)
             )
         )
         node_rows = (
@@ -416,14 +414,14 @@ class Repo:
                 select(Vm.role, Vm.destroy_after).where(Vm.node == self.node, Vm.state.in_(live))
             )
         ).all()
-        browser = [after for role, after in node_rows if role == VmRole.BROWSER.value]
+        browser = [after for role, after in node_rows if role == VmRole.BROWSER]
         return Usage(
             live_session_deadlines=tuple(_aware(t) + login_timeout for t in session_starts),
             user_cli_vms=int(user_cli or 0),
             recent_starts=tuple(_aware(t) for t in recent),
             node_browser_vms=len(browser),
             node_browser_deadlines=tuple(_aware(t) for t in browser if t is not None),
-            node_cli_vms=sum(1 for role, _ in node_rows if role == VmRole.CLI.value),
+            node_cli_vms=sum(1 for role, _ in node_rows if role == VmRole.CLI),
         )
 
     # --- auth sessions -----------------------------------------------------------------
@@ -468,9 +466,9 @@ class Repo:
             update(AuthSession)
             .where(
                 AuthSession.id == session_id,
-                AuthSession.status.in_([s.value for s in expect]),
+                AuthSession.status.in_(list(expect)),
             )
-            .values(status=to.value, **values)
+            .values(status=to, **values)
             .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -7,7 +7,8 @@ Times are stored as timezone-aware UTC (``UtcDateTime``) on both SQLite and Post
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +25,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from airlock.domain.sessions import SessionStatus
+from airlock.domain.vms import DestroyReason, VmRole, VmState
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -44,6 +48,27 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E]):
+    """A ``StrEnum`` kept in a plain string column: members (or their strings, which are
+    checked) in, members out. The stored values are the enum's values, as before."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 class Base(DeclarativeBase):
@@ -73,17 +98,17 @@ class Vm(Base):
     __tablename__ = "vms"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    role: Mapped[str] = mapped_column(String(16))
+    role: Mapped[VmRole] = mapped_column(EnumText(VmRole, 16))
     runtime: Mapped[str] = mapped_column(String(32))
     # The host whose runtime runs it: only that host's controller can destroy or observe it.
     node: Mapped[str] = mapped_column(String(128), default="")
     user_id: Mapped[str] = mapped_column(String(128), index=True)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[VmState] = mapped_column(EnumText(VmState, 16))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     running_at: Mapped[datetime | None]
     destroy_after: Mapped[datetime | None]
-    destroy_reason: Mapped[str | None] = mapped_column(String(32))
+    destroy_reason: Mapped[DestroyReason | None] = mapped_column(EnumText(DestroyReason, 32))
     destroyed_at: Mapped[datetime | None]
     # A claim on the destroy: whoever holds an unexpired lease is destroying it right now.
     lease_until: Mapped[datetime | None]
@@ -109,7 +134,7 @@ class AuthSession(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(128), index=True)
     provider: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[SessionStatus] = mapped_column(EnumText(SessionStatus, 16))
     failure_reason: Mapped[str | None] = mapped_column(Text)
     vm_id: Mapped[str | None] = mapped_column(ForeignKey("vms.id"))
     cli_vm_id: Mapped[str | None] = mapped_column(ForeignKey("vms.id"))
