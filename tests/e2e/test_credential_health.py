@@ -7,7 +7,8 @@ signs in through the live view; the row shows the login active. The IdP then rev
 login (as a vendor's "sign out everywhere" does; the test uses the demo IdP's admin route):
 within one check period the API, the dashboard's row and the metrics say ``revoked``. The
 person clicks "Log in again" in the row and signs in: the new login replaces the old one in
-the same VM, and the IdP never saw a refresh token used twice.
+the same VM, and the IdP never saw a refresh token used twice. "Move here" in a second CLI
+VM's row moves the login there.
 """
 
 from __future__ import annotations
@@ -167,5 +168,22 @@ async def test_a_revoked_login_shows_revoked_and_log_in_again_replaces_it(
             await page.screenshot(
                 path=str(ARTIFACTS / "health-3-logged-in-again.png"), full_page=True
             )
+
+            # Move here, from a second CLI VM's row: the login leaves the first VM for it.
+            await page.get_by_role("button", name="New CLI VM").click()
+            second = page.locator(f'#vms tr:not([data-vm-id="{vm_id}"])').first
+            await expect(second).to_contain_text("running", timeout=90_000)
+            second_id = await second.get_attribute("data-vm-id")
+            await expect(second).to_contain_text(f"in {vm_id}")
+            await second.get_by_role("button", name="Move here: OAuth 2.0").click()
+            [moved], _ = await logins_until(
+                api, lambda ls: len(ls) == 1 and ls[0]["holderVmId"] == second_id
+            )
+            assert moved["grantId"] == renewed["grantId"]
+            await expect(second.locator('[data-provider="oauth2"] .state-active')).to_be_visible()
+            first_row = page.locator(f'#vms tr[data-vm-id="{vm_id}"]')  # no longer the top
+            await expect(first_row).to_contain_text(f"in {second_id}")
+            assert not (server.data_dir / "vms" / vm_id / "home" / TOKENS_PATH).exists()
+            assert idp.totals()["reusedRefreshTokens"] == 0
         finally:
             await browser.close()

@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import pytest
 
@@ -218,3 +219,26 @@ async def test_the_vendor_clis_own_status_check_runs_in_the_holder_vm(
     [change] = await core.health.check_all()
     assert change.new is GrantState.NEEDS_LOGIN, change
     print(f"{provider_id}: {change.reason}")
+
+
+async def test_a_login_whose_files_are_on_their_way_is_not_judged(
+    make_core: CoreFactory, idp: LiveIdp
+) -> None:
+    """A move has taken the files from the holder and not yet written them elsewhere (its
+    lease is held): the holder has no file, and that is not a logged-out CLI."""
+    core = await make_core(demo_idp_port=idp.port, credential_check_ms=0)
+    cli = await core.vms.create_cli(user_id="fay", actor="test")
+    grant, _ = await login_into(core, idp, "fay", cli.id)
+    now = core.clock.now()
+    async with core.db.transaction() as repo:
+        assert await repo.grant(grant.id, lock=True) is not None
+        assert await repo.claim_move(
+            grant.id, owner="a-move", now=now, until=now + timedelta(minutes=2), target=None
+        )
+    agent = AgentClient(*await core.runtime.open_agent(cli.id))
+    try:
+        assert (await agent.run(["rm", TOKENS_PATH], timeout_s=10)).exit_code == 0
+    finally:
+        await agent.close()
+    assert await core.health.check_all() == []
+    assert (await one_grant(core, "fay")).state == GrantState.ACTIVE.value

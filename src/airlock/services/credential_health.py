@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from airlock.agent.client import AgentClient
 from airlock.clock import Clock
@@ -35,7 +35,7 @@ from airlock.domain.credential_health import (
     decide,
     needs_attention,
 )
-from airlock.domain.grants import GrantState
+from airlock.domain.grants import GrantState, lease_free
 from airlock.domain.vms import VmRole, VmState
 from airlock.errors import AirlockError, CredentialError
 from airlock.providers.base import Provider, RunOutcome
@@ -132,6 +132,8 @@ class CredentialHealth:
         self, grant: Grant, version: GrantVersion | None, vm: Vm | None
     ) -> HealthChange | None:
         provider = self.providers.get(grant.provider)
+        if not lease_free(_aware(grant.move_lease_until), self.clock.now()):
+            return None  # a move has its files in flight: judge it next round
         facts = self._facts(grant, version, provider)
         check: CheckResult | None = None
         summary = ""
@@ -178,6 +180,8 @@ class CredentialHealth:
                 grant.id,
                 expect_state=grant.state,
                 expect_version=grant.current_version,
+                expect_holder=grant.holder_vm_id,
+                now=now,
                 updated_at=now,
                 **values,
             )
@@ -262,6 +266,11 @@ class CredentialHealth:
         return _Facts(
             creds.expires_at, creds.refresh_expires_at, creds.refresh_token is not None, True
         )
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite gives naive UTC datetimes back."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 def _state(value: str | None) -> GrantState | None:

@@ -343,17 +343,32 @@ class Repo:
         return [(p, s, int(n)) for p, s, n in rows.all()]
 
     async def set_grant_health(
-        self, grant_id: str, *, expect_state: str, expect_version: int, **values: Any
+        self,
+        grant_id: str,
+        *,
+        expect_state: str,
+        expect_version: int,
+        expect_holder: str | None,
+        now: datetime,
+        **values: Any,
     ) -> bool:
-        """Record a health decision, only if nobody changed the login's state or version
-        since it was read (a move or a renewal in between wins; the next round decides
-        again)."""
+        """Record a health decision, only if nobody changed the login's state, version or
+        holder since it was read and no move has its lease now (a move or a renewal in
+        between wins: what was checked may have been its files on their way; the next round
+        decides again)."""
+        holder = (
+            Grant.holder_vm_id.is_(None)
+            if expect_holder is None
+            else Grant.holder_vm_id == expect_holder
+        )
         result = await self.session.execute(
             update(Grant)
             .where(
                 Grant.id == grant_id,
                 Grant.state == expect_state,
                 Grant.current_version == expect_version,
+                holder,
+                or_(Grant.move_lease_until.is_(None), Grant.move_lease_until <= now),
             )
             .values(**values)
             .execution_options(synchronize_session=False)
