@@ -10,6 +10,8 @@ PYTEST_ARGS ?= -q -ra --durations=15
 # The test suite needs PostgreSQL, and QEMU for the qemu runtime's tests.
 TEST_SETUP_FLAGS ?= --with-postgres --with-qemu
 BENCH_ARGS ?=
+# Which benchmarks `make bench` runs (bench/run.py's names, e.g. BENCH=fleet); empty: all.
+BENCH ?=
 
 .PHONY: help setup run test lint bench clean
 
@@ -26,7 +28,7 @@ help:
 	@echo "make run     install what is missing, then serve the UI and API on http://127.0.0.1:4000 (demo mode)"
 	@echo "make test    install what is missing, start a throwaway PostgreSQL, lint, run the tests"
 	@echo "make lint    ruff check, ruff format --check, mypy, lint-imports"
-	@echo "make bench   run the benchmarks"
+	@echo "make bench   run the benchmarks (BENCH=fleet: only that one; see bench/run.py)"
 	@echo "make setup   only install what is missing (system packages, .venv)"
 	@echo "make clean   remove caches and the throwaway PostgreSQL cluster"
 	@echo "PYTEST_ARGS='...' overrides the pytest options (default: $(PYTEST_ARGS))"
@@ -65,7 +67,7 @@ lint: setup
 
 bench: setup
 	@if [ -f bench/run.py ]; then \
-	  exec $(BIN)/python bench/run.py $(BENCH_ARGS); \
+	  exec $(BIN)/python bench/run.py $(BENCH) $(BENCH_ARGS); \
 	elif [ -f bench/__main__.py ]; then \
 	  exec $(BIN)/python -m bench $(BENCH_ARGS); \
 	else \

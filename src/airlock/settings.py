@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from airlock.domain.egress_policy import Overrides
 
-RuntimeName = Literal["sandbox", "qemu", "firecracker"]
+RuntimeName = Literal["sandbox", "qemu", "firecracker", "fake"]
 EGRESS_PROVIDERS = ("oauth2", "claude_code", "codex", "gemini_cli")  # AIRLOCK_EGRESS_<ID>_*
 
 
@@ -42,7 +42,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL. Default: SQLite file in the data dir."
     )
-    runtime: RuntimeName = Field("sandbox", description="Which VM runtime runs the VMs.")
+    runtime: RuntimeName = Field(
+        "sandbox",
+        description="Which VM runtime runs the VMs (`fake`: records and idle processes, for "
+        "tests and benchmarks only).",
+    )
     image_dir: Path = Field(
         Path("~/.cache/airlock/images"),
         description="Guest images for the qemu and firecracker runtimes (content-addressed).",

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -143,9 +144,11 @@ async def test_the_login_moves_vm1_vm2_vault_vm3_and_the_idp_never_sees_a_reused
     files.append(latest)
 
     # Move to VM2: the controller takes VM1's newest file (not the vault's stale capture).
+    started = time.monotonic()
     moved = await core.handoff.inject_latest(
         vm_id=vm2.id, user_id="alice", provider_id="oauth2", actor="test"
     )
+    print(f"move VM1 -> VM2: {(time.monotonic() - started) * 1000:.0f} ms")
     assert moved.verified and moved.moved_from == vm1.id and moved.other_holders == []
     assert moved.version == 2  # the capture, then what the move took from VM1
     assert await token_file(core, vm2.id) == latest

@@ -134,6 +134,11 @@ def make_runtime(settings: Settings) -> Runtime:
             templates_dir=settings.data_dir / "firecracker-templates",  # snapshot warm starts
             browser_single_process=settings.browser_single_process,
         )
+    if settings.runtime == "fake":
+        from airlock.runtimes.fake import FakeRuntime
+
+        log.warning("AIRLOCK_RUNTIME=fake: VMs are records and idle processes (tests only)")
+        return FakeRuntime(settings.vms_dir)
     raise NotImplementedError(f"runtime {settings.runtime!r} is not built yet (see the issues)")
 
 
@@ -378,6 +383,11 @@ class Core:
 
     async def close(self) -> None:
         await self.tasks.close()
+        # A runtime that holds connections in this process (the fake runtime's agents)
+        # hangs them up; the others keep nothing here that outlives the tasks.
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            await close()
         if self.platform_jwt is not None:
             await self.platform_jwt.close()
         await self.egress.close()

@@ -20,6 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from airlock.agent.client import AgentClient
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
@@ -169,7 +171,14 @@ class LoginRunner:
     async def watch(self, session_id: str, vm_id: str, provider: Provider) -> None:
         """Wait for the agent to report the credentials (once), then store and ack them."""
         failures = 0
-        while await self._watched(session_id, vm_id):
+        while True:
+            watched = await self._still_watched(session_id, vm_id)
+            if watched is False:
+                return
+            if watched is None:  # the database cannot say right now: ask again later
+                failures += 1
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                continue
             try:
                 agent = await self._agent(vm_id)
                 try:
@@ -179,7 +188,7 @@ class LoginRunner:
                     await agent.close()
                 failures = 0
             except Exception as exc:
-                if not await self._watched(session_id, vm_id):
+                if await self._still_watched(session_id, vm_id) is False:
                     return  # cancelled or destroyed under the watch: the agent went with it
                 failures += 1
                 log.warning(
@@ -201,6 +210,20 @@ class LoginRunner:
                     f"{status.get('exit_code')} without credentials",
                 )
                 return
+
+    async def _still_watched(self, session_id: str, vm_id: str) -> bool | None:
+        """``_watched``, or None while the database cannot answer (a pool timeout under
+        load, a failover). The watch then waits and asks again: if it ended instead, the
+        session would never see its capture until the controller restarted."""
+        try:
+            return await self._watched(session_id, vm_id)
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            log.warning(
+                "capture watch cannot read the session: %s",
+                short_error(exc),
+                extra={"session_id": session_id, "vm_id": vm_id},
+            )
+            return None
 
     async def _watched(self, session_id: str, vm_id: str) -> bool:
         """Whether the session still waits for a capture from a VM that still runs."""
