@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import fleet, lifecycle, mux, qemu_boot, vnc_proxy, warm_pool
+from bench import fleet, lifecycle, mux, qemu_boot, sse_fanout, vnc_proxy, warm_pool
 
 BENCHMARKS: dict[str, Callable[[], None]] = {
     "lifecycle": lifecycle.main,
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[[], None]] = {
     "warm_pool": warm_pool.main,
     "qemu_boot": qemu_boot.main,
     "fleet": fleet.main,
+    "sse_fanout": sse_fanout.main,
 }
 
 if __name__ == "__main__":

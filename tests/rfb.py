@@ -11,7 +11,6 @@ import os
 import shutil
 import struct
 import subprocess
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection
+
+from tests.lifecycle_helpers import wait_for_blocking
 
 
 class Transport(Protocol):
@@ -333,13 +334,10 @@ def start_xvnc(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
     argv += ["-rfbunixpath", str(path), "-rfbunixmode", "0600", "-rfbport", "-1"]
     argv += ["-SecurityTypes", "None", "-nolisten", "tcp"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: path.exists(), "Xvnc's socket")
+    wait_for_blocking(path.exists, timeout=20, what="Xvnc's socket comes up")
     return proc, path
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up")
-        time.sleep(0.05)
+    """For bench/: ``wait_for_blocking`` under the name it imports."""
+    wait_for_blocking(check, timeout=timeout, what=f"{what} comes up")

@@ -24,6 +24,7 @@ from airlock.clock import Clock
 from airlock.services.tokens import TokenService
 from airlock.store.db import Database
 from airlock.store.tables import AuthSession, Vm
+from tests.lifecycle_helpers import wait_for_blocking
 
 AIRLOCK = Path(sys.executable).parent / "airlock"
 
@@ -226,13 +227,14 @@ def _serve_demo(cli: Cli) -> str:
                 token = line.split(":", 1)[1].strip()
         assert token is not None and token.startswith("alk_")
         base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
+
+        def ready() -> bool:
             try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+                return False
+
+        wait_for_blocking(ready, timeout=30, interval=0.1)
         r = httpx.get(f"{base}/api/providers", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200
         providers = {p["id"]: p for p in r.json()}

@@ -20,7 +20,12 @@ from airlock.settings import Settings
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 # Environment variables the README may name that are not settings of the controller.
-NOT_SETTINGS = {"AIRLOCK_TEST_POSTGRES_URL", "AIRLOCK_PG_DIR", "AIRLOCK_PG_PORT"}
+NOT_SETTINGS = {
+    "AIRLOCK_TEST_POSTGRES_URL",
+    "AIRLOCK_TEST_SCHEMATHESIS_EXAMPLES",
+    "AIRLOCK_PG_DIR",
+    "AIRLOCK_PG_PORT",
+}
 
 
 def _readme() -> str:

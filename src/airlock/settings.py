@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         3_600_000, ge=0, description="How long a retained VM is kept; 0 keeps it until deleted."
     )
     reconcile_interval_ms: int = Field(5_000, gt=0, description="Reconciler period.")
+    events_resync_ms: int = Field(
+        30_000,
+        gt=0,
+        description="An SSE stream re-reads its session at least this often, whatever it was "
+        "told: a safety net only (changes arrive by notification, across controllers too).",
+    )
     warm_pool: int = Field(0, ge=0, description="Booted browser VMs kept ready.")
     warm_pool_max_age_ms: int = Field(
         600_000, gt=0, description="A warm VM unused this long is retired and replaced."
@@ -404,6 +410,10 @@ class Settings(BaseSettings):
     @property
     def reconcile_interval(self) -> timedelta:
         return timedelta(milliseconds=self.reconcile_interval_ms)
+
+    @property
+    def events_resync(self) -> timedelta:
+        return timedelta(milliseconds=self.events_resync_ms)
 
     @property
     def viewer_token_ttl(self) -> timedelta:

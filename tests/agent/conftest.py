@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import airlock
 from airlock.agent.client import AgentClient
 from airlock.agent.protocol import MAX_MESSAGE
+from tests.lifecycle_helpers import wait_for
 
 BWRAP = shutil.which("bwrap")
 XVNC = shutil.which("Xvnc")
@@ -122,15 +122,21 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[StartAgent]:
             os.close(out)
         harness = AgentHarness(state_dir, secret, proc, log)
         started.append(harness)
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def listening() -> bool:
             with contextlib.suppress(OSError):
                 _, writer = await harness.open()
                 writer.close()
-                return harness
-            if proc.returncode is not None or time.monotonic() > deadline:
-                raise AssertionError(f"agent did not start:\n{log.read_text()}")
-            await asyncio.sleep(0.01)
+                return True
+            if proc.returncode is not None:
+                raise AssertionError(f"agent exited:\n{log.read_text()}")
+            return False
+
+        try:
+            await wait_for(listening, timeout=10, interval=0.01)
+        except AssertionError as exc:
+            raise AssertionError(f"agent did not start ({exc}):\n{log.read_text()}") from None
+        return harness
 
     yield start
     for harness in started:

@@ -7,12 +7,14 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 import pytest
 
 from airlock.agent import protocol
 from airlock.agent.client import AgentClient, AgentError, FileWrite
 from airlock.providers.base import LoginPlan
+from tests.lifecycle_helpers import wait_for
 
 from .conftest import CHROMIUM, HOME, XVNC, StartAgent
 
@@ -216,10 +218,11 @@ async def test_an_unacknowledged_capture_blocks_a_new_login(start_agent: StartAg
     async with await agent.client() as client:
         await client.start_login(plan)
         assert await client.capture_files(5) == {"c.json": b'{"t": 1}\n'}
-        for _ in range(100):
-            if (await client.login_status())["state"] == "exited":
-                break
-            await asyncio.sleep(0.02)
+
+        async def exited() -> bool:
+            return (await client.login_status())["state"] == "exited"
+
+        await wait_for(exited, timeout=5, interval=0.02)
         with pytest.raises(AgentError) as stranded:
             await client.start_login(plan)
         assert stranded.value.code == "conflict"
@@ -238,18 +241,20 @@ async def test_login_exit_code_and_browser_helper_url(start_agent: StartAgent) -
                 watch=["never.json"],
             )
         )
-        for _ in range(100):
-            status = await client.login_status()
-            if status["state"] == "exited":
-                break
-            await asyncio.sleep(0.05)
+        status: dict[str, Any] = {}
+
+        async def exited() -> bool:
+            status.update(await client.login_status())
+            return status["state"] == "exited"
+
+        await wait_for(exited, timeout=5)
         assert (status["state"], status["exit_code"], status["url"]) == ("exited", 7, url)
 
         await client.start_login(  # a finished login may be replaced
             LoginPlan(provider="t", argv=["sh", "-c", '"$BROWSER" file:///etc/passwd'], watch=[])
         )
-        await asyncio.sleep(0.5)
-        status = await client.login_status()
+        status.clear()
+        await wait_for(exited, timeout=5)
         assert status["exit_code"] == 1 and status["url"] is None  # only http(s) is opened
 
 
@@ -273,15 +278,19 @@ async def test_connect_pipes_to_a_port_inside(start_agent: StartAgent) -> None:
                 watch=[],
             )
         )
-    for _ in range(100):
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def connected() -> bool:
         client = await agent.client()
         try:
-            stream = await client.connect_port(8765)
-            break
+            streams.append(await client.connect_port(8765))
         except AgentError as exc:
             assert exc.code == "connect_failed"
-            await asyncio.sleep(0.05)
-    reader, writer = stream
+            return False
+        return True
+
+    await wait_for(connected, timeout=5)
+    reader, writer = streams[0]
     writer.write(b"GET /hello.txt HTTP/1.0\r\n\r\n")
     response = await reader.read()
     writer.close()
@@ -351,10 +360,13 @@ async def test_browser_role_opens_the_login_url_in_place_without_devtools(
             seen = await client.run(["sh", "-c", "cat ~/requests.log 2>/dev/null || true"])
             return [r for r in seen.stdout.splitlines() if r != "/favicon.ico"]
 
-        deadline = time.monotonic() + 20
-        while await requests() != ["/authorize?a=1&b=two%20words", "/wd?false"]:
-            assert time.monotonic() < deadline, await requests()
-            await asyncio.sleep(0.1)
+        async def opened() -> bool:
+            return await requests() == ["/authorize?a=1&b=two%20words", "/wd?false"]
+
+        try:
+            await wait_for(opened, timeout=20, interval=0.1)
+        except AssertionError:
+            raise AssertionError(await requests()) from None
         assert (await client.login_status())["url"].endswith("/authorize?a=1&b=two%20words")
         # navigator.webdriver is false (the page said so, above): no automation flags.
         # One window, the kiosk app window, covering the screen (the start page was
@@ -364,10 +376,14 @@ async def test_browser_role_opens_the_login_url_in_place_without_devtools(
         # A later URL, once the start page is gone: Chromium's own command line hands it
         # to the running browser.
         await client.write_files({"go": b""})
-        deadline = time.monotonic() + 30
-        while "/second?c=3" not in await requests():
-            assert time.monotonic() < deadline, await requests()
-            await asyncio.sleep(0.1)
+
+        async def handed_on() -> bool:
+            return "/second?c=3" in await requests()
+
+        try:
+            await wait_for(handed_on, timeout=30, interval=0.1)
+        except AssertionError:
+            raise AssertionError(await requests()) from None
         flags = await client.run(
             ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' '\\n' | grep -- '^--' || true"]
         )
@@ -383,10 +399,11 @@ async def test_browser_process_model_is_the_one_asked_for(
 ) -> None:
     agent = await start_agent("browser", "--browser-processes", model)
     async with await agent.client() as client:
-        deadline = time.monotonic() + 20
-        while not (await client.ping()).get("browser"):  # the start page asked for a URL
-            assert time.monotonic() < deadline, "Chromium never loaded its start page"
-            await asyncio.sleep(0.1)
+
+        async def loaded() -> bool:  # the start page asked for a URL
+            return bool((await client.ping()).get("browser"))
+
+        await wait_for(loaded, timeout=20, interval=0.1, what="Chromium loads its start page")
         listing = await client.run(
             ["sh", "-c", "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"]
         )

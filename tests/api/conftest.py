@@ -22,6 +22,7 @@ import pytest
 from fastapi import FastAPI
 
 from airlock.api.app import create_app
+from airlock.clock import Clock
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from airlock.errors import RuntimeFailure
@@ -174,10 +175,10 @@ async def make_api(
 ) -> AsyncIterator[ApiFactory]:
     """Build an app (settings overridable), start its lifespan, make tokens for alice, bob
     and a service; everything is closed at the end of the test. Once on SQLite, once on
-    PostgreSQL (``db_url``)."""
+    PostgreSQL (``db_url``). ``clock=ManualClock()``: time moves only when the test says."""
     stack: list[tuple[Api, Any]] = []
 
-    async def factory(**overrides: Any) -> Api:
+    async def factory(clock: Clock | None = None, **overrides: Any) -> Api:
         if stack:
             raise RuntimeError("one app per test: they would share the database")
         values: dict[str, Any] = {
@@ -190,7 +191,7 @@ async def make_api(
         settings = settings_factory(**values)
         runtime = NoVmRuntime()
         provider = demo_oauth2_provider(settings.demo_idp_port)
-        core = Core(settings, runtime=runtime, providers={provider.id: provider})
+        core = Core(settings, runtime=runtime, providers={provider.id: provider}, clock=clock)
         app = create_app(core=core)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()

@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from airlock.api.vnc_proxy import SERVER_OPTIONS
+from tests.lifecycle_helpers import wait_for
 
 
 class _QuietServer(uvicorn.Server):
@@ -36,11 +37,14 @@ async def serve(app: FastAPI, *, lifespan: bool, port: int = 0) -> AsyncIterator
     server = _QuietServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="uvicorn")
     try:
-        while not server.started:
+
+        def started() -> bool:
             if task.done():
                 task.result()
                 raise RuntimeError("the server did not start")
-            await asyncio.sleep(0.02)
+            return bool(server.started)
+
+        await wait_for(started, timeout=30, interval=0.02, what="the server starts")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

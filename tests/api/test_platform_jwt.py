@@ -35,6 +35,7 @@ from fastapi import FastAPI
 from airlock.demo_idp import create_idp_app
 from airlock.demo_idp.keys import SigningKeys
 from tests.api.conftest import Api, ApiFactory
+from tests.lifecycle_helpers import wait_for_blocking
 
 AUDIENCE = "airlock-demo"  # the demo IdP's client id: its id_token's audience
 REDIRECT = "http://127.0.0.1:53123/callback"
@@ -73,11 +74,7 @@ def idp() -> Iterator[Idp]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        threading.Event().wait(0.01)
-    assert server.started, "the demo IdP did not start"
+    wait_for_blocking(lambda: server.started, timeout=5, interval=0.01, what="the demo IdP starts")
     yield Idp(app, issuer)
     server.should_exit = True
     thread.join(10)

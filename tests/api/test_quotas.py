@@ -14,6 +14,7 @@ import httpx
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from tests.api.conftest import Api, ApiFactory
+from tests.lifecycle_helpers import wait_for
 
 
 async def _start(api: Api, who: str, **body: Any) -> httpx.Response:
@@ -95,11 +96,12 @@ async def test_starts_per_minute_counts_logins_and_cli_vms(make_api: ApiFactory)
         name="cli-create",
     )
     try:
-        for _ in range(200):
+
+        async def recorded() -> bool:
             async with api.core.db.read() as repo:
-                if await repo.vms(user_id="alice", role=VmRole.CLI.value):
-                    break
-            await asyncio.sleep(0.02)
+                return bool(await repo.vms(user_id="alice", role=VmRole.CLI.value))
+
+        await wait_for(recorded, timeout=4, interval=0.02)
         r = await _start(api, "alice")
         _assert_refused(r, 429, "rate_limited")
         assert int(r.headers["Retry-After"]) <= 60

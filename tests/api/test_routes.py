@@ -13,12 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from airlock.api import sse
 from airlock.api.deps import ViewerSigner
-from airlock.api.routes import sessions as session_routes
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from airlock.store.tables import AuthSession, Credential
-from tests.api.conftest import BASE_URL, Api
+from tests.api.conftest import BASE_URL, Api, ApiFactory
+from tests.lifecycle_helpers import wait_for
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SESSION_KEYS = {
@@ -159,14 +160,16 @@ async def test_start_answers_201_initializing_then_the_failure_is_recorded(api: 
     assert body["status"] == "initializing"
     assert body["vm"]["state"] == "creating"
     assert body["vm"]["destroyAfter"] is not None  # the login deadline, from the start
+
     # NoVmRuntime cannot boot: the record says so, with a reason a person can act on.
-    for _ in range(200):
+    async def failed_already() -> bool:
         got = await api.client.get(
             f"/api/auth/session/{body['sessionId']}", headers=api.auth("alice")
         )
-        if got.json()["status"] == "failed":
-            break
-        await asyncio.sleep(0.02)
+        return bool(got.json()["status"] == "failed")
+
+    await wait_for(failed_already, timeout=4, interval=0.02)
+    got = await api.client.get(f"/api/auth/session/{body['sessionId']}", headers=api.auth("alice"))
     failed = got.json()
     assert failed["status"] == "failed"
     assert failed["failureReason"].startswith("vm_boot_failed")
@@ -287,7 +290,8 @@ async def _move_vm(api: Api, vm_id: str, frm: VmState, to: VmState, publish: str
         await api.core.bus.publish(publish)
 
 
-async def test_events_follow_changes_until_the_vm_is_gone(api: Api) -> None:
+async def test_events_follow_changes_until_the_vm_is_gone(make_api: ApiFactory) -> None:
+    api = await make_api(events_resync_ms=200)  # the safety net's re-read, made short
     session, vm = await api.add_session("alice")
     stream = asyncio.create_task(
         api.client.get(f"/api/auth/session/{session.id}/events", headers=api.auth("alice"))
@@ -295,7 +299,8 @@ async def test_events_follow_changes_until_the_vm_is_gone(api: Api) -> None:
     await asyncio.sleep(0.3)
     await _move_vm(api, vm.id, VmState.RUNNING, VmState.DRAINING, publish=session.id)
     await asyncio.sleep(0.3)
-    # No publish: as if another controller process made the change; the poll finds it.
+    # No publish: as if a process that announces nothing (the CLI on SQLite) made the
+    # change; the safety net's re-read finds it.
     await _move_vm(api, vm.id, VmState.DRAINING, VmState.DESTROYED, publish=None)
     r = await asyncio.wait_for(stream, 10)
     events, _ = parse_sse(r.text)
@@ -305,8 +310,7 @@ async def test_events_follow_changes_until_the_vm_is_gone(api: Api) -> None:
 
 
 async def test_events_send_heartbeats(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_routes, "SSE_WAKE_S", 0.05)
-    monkeypatch.setattr(session_routes, "SSE_HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(sse, "SSE_HEARTBEAT_S", 0.1)
     session, vm = await api.add_session("alice")
     stream = asyncio.create_task(
         api.client.get(f"/api/auth/session/{session.id}/events", headers=api.auth("alice"))

@@ -21,6 +21,7 @@ from tests.api.live import serve
 from tests.api.test_routes import _move_vm
 from tests.api.test_viewer_page import mint
 from tests.e2e.test_viewer import CHROMIUM, CHROMIUM_ARGS
+from tests.lifecycle_helpers import wait_for
 
 pytestmark = pytest.mark.skipif(
     not static.novnc_installed(), reason="noVNC is not installed: run scripts/setup.sh"
@@ -65,15 +66,14 @@ async def test_the_status_bar_says_what_happened(api: Api, browser: Browser) -> 
         before = vm.destroy_after
         assert before is not None
         await page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
-        for _ in range(50):
+
+        async def extended() -> bool:
             async with api.core.db.transaction() as repo:
                 fresh = await repo.vm(vm.id)
             assert fresh is not None and fresh.destroy_after is not None
-            if fresh.destroy_after > before + timedelta(seconds=30):
-                break
-            await page.wait_for_timeout(100)
-        else:
-            raise AssertionError("no keepalive extended the VM's deadline")
+            return fresh.destroy_after > before + timedelta(seconds=30)
+
+        await wait_for(extended, timeout=5, interval=0.1, what="a keepalive extends the deadline")
         await _move_vm(api, vm.id, VmState.RUNNING, VmState.LOST, publish=session.id)
         await expect(status).to_have_text(re.compile(r"^The browser VM was lost"))
         await page.close()

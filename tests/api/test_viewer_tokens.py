@@ -6,7 +6,6 @@ proxying itself is in ``test_vnc_proxy.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -20,6 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from airlock.api.deps import ViewerSigner
+from airlock.clock import ManualClock
 from airlock.domain.vms import VmState
 from airlock.errors import Unauthorized
 from airlock.logs import RedactQueryTokens
@@ -127,12 +127,12 @@ async def _ws_refusal(url: str) -> tuple[int, str]:
 
 
 async def test_vnc_socket_refusals(make_api: ApiFactory) -> None:
-    api = await make_api(viewer_token_ttl_ms=2000)
+    api = await make_api(clock=ManualClock(), viewer_token_ttl_ms=2000)
     signer: ViewerSigner = api.app.state.viewer_signer
     mine, my_vm = await api.add_session("alice")
     theirs, _ = await api.add_session("bob")
     gone, gone_vm = await api.add_session("alice", vm_state=VmState.DESTROYED)
-    now = datetime.now(UTC)
+    now = api.core.clock.now()
     # uvicorn logs each WebSocket's path with its query: the token must not reach the log.
     logged = io.StringIO()
     handler = logging.StreamHandler(logged)
@@ -160,7 +160,9 @@ async def _refusals(
     gone_vm: Vm,
     signer: ViewerSigner,
 ) -> None:
-    now = datetime.now(UTC)
+    clock = api.core.clock
+    assert isinstance(clock, ManualClock)
+    now = clock.now()
     token = signer.mint(mine.id, my_vm.id, now=now)
     async with serve(api.app, lifespan=False) as url:
         base = "ws" + url.removeprefix("http") + "/api/auth/session/{}/vnc"
@@ -176,10 +178,11 @@ async def _refusals(
         late = signer.mint(gone.id, gone_vm.id, now=now)
         refusal = await _ws_refusal(base.format(gone.id) + f"?token={late}")
         assert refusal == (4404, "vm_not_viewable")
-        # The same token once it expired (the TTL is 2 s here).
-        await asyncio.sleep(
-            max(0.0, (now + timedelta(seconds=2.05) - datetime.now(UTC)).total_seconds())
-        )
+        # The same token a millisecond before its TTL (2 s here) ends, and once it has.
+        clock.advance(seconds=(now + timedelta(seconds=2) - clock.now()).total_seconds() - 0.001)
+        refusal = await _ws_refusal(base.format(mine.id) + f"?token={token}")
+        assert refusal == (4503, "runtime_failure")
+        clock.advance(seconds=0.001)
         refusal = await _ws_refusal(base.format(mine.id) + f"?token={token}")
         assert refusal == (4401, "viewer_token_expired")
     assert api.app.state.viewers.count() == 0

@@ -3,8 +3,10 @@ Chromium on the demo IdP's login page), and an RFB client over ``websockets``, a
 would connect. Whether input arrived (or did not) is the demo IdP's verdict on what was
 typed: the sign-in completes or not. Lifecycle: an open viewer keeps a draining VM up to
 ``max_drain``;
-closing it lets the VM go at the end of the grace period. On SQLite only: the proxy does
-nothing database-specific, and each test boots a VM."""
+closing it lets the VM go at the end of the grace period. Those two run on a ``ManualClock``
+the test moves a keepalive period at a time (the viewer's keepalives, the deadlines and the
+scheduler all wait on it), so they assert the deadline itself instead of a window of wall
+time. On SQLite only: the proxy does nothing database-specific, and each test boots a VM."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,10 +23,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from airlock.api.app import create_app
+from airlock.clock import Clock, ManualClock
 from airlock.runtimes.base import Stream
 from airlock.runtimes.sandbox import SandboxRuntime
 from airlock.services.core import Core
@@ -34,7 +37,7 @@ from airlock.settings import Settings
 from tests.api.conftest import ApiFactory
 from tests.api.live import serve
 from tests.e2e.conftest import free_port
-from tests.lifecycle_helpers import finish_login, wait_for
+from tests.lifecycle_helpers import advance, finish_login, loops_asleep, wait_for
 from tests.rfb import RfbClient, WsTransport, start_xvnc
 
 pytestmark = pytest.mark.sandbox
@@ -55,20 +58,21 @@ class Live:
     core: Core
     client: httpx.AsyncClient  # as alice
     service: httpx.AsyncClient  # as a service (support staff's backend)
+    app: FastAPI
 
     async def start(self) -> tuple[str, str, str]:
         """A session on the demo IdP, awaiting the user: (session id, VM id, viewer token)."""
         r = await self.client.post("/api/auth/start", json={"provider": "oauth2"})
         assert r.status_code == 201, r.text
         session_id = r.json()["sessionId"]
-        deadline = time.monotonic() + 60
-        while True:
-            body = (await self.client.get(f"/api/auth/session/{session_id}")).json()
-            if body["status"] == "awaiting_user":
-                break
-            assert body["status"] == "initializing", body
-            assert time.monotonic() < deadline, "the VM never became ready"
-            await asyncio.sleep(0.1)
+        body: dict[str, Any] = {}
+
+        async def ready() -> bool:
+            body.update((await self.client.get(f"/api/auth/session/{session_id}")).json())
+            assert body["status"] in ("initializing", "awaiting_user"), body
+            return body["status"] == "awaiting_user"
+
+        await wait_for(ready, timeout=60, interval=0.1)
         [token] = parse_qs(urlsplit(body["novncURL"]).query)["token"]
         return session_id, body["vm"]["vmId"], token
 
@@ -91,17 +95,17 @@ async def make_live(
 ) -> AsyncIterator[LiveFactory]:
     async with contextlib.AsyncExitStack() as stack:
 
-        async def factory(**overrides: Any) -> Live:
+        async def factory(clock: Clock | None = None, **overrides: Any) -> Live:
             port = free_port()
             settings = settings_factory(
                 public_url=f"http://127.0.0.1:{port}",
                 demo_idp_port=free_port(),
                 **{**FAST, **overrides},
             )
-            core = Core(settings, demo=True)
-            url = await stack.enter_async_context(
-                serve(create_app(core=core, demo=True), lifespan=True, port=port)
-            )
+            core = Core(settings, demo=True, clock=clock)
+            app = create_app(core=core, demo=True)
+            url = await stack.enter_async_context(serve(app, lifespan=True, port=port))
+            await loops_asleep(core.clock)
             alice = (await core.tokens.create("user", "alice")).value
             support = (await core.tokens.create("service", "support")).value
             client, service = [
@@ -112,7 +116,7 @@ async def make_live(
                 )
                 for t in (alice, support)
             ]
-            return Live(url, core, client, service)
+            return Live(url, core, client, service, app)
 
         try:
             yield factory
@@ -215,46 +219,79 @@ async def test_a_vm_that_dies_closes_its_viewers_as_lost(make_live: LiveFactory)
     assert await live.vm_state(session_id) == "lost"
 
 
+async def keepalive_periods(live: Live, clock: ManualClock, until: datetime) -> None:
+    """Move the clock a keepalive period at a time up to ``until``, each period's rounds
+    (the viewer's keepalive, the scheduler's) over before the next."""
+    period = viewer_registry(live).interval
+    while clock.now() < until:
+        await advance(clock, seconds=min(period, (until - clock.now()).total_seconds()))
+
+
+def viewer_registry(live: Live) -> ViewerRegistry:
+    registry = live.app.state.viewers
+    assert isinstance(registry, ViewerRegistry)
+    return registry
+
+
+async def completed_at(live: Live, session_id: str) -> datetime:
+    session, _ = await live.core.sessions.get(session_id, None)
+    assert session.completed_at is not None
+    return session.completed_at
+
+
 async def test_open_viewer_keeps_a_draining_vm_up_to_max_drain(make_live: LiveFactory) -> None:
-    live = await make_live(max_drain_ms=5000)
+    clock = ManualClock()
+    live = await make_live(clock=clock, max_drain_ms=5000)
     session_id, vm_id, token = await live.start()
     async with viewer(live, session_id, token) as rfb:
         await finish_login(live.core.runtime, vm_id)
         await wait_for(lambda: _status_is(live, session_id, "completed"))
-        completed = time.monotonic()
-        # Past the grace period (1.5 s), the viewer keeps the VM.
-        await asyncio.sleep(3.0)
+        done = await completed_at(live, session_id)
+        # Past the grace period (1.5 s), and to just before max_drain, the viewer keeps it.
+        await keepalive_periods(live, clock, done + timedelta(seconds=3))
+        assert await live.vm_state(session_id) == "draining"
+        cap = done + timedelta(seconds=5)
+        await keepalive_periods(live, clock, cap - timedelta(milliseconds=1))
         assert await live.vm_state(session_id) == "draining"
         assert isinstance(rfb.t, WsTransport)
+        await advance(clock, milliseconds=1)  # max_drain: the viewer no longer keeps it
         assert await closed(rfb.t.ws, timeout=10) == (4001, "vm destroyed")
-        held = time.monotonic() - completed
-    # Destroyed at max_drain (5 s after completion; a little later for the scheduler).
-    assert 4.5 <= held <= 7.5, held
 
     async def gone() -> bool:
         return await live.vm_state(session_id) == "destroyed"
 
     await wait_for(gone, timeout=10)
+    vm = await live.core.vms.get(vm_id, None)
+    assert vm.destroy_after == cap and vm.destroyed_at == cap  # at max_drain, not before
 
 
 async def test_closing_the_viewer_lets_the_vm_go_after_the_grace_period(
     make_live: LiveFactory,
 ) -> None:
-    live = await make_live(max_drain_ms=30_000)
+    clock = ManualClock()
+    live = await make_live(clock=clock, max_drain_ms=30_000)
     session_id, vm_id, token = await live.start()
     async with viewer(live, session_id, token):
         await finish_login(live.core.runtime, vm_id)
         await wait_for(lambda: _status_is(live, session_id, "completed"))
-        await asyncio.sleep(3.0)  # twice the grace period: the viewer keeps it
+        done = await completed_at(live, session_id)
+        # Twice the grace period: the viewer keeps it.
+        await keepalive_periods(live, clock, done + timedelta(seconds=3))
         assert await live.vm_state(session_id) == "draining"
+    await wait_for(lambda: viewer_registry(live).count(session_id) == 0)
+    closed_at = clock.now()
 
     async def gone() -> bool:
         return await live.vm_state(session_id) == "destroyed"
 
-    waited = await wait_for(gone, timeout=10, interval=0.1)  # from the viewer's close
-    # The last keepalive was at most one interval (0.5 s) before the close: the VM goes
-    # at most a grace period (1.5 s) after that, plus the scheduler's own lag.
-    assert waited <= 3.0, waited
+    # The last keepalive was at most one period before the close: the VM goes at most a
+    # grace period (1.5 s) after the close, however long the viewer had kept it.
+    await advance(clock, seconds=1.5)
+    await wait_for(gone, timeout=10, interval=0.1)
+    vm = await live.core.vms.get(vm_id, None)
+    assert vm.destroyed_at is not None and vm.destroy_after is not None
+    assert vm.destroyed_at >= vm.destroy_after  # never early
+    assert closed_at < vm.destroy_after <= closed_at + timedelta(seconds=1.5)
 
 
 async def _status_is(live: Live, session_id: str, status: str) -> bool:

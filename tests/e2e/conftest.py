@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from airlock.runtimes.sandbox import SandboxRuntime
+from tests.lifecycle_helpers import wait_for_blocking
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
@@ -75,15 +75,22 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
                 raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"server did not answer /healthz: {log.read_text()[-3000:]}")
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            return False
+
+        try:
+            wait_for_blocking(healthy, timeout=30, interval=0.1)
+        except AssertionError as exc:
+            if "server exited" in str(exc):
+                raise
+            tail = log.read_text()[-3000:]
+            raise AssertionError(f"server did not answer /healthz: {tail}") from None
 
     def kill9(self) -> None:
         assert self.proc is not None

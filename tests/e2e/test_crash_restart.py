@@ -14,7 +14,7 @@ import pytest
 
 from airlock.agent.client import AgentClient
 from tests.e2e.conftest import Server
-from tests.lifecycle_helpers import finish_login
+from tests.lifecycle_helpers import finish_login, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -24,13 +24,14 @@ GRACE_MS = 8000
 async def poll(
     client: httpx.AsyncClient, path: str, key: str, want: str, timeout: float = 30
 ) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = (await client.get(path)).json()
-        if body[key] == want:
-            return body
-        assert time.monotonic() < deadline, f"{path}: {body[key]}"
-        await asyncio.sleep(0.05)
+    body: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        body.update((await client.get(path)).json())
+        return bool(body[key] == want)
+
+    await wait_for(reached, timeout=timeout, what=f"{path}: {key} {want}")
+    return body
 
 
 def parse(ts: str) -> datetime:
@@ -105,18 +106,21 @@ async def test_kill9_and_never_back_browser_vms_end_themselves(server_factory: A
         body = (await client.post("/api/auth/start", json={"provider": "oauth2"})).json()
         session_id, vm_id = body["sessionId"], body["vm"]["vmId"]
         await poll(client, f"/api/auth/session/{session_id}", "status", "awaiting_user")
+
     # Renewed by the controller (no longer its boot lease, which covers a whole boot).
-    deadline = time.monotonic() + 15
-    while await lease_ends_in_ms(server, vm_id) > LEASE_MS + MARGIN_MS:
-        assert time.monotonic() < deadline, "the controller never renewed the lease"
-        await asyncio.sleep(0.1)
+    async def renewed() -> bool:
+        return await lease_ends_in_ms(server, vm_id) <= LEASE_MS + MARGIN_MS
+
+    await wait_for(renewed, timeout=15, interval=0.1, what="the controller renews the lease")
 
     server.kill9()
     killed_at = time.monotonic()
     assert {vm_id, cli_vm["vmId"]} <= {v.vm_id for v in await server.runtime.list()}
-    while vm_id in {v.vm_id for v in await server.runtime.list()}:
-        assert time.monotonic() - killed_at < (LEASE_MS + MARGIN_MS) / 1000 + 5, "still there"
-        await asyncio.sleep(0.1)
+
+    async def ended() -> bool:
+        return vm_id not in {v.vm_id for v in await server.runtime.list()}
+
+    await wait_for(ended, timeout=(LEASE_MS + MARGIN_MS) / 1000 + 5, interval=0.1)
     gone_after = time.monotonic() - killed_at
     assert cli_vm["vmId"] in {v.vm_id for v in await server.runtime.list()}  # no lease
 

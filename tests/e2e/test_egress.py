@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,6 +30,7 @@ from websockets.asyncio.client import connect
 from airlock.api import static
 from tests.e2e.conftest import ARTIFACTS, Server
 from tests.e2e.test_login import wait_session
+from tests.lifecycle_helpers import wait_for
 from tests.rfb import RfbClient, Screenshot, WsTransport
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
@@ -62,13 +63,14 @@ async def vnc(server: Server, api: httpx.AsyncClient, session_id: str) -> AsyncI
 async def wait_screen(
     rfb: RfbClient, check: Callable[[Screenshot], bool], what: str, timeout: float = 60
 ) -> Screenshot:
-    deadline = time.monotonic() + timeout
-    while True:
-        shot = await rfb.screenshot()
-        if check(shot):
-            return shot
-        assert time.monotonic() < deadline, f"the screen never showed {what}"
-        await asyncio.sleep(0.25)
+    shots: list[Screenshot] = []
+
+    async def showing() -> bool:
+        shots[:] = [await rfb.screenshot()]
+        return check(shots[0])
+
+    await wait_for(showing, timeout=timeout, interval=0.25, what=f"the screen shows {what}")
+    return shots[0]
 
 
 async def settled(rfb: RfbClient, timeout: float = 30) -> Screenshot:
@@ -104,13 +106,6 @@ async def egress(api: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"never: {what}"
-        await asyncio.sleep(0.2)
 
 
 async def start(api: httpx.AsyncClient) -> tuple[str, str]:
@@ -199,7 +194,9 @@ async def test_the_policy_makes_the_page_complete_and_its_absence_visible(
                 for h in (await egress(api, session_id))["denied"]
             )
 
-        await wait_for(named, "the egress route names the asset host")
+        await wait_for(
+            named, timeout=30, interval=0.2, what="the egress route names the asset host"
+        )
         async with vnc(server, api, session_id) as rfb:
             broken = await settled(rfb)
         save(broken, "denied-broken")
@@ -286,7 +283,7 @@ async def test_learn_mode_yields_a_policy_that_works(server_factory: Any) -> Non
             hosts = {h["host"] for h in (await egress(api, session_id))["denied"]}
             return "static.idp.airlock.test" in hosts
 
-        await wait_for(denied, "the asset host denied")
+        await wait_for(denied, timeout=30, interval=0.2, what="the asset host denied")
         await api.delete(f"/api/auth/session/{session_id}")
     server.stop()
 

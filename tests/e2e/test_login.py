@@ -5,7 +5,6 @@ by key events through the VM's VNC server) typing into the real login form."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from airlock.agent.client import AgentClient
 from airlock.store.db import Database
 from airlock.store.tables import Base
 from tests.e2e.conftest import ARTIFACTS, Server
+from tests.lifecycle_helpers import wait_for
 from tests.rfb import RfbClient, StreamTransport
 
 pytestmark = pytest.mark.e2e
@@ -25,13 +25,17 @@ pytestmark = pytest.mark.e2e
 async def wait_session(
     client: httpx.AsyncClient, session_id: str, status: str, timeout: float = 30
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        body: dict[str, Any] = (await client.get(f"/api/auth/session/{session_id}")).json()
-        if body["status"] == status:
-            return body
-        assert time.monotonic() < deadline, f"still {body['status']}: {body['failureReason']}"
-        await asyncio.sleep(0.1)
+    body: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        body.update((await client.get(f"/api/auth/session/{session_id}")).json())
+        return bool(body["status"] == status)
+
+    try:
+        await wait_for(reached, timeout=timeout, interval=0.1)
+    except AssertionError:
+        raise AssertionError(f"still {body['status']}: {body['failureReason']}") from None
+    return body
 
 
 async def dump_database(url: str) -> str:
@@ -68,14 +72,14 @@ async def log_in_as_a_person(
     rfb = RfbClient(StreamTransport(reader, writer))
     try:
         await rfb.handshake()
-        deadline = time.monotonic() + 30  # the login page loads after awaiting_user
-        while True:  # the demo IdP's form card mid-screen, on its grey page (not "Starting…")
+
+        async def form_shown() -> bool:  # the demo IdP's form card on its grey page
             frame = await rfb.read_frame()
             # Off the screen's centre, where Xvnc draws the pointer into the picture.
-            if (rfb.pixel(frame, 850, 200), rfb.pixel(frame, 5, 5)) == (CARD, PAGE):
-                break
-            assert time.monotonic() < deadline, "the login form never showed on the screen"
-            await asyncio.sleep(0.1)
+            return (rfb.pixel(frame, 850, 200), rfb.pixel(frame, 5, 5)) == (CARD, PAGE)
+
+        # The login page loads after awaiting_user (not "Starting…").
+        await wait_for(form_shown, timeout=30, interval=0.1, what="the login form on screen")
         for keysym in [*map(ord, "demo"), XK_TAB, *map(ord, "demo"), XK_RETURN]:
             await rfb.key(keysym)
             await asyncio.sleep(0.02)
@@ -176,14 +180,14 @@ async def test_login_with_a_cli_vm_hands_the_tokens_over(server_factory: Any) ->
         session_id, vm_id = started.json()["sessionId"], started.json()["vm"]["vmId"]
         await log_in_as_a_person(server, client, session_id, vm_id, shots="e2e-handoff")
 
-        deadline = time.monotonic() + 30
-        while True:
-            body = (await client.get(f"/api/auth/session/{session_id}")).json()
-            injected = body["credentials"]["injected"]
-            if injected is not None:
-                break
-            assert time.monotonic() < deadline, "never injected"
-            await asyncio.sleep(0.1)
+        body: dict[str, Any] = {}
+
+        async def injected_now() -> bool:
+            body.update((await client.get(f"/api/auth/session/{session_id}")).json())
+            return body["credentials"]["injected"] is not None
+
+        await wait_for(injected_now, timeout=30, interval=0.1, what="injected")
+        injected = body["credentials"]["injected"]
         assert injected["vmId"] == cli_vm["vmId"] and injected["verified"] is True
 
         secret = (

@@ -24,6 +24,7 @@ from playwright.async_api import Frame, Locator, Page, async_playwright, expect
 from airlock.api import static
 from tests.e2e.conftest import ARTIFACTS, Server
 from tests.e2e.test_login import wait_session
+from tests.lifecycle_helpers import wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -57,20 +58,22 @@ async def wait_pixels(
     """Until the live view shows the sign-in form laid out over the whole screen: the white
     card in the middle and the page's background in the corners (a window that did not
     follow a resize leaves Xvnc's black there); each channel within ``tolerance``."""
-    deadline = time.monotonic() + timeout
-    while True:
+    seen: dict[str, list[int]] = {}
+
+    async def shown() -> bool:
         w, h = await canvas.evaluate("(c) => [c.width, c.height]")
         points = {"centre": [w // 2, h // 2], "corner": [w - 3, h - 3], "origin": [2, 2]}
-        seen = {k: await canvas.evaluate(PIXEL, points[k]) for k in want}
-        if all(
+        seen.update({k: await canvas.evaluate(PIXEL, points[k]) for k in want})
+        return all(
             all(abs(a - b) <= tolerance for a, b in zip(seen[k], want[k], strict=True))
             for k in want
-        ):
-            return
-        if time.monotonic() >= deadline:
-            await canvas.screenshot(path=str(ARTIFACTS / "viewer-form-not-shown.png"))
-        assert time.monotonic() < deadline, f"the live view does not show the form: {seen}"
-        await asyncio.sleep(0.1)
+        )
+
+    try:
+        await wait_for(shown, timeout=timeout, interval=0.1)
+    except AssertionError:
+        await canvas.screenshot(path=str(ARTIFACTS / "viewer-form-not-shown.png"))
+        raise AssertionError(f"the live view does not show the form: {seen}") from None
 
 
 async def open_login(page: Page) -> tuple[Frame, Locator, Locator]:

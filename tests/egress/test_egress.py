@@ -16,6 +16,7 @@ import pytest
 
 from airlock.domain.egress_policy import Decision, EgressPolicy, HostRule, Verdict
 from airlock.egress import EgressProxy
+from tests.lifecycle_helpers import wait_for
 
 TIMEOUT = 10
 MakeProxy = Callable[..., Awaitable[EgressProxy]]
@@ -515,12 +516,8 @@ async def test_browser_noise_is_denied_quietly(
 
 
 async def _wait_for(predicate: Callable[[], bool]) -> None:
-    """Poll a condition that another task on this loop makes true soon."""
-    for _ in range(TIMEOUT * 100):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
+    """A condition that another task on this loop makes true soon."""
+    await wait_for(predicate, timeout=TIMEOUT, interval=0.01)
 
 
 async def test_connections_beyond_the_cap_get_503(sock_path: Path) -> None:

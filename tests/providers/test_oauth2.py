@@ -38,6 +38,7 @@ from airlock.providers.oauth2 import (
     demo_idp_issuer,
     demo_oauth2_provider,
 )
+from tests.lifecycle_helpers import wait_for_blocking
 
 NOW = datetime(2027, 1, 15, 8, 0, 30, tzinfo=UTC)
 OBTAINED = 1_800_000_000  # 2027-01-15T08:00:00Z
@@ -290,11 +291,7 @@ def idp() -> Iterator[Idp]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        threading.Event().wait(0.01)
-    assert server.started, "the demo IdP did not start"
+    wait_for_blocking(lambda: server.started, timeout=5, interval=0.01, what="the demo IdP starts")
     yield Idp(port, demo_idp_issuer(port))
     server.should_exit = True
     thread.join(10)

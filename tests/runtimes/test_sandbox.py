@@ -24,6 +24,7 @@ from airlock.providers.base import LoginPlan
 from airlock.runtimes.base import Runtime, VmSpec
 from airlock.runtimes.sandbox import DEFAULT_LIMITS, DEFAULT_UID_BASE, SandboxRuntime
 from airlock.runtimes.vmdir import VM_NICE
+from tests.lifecycle_helpers import wait_for
 
 pytestmark = [
     pytest.mark.sandbox,
@@ -300,10 +301,7 @@ async def test_a_vm_killed_behind_the_runtimes_back_is_not_listed(runtime: Sandb
     other = await runtime.create(VmSpec(vm_id="stay1", role=VmRole.CLI, user_id="u1"))
     assert vm.pid is not None
     os.kill(vm.pid, signal.SIGKILL)
-    for _ in range(100):
-        if not alive(vm.pid):
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: not alive(vm.pid), timeout=10, interval=0.02)
     assert [v.vm_id for v in await runtime.list()] == [other.vm_id]
     assert not vm.state_dir.exists()  # cleaned up: nothing runs there any more
     assert await runtime.destroy("gone1") is False
@@ -540,10 +538,8 @@ async def test_browser_create_latency(runtime: SandboxRuntime) -> None:
 async def test_a_cancelled_create_leaves_nothing_behind(tmp_path: Path) -> None:
     rt = SandboxRuntime(tmp_path / "vms")
     task = asyncio.create_task(rt.create(VmSpec(vm_id="cx1", role=VmRole.BROWSER, user_id="u")))
-    for _ in range(500):  # until mid-boot: the agent is up, Chromium is not yet
-        if (tmp_path / "vms" / "cx1" / "agent.sock").exists():
-            break
-        await asyncio.sleep(0.01)
+    # Until mid-boot: the agent is up, Chromium is not yet.
+    await wait_for((tmp_path / "vms" / "cx1" / "agent.sock").exists, timeout=5, interval=0.01)
     pid = int((tmp_path / "vms" / "cx1" / "pid").read_text().split()[0])
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -574,10 +570,7 @@ async def test_when_the_agent_dies_the_whole_vm_goes(runtime: SandboxRuntime) ->
         if _cmdline_has(p, b"airlock.agent.server\0") and not _cmdline_has(p, b"/bin/sh\0")
     ]
     os.kill(agent_pid, signal.SIGKILL)
-    for _ in range(200):
-        if not processes_in(ns):
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: not processes_in(ns), timeout=10, interval=0.02)
     assert processes_in(ns) == []  # Xvnc and Chromium did not outlive it
     assert await runtime.list() == []
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from airlock.clock import Clock
 from airlock.runtimes.sandbox import SandboxRuntime
 from airlock.services.core import Core
 from airlock.settings import Settings
+from tests.lifecycle_helpers import loops_asleep
 
 CoreFactory = Callable[..., Awaitable[Core]]
 
@@ -28,11 +30,14 @@ FAST = {
 @pytest.fixture
 async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
     """``await make_core(**settings)``; ``node="b"`` makes a second host's controller (its
-    own data dir and node name) on the same database."""
+    own data dir and node name) on the same database; ``clock=ManualClock()`` makes one
+    whose deadlines and periods move only when the test advances that clock."""
     cores: list[Core] = []
     data_dirs: set[Path] = set()
 
-    async def factory(*, start: bool = True, node: str = "a", **overrides: Any) -> Core:
+    async def factory(
+        *, start: bool = True, node: str = "a", clock: Clock | None = None, **overrides: Any
+    ) -> Core:
         values = {"demo_idp_port": 4999, **FAST, **overrides}
         data_dir = tmp_path / f"data-{node}"
         data_dirs.add(data_dir)
@@ -43,10 +48,11 @@ async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
             node_name=f"node-{node}",
             **values,
         )
-        core = Core(settings, demo=True)
+        core = Core(settings, demo=True, clock=clock)
         cores.append(core)
         if start:
             await core.start()
+            await loops_asleep(core.clock)
         else:
             await core.open()
         return core

@@ -1,16 +1,20 @@
 """Every row of lifecycle.md's deadline table, with real sandboxes, on SQLite and PostgreSQL.
 
-Durations are short (see ``conftest.FAST``). "Never early" is checked by looking at the
-runtime just before a deadline and the tombstone's ``destroyed_at`` after it.
+The VMs, their agents and the captures are real and take the time they take; the deadlines
+and the loops' periods are on a ``ManualClock`` the test moves (``advance``), so a test
+waits for no deadline on the wall. "Never early" is checked by moving the clock to just
+before a deadline and looking at the runtime, then to the deadline itself; ``destroyed_at``
+on the tombstone says it happened no earlier.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
+from airlock.clock import ManualClock
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmState
 from airlock.services.core import Core
@@ -18,6 +22,7 @@ from airlock.store.tables import Vm
 from tests.lifecycle_helpers import (
     ACCESS_TOKEN,
     REFRESH_TOKEN,
+    advance,
     finish_login,
     running_ids,
     token_response,
@@ -70,17 +75,24 @@ async def complete_login(core: Core) -> tuple[str, str, Vm]:
     return session_id, vm_id, await vm_row(core, vm_id)
 
 
+def seconds_until(clock: ManualClock, moment: datetime) -> float:
+    return (moment - clock.now()).total_seconds()
+
+
 async def test_completed_vm_lives_through_grace_then_goes(make_core: CoreFactory) -> None:
-    core = await make_core()
+    clock = ManualClock()
+    core = await make_core(clock=clock)
     session_id, vm_id, vm = await complete_login(core)
     assert vm.state == VmState.DRAINING.value
     session, _ = await core.sessions.get(session_id, None)
     assert session.completed_at is not None and vm.destroy_after is not None
     assert vm.destroy_after == session.completed_at + timedelta(milliseconds=1500)
-    # Still there shortly before the deadline (never early) ...
-    await asyncio.sleep(max((vm.destroy_after - core.clock.now()).total_seconds() - 0.3, 0))
+    # Still there a millisecond before the deadline (never early) ...
+    await advance(clock, seconds=seconds_until(clock, vm.destroy_after) - 0.001)
+    assert (await vm_row(core, vm_id)).state == VmState.DRAINING.value
     assert vm_id in await running_ids(core.runtime)
-    # ... and gone shortly after it.
+    # ... and gone once it comes.
+    await advance(clock, seconds=0.001)
     done = await wait_vm_state(core, vm_id, VmState.DESTROYED, timeout=5)
     assert done.destroyed_at is not None and done.destroyed_at >= vm.destroy_after
     assert done.destroy_reason == "grace_ended"
@@ -115,18 +127,19 @@ async def test_credentials_stored_encrypted_and_wiped_from_the_vm(
 async def test_keepalive_while_draining_extends_but_not_past_max_drain(
     make_core: CoreFactory,
 ) -> None:
-    core = await make_core(grace_success_ms=1000, max_drain_ms=3000)
+    clock = ManualClock()
+    core = await make_core(clock=clock, grace_success_ms=1000, max_drain_ms=3000)
     session_id, vm_id, vm = await complete_login(core)
     session, _ = await core.sessions.get(session_id, None)
     assert session.completed_at is not None
     cap = session.completed_at + timedelta(milliseconds=3000)
     deadlines = []
     for _ in range(8):  # keep "looking" every 0.4 s, past the cap
+        await advance(clock, seconds=0.4)
         deadline = await core.sessions.keepalive(session_id, None)
         if deadline is None:
             break
         deadlines.append(deadline)
-        await asyncio.sleep(0.4)
     assert deadlines[0] > vm.destroy_after  # extended
     assert max(deadlines) == cap  # but never past completed + max_drain
     done = await wait_vm_state(core, vm_id, VmState.DESTROYED, timeout=5)
@@ -167,10 +180,11 @@ async def test_complete_before_the_login_ends_is_refused(make_core: CoreFactory)
 async def test_racing_complete_cancel_and_deadline_make_one_destroy(
     make_core: CoreFactory,
 ) -> None:
-    core = await make_core(grace_success_ms=300)
+    clock = ManualClock()
+    core = await make_core(clock=clock, grace_success_ms=300)
     session_id, vm_id, vm = await complete_login(core)
     assert vm.destroy_after is not None
-    await asyncio.sleep(max((vm.destroy_after - core.clock.now()).total_seconds(), 0))
+    clock.advance(seconds=seconds_until(clock, vm.destroy_after))  # due, and not yet settled
     results = await asyncio.gather(
         core.sessions.complete(session_id, None, "user:alice"),
         core.sessions.cancel(session_id, None, "user:alice"),
@@ -200,6 +214,11 @@ async def test_cancel_destroys_now(
     core = await make_core()
     session_id, vm_id = await start_session(core)
     await asyncio.sleep(0.3)  # the capture watch is connected to the agent
+
+    def watching() -> bool:
+        return any(t.get_name() == f"core:watch:{session_id}" for t in asyncio.all_tasks())
+
+    assert watching()
     session, vm = await core.sessions.cancel(session_id, "alice", "user:alice")
     assert session.status == SessionStatus.CANCELLED.value
     assert vm is not None and vm.state == VmState.DESTROYED.value
@@ -207,13 +226,15 @@ async def test_cancel_destroys_now(
     assert vm_id not in await running_ids(core.runtime)
     again, _ = await core.sessions.cancel(session_id, "alice", "user:alice")  # idempotent
     assert again.status == SessionStatus.CANCELLED.value
-    await asyncio.sleep(0.5)
-    # The watch saw its agent go with the VM: expected, so no warning for the operator.
+    await wait_for(lambda: not watching(), timeout=10)
+    # The watch saw its agent go with the VM and ended: expected, so no warning for the
+    # operator.
     assert not [r for r in caplog.records if "agent unreachable" in r.getMessage()]
 
 
 async def test_failure_destroys_after_grace_failure(make_core: CoreFactory) -> None:
-    core = await make_core(grace_failure_ms=800)
+    clock = ManualClock()
+    core = await make_core(clock=clock, grace_failure_ms=800)
     session_id, vm_id = await start_session(core)
     # Complete JSON (the agent waits out half-written files) but not a token response.
     await finish_login(core.runtime, vm_id, b'{"access_token": 12}')
@@ -222,7 +243,10 @@ async def test_failure_destroys_after_grace_failure(make_core: CoreFactory) -> N
     assert session.failure_reason is not None
     assert session.failure_reason.startswith("capture_failed")
     assert vm is not None and vm.state == VmState.DRAINING.value
-    assert vm_id in await running_ids(core.runtime)
+    assert vm.destroy_after is not None
+    await advance(clock, seconds=seconds_until(clock, vm.destroy_after) - 0.001)
+    assert vm_id in await running_ids(core.runtime)  # never early
+    await advance(clock, seconds=0.001)
     done = await wait_vm_state(core, vm_id, VmState.DESTROYED, timeout=5)
     assert done.destroy_reason == "failed"
     assert vm.destroy_after is not None and done.destroyed_at is not None
@@ -230,21 +254,30 @@ async def test_failure_destroys_after_grace_failure(make_core: CoreFactory) -> N
 
 
 async def test_failure_with_debug_keep_is_retained(make_core: CoreFactory) -> None:
-    core = await make_core(debug_keep_failed_vms=True, debug_retention_ms=0)
+    clock = ManualClock()
+    core = await make_core(clock=clock, debug_keep_failed_vms=True, debug_retention_ms=0)
     session_id, vm_id = await start_session(core)
     await finish_login(core.runtime, vm_id, token_response(access_token=None))
     await wait_status(core, session_id, SessionStatus.FAILED)
     vm = await vm_row(core, vm_id)
     assert vm.state == VmState.RETAINED.value and vm.destroy_after is None
-    await asyncio.sleep(1.0)  # two reconcile periods: a retained VM is not an orphan
+    for _ in range(2):  # two reconcile rounds, each over: a retained VM is not an orphan
+        await advance(clock, seconds=0.5)
     assert vm_id in await running_ids(core.runtime)
+    assert (await vm_row(core, vm_id)).state == VmState.RETAINED.value
     deleted = await core.vms.delete(vm_id, user_id="alice", actor="user:alice")
     assert deleted.state == VmState.DESTROYED.value and deleted.destroy_reason == "owner_delete"
 
 
 async def test_login_deadline_expires_the_session(make_core: CoreFactory) -> None:
-    core = await make_core(login_timeout_ms=2500)
+    clock = ManualClock()
+    core = await make_core(clock=clock, login_timeout_ms=2500)
     session_id, vm_id = await start_session(core)
+    await advance(clock, seconds=2.499)  # never early
+    session, _ = await core.sessions.get(session_id, None)
+    assert session.status == SessionStatus.AWAITING_USER.value
+    assert vm_id in await running_ids(core.runtime)
+    await advance(clock, seconds=0.001)
     await wait_status(core, session_id, SessionStatus.EXPIRED, timeout=10)
     done = await wait_vm_state(core, vm_id, VmState.DESTROYED, timeout=5)
     assert done.destroy_reason == "login_timeout"
@@ -255,23 +288,17 @@ async def test_login_deadline_expires_the_session(make_core: CoreFactory) -> Non
 async def test_sandbox_started_behind_the_databases_back_is_reaped(
     make_core: CoreFactory,
 ) -> None:
-    core = await make_core(reconcile_interval_ms=500)
+    clock = ManualClock()
+    core = await make_core(clock=clock, reconcile_interval_ms=500)
     from airlock.domain.vms import VmRole
     from airlock.runtimes.base import VmSpec
 
     await core.runtime.create(VmSpec(vm_id="vm-0rphan", role=VmRole.CLI, user_id="nobody"))
     assert "vm-0rphan" in await running_ids(core.runtime)
-    took = await wait_for(lambda: _gone(core, "vm-0rphan"), timeout=10)
-    # One period (0.5 s) plus the listing and the destroy; measured 0.23 s on a quiet
-    # machine. The bound leaves room for a loaded 2-core CI run, where one sandbox destroy
-    # alone has taken over a second.
-    assert took < 0.5 + 3.0, f"orphan reaped after {took:.2f} s"
-
-    # The VM leaves the listing at the kill; the count follows once the destroy returns.
-    async def counted() -> bool:
-        return metric(core, "airlock_orphan_vms_reaped_total") == 1
-
-    await wait_for(counted, timeout=5)
+    # The next reconcile round (one period on) reaps it: gone, and counted, once it is over.
+    await advance(clock, seconds=0.5)
+    assert await _gone(core, "vm-0rphan")
+    assert metric(core, "airlock_orphan_vms_reaped_total") == 1
 
 
 async def _gone(core: Core, vm_id: str) -> bool:
@@ -279,7 +306,8 @@ async def _gone(core: Core, vm_id: str) -> bool:
 
 
 async def test_sandbox_killed_behind_its_back_becomes_lost(make_core: CoreFactory) -> None:
-    core = await make_core(reconcile_interval_ms=500)
+    clock = ManualClock()
+    core = await make_core(clock=clock, reconcile_interval_ms=500)
     session_id, vm_id = await start_session(core)
     running = {vm.vm_id: vm for vm in await core.runtime.list()}
     pid = running[vm_id].pid
@@ -288,7 +316,10 @@ async def test_sandbox_killed_behind_its_back_becomes_lost(make_core: CoreFactor
     import signal
 
     os.kill(pid, signal.SIGKILL)
-    vm = await wait_vm_state(core, vm_id, VmState.LOST, timeout=5)
+    await wait_for(lambda: _gone(core, vm_id), timeout=5)
+    await advance(clock, seconds=0.5)  # the next reconcile round finds it gone
+    vm = await vm_row(core, vm_id)
+    assert vm.state == VmState.LOST.value
     assert vm.destroy_reason == "vanished"
     session, _ = await core.sessions.get(session_id, None)
     assert session.status == SessionStatus.FAILED.value
@@ -297,10 +328,12 @@ async def test_sandbox_killed_behind_its_back_becomes_lost(make_core: CoreFactor
 
 
 async def test_cli_vm_has_no_deadline_and_survives_reconciles(make_core: CoreFactory) -> None:
-    core = await make_core(reconcile_interval_ms=300)
+    clock = ManualClock()
+    core = await make_core(clock=clock, reconcile_interval_ms=300)
     vm = await core.vms.create_cli(user_id="alice", actor="user:alice")
     assert vm.state == VmState.RUNNING.value and vm.destroy_after is None
-    await asyncio.sleep(1.0)
+    for _ in range(3):  # three reconcile rounds, each over
+        await advance(clock, seconds=0.3)
     assert (await vm_row(core, vm.id)).state == VmState.RUNNING.value
     assert vm.id in await running_ids(core.runtime)
     gone = await core.vms.delete(vm.id, user_id="alice", actor="user:alice")
@@ -312,12 +345,16 @@ async def test_two_hosts_on_one_database_leave_each_others_vms_alone(
 ) -> None:
     """Scale-out: host b's reconciler does not list host a's VMs, and must not call them
     lost; host b's scheduler must not try to destroy them."""
-    a = await make_core(node="a", grace_success_ms=1500)
-    b = await make_core(node="b", reconcile_interval_ms=300)
+    clock = ManualClock()  # one time for both hosts, as NTP gives them
+    a = await make_core(clock=clock, node="a", grace_success_ms=1500)
+    b = await make_core(clock=clock, node="b", reconcile_interval_ms=300)
     _, vm_id, vm = await complete_login(a)
-    await asyncio.sleep(1.0)  # several of b's reconcile rounds during a's grace period
+    for _ in range(3):  # several of b's reconcile rounds during a's grace period
+        await advance(clock, seconds=0.3)
     assert (await vm_row(b, vm_id)).state == VmState.DRAINING.value
     assert metric(b, "airlock_premature_vm_destructions_total") == 0
+    assert vm.destroy_after is not None
+    await advance(clock, seconds=seconds_until(clock, vm.destroy_after))
     done = await wait_vm_state(a, vm_id, VmState.DESTROYED, timeout=5)
     assert vm.destroy_after is not None and done.destroyed_at is not None
     assert done.destroyed_at >= vm.destroy_after

@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 
+from airlock.clock import Clock, ManualClock
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from airlock.runtimes.base import VmSpec
 from airlock.runtimes.qemu import QemuRuntime
 from airlock.services.core import Core
 from airlock.settings import Settings
-from tests.lifecycle_helpers import finish_login, running_ids, wait_for
+from tests.lifecycle_helpers import advance, finish_login, loops_asleep, running_ids, wait_for
 from tests.qemu_image import image_dir, minimal_image
 from tests.services.conftest import FAST, CoreFactory
 from tests.services.test_lifecycle import metric, vm_row, wait_status, wait_vm_state
@@ -47,7 +48,7 @@ async def make_core(tmp_path: Path) -> AsyncIterator[CoreFactory]:
     cores: list[Core] = []
     data_dir = tmp_path / "data"
 
-    async def factory(**overrides: Any) -> Core:
+    async def factory(clock: Clock | None = None, **overrides: Any) -> Core:
         settings = Settings(
             _env_file=None,
             data_dir=data_dir,
@@ -58,9 +59,10 @@ async def make_core(tmp_path: Path) -> AsyncIterator[CoreFactory]:
             vm_boot_timeout_ms=int(BOOT_S * 1000),
             **{**FAST, **overrides},
         )
-        core = Core(settings, demo=True, runtime=qemu_runtime(data_dir))
+        core = Core(settings, demo=True, runtime=qemu_runtime(data_dir), clock=clock)
         cores.append(core)
         await core.start()
+        await loops_asleep(core.clock)
         return core
 
     yield factory
@@ -81,8 +83,10 @@ async def start_session(core: Core) -> tuple[str, str]:
 async def test_grace_then_complete_then_crash_and_restart(make_core: CoreFactory) -> None:
     """Grace: a completed VM lives through its grace period. Complete: the frontend's
     complete destroys it at once. Crash-and-restart: a new controller on the same data dir
-    adopts a draining VM and destroys it on its deadline, not before."""
-    core = await make_core(grace_success_ms=4000)
+    adopts a draining VM and destroys it on its deadline, not before. The deadline is on a
+    ManualClock both controllers share (as two processes share the host's clock)."""
+    clock = ManualClock()
+    core = await make_core(clock=clock, grace_success_ms=4000)
     session_id, vm_id = await start_session(core)
     assert (await vm_row(core, vm_id)).detail["accel"] in ("kvm", "tcg")
     await finish_login(core.runtime, vm_id)
@@ -96,12 +100,12 @@ async def test_grace_then_complete_then_crash_and_restart(make_core: CoreFactory
     # The controller dies (its VMs do not) and a new one starts on the same data dir.
     await core.close()
     assert vm_id in await running_ids(qemu_runtime(core.settings.data_dir))
-    core2 = await make_core(grace_success_ms=4000)
+    core2 = await make_core(clock=clock, grace_success_ms=4000)
     await wait_for(lambda: _listed(core2, vm_id), timeout=5)
-    before = (vm.destroy_after - core2.clock.now()).total_seconds() - 0.5
-    if before > 0:
-        await asyncio.sleep(before)
-        assert vm_id in await running_ids(core2.runtime)  # never early
+    await advance(clock, seconds=(vm.destroy_after - clock.now()).total_seconds() - 0.001)
+    assert vm_id in await running_ids(core2.runtime)  # never early
+    assert (await vm_row(core2, vm_id)).state == VmState.DRAINING.value
+    await advance(clock, seconds=0.001)
     done = await wait_vm_state(core2, vm_id, VmState.DESTROYED, timeout=15)
     assert done.destroyed_at is not None and done.destroyed_at >= vm.destroy_after
     assert done.destroy_reason == "grace_ended"

@@ -1,7 +1,8 @@
 """The warm pool with real sandboxes, on SQLite and PostgreSQL: it fills to N, a start takes
 a warm VM (and answers ``awaiting_user`` at once), the pool refills, two concurrent starts
 never share a VM, old warm VMs are retired at their maximum age, and a restarted controller
-adopts the pool instead of booting a new one."""
+adopts the pool instead of booting a new one. The boots are real; the pool's maximum age and
+its rounds are on a ``ManualClock`` the test moves where the test is about them."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import asyncio
 
 import pytest
 
+from airlock.clock import ManualClock
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import DestroyReason, VmState
 from airlock.errors import Unavailable
 from airlock.services.core import Core
-from tests.lifecycle_helpers import finish_login, running_ids, wait_for
+from airlock.services.warm_pool import CHECK_INTERVAL_S
+from tests.lifecycle_helpers import advance, finish_login, running_ids, wait_for
 from tests.services.conftest import CoreFactory
 
 pytestmark = pytest.mark.sandbox
@@ -80,16 +83,21 @@ async def test_concurrent_starts_never_share_a_warm_vm(make_core: CoreFactory) -
 
 
 async def test_warm_vms_retire_at_max_age_and_are_replaced(make_core: CoreFactory) -> None:
-    core = await make_core(warm_pool=1, warm_pool_max_age_ms=2500)
+    clock = ManualClock()
+    core = await make_core(clock=clock, warm_pool=1, warm_pool_max_age_ms=2500)
     first = await pool_ready(core, 1)
     (old,) = first
+    await advance(clock, seconds=2.499)  # never before its maximum age
+    assert old in await running_ids(core.runtime) and await warm_ids(core) == {old}
+    await advance(clock, seconds=0.001)
 
-    async def replaced() -> bool:
-        return (await core.vms.get(old, None)).state == VmState.DESTROYED.value and len(
-            await warm_ids(core)
-        ) == 1
+    async def retired() -> bool:
+        return (await core.vms.get(old, None)).state == VmState.DESTROYED.value
 
-    await wait_for(replaced, timeout=30)
+    await wait_for(retired, timeout=30)
+    await advance(clock, seconds=CHECK_INTERVAL_S)  # the pool's next round replaces it
+    new = await pool_ready(core, 1)
+    assert old not in new
     tomb = await core.vms.get(old, None)
     assert tomb.destroy_reason == DestroyReason.WARM_RETIRED.value
     assert tomb.destroyed_at is not None and tomb.destroy_after is not None
@@ -106,19 +114,22 @@ async def test_a_restarted_controller_adopts_the_pool(make_core: CoreFactory) ->
     await first.close()  # the VMs outlive the controller
     assert pool <= await running_ids(first.runtime)
 
-    second = await make_core(warm_pool=1)
+    clock = ManualClock()
+    second = await make_core(clock=clock, warm_pool=1)
     report = await second.reconciler.reconcile_once()
     assert report.actions == []  # a live row: not an orphan
-    await asyncio.sleep(1.5)  # more than one pool round
+    for _ in range(2):  # two pool rounds, each over
+        await advance(clock, seconds=CHECK_INTERVAL_S)
     assert await warm_ids(second, VmState.CREATING, VmState.RUNNING) == pool  # no new boot
     session, vm = await second.sessions.start(user_id="bob", provider_id="oauth2", actor="test")
     assert vm.id in pool and session.status == SessionStatus.AWAITING_USER.value
 
 
 async def test_warm_vms_count_toward_the_vm_limit(make_core: CoreFactory) -> None:
-    core = await make_core(warm_pool=3, max_concurrent_vms=2)
+    clock = ManualClock()
+    core = await make_core(clock=clock, warm_pool=3, max_concurrent_vms=2)
     await pool_ready(core, 2)  # not 3: the limit holds for the pool too
-    await asyncio.sleep(0.5)
+    await advance(clock, seconds=CHECK_INTERVAL_S)  # a pool round over: it stays at 2
     assert len(await warm_ids(core, VmState.CREATING, VmState.RUNNING)) == 2
     for user in ("alice", "bob"):  # each takes a warm VM; the pool may not refill past 2
         _, vm = await core.sessions.start(user_id=user, provider_id="oauth2", actor="test")

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from airlock.store.db import Database
+from tests.lifecycle_helpers import wait_for
 
 
 @pytest_asyncio.fixture
@@ -39,7 +40,7 @@ async def test_urgent_transactions_jump_the_queue(db: Database) -> None:
             order.append(name)
 
     first = asyncio.create_task(holder())
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: order == ["holder"], interval=0.01)  # it holds the lock
     tasks = [asyncio.create_task(waiter(f"normal{i}", False)) for i in range(3)]
     await asyncio.sleep(0.01)
     tasks.append(asyncio.create_task(waiter("urgent", True)))

@@ -2,7 +2,8 @@
 build one; tests build as many as they like (each with its own data dir or database).
 
 ``start()`` migrates the database, reconciles once (adopting what a previous process left
-running), recovers sessions, then owns the scheduler and reconciler loops. ``close()``
+running), recovers sessions, then owns the scheduler and reconciler loops (and, on
+PostgreSQL, the events channel: ``LISTEN/NOTIFY`` between controllers). ``close()``
 stops the loops and proxies but leaves VMs running: they outlive the controller, and the
 next one adopts them.
 """
@@ -46,6 +47,7 @@ from airlock.services.vms import VmService
 from airlock.services.warm_pool import WarmPool
 from airlock.settings import Settings
 from airlock.store.db import Database
+from airlock.store.notify import Channel
 from airlock.vault import Vault
 
 log = logging.getLogger("airlock.core")
@@ -220,6 +222,14 @@ class Core:
         self.providers = providers if providers is not None else make_providers(settings, demo=demo)
         self.metrics = Metrics()
         self.bus = SessionBus()
+        # PostgreSQL: changes reach the other controllers' watchers by LISTEN/NOTIFY (one
+        # connection, its own loop); SQLite is one node, the in-process bus is all it needs.
+        self.channel: Channel | None = None
+        if self.db.is_postgres:
+            self.channel = Channel(
+                settings.db_url, on_message=self.bus.receive, on_connect=self.bus.wake_all
+            )
+            self.bus.attach(self.channel.send)
         self.tasks = TaskOwner("core")
         self.egress = EgressManager(
             policies=egress_policies(settings, self.providers),
@@ -370,6 +380,8 @@ class Core:
         )
         await self.sessions.recover()
         await self.vms.adopt()
+        if self.channel is not None:
+            self.tasks.spawn(self.channel.run(), name="events")
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
@@ -383,6 +395,8 @@ class Core:
 
     async def close(self) -> None:
         await self.tasks.close()
+        if self.channel is not None:
+            await self.channel.flush()  # what a CLI process changed reaches the controllers
         # A runtime that holds connections in this process (the fake runtime's agents)
         # hangs them up; the others keep nothing here that outlives the tasks.
         close = getattr(self.runtime, "close", None)

@@ -104,7 +104,7 @@ class CredentialHealth:
                 await self.check_all()
             except Exception:  # the database may be away for a moment: try again later
                 log.exception("the credential health round failed; retrying")
-            await asyncio.sleep(self.interval_s)
+            await self.clock.sleep(self.interval_s)
 
     async def check_all(self) -> list[HealthChange]:
         """One round over every login that is not superseded; the changes it recorded."""

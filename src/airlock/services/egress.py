@@ -224,7 +224,7 @@ class EgressManager:
     async def _flush_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_interval):
+                async with self._clock.timeout(self._flush_interval):
                     await self._wake.wait()
             self._wake.clear()
             try:

@@ -67,7 +67,7 @@ class LeaseKeeper:
                 raise
             except Exception:
                 log.exception("lease renewal pass failed")
-            await asyncio.sleep(self.policy.renew_every.total_seconds())
+            await self.clock.sleep(self.policy.renew_every.total_seconds())
 
     async def renew_once(self) -> int:
         """Renew every running browser VM of this node; return how many confirmed."""

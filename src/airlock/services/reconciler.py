@@ -58,7 +58,7 @@ class Reconciler:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval.total_seconds())
+            await self.clock.sleep(self.interval.total_seconds())
             try:
                 await self.reconcile_once()
             except asyncio.CancelledError:

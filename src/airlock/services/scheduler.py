@@ -84,7 +84,7 @@ class Scheduler:
                 delay = min(max((wake - self.clock.now()).total_seconds(), 0.0), MAX_SLEEP)
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):  # not wait_for: see bus.wait
+                    async with self.clock.timeout(delay):  # not wait_for: see bus.wait
                         await self._poked.wait()
             self._poked.clear()
 

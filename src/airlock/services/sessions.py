@@ -132,6 +132,21 @@ class SessionService:
             vm = await repo.vm(session.vm_id) if session.vm_id else None
             return session, vm
 
+    async def view(
+        self, session_id: str, user_id: str | None
+    ) -> tuple[AuthSession, Vm | None, Credential | None]:
+        """``get`` and the capture's metadata in one read: what an SSE stream re-reads at
+        every change, so it costs one transaction, not two."""
+        check_session_id(session_id)
+        async with self.db.read() as repo:
+            session = await repo.auth_session(session_id)
+            if session is None or (user_id is not None and session.user_id != user_id):
+                raise NotFound(
+                    f"no auth session {session_id} for this user", code="session_not_found"
+                )
+            vm = await repo.vm(session.vm_id) if session.vm_id else None
+            return session, vm, await repo.credential_of_session(session_id)
+
     async def list(
         self, user_id: str | None, status: str | None = None, limit: int = 100
     ) -> list[tuple[AuthSession, Vm | None]]:
@@ -371,11 +386,13 @@ class SessionService:
                 session_status=SessionStatus(session.status),
                 completed_at=session.completed_at,
             )
-            if new != vm.destroy_after and await repo.set_vm(
+            moved = new != vm.destroy_after and await repo.set_vm(
                 vm.id, [VmState(vm.state)], destroy_after=new, updated_at=now
-            ):
+            )
+            if moved:
                 vm.destroy_after = new
-        await self.bus.publish(session_id)
+        if moved:  # a keepalive that moved nothing wakes no watcher here or on the peers
+            await self.bus.publish(session_id)
         return vm.destroy_after
 
     async def complete(

@@ -14,6 +14,7 @@ a view-only viewer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -128,19 +129,22 @@ class ViewerRegistry:
         """Keepalive every ``interval`` while the session has sockets; close them all when
         its VM is no longer viewable. Wakes on the bus (this controller's changes) or after
         ``interval`` (another controller's)."""
-        bus, sessions = self.core.bus, self.core.sessions
-        loop = asyncio.get_running_loop()
+        bus, sessions, clock = self.core.bus, self.core.sessions, self.core.clock
         version = bus.version(session_id)
-        last_keepalive = loop.time()  # the socket's own connect sent the first one
+        last_keepalive = clock.monotonic()  # the socket's own connect sent the first one
         while session_id in self._sockets:
-            wait = max(0.0, last_keepalive + self.interval - loop.time())
-            version = await bus.wait(session_id, version, wait)
+            wait = max(0.0, last_keepalive + self.interval - clock.monotonic())
+            # The keepalive period is on the core's clock (a test moves it); the bus's own
+            # timeout is only a backstop behind it.
+            with contextlib.suppress(TimeoutError):
+                async with clock.timeout(wait):
+                    version = await bus.wait(session_id, version, wait + 1.0)
             try:
                 if (closing := await vm_end(self.core, session_id)) is not None:
                     self._stop_all(session_id, *closing)
                     return
-                if loop.time() - last_keepalive >= self.interval:
-                    last_keepalive = loop.time()
+                if clock.monotonic() - last_keepalive >= self.interval:
+                    last_keepalive = clock.monotonic()
                     await sessions.keepalive(session_id, None)
             except NotFound:
                 self._stop_all(session_id, *VM_GONE)

@@ -133,7 +133,7 @@ class WarmPool:
             if self._failures:
                 delay = _backoff(self._failures)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
+                async with self.clock.timeout(delay):
                     await self._poked.wait()
             self._poked.clear()
 

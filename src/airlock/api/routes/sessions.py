@@ -8,19 +8,16 @@ viewer token are ``routes.viewer``; the VNC WebSocket (``/vnc``) is ``routes.vnc
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import StreamingResponse
 from pydantic import SerializeAsAny
 
-from airlock.api import schemas
+from airlock.api import schemas, sse
 from airlock.api.deps import CoreDep, PrincipalDep, SignerDep, ViewerSigner
 from airlock.domain.sessions import SessionStatus
-from airlock.domain.vms import VmState
 from airlock.errors import NotFound
 from airlock.services.core import Core
 from airlock.services.tokens import NAME_PATTERN, Principal
@@ -29,9 +26,6 @@ from airlock.store.tables import AuthSession, Credential, Vm
 log = logging.getLogger("airlock.api")
 
 router = APIRouter(prefix="/api/auth", tags=["auth sessions"])
-
-SSE_WAKE_S = 2.0  # re-read the row at least this often: other controllers' changes
-SSE_HEARTBEAT_S = 15.0
 
 UserQuery = Annotated[
     str | None,
@@ -82,8 +76,7 @@ def _out(
 async def _session_view(
     core: Core, signer: ViewerSigner, session_id: str, user_id: str | None
 ) -> schemas.SessionOut:
-    session, vm = await core.sessions.get(session_id, user_id)
-    cred = await core.sessions.credential(session.id)
+    session, vm, cred = await core.sessions.view(session_id, user_id)
     return _out(core, signer, session, vm, cred)
 
 
@@ -162,48 +155,21 @@ async def session_events(
 ) -> StreamingResponse:
     """``event: session`` with the session JSON at once and after every change, a comment
     line every 15 s to keep proxies from closing an idle stream, and the end of the stream
-    once the VM is gone (destroyed or lost), after its final state was sent."""
+    once the VM is gone (destroyed or lost), after its final state was sent (``api.sse``)."""
     reader = _reader(principal, user_id)
     version = core.bus.version(session_id)  # before the read: no change falls in between
     first = await _session_view(core, signer, session_id, reader)  # 404 before streaming
     # (The caller is authenticated and the id well-formed by now; the bus records nothing
     # until the stream waits, and forgets the session when its last waiter leaves.)
-    return StreamingResponse(
-        _event_stream(core, signer, session_id, reader, first, version),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    return sse.response(
+        sse.session_stream(
+            core,
+            session_id,
+            version=version,
+            first=first,
+            read=lambda: _session_view(core, signer, session_id, reader),
+        )
     )
-
-
-async def _event_stream(
-    core: Core,
-    signer: ViewerSigner,
-    session_id: SessionIdPath,
-    reader: str | None,
-    first: schemas.SessionOut,
-    version: int,
-) -> AsyncIterator[str]:
-    loop = asyncio.get_running_loop()
-    view = first
-    last_key: str | None = None
-    last_write = loop.time()
-    while True:
-        # The viewer token in novncURL changes with time, so it does not count as a change.
-        key = view.model_dump_json(exclude={"novncURL"})
-        if key != last_key:
-            last_key = key
-            last_write = loop.time()
-            yield f"event: session\ndata: {view.model_dump_json(by_alias=True)}\n\n"
-        if view.vm is None or VmState(view.vm.state).terminal:
-            return
-        version = await core.bus.wait(session_id, version, SSE_WAKE_S)
-        if loop.time() - last_write >= SSE_HEARTBEAT_S:
-            last_write = loop.time()
-            yield ": keepalive\n\n"
-        try:
-            view = await _session_view(core, signer, session_id, reader)
-        except NotFound:
-            return
 
 
 @router.post(

@@ -12,16 +12,14 @@ by ``scripts/setup.sh``); without them the page says that set-up did not run.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
 
-from airlock.api import schemas, static
+from airlock.api import schemas, sse, static
 from airlock.api.deps import (
     CoreDep,
     SignerDep,
@@ -29,12 +27,11 @@ from airlock.api.deps import (
     ViewerSigner,
     verify_viewer_token,
 )
-from airlock.api.routes.sessions import SSE_HEARTBEAT_S, SSE_WAKE_S, SessionIdPath
-from airlock.domain.vms import VmState
+from airlock.api.routes.sessions import SessionIdPath
 from airlock.errors import NotFound, Unauthorized
 from airlock.services import viewers
 from airlock.services.core import Core
-from airlock.store.tables import AuthSession, Vm
+from airlock.store.tables import AuthSession, Credential, Vm
 
 router = APIRouter(prefix="/api/auth/session/{sessionId}", tags=["viewer"])
 
@@ -115,56 +112,42 @@ async def viewer_events(
     await viewed_session(core, signer, session_id, token)  # the token first: 401/404 here
     version = core.bus.version(session_id)  # then the version, before the read
     _, session, vm = await viewed_session(core, signer, session_id, token)
-    first = await _view(core, session, vm)
-    return StreamingResponse(
-        _stream(core, session_id, first, version),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+
+    async def read() -> schemas.SessionOut:
+        session, vm, cred = await core.sessions.view(session_id, None)
+        return _viewer_out(core, session, vm, cred)
+
+    async def egress() -> str | None:
+        return await egress_notice(core, session_id)
+
+    return sse.response(
+        sse.session_stream(
+            core,
+            session_id,
+            version=version,
+            first=await _view(core, session, vm),
+            read=read,
+            extras={"egress": egress},
+        )
     )
 
 
 async def _view(core: Core, session: AuthSession, vm: Vm | None) -> schemas.SessionOut:
-    cred = await core.sessions.credential(session.id)
+    return _viewer_out(core, session, vm, await core.sessions.credential(session.id))
+
+
+def _viewer_out(
+    core: Core, session: AuthSession, vm: Vm | None, cred: Credential | None
+) -> schemas.SessionOut:
     out = schemas.session_out(session, vm, cred, base_url=core.settings.base_url, viewer_token=None)
     return out.model_copy(update={"novncURL": None})
 
 
-async def _stream(
-    core: Core, session_id: str, first: schemas.SessionOut, version: int
-) -> AsyncIterator[str]:
-    loop = asyncio.get_running_loop()
-    view = first
-    last = ""
-    last_blocked = ""
-    last_write = loop.time()
-    while True:
-        data = view.model_dump_json(by_alias=True)
-        if data != last:
-            last = data
-            last_write = loop.time()
-            yield f"event: session\ndata: {data}\n\n"
-        if notice := await egress_notice(core, session_id, last_blocked):
-            last_blocked = notice
-            last_write = loop.time()
-            yield f"event: egress\ndata: {notice}\n\n"
-        if view.vm is None or VmState(view.vm.state).terminal:
-            return
-        version = await core.bus.wait(session_id, version, SSE_WAKE_S)
-        if loop.time() - last_write >= SSE_HEARTBEAT_S:
-            last_write = loop.time()
-            yield ": keepalive\n\n"
-        try:
-            session, vm = await core.sessions.get(session_id, None)
-        except NotFound:
-            return
-        view = await _view(core, session, vm)
-
-
-async def egress_notice(core: Core, session_id: str, last: str) -> str | None:
-    """The ``egress`` event's data when the page's blocked requests changed, else None."""
+async def egress_notice(core: Core, session_id: str) -> str | None:
+    """The ``egress`` event's data while the page's requests are being blocked, else None
+    (the stream sends it when it changed)."""
     blocked, hosts = await core.egress.blocked(session_id)
-    data = json.dumps({"blocked": blocked, "hosts": hosts})
-    return data if blocked and data != last else None
+    return json.dumps({"blocked": blocked, "hosts": hosts}) if blocked else None
 
 
 @router.post(
