@@ -535,6 +535,8 @@ EXPECTED_ROUTES = {
     ("GET", "/api/vms/{vmId}"),
     ("DELETE", "/api/vms/{vmId}"),
     ("POST", "/api/vms/{vmId}/credentials"),
+    ("GET", "/api/credentials"),
+    ("GET", "/api/credentials/events"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
