@@ -19,9 +19,18 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from airlock import cli_nodes
+from airlock import cli_credentials, cli_nodes
 from airlock.api import schemas
-from airlock.cli_common import JsonOpt, err, fail, load_settings, out, print_json, with_core
+from airlock.cli_common import (
+    JsonOpt,
+    err,
+    fail,
+    load_settings,
+    out,
+    print_json,
+    relative,
+    with_core,
+)
 from airlock.cli_doctor import doctor
 from airlock.domain.sessions import SessionStatus
 from airlock.errors import AirlockError
@@ -51,6 +60,7 @@ app.add_typer(image_app, name="image")
 egress_app = typer.Typer(help="The browser VMs' egress policy.", no_args_is_help=True)
 app.add_typer(egress_app, name="egress")
 app.add_typer(cli_nodes.nodes_app, name="nodes")
+app.add_typer(cli_credentials.app, name="credentials")
 app.command()(doctor)
 
 
@@ -67,25 +77,6 @@ _print_json = print_json
 
 def _iso(value: datetime | None) -> str | None:
     return schemas.iso(value) if value is not None else None
-
-
-def relative(value: datetime | None, now: datetime) -> str:
-    """``in 25 s``, ``3 min ago``, ``-`` for none."""
-    if value is None:
-        return "-"
-    seconds = (value - now).total_seconds()
-    span = abs(seconds)
-    if span < 1:
-        return "now"
-    if span < 120:
-        text = f"{span:.0f} s"
-    elif span < 7200:
-        text = f"{span / 60:.0f} min"
-    elif span < 172_800:
-        text = f"{span / 3600:.0f} h"
-    else:
-        text = f"{span / 86400:.0f} d"
-    return f"in {text}" if seconds > 0 else f"{text} ago"
 
 
 # --- serve --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -61,3 +62,22 @@ def with_core(settings: Settings, action: Callable[[Core], Awaitable[T]]) -> T:
 
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def relative(value: datetime | None, now: datetime) -> str:
+    """``in 25 s``, ``3 min ago``, ``-`` for none."""
+    if value is None:
+        return "-"
+    seconds = (value - now).total_seconds()
+    span = abs(seconds)
+    if span < 1:
+        return "now"
+    if span < 120:
+        text = f"{span:.0f} s"
+    elif span < 7200:
+        text = f"{span / 60:.0f} min"
+    elif span < 172_800:
+        text = f"{span / 3600:.0f} h"
+    else:
+        text = f"{span / 86400:.0f} d"
+    return f"in {text}" if seconds > 0 else f"{text} ago"

@@ -65,6 +65,13 @@ class Metrics:
             registry=r,
         )
         self.vms = Gauge("airlock_vms", "VMs by role and state.", ["role", "state"], registry=r)
+        self.credentials = Gauge(
+            "airlock_credentials",
+            "Logins (not superseded) by provider and health state: active, expiring, expired, "
+            "revoked, needs_login.",
+            ["provider", "state"],
+            registry=r,
+        )
         self.destroys = Counter(
             "airlock_vm_destroys",
             "Destroys performed (one per VM).",

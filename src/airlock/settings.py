@@ -89,6 +89,30 @@ class Settings(BaseSettings):
     credential_export: bool = Field(
         False, description="Allow service tokens to read secret credential values."
     )
+    credential_check_ms: int = Field(
+        300_000,
+        ge=0,
+        description="How often every login's health is decided again, and the CLI's offline "
+        "status check run in the VM that holds it; 0 turns the schedule off.",
+    )
+    credential_expiring_ms: int = Field(
+        7 * 24 * 3_600_000,
+        ge=0,
+        description="A login whose refresh token (or, with none, access token) ends within "
+        "this is expiring.",
+    )
+    credential_sync_ms: int = Field(
+        300_000,
+        gt=0,
+        description="How often each login's holder VM is read back; a refreshed login is "
+        "sealed as its new version (also before a CLI VM is destroyed and at every move).",
+    )
+    credential_retention_ms: int = Field(
+        604_800_000,
+        ge=0,
+        description="How long a superseded login version's secret is kept for audit before "
+        "it is wiped (its metadata stays).",
+    )
     viewer_token_ttl_ms: int = Field(
         600_000, gt=0, description="How long a viewer token (in novncURL) opens the viewer."
     )
@@ -149,9 +173,19 @@ class Settings(BaseSettings):
     demo_user: str = Field("demo", description="The demo identity provider's user name.")
     demo_password: str = Field("demo", description="The demo identity provider's password.")
     demo_idp_port: int = Field(4001, ge=0, le=65535, description="Port of the demo IdP.")
+    demo_idp_admin_token: str | None = Field(
+        None,
+        description="Bearer token of the demo IdP's /admin routes (grant counters, revoking a "
+        "grant); unset, they do not exist.",
+    )
     oauth2_authorize_url: str | None = Field(None, description="oauth2 provider: authorize URL.")
     oauth2_token_url: str | None = Field(None, description="oauth2 provider: token URL.")
     oauth2_client_id: str | None = Field(None, description="oauth2 provider: client id.")
+    oauth2_introspect_url: str | None = Field(
+        None,
+        description="oauth2 provider: RFC 7662 introspection URL, for the scheduled check of a "
+        "login's refresh token.",
+    )
     oauth2_scopes: str = Field("openid profile", description="oauth2 provider: scopes.")
     oauth2_allowed_hosts: str = Field(
         "",
@@ -362,6 +396,14 @@ class Settings(BaseSettings):
     @property
     def vms_dir(self) -> Path:
         return self.data_dir / "vms"
+
+    @property
+    def credential_sync(self) -> timedelta:
+        return timedelta(milliseconds=self.credential_sync_ms)
+
+    @property
+    def credential_retention(self) -> timedelta:
+        return timedelta(milliseconds=self.credential_retention_ms)
 
     @property
     def grace_success(self) -> timedelta:

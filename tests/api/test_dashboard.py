@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from playwright.async_api import Browser, expect
 
+from airlock.domain.grants import GrantState
 from airlock.domain.vms import VmState
 from tests.api.conftest import Api
 from tests.api.live import serve
@@ -29,7 +30,7 @@ async def test_sign_in_watch_act_and_sign_out(api: Api, browser: Browser) -> Non
 
         await token_field.fill(api.tokens["alice"])
         await page.get_by_role("button", name="Sign in").click()
-        await expect(page.get_by_role("button", name="Log in oauth2")).to_be_visible()
+        await expect(page.get_by_role("button", name="Log in OAuth 2.0")).to_be_visible()
         rows = page.locator("#sessions tr")
         await expect(rows).to_have_count(1)
         await expect(rows.first).to_contain_text("awaiting_user")
@@ -56,4 +57,47 @@ async def test_sign_in_watch_act_and_sign_out(api: Api, browser: Browser) -> Non
         await page.get_by_role("button", name="Sign out").click()
         await expect(page.get_by_label("API token")).to_be_focused()
         assert await page.evaluate("sessionStorage.length") == 0
+        await page.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_each_cli_vm_shows_its_logins_and_the_buttons_act(
+    api: Api,
+    browser: Browser,  # noqa: F811
+) -> None:
+    """A person sees, in each CLI VM's row, the vendor's name and the login's state and
+    expiry; "Log in again" and "Log in" start a login for that provider into that VM,
+    "Move here" asks to move the login there."""
+    from tests.api.test_credentials import add_login
+
+    holder = await api.add_vm("alice")
+    other = await api.add_vm("alice")
+    await add_login(api, "alice", grant_id="g-revoked", state=GrantState.REVOKED, holder=holder.id)
+    async with serve(api.app, lifespan=False) as url:
+        page = await browser.new_page()
+        await page.goto(f"{url}/")
+        await page.get_by_label("API token").fill(api.tokens["alice"])
+        await page.get_by_role("button", name="Sign in").click()
+        held = page.locator(f'#vms tr[data-vm-id="{holder.id}"]')
+        await expect(held).to_contain_text("OAuth 2.0")
+        await expect(held).to_contain_text("alice@airlock.test: revoked")
+        await expect(held.locator(".state-revoked")).to_be_visible()
+        await expect(page.locator("#logins tr").first).to_contain_text("revoked")
+        await expect(page.locator("#logins tr").first).to_contain_text(holder.id)
+        elsewhere = page.locator(f'#vms tr[data-vm-id="{other.id}"]')
+        await expect(elsewhere).to_contain_text(f"in {holder.id}")
+
+        # Log in again: a login of that provider for that VM starts (this controller runs
+        # no VM, so it ends failed, but its request named the VM).
+        await held.get_by_role("button", name="Log in again").click()
+        await expect(page.locator("#sessions tr")).to_have_count(1)
+        await expect(page.locator("#sessions tr").first).to_contain_text("oauth2")
+        async with api.core.db.read() as repo:
+            [session] = await repo.auth_sessions()
+        assert (session.provider, session.cli_vm_id) == ("oauth2", holder.id)
+
+        # Move here: the move is asked for; the holder cannot be reached here, and the page
+        # says so.
+        await elsewhere.get_by_role("button", name="Move here").click()
+        await expect(page.get_by_role("alert")).to_contain_text("Cannot move the OAuth 2.0 login")
         await page.close()

@@ -539,6 +539,8 @@ EXPECTED_ROUTES = {
     ("GET", "/api/nodes"),
     ("POST", "/internal/vms/{vmId}/destroy"),
     ("POST", "/internal/boots"),
+    ("GET", "/api/credentials"),
+    ("GET", "/api/credentials/events"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),

@@ -18,7 +18,7 @@ import pytest
 from fastapi import FastAPI
 
 from airlock.demo_idp import create_idp_app
-from airlock.demo_idp.app import _Expiring
+from airlock.demo_idp.tokens import Expiring as _Expiring
 
 ISSUER = "http://idp.airlock.test:4001"
 REDIRECT = "http://127.0.0.1:53123/callback"

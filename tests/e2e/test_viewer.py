@@ -77,8 +77,8 @@ async def wait_pixels(
 
 
 async def open_login(page: Page) -> tuple[Frame, Locator, Locator]:
-    """Click "Log in oauth2" on the dashboard; the live view, its status and its canvas."""
-    await page.get_by_role("button", name="Log in oauth2").click()
+    """Click "Log in OAuth 2.0" on the dashboard; the live view, its status and its canvas."""
+    await page.get_by_role("button", name="Log in OAuth 2.0").click()
     frame_element = await page.wait_for_selector("#viewer-frame[src]")
     viewer = await frame_element.content_frame()
     assert viewer is not None
@@ -113,7 +113,7 @@ async def dashboard(
     await page.goto(f"{server.url}/")
     await page.get_by_label("API token").fill(user_token)
     await page.get_by_role("button", name="Sign in").click()
-    await expect(page.get_by_role("button", name="Log in oauth2")).to_be_enabled()
+    await expect(page.get_by_role("button", name="Log in OAuth 2.0")).to_be_enabled()
     return browser, page
 
 
@@ -269,7 +269,7 @@ async def test_a_person_on_a_phone_raises_the_keyboard_and_signs_in(server_facto
             await page.goto(f"{server.url}/")
             await page.get_by_label("API token").fill(user_token)
             await page.get_by_role("button", name="Sign in").tap()
-            await expect(page.get_by_role("button", name="Log in oauth2")).to_be_enabled()
+            await expect(page.get_by_role("button", name="Log in OAuth 2.0")).to_be_enabled()
             viewer, status, canvas = await open_login(page)
             await expect(status).to_have_text("Sign in with oauth2", timeout=60_000)
             # On a phone the form is taller than the screen: its card's shadow reaches the

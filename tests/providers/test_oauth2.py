@@ -546,3 +546,16 @@ async def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     async with asyncio.timeout(60):
         await proc.communicate()
     assert proc.returncode == 2
+
+
+def test_the_refresh_tokens_end_comes_from_the_file(provider: OAuth2Provider) -> None:
+    stated = provider.normalise(tokens_file(refresh_expires_at=OBTAINED + 86400), now=NOW)
+    assert stated.refresh_expires_at == datetime.fromtimestamp(OBTAINED + 86400, tz=UTC)
+    lifetime = provider.normalise(tokens_file(refresh_token_expires_in=600), now=NOW)
+    assert lifetime.refresh_expires_at == datetime.fromtimestamp(OBTAINED + 600, tz=UTC)
+    assert lifetime.refreshed_at == datetime.fromtimestamp(OBTAINED, tz=UTC)
+    assert provider.normalise(tokens_file(), now=NOW).refresh_expires_at is None
+    unrefreshable = provider.normalise(
+        tokens_file(refresh_token=None, refresh_token_expires_in=600), now=NOW
+    )
+    assert unrefreshable.refresh_expires_at is None

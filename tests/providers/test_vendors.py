@@ -201,6 +201,9 @@ def test_status_outputs_are_judged_as_the_pinned_clis_print_them() -> None:
     assert not codex_judge(RunOutcome(1, "", "Not logged in\n"))[0]
     gemini = GeminiCliProvider().verification().judge
     assert gemini(RunOutcome(41, "", f"{gemini_cli.TRIED_OFFLINE} failed, reason: x"))[0]
+    # Through a CLI VM's egress proxy that cannot reach Google: its gateway error.
+    assert gemini(RunOutcome(41, "", "Cached credentials are not valid: 502 Bad Gateway"))[0]
+    assert not gemini(RunOutcome(41, "", "Cached credentials are not valid: 400 Bad Request"))[0]
     assert not gemini(RunOutcome(41, "", "Failed to load credentials from x: ENOENT"))[0]
 
 

@@ -40,14 +40,13 @@ async def make_core(db_url: str, tmp_path: Path) -> AsyncIterator[CoreFactory]:
     async def factory(
         *, start: bool = True, node: str = "a", clock: Clock | None = None, **overrides: Any
     ) -> Core:
-        values = {**FAST, **overrides}
+        values = {"demo_idp_port": 4999, **FAST, **overrides}
         data_dir = tmp_path / f"data-{node}"
         data_dirs.add(data_dir)
         settings = Settings(
             _env_file=None,
             data_dir=data_dir,
             database_url=db_url,
-            demo_idp_port=4999,
             node_name=f"node-{node}",
             secret_key_file=tmp_path / "cluster.key",
             **values,

@@ -217,9 +217,11 @@ async def test_oauth2_login_with_cli_vm_ends_with_the_tokens_in_that_vm(
     await core.sessions.complete(session_id, None, "test")
 
 
-async def test_later_vm_gets_latest_credentials_with_a_notice_and_a_dying_vm_gets_none(
+async def test_a_later_vm_takes_the_login_from_the_first_and_a_dying_vm_gets_none(
     make_core: CoreFactory,
 ) -> None:
+    """Injecting into a second VM moves the login (one holder): the first VM's file is gone.
+    (This test said before that both VMs held it, with a notice that one may be logged out.)"""
     core = await make_core()
     session_id = await capture_oauth2(core, "bob")
     first = await core.vms.create_cli(user_id="bob", actor="test")
@@ -233,8 +235,10 @@ async def test_later_vm_gets_latest_credentials_with_a_notice_and_a_dying_vm_get
     two = await core.handoff.inject_latest(
         vm_id=second.id, user_id="bob", provider_id="oauth2", actor="test"
     )
-    assert two.verified and two.other_holders == [first.id]
-    assert two.notice is not None and first.id in two.notice and "logged out" in two.notice
+    assert two.verified and two.moved_from == first.id
+    assert two.other_holders == [] and two.notice is None
+    assert not (cli_home(core, first.id) / TOKENS_PATH).exists()
+    assert (cli_home(core, second.id) / TOKENS_PATH).exists()
 
     # Another user's VM is not found; nothing is written there.
     with pytest.raises(Exception, match="no CLI VM") as info:

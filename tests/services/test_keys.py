@@ -143,3 +143,40 @@ def test_a_running_vault_refuses_a_key_file_that_became_readable(tmp_path: Path)
     path.chmod(0o640)  # ...and finds it readable by its group
     with pytest.raises(VaultError, match="readable by its owner only"):
         vault.seal(b"x", context="c")
+
+
+async def test_rotation_covers_login_versions_and_skips_wiped_secrets(
+    make_core: CoreFactory,
+) -> None:
+    """Each capture is a login's version 1 (the same sealed blob) and later versions are
+    sealed under their own context: all are re-encrypted. A wiped secret has nothing to
+    rotate: it neither fails the rotation nor keeps an old key alive."""
+    from airlock.services.grants import context_of, record_capture
+
+    core = await make_core(start=False)
+    assert core.vault is not None
+    plain = await add_credentials(core, 3)
+    sids = sorted(plain)
+    async with core.db.transaction() as repo:
+        for sid in sids:
+            await record_capture(repo, sid, now=NOW)
+        # Two logins of one account: the older one is superseded and wiped at once.
+        wiped_grant = (await repo.grants(user_id="alice", superseded=True))[0]
+    report = await rotate(core.db, core.vault, core.clock)
+    assert report.dropped  # no row kept the old key alive
+    async with core.db.read() as repo:
+        grants = await repo.grants(user_id="alice", superseded=None)
+        versions = await repo.grant_versions([g.id for g in grants])
+    by_id = {g.id: g for g in grants}
+    opened = 0
+    for v in versions:
+        if v.grant_id == wiped_grant.id or v.wiped_at is not None:
+            assert v.ciphertext is None
+            continue
+        assert v.key_id == report.new_key and v.nonce and v.ciphertext
+        got = core.vault.open_sealed(
+            Sealed(v.key_id, v.nonce, v.ciphertext), context=context_of(by_id[v.grant_id], v)
+        )
+        assert got == plain[v.session_id or ""]
+        opened += 1
+    assert opened == 1  # three captures of one account ("" here): the newest is the login

@@ -10,9 +10,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import StatementError
 
-from airlock.domain.vms import VmState
+from airlock.domain.vms import VmRole, VmState
 from airlock.store.db import Database
 from airlock.store.tables import Base, Vm
 
@@ -143,3 +145,32 @@ async def test_a_node_sees_only_its_own_vms(db_url: str) -> None:
     finally:
         await here.close()
         await there.close()
+
+
+async def test_states_come_back_as_members_and_are_stored_as_their_values(db: Database) -> None:
+    """``EnumText``: the columns stay plain strings with the same values (no migration);
+    rows read back hold the enums' members; strings and members query alike."""
+    async with db.transaction() as repo:
+        repo.add_vm(vm_row("vm-e"))  # role and state given as strings, as older code does
+    async with db.read() as repo:
+        vm = await repo.vm("vm-e")
+        by_string = [v.id for v in await repo.vms(states=["running"], role="browser")]
+        by_member = [v.id for v in await repo.vms(states=[VmState.RUNNING], role=VmRole.BROWSER)]
+    assert vm is not None
+    assert vm.state is VmState.RUNNING and vm.role is VmRole.BROWSER
+    assert vm.destroy_reason is None
+    assert by_string == by_member == ["vm-e"]
+    async with db.engine.connect() as conn:
+        raw = (await conn.execute(text("SELECT role, state FROM vms WHERE id = 'vm-e'"))).one()
+    assert tuple(raw) == ("browser", "running")
+    assert type(raw[1]) is str
+
+
+async def test_an_unknown_state_is_refused_before_it_is_stored(db: Database) -> None:
+    row = vm_row("vm-x")
+    row.state = "exploded"  # type: ignore[assignment]  # what a typo in older code would do
+    with pytest.raises(StatementError, match="exploded"):
+        async with db.transaction() as repo:
+            repo.add_vm(row)
+    async with db.read() as repo:
+        assert await repo.vm("vm-x") is None

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from airlock.agent.oparg import OpError
+from airlock.agent.oparg import FilePlan, OpError
 
 CHUNK = 64 * 1024
 
@@ -73,3 +73,15 @@ def write_atomic(path: Path, content: bytes, mode: int) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def write_planned(plan: FilePlan) -> list[str]:
+    """Write a checked ``oparg.file_plan``, each file atomically; the paths written."""
+    written: list[str] = []
+    for path, target, content, mode in plan:
+        try:
+            write_atomic(target, content, mode)
+        except OSError as exc:
+            raise OpError("write_failed", f"cannot write {path}: {exc.strerror}") from None
+        written.append(path)
+    return written

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +66,27 @@ def target_path(home: Path, value: str) -> Path:
     """A path to write or wipe: absolute as given, else relative to $HOME."""
     p = Path(value)
     return Path(os.path.normpath(p if p.is_absolute() else home / p))
+
+
+FilePlan = list[tuple[str, Path, bytes, int]]  # (path as given, where it goes, content, mode)
+
+
+def file_plan(value: Any, where: Callable[[str], Path]) -> FilePlan:
+    """The ``files`` of a ``write_files`` op, every one checked before any is written (a bad
+    one must not leave the others half written)."""
+    if not isinstance(value, list):
+        raise OpError("bad_request", "files must be a list")
+    plan: FilePlan = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise OpError("bad_request", "each file must be an object")
+        path = rel_path(item.get("path"), "path")
+        try:
+            content = base64.b64decode(item.get("content_b64", ""), validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise OpError("bad_request", f"content_b64 of {path} is not base64") from None
+        mode = item.get("mode", 0o600)
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise OpError("bad_request", f"mode of {path} must be an int in 0..0o7777")
+        plan.append((path, where(path), content, mode))
+    return plan

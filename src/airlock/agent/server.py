@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import contextlib
 import hmac
 import logging
@@ -37,10 +36,11 @@ from airlock.agent import capture, entropy, protocol, streams
 from airlock.agent.capture import Login
 from airlock.agent.config import Config
 from airlock.agent.display import DISPLAY, OPEN_SOCKET_NAME, Display
-from airlock.agent.files import shred, write_atomic
+from airlock.agent.files import shred, write_planned
 from airlock.agent.lease import Lease, lease_args, read_boot_lease
 from airlock.agent.oparg import (
     OpError,
+    file_plan,
     home_path,
     number,
     rel_path,
@@ -373,29 +373,9 @@ class Agent:
         return {"wiped": wiped}
 
     async def _op_write_files(self, message: dict[str, Any]) -> protocol.WrittenResult:
-        files = message.get("files")
-        if not isinstance(files, list):
-            raise OpError("bad_request", "files must be a list")
-        plan: list[tuple[str, Path, bytes, int]] = []
-        for item in files:  # validate everything before writing anything
-            if not isinstance(item, dict):
-                raise OpError("bad_request", "each file must be an object")
-            path = rel_path(item.get("path"), "path")
-            try:
-                content = base64.b64decode(item.get("content_b64", ""), validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                raise OpError("bad_request", f"content_b64 of {path} is not base64") from None
-            mode = item.get("mode", 0o600)
-            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-                raise OpError("bad_request", f"mode of {path} must be an int in 0..0o7777")
-            plan.append((path, target_path(self.config.home, path), content, mode))
-        written: list[str] = []
-        for path, target, content, mode in plan:
-            try:
-                write_atomic(target, content, mode)
-            except OSError as exc:
-                raise OpError("write_failed", f"cannot write {path}: {exc.strerror}") from None
-            written.append(path)
+        home = self.config.home
+        plan = file_plan(message.get("files"), lambda path: target_path(home, path))
+        written = write_planned(plan)
         log.info("wrote %d file(s)", len(written))
         return {"written": written}
 

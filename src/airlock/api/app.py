@@ -290,6 +290,7 @@ async def _start_demo_idp(
         issuer=demo_idp_issuer(settings.demo_idp_port),
         user=settings.demo_user,
         password=settings.demo_password,
+        admin_token=settings.demo_idp_admin_token or None,
     )
     # Bind first, so a busy port is a clear error here instead of uvicorn exiting the process.
     try:

@@ -11,7 +11,11 @@ by the book, so that the ``oauth2`` provider is exercised against real protocol 
 - codes that are random, single use, valid 60 s and bound to the client, redirect URI and
   PKCE challenge; a replayed code revokes what it was exchanged for (RFC 6749 4.1.2);
 - rotating refresh tokens: each use returns a new one, and presenting a rotated one
-  revokes the whole grant (RFC 9700 4.14.2);
+  revokes the whole grant (RFC 9700 4.14.2); RFC 7662 introspection at ``/introspect``
+  (whether a token is still active, without using it); the tokens are ``demo_idp.tokens``'s;
+- ``/admin`` (only with an ``admin_token``, for its bearer): each grant's counters
+  (refreshes accepted and refused, rotated refresh tokens seen again) and revoking a
+  grant, so tests can prove that nobody reused a token and what a revoked login looks like;
 - an RS256 ``id_token`` when ``openid`` is asked for, signed with a per-process key that
   ``/.well-known/jwks.json`` publishes (``keys.SigningKeys``), and ``/userinfo`` for bearer
   tokens. The ``id_token`` is a platform user JWT that Airlock accepts when configured
@@ -42,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from string import Template
-from typing import Any, Generic, TypeVar
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fastapi import FastAPI, Request
@@ -55,61 +59,27 @@ from fastapi.responses import (
 )
 
 from airlock.demo_idp.keys import SigningKeys
+from airlock.demo_idp.tokens import (
+    ACCESS_TTL,
+    REFRESH_TTL,
+    SCOPES_SUPPORTED,
+    OAuthError,
+    TokenStore,
+)
+from airlock.demo_idp.tokens import Expiring as _Expiring
 
-CODE_TTL = 60.0
-ACCESS_TTL = 3600
-REFRESH_TTL = 30 * 24 * 3600.0
 PENDING_TTL = 600.0
 TICKET_TTL = 60.0
-MAX_ENTRIES = 10_000  # per table: the demo's memory stays bounded whatever callers do
 MAX_FORM = 64 * 1024
 MAX_SIGN_IN_FAILURES = 5
 LOCKOUT_S = 900.0  # the guesses a (client, user name) has left come back this long after
 LOCKED_OUT = (
     "Too many wrong attempts for this user. Wait 15 minutes, then start again from the application."
 )
-SCOPES_SUPPORTED = ("openid", "profile", "email", "offline_access")
 DEFAULT_SCOPE = "openid profile"
 
 _CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256, unpadded
-_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 4.1
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-
-T = TypeVar("T")
-
-
-class _Expiring(Generic[T]):
-    """A dict whose entries expire and whose size is capped (oldest go first)."""
-
-    def __init__(self, clock: Callable[[], float], max_entries: int = MAX_ENTRIES) -> None:
-        self._clock = clock
-        self._max = max_entries
-        self._items: dict[str, tuple[float, T]] = {}
-
-    def put(self, key: str, value: T, ttl: float) -> None:
-        now = self._clock()
-        for old in [k for k, (expires, _) in self._items.items() if expires <= now]:
-            del self._items[old]
-        while len(self._items) >= self._max:
-            del self._items[next(iter(self._items))]
-        self._items[key] = (now + ttl, value)
-
-    def get(self, key: str) -> T | None:
-        item = self._items.get(key)
-        if item is None:
-            return None
-        if item[0] <= self._clock():
-            del self._items[key]
-            return None
-        return item[1]
-
-    def pop(self, key: str) -> T | None:
-        value = self.get(key)
-        self._items.pop(key, None)
-        return value
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass(slots=True)
@@ -124,34 +94,13 @@ class _Pending:
     nonce: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class _Code:
-    client_id: str
-    redirect_uri: str
-    code_challenge: str
-    scope: str
-    nonce: str | None
-    grant: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    client_id: str
-    scope: str
-    grant: str
-
-
 class _State:
-    """Everything the server remembers, each table bounded and expiring."""
+    """What the sign-in pages remember, each table bounded and expiring; the tokens are
+    ``tokens``'s."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], tokens: TokenStore) -> None:
+        self.tokens = tokens
         self.pending = _Expiring[_Pending](clock)
-        self.codes = _Expiring[_Code](clock)
-        self.used_codes = _Expiring[str](clock)  # code -> grant, to revoke on replay
-        self.access = _Expiring[_Token](clock)
-        self.refresh = _Expiring[_Token](clock)
-        self.rotated = _Expiring[str](clock)  # a rotated refresh token -> grant
-        self.revoked = _Expiring[bool](clock)  # grant ids
         # Wrong sign-ins per (client, user name), not per request: a new /authorize would
         # otherwise give a guesser five more tries. Each failure restarts the window.
         self.failures = _Expiring[int](clock)
@@ -175,16 +124,6 @@ class _State:
         return False
 
 
-class _OAuthError(Exception):
-    """An RFC 6749 5.2 error response from the token endpoint."""
-
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
-
-
 def create_idp_app(
     *,
     issuer: str,
@@ -192,17 +131,22 @@ def create_idp_app(
     password: str,
     client_id: str = "airlock-demo",
     clock: Callable[[], float] = time.time,
+    access_ttl: int = ACCESS_TTL,
+    refresh_ttl: int = REFRESH_TTL,
+    admin_token: str | None = None,
 ) -> FastAPI:
     """The demo authorization server for ``issuer`` (e.g. ``http://idp.airlock.test:4001``),
     with one user and one public client. ``clock`` (epoch seconds) is for tests. Its asset
     host is ``static.<issuer host>``, its SSO host ``sso.login.<issuer host minus its first
-    label>``, same scheme and port."""
+    label>``, same scheme and port. ``admin_token`` turns on the ``/admin`` routes (the
+    grants' counters, revoking a grant) for bearers of it; without it they are 404."""
     parts = urlsplit(issuer)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ValueError(f"issuer must be an http(s) URL without query or fragment: {issuer!r}")
     if parts.hostname.count(".") < 2:
         raise ValueError(f"the issuer needs a host name of three labels or more: {issuer!r}")
     port = f":{parts.port}" if parts.port else ""
+    issuer_host = parts.hostname.lower()
     static_host = f"static.{parts.hostname}"
     sso_host = f"sso.login.{parts.hostname.split('.', 1)[1]}"
     static_origin = f"{parts.scheme}://{static_host}{port}"
@@ -210,8 +154,28 @@ def create_idp_app(
     if not user or not password:
         raise ValueError("the demo user needs a name and a password")
     issuer = issuer.rstrip("/")
-    state = _State(clock)
     keys = SigningKeys()  # per process: tokens die with the demo server
+    subject = user
+    email = f"{user}@airlock.test"
+
+    def sign_id_token(client: str, grant: str, nonce: str | None, now: int) -> str:
+        claims: dict[str, Any] = {
+            "iss": issuer,
+            "sub": subject,
+            "aud": client,
+            "iat": now,
+            "exp": now + access_ttl,
+            "sid": grant,  # OIDC's session id: which grant (sign-in) this is, for /admin
+            "email": email,
+            "email_verified": True,
+            "name": f"{user} (demo)",
+        }
+        if nonce is not None:
+            claims["nonce"] = nonce
+        return keys.sign(claims)
+
+    tokens = TokenStore(clock, sign_id_token, access_ttl=access_ttl, refresh_ttl=refresh_ttl)
+    state = _State(clock, tokens)
     login_page = Template(_template("login.html"))
     error_page = Template(_template("error.html"))
     sso_page = Template(_template("sso.html"))
@@ -221,9 +185,6 @@ def create_idp_app(
         "Content-Security-Policy": f"default-src 'none'; style-src {static_origin}; "
         f"script-src {static_origin}; frame-ancestors 'none'; base-uri 'none'",
     }
-    subject = user
-    email = f"{user}@airlock.test"
-
     app = FastAPI(
         title="Airlock demo identity provider", docs_url=None, redoc_url=None, openapi_url=None
     )
@@ -278,53 +239,17 @@ def create_idp_app(
 
     def complete(pending: _Pending) -> RedirectResponse:
         """The user is signed in (form or SSO): a code back to the application."""
-        code = secrets.token_urlsafe(32)
-        grant = secrets.token_urlsafe(12)
-        state.codes.put(
-            code,
-            _Code(
-                pending.client_id,
-                pending.redirect_uri,
-                pending.code_challenge,
-                pending.scope,
-                pending.nonce,
-                grant,
-            ),
-            CODE_TTL,
+        code = tokens.new_code(
+            pending.client_id,
+            pending.redirect_uri,
+            pending.code_challenge,
+            pending.scope,
+            pending.nonce,
         )
         query = {"code": code, "iss": issuer}
         if pending.state is not None:
             query["state"] = pending.state
         return RedirectResponse(_with_query(pending.redirect_uri, query), status_code=302)
-
-    def issue(client: str, scope: str, grant: str, nonce: str | None) -> dict[str, Any]:
-        now = int(clock())
-        access_token = secrets.token_urlsafe(32)
-        refresh_token = secrets.token_urlsafe(48)
-        state.access.put(access_token, _Token(client, scope, grant), ACCESS_TTL)
-        state.refresh.put(refresh_token, _Token(client, scope, grant), REFRESH_TTL)
-        body: dict[str, Any] = {
-            "access_token": access_token,
-            "token_type": "Bearer",
-            "expires_in": ACCESS_TTL,
-            "refresh_token": refresh_token,
-            "scope": scope,
-        }
-        if "openid" in scope.split():
-            claims: dict[str, Any] = {
-                "iss": issuer,
-                "sub": subject,
-                "aud": client,
-                "iat": now,
-                "exp": now + ACCESS_TTL,
-                "email": email,
-                "email_verified": True,
-                "name": f"{user} (demo)",
-            }
-            if nonce is not None:
-                claims["nonce"] = nonce
-            body["id_token"] = keys.sign(claims)
-        return body
 
     @app.get("/.well-known/oauth-authorization-server")
     async def metadata() -> JSONResponse:
@@ -334,12 +259,14 @@ def create_idp_app(
                 "authorization_endpoint": f"{issuer}/authorize",
                 "token_endpoint": f"{issuer}/token",
                 "userinfo_endpoint": f"{issuer}/userinfo",
+                "introspection_endpoint": f"{issuer}/introspect",
                 "jwks_uri": f"{issuer}/.well-known/jwks.json",
                 "response_types_supported": ["code"],
                 "response_modes_supported": ["query"],
                 "grant_types_supported": ["authorization_code", "refresh_token"],
                 "code_challenge_methods_supported": ["S256"],
                 "token_endpoint_auth_methods_supported": ["none"],
+                "introspection_endpoint_auth_methods_supported": ["none"],
                 "scopes_supported": list(SCOPES_SUPPORTED),
                 "id_token_signing_alg_values_supported": ["RS256"],
                 "authorization_response_iss_parameter_supported": True,
@@ -403,7 +330,7 @@ def create_idp_app(
     async def sign_in(request: Request) -> Response:
         try:
             form = await _read_form(request)
-        except _OAuthError as exc:
+        except OAuthError as exc:
             return error_page_response(exc.description)
         request_id = form.get("request_id", "")
         pending = state.pending.get(request_id)
@@ -449,7 +376,7 @@ def create_idp_app(
             return PlainTextResponse("not found", status_code=404)
         try:
             form = await _read_form(request)
-        except _OAuthError as exc:
+        except OAuthError as exc:
             return error_page_response(exc.description)
         request_id = form.get("request_id", "")
         pending = state.pending.get(request_id)
@@ -479,79 +406,37 @@ def create_idp_app(
     @app.post("/token")
     async def token(request: Request) -> JSONResponse:
         try:
-            form = await _read_form(request)
-            if form.get("client_id") != client_id:
-                raise _OAuthError("invalid_client", "unknown client_id", 401)
+            form = await _client_form(request, client_id)
             grant_type = form.get("grant_type")
             if grant_type == "authorization_code":
-                body = exchange_code(form)
+                body = tokens.exchange_code(form, _s256)
             elif grant_type == "refresh_token":
-                body = refresh(form)
+                body = tokens.refresh(form, _normalise_scope)
             elif grant_type is None:
-                raise _OAuthError("invalid_request", "grant_type is required")
+                raise OAuthError("invalid_request", "grant_type is required")
             else:
-                raise _OAuthError("unsupported_grant_type", f"{grant_type} is not supported")
-        except _OAuthError as exc:
-            headers = dict(_TOKEN_HEADERS)
-            if exc.status == 401:
-                headers["WWW-Authenticate"] = 'Basic realm="demo"'
-            return JSONResponse(
-                {"error": exc.error, "error_description": exc.description},
-                status_code=exc.status,
-                headers=headers,
-            )
+                raise OAuthError("unsupported_grant_type", f"{grant_type} is not supported")
+        except OAuthError as exc:
+            return _oauth_error(exc)
         return JSONResponse(body, headers=_TOKEN_HEADERS)
 
-    def exchange_code(form: dict[str, str]) -> dict[str, Any]:
-        code_value = _required(form, "code")
-        redirect_uri = _required(form, "redirect_uri")
-        verifier = _required(form, "code_verifier")
-        code = state.codes.pop(code_value)  # single use, whatever happens next
-        if code is None:
-            replayed = state.used_codes.get(code_value)
-            if replayed is not None:
-                state.revoked.put(replayed, True, REFRESH_TTL)
-                raise _OAuthError("invalid_grant", "authorization code already used")
-            raise _OAuthError("invalid_grant", "authorization code unknown or expired")
-        state.used_codes.put(code_value, code.grant, REFRESH_TTL)
-        if code.client_id != form["client_id"]:
-            raise _OAuthError("invalid_grant", "code was issued to another client")
-        if code.redirect_uri != redirect_uri:
-            raise _OAuthError("invalid_grant", "redirect_uri does not match the authorization")
-        if not _VERIFIER.fullmatch(verifier):
-            raise _OAuthError("invalid_request", "code_verifier is malformed")
-        if not hmac.compare_digest(_s256(verifier), code.code_challenge):
-            raise _OAuthError("invalid_grant", "code_verifier does not match code_challenge")
-        return issue(code.client_id, code.scope, code.grant, code.nonce)
-
-    def refresh(form: dict[str, str]) -> dict[str, Any]:
-        value = _required(form, "refresh_token")
-        current = state.refresh.get(value)
-        if current is None:
-            replayed = state.rotated.get(value)
-            if replayed is not None:  # a rotated token came back: someone has a copy
-                state.revoked.put(replayed, True, REFRESH_TTL)
-                raise _OAuthError("invalid_grant", "refresh token already used")
-            raise _OAuthError("invalid_grant", "refresh token unknown or expired")
-        if state.revoked.get(current.grant):
-            raise _OAuthError("invalid_grant", "this grant has been revoked")
-        if current.client_id != form["client_id"]:
-            raise _OAuthError("invalid_grant", "refresh token was issued to another client")
-        scope = current.scope
-        if "scope" in form:
-            asked = _normalise_scope(form["scope"])
-            if asked is None or not set(asked.split()) <= set(current.scope.split()):
-                raise _OAuthError("invalid_scope", "a refresh cannot widen the scope")
-            scope = asked
-        state.refresh.pop(value)
-        state.rotated.put(value, current.grant, REFRESH_TTL)
-        return issue(current.client_id, scope, current.grant, None)
+    @app.post("/introspect")
+    async def introspect(request: Request) -> JSONResponse:
+        """RFC 7662: is this token still active? Asking does not use it up."""
+        try:
+            form = await _client_form(request, client_id)
+            body = tokens.introspect(form)
+        except OAuthError as exc:
+            return _oauth_error(exc)
+        if body.get("active"):
+            body.update(iss=issuer, sub=subject)
+        return JSONResponse(body, headers=_TOKEN_HEADERS)
 
     @app.get("/userinfo")
     async def userinfo(request: Request) -> JSONResponse:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        record = state.access.get(value.strip()) if scheme.lower() == "bearer" else None
-        if record is None or state.revoked.get(record.grant):
+        grant = tokens.access_grant(value.strip()) if scheme.lower() == "bearer" else None
+        if grant is None:
             return JSONResponse(
                 {"error": "invalid_token"},
                 status_code=401,
@@ -562,7 +447,43 @@ def create_idp_app(
             headers={"Cache-Control": "no-store"},
         )
 
+    def admin(request: Request) -> JSONResponse | None:
+        """None for a bearer of the admin token on the issuer's host, else the refusal."""
+        if admin_token is None or not on_host(request, issuer_host):
+            return JSONResponse({"error": "not_found"}, status_code=404)
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), admin_token.encode()
+        ):
+            return JSONResponse(
+                {"error": "invalid_token"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="demo-admin"'},
+            )
+        return None
+
+    @app.get("/admin/grants")
+    async def admin_grants(request: Request) -> JSONResponse:
+        """Every grant's counters (no token values) and the totals."""
+        if (refused := admin(request)) is not None:
+            return refused
+        grants = [g.to_json() for g in tokens.grants.values()]
+        return JSONResponse(
+            {"grants": grants, "totals": dict(tokens.totals)}, headers={"Cache-Control": "no-store"}
+        )
+
+    @app.post("/admin/grants/{grant}/revoke")
+    async def admin_revoke(grant: str, request: Request) -> JSONResponse:
+        """Revoke a grant as the vendor would ("sign out everywhere")."""
+        if (refused := admin(request)) is not None:
+            return refused
+        record = tokens.revoke(grant, "admin")
+        if record is None:
+            return JSONResponse({"error": "grant_not_found"}, status_code=404)
+        return JSONResponse(record.to_json(), headers={"Cache-Control": "no-store"})
+
     app.state.idp = state  # for tests that check the tables stay bounded
+    app.state.tokens = tokens  # for tests that read the grants' counters in process
     app.state.keys = keys  # for tests that rotate the keys or mint tokens with odd claims
     return app
 
@@ -615,11 +536,23 @@ def _normalise_scope(scope: str) -> str | None:
     return " ".join(dict.fromkeys(wanted))
 
 
-def _required(form: dict[str, str], name: str) -> str:
-    value = form.get(name)
-    if not value:
-        raise _OAuthError("invalid_request", f"{name} is required")
-    return value
+def _oauth_error(exc: OAuthError) -> JSONResponse:
+    headers = dict(_TOKEN_HEADERS)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="demo"'
+    return JSONResponse(
+        {"error": exc.error, "error_description": exc.description},
+        status_code=exc.status,
+        headers=headers,
+    )
+
+
+async def _client_form(request: Request, client_id: str) -> dict[str, str]:
+    """The form of a request from the one public client (it names itself)."""
+    form = await _read_form(request)
+    if form.get("client_id") != client_id:
+        raise OAuthError("invalid_client", "unknown client_id", 401)
+    return form
 
 
 async def _read_form(request: Request) -> dict[str, str]:
@@ -627,20 +560,20 @@ async def _read_form(request: Request) -> dict[str, str]:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != (
         "application/x-www-form-urlencoded"
     ):
-        raise _OAuthError("invalid_request", "expected application/x-www-form-urlencoded")
+        raise OAuthError("invalid_request", "expected application/x-www-form-urlencoded")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM:
-            raise _OAuthError("invalid_request", "request body too large")
+            raise OAuthError("invalid_request", "request body too large")
     try:
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError:
-        raise _OAuthError("invalid_request", "request body is not UTF-8") from None
+        raise OAuthError("invalid_request", "request body is not UTF-8") from None
     form: dict[str, str] = {}
     for key, value in pairs:
         if key in form:
-            raise _OAuthError("invalid_request", f"{key} appears more than once")
+            raise OAuthError("invalid_request", f"{key} appears more than once")
         form[key] = value
     return form
 

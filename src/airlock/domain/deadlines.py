@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from airlock.domain.sessions import SessionStatus
-from airlock.domain.vms import VmState
+from airlock.domain.vms import IN_SERVICE, VmState
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ class DeadlinePolicy:
         if current is None:
             return None
         d = self.durations
-        if not session_status.terminal and vm_state in (VmState.CREATING, VmState.RUNNING):
+        if not session_status.terminal and vm_state in IN_SERVICE:
             cap = vm_created_at + d.max_session
             return max(current, min(now + d.idle_extension, cap))
         if (

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from airlock.domain.credential_health import CheckResult
 from airlock.domain.egress_policy import EgressPolicy
 
 
@@ -50,6 +51,7 @@ class Credentials:
     plan: str | None
     raw: dict[str, bytes]  # the original files, byte for byte, by home-relative path
     refreshed_at: datetime | None = None  # UTC; when the vendor last issued the tokens
+    refresh_expires_at: datetime | None = None  # UTC; the refresh token's end, where stated
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,33 @@ class Verification:
     timeout_s: float = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class StatusCheck:
+    """The CLI's own offline status check (or, for ``oauth2``, introspection at the token
+    server), run in the VM that holds a login on a schedule: ``judge`` reads its outcome as
+    a ``CheckResult`` and a one-line summary without secrets."""
+
+    argv: list[str]
+    check: str
+    judge: Callable[[RunOutcome], tuple[CheckResult, str]]
+    timeout_s: float = 60.0
+
+
+def judge_by_verification(
+    verification: Verification,
+) -> Callable[[RunOutcome], tuple[CheckResult, str]]:
+    """A ``Verification``'s verdict as a check result: logged in is OK, else logged out
+    (a CLI's offline status says no more than that)."""
+
+    def judge(outcome: RunOutcome) -> tuple[CheckResult, str]:
+        if outcome.exit_code is None:
+            return CheckResult.UNKNOWN, f"{verification.check}: timed out"
+        ok, summary = verification.judge(outcome)
+        return (CheckResult.OK if ok else CheckResult.LOGGED_OUT), summary
+
+    return judge
+
+
 class Provider(Protocol):
     id: str
     name: str
@@ -108,4 +137,9 @@ class Provider(Protocol):
 
     def verification(self) -> Verification | None:
         """The CLI's own check that it is logged in, or None when there is no CLI."""
+        ...
+
+    def status_check(self) -> StatusCheck | None:
+        """The check the controller runs on a schedule in the VM that holds a login: the
+        CLI's offline status, or None where the CLI has none that is offline and cheap."""
         ...

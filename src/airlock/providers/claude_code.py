@@ -26,7 +26,9 @@ from airlock.providers.base import (
     InjectFile,
     LoginPlan,
     RunOutcome,
+    StatusCheck,
     Verification,
+    judge_by_verification,
 )
 
 CREDENTIALS_PATH = ".claude/.credentials.json"
@@ -102,6 +104,7 @@ class ClaudeCodeProvider:
         if "expiresAt" not in oauth:
             raise CredentialError(f"{where}.expiresAt is missing")
         expires_at = vendor.from_epoch_ms(oauth["expiresAt"], f"{where}.expiresAt")
+        refresh_expiry = None
         if oauth.get("refreshTokenExpiresAt") is not None:
             refresh_expiry = vendor.from_epoch_ms(
                 oauth["refreshTokenExpiresAt"], f"{where}.refreshTokenExpiresAt"
@@ -125,6 +128,7 @@ class ClaudeCodeProvider:
             ),
             plan=_opt_str(oauth, "subscriptionType"),
             raw={CREDENTIALS_PATH: bytes(raw)},
+            refresh_expires_at=refresh_expiry if refresh else None,
         )
 
     def injection(self, creds: Credentials) -> list[InjectFile]:
@@ -153,6 +157,13 @@ class ClaudeCodeProvider:
             check="claude auth status --json (reads ~/.claude/.credentials.json offline)",
             judge=_judge,
             timeout_s=60.0,
+        )
+
+    def status_check(self) -> StatusCheck:
+        """``claude auth status``: offline, it reads the file (a logged-out CLI says so)."""
+        verification = self.verification()
+        return StatusCheck(
+            verification.argv, verification.check, judge_by_verification(verification)
         )
 
 

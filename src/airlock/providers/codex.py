@@ -29,7 +29,9 @@ from airlock.providers.base import (
     InjectFile,
     LoginPlan,
     RunOutcome,
+    StatusCheck,
     Verification,
+    judge_by_verification,
 )
 
 AUTH_PATH = ".codex/auth.json"
@@ -66,7 +68,7 @@ BUNDLES = frozenset({"google", "microsoft", "apple"})
 
 class CodexProvider:
     id = "codex"
-    name = "Codex CLI"
+    name = "Codex"
 
     def __init__(self, bin_dir: Path = vendor.VENDOR_BIN) -> None:
         self.binary = bin_dir / "codex"
@@ -148,6 +150,13 @@ class CodexProvider:
             check="codex login status (reads ~/.codex/auth.json offline)",
             judge=_judge,
             timeout_s=60.0,
+        )
+
+    def status_check(self) -> StatusCheck:
+        """``codex login status``: offline, it reads ``auth.json``."""
+        verification = self.verification()
+        return StatusCheck(
+            verification.argv, verification.check, judge_by_verification(verification)
         )
 
 

@@ -19,7 +19,10 @@ therefore the CLI's own start-up with ``--debug``: "Loaded cached credentials." 
 network is there; offline (as in our CLI VMs), "Cached credentials are not valid: request
 to https://oauth2.googleapis.com/tokeninfo failed", which shows the CLI found, parsed and
 tried exactly the injected token (a missing or unreadable file says "Failed to load
-credentials" instead, an expired one fails at ``/token``). Needs Node >= 20.
+credentials" instead, an expired one fails at ``/token``). A CLI VM whose egress proxy
+cannot reach Google hears the proxy's gateway error instead: "Cached credentials are not
+valid: 502 Bad Gateway" (measured), the same proof; Google's own refusal of a token is a
+4xx. Needs Node >= 20.
 
 Which accounts can log in (``ACCOUNTS``, shown in ``GET /api/providers`` and the dashboard):
 Google reports that sign-in with *individual* Google accounts (free, Google AI Pro, Ultra)
@@ -34,6 +37,7 @@ Google's servers, not from the CLI; it cannot be verified offline here. API keys
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -46,6 +50,7 @@ from airlock.providers.base import (
     InjectFile,
     LoginPlan,
     RunOutcome,
+    StatusCheck,
     Verification,
 )
 
@@ -72,6 +77,8 @@ LOADED = "Loaded cached credentials."
 TRIED_OFFLINE = (
     "Cached credentials are not valid: request to https://oauth2.googleapis.com/tokeninfo"
 )
+# The egress proxy's answer when it cannot reach Google (a gateway error, never Google's).
+TRIED_VIA_PROXY = re.compile(r"Cached credentials are not valid: 50[234] ")
 
 
 ACCOUNTS = (
@@ -170,12 +177,17 @@ class GeminiCliProvider:
             timeout_s=90.0,
         )
 
+    def status_check(self) -> StatusCheck | None:
+        """None: Gemini CLI has no status command, and its start-up check above calls
+        Google's tokeninfo and the model; a login's health comes from its expiries."""
+        return None
+
 
 def _judge(outcome: RunOutcome) -> tuple[bool, str]:
     text = f"{outcome.stdout}\n{outcome.stderr}"
     if LOADED in text:
         return True, "gemini: loaded cached credentials (validated online)"
-    if TRIED_OFFLINE in text:
+    if TRIED_OFFLINE in text or TRIED_VIA_PROXY.search(text):
         return True, "gemini: loaded the injected credentials; tokeninfo unreachable (offline)"
     if "Failed to load credentials" in text:
         return False, "gemini: could not load ~/.gemini/oauth_creds.json"

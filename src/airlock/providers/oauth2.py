@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from airlock.domain.credential_health import CheckResult
 from airlock.domain.egress_policy import EgressPolicy, HostRule
 from airlock.errors import CredentialError, Unavailable
 from airlock.providers.base import (
@@ -28,6 +29,8 @@ from airlock.providers.base import (
     Credentials,
     InjectFile,
     LoginPlan,
+    RunOutcome,
+    StatusCheck,
     Verification,
 )
 
@@ -60,7 +63,9 @@ class OAuth2Provider:
         allow: Sequence[HostRule] = (),
         bundles: frozenset[str] = frozenset(),
         targets: Sequence[tuple[HostRule, tuple[str, int]]] = (),
+        introspect_url: str | None = None,
     ) -> None:
+        self.introspect_url = introspect_url
         self.authorize_url = authorize_url
         self.token_url = token_url
         self.client_id = client_id
@@ -153,6 +158,8 @@ class OAuth2Provider:
             account=_account(data),
             plan=None,
             raw={TOKENS_PATH: bytes(raw)},
+            refreshed_at=_epoch(data, "obtained_at"),
+            refresh_expires_at=_refresh_expires_at(data, now) if refresh_token else None,
         )
 
     def injection(self, creds: Credentials) -> list[InjectFile]:
@@ -162,6 +169,63 @@ class OAuth2Provider:
     def verification(self) -> Verification | None:
         """No CLI to ask: the handoff's read-back (content hash, mode, owner) is the check."""
         return None
+
+    def refresh_argv(self, *, min_valid_s: float | None = None) -> list[str]:
+        """The refresher (``agent.oauth2_refresh``) as a CLI VM runs it, through the agent's
+        ``run`` (its working directory is the home): it refreshes as a vendor CLI does and
+        rewrites the token file. ``min_valid_s``: only if the access token has less left."""
+        if not self.token_url or not self.client_id:
+            raise Unavailable(
+                self.available() or "the oauth2 provider is not configured",
+                code="provider_unavailable",
+            )
+        argv = [*_GUEST_PYTHON, "-m", "airlock.agent.oauth2_refresh"]
+        argv += ["--token-url", self.token_url, "--client-id", self.client_id]
+        argv += ["--tokens", TOKENS_PATH]
+        if min_valid_s is not None:
+            argv += ["--min-valid", str(min_valid_s)]
+        return argv
+
+    def status_check(self) -> StatusCheck | None:
+        """Introspection (RFC 7662) of the refresh token the holder's file has, from the
+        holder VM: it says revoked without using the token up. None without an
+        introspection endpoint (``AIRLOCK_OAUTH2_INTROSPECT_URL``)."""
+        if not self.introspect_url or not self.client_id:
+            return None
+        argv = [*_GUEST_PYTHON, "-m", "airlock.agent.oauth2_refresh", "--check"]
+        argv += ["--introspect-url", self.introspect_url, "--client-id", self.client_id]
+        argv += ["--tokens", TOKENS_PATH]
+        return StatusCheck(
+            argv,
+            "introspection of the refresh token at the token server (RFC 7662), from the VM",
+            _judge_check,
+            timeout_s=40.0,
+        )
+
+
+# The guest's own Python (the agent's PYTHONPATH finds airlock.agent); the refresher is
+# standard library only, like the login program.
+_GUEST_PYTHON = ["python3"]
+
+
+def _judge_check(outcome: RunOutcome) -> tuple[CheckResult, str]:
+    """``oauth2_refresh --check``'s exit status and its one JSON line (no token in it)."""
+    try:
+        report = json.loads(outcome.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = {}
+    result = report.get("result") if isinstance(report, dict) else None
+    message = report.get("message") if isinstance(report, dict) else None
+    summary = f"oauth2 check: {result or 'no answer'} (exit {outcome.exit_code})"
+    if isinstance(message, str) and message:
+        summary += f": {message[:200]}"
+    if outcome.exit_code == 0 and result == "active":
+        return CheckResult.OK, summary
+    if outcome.exit_code == 4 and result == "revoked":
+        return CheckResult.REVOKED, summary
+    if outcome.exit_code == 5 and result == "no_login":
+        return CheckResult.LOGGED_OUT, summary
+    return CheckResult.UNKNOWN, summary
 
 
 def demo_oauth2_provider(
@@ -181,6 +245,7 @@ def demo_oauth2_provider(
         scopes=scopes,
         allow=demo_rules(idp_port),
         targets=[(HostRule(f"*.{DEMO_DOMAIN}", idp_port), ("127.0.0.1", idp_port))],
+        introspect_url=f"{issuer}/introspect",
     )
 
 
@@ -248,6 +313,19 @@ def _expires_at(data: dict[str, Any], now: datetime) -> datetime | None:
     if expires_in is None:
         return None  # RFC 6749 5.1: expires_in is only RECOMMENDED
     return (obtained_at or now.astimezone(UTC)) + timedelta(seconds=expires_in)
+
+
+def _refresh_expires_at(data: dict[str, Any], now: datetime) -> datetime | None:
+    """The refresh token's end: ``refresh_expires_at`` (the refresher writes it), else
+    ``obtained_at`` plus ``refresh_token_expires_in`` (GitHub's and Azure AD's field, which
+    the demo IdP sends too); None where the server does not say."""
+    stated = _epoch(data, "refresh_expires_at")
+    if stated is not None:
+        return stated
+    lifetime = _seconds(data, "refresh_token_expires_in")
+    if lifetime is None or not 0 <= lifetime <= _MAX_EXPIRES_IN:
+        return None
+    return (_epoch(data, "obtained_at") or now.astimezone(UTC)) + timedelta(seconds=lifetime)
 
 
 def _scopes(data: dict[str, Any], requested: list[str]) -> list[str]:

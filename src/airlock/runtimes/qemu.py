@@ -52,6 +52,7 @@ from airlock.runtimes.skeleton import (
     VmDirRuntime,
     kill,
     lease_config,
+    make_state_dir,
     record_pid,
     write_meta,
     write_private,
@@ -199,13 +200,7 @@ class QemuRuntime(VmDirRuntime):
         )
 
     def _prepare(self, spec: VmSpec, state_dir: Path, image: Image, accel: str) -> str:
-        try:
-            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            state_dir.mkdir(mode=0o700)
-        except FileExistsError:
-            raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists") from None
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
+        make_state_dir(self.vms_dir, state_dir, spec.vm_id)
         try:
             # egress_socket: the controller's egress proxy for this VM (it may start
             # listening only later): what a restarted host multiplexer serves the guest from.

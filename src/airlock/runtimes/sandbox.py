@@ -56,7 +56,13 @@ from airlock.runtimes.sandbox_host import (
     remove_tree,
     sandbox_inits,
 )
-from airlock.runtimes.skeleton import VmDirRuntime, record_pid, write_meta
+from airlock.runtimes.skeleton import (
+    VmDirRuntime,
+    make_state_dir,
+    record_pid,
+    vms_dir_problems,
+    write_meta,
+)
 from airlock.runtimes.skeleton import write_private as _write_private
 from airlock.runtimes.vmdir import VM_NICE, PidRecord, read_meta, set_cpu_nice
 from airlock.runtimes.vmdir import proc_stat as _proc_stat
@@ -336,16 +342,15 @@ class SandboxRuntime(VmDirRuntime):
         ``disk_mb``), the VM's cgroups and the files the sandbox reads; return the agent's
         secret and the meta. On failure nothing is left behind."""
         uid = os.geteuid()
-        try:
-            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if self.privileged:
+        if self.privileged:
+
+            def allocate() -> None:
+                nonlocal uid
                 uid = confine.allocate_dir(self.vms_dir, state_dir, self.uid_base)
-            else:
-                state_dir.mkdir(mode=0o700)
-        except FileExistsError:
-            raise RuntimeFailure(f"VM {spec.vm_id} already exists", code="vm_exists") from None
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
+
+            make_state_dir(self.vms_dir, state_dir, spec.vm_id, allocate)
+        else:
+            make_state_dir(self.vms_dir, state_dir, spec.vm_id)
         cgroups: builtins.list[Path] = []
         try:
             if self.privileged:
@@ -589,10 +594,4 @@ class SandboxRuntime(VmDirRuntime):
                 f"the data dir {self.vms_dir.parent} lies in {exposed}, which every sandbox "
                 "sees: move the data dir"
             )
-        try:
-            self.vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not os.access(self.vms_dir, os.W_OK | os.X_OK):
-                problems.append(f"{self.vms_dir} is not writable")
-        except OSError as exc:
-            problems.append(f"cannot create {self.vms_dir}: {exc.strerror}")
-        return problems
+        return problems + vms_dir_problems(self.vms_dir)

@@ -47,6 +47,34 @@ VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # -- files ----------------------------------------------------------------------------------
 
 
+def make_state_dir(
+    vms_dir: Path, state_dir: Path, vm_id: str, make: Callable[[], None] | None = None
+) -> None:
+    """Create a VM's state dir (``make``, if given, creates it its own way), refusing one
+    that exists: two creates of one id must not share a directory."""
+    try:
+        vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if make is None:
+            state_dir.mkdir(mode=0o700)
+        else:
+            make()
+    except FileExistsError:
+        raise RuntimeFailure(f"VM {vm_id} already exists", code="vm_exists") from None
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot create {state_dir}: {exc.strerror}") from None
+
+
+def vms_dir_problems(vms_dir: Path) -> builtins.list[str]:
+    """What a runtime's ``check()`` says when it cannot keep its VMs' state dirs."""
+    try:
+        vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        return [f"cannot create {vms_dir}: {exc.strerror}"]
+    if not os.access(vms_dir, os.W_OK | os.X_OK):
+        return [f"{vms_dir} is not writable"]
+    return []
+
+
 def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
     """0600, written whole and synced; ``replace`` swaps it in atomically for an existing
     file (else the file must not exist yet)."""

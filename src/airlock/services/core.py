@@ -35,7 +35,9 @@ from airlock.providers.oauth2 import OAuth2Provider, demo_oauth2_provider
 from airlock.runtimes.base import Runtime
 from airlock.runtimes.host_checks import HostCheck
 from airlock.services.bus import SessionBus
+from airlock.services.credential_health import CredentialHealth
 from airlock.services.egress import EgressManager
+from airlock.services.grants import GrantService
 from airlock.services.handoff import HandoffService
 from airlock.services.leases import LeaseKeeper
 from airlock.services.node_link import NodeCredentials, NodeLink, RoutedRuntime
@@ -188,6 +190,7 @@ def make_providers(settings: Settings, *, demo: bool) -> dict[str, Provider]:
             token_url=settings.oauth2_token_url,
             client_id=settings.oauth2_client_id,
             scopes=settings.oauth2_scopes.split(),
+            introspect_url=settings.oauth2_introspect_url,
         )
     vendors: list[Provider] = [ClaudeCodeProvider(), CodexProvider(), GeminiCliProvider()]
     return {p.id: p for p in (oauth2, *vendors)}
@@ -264,7 +267,7 @@ class Core:
             metrics=self.metrics,
             bus=self.bus,
             tasks=self.tasks,
-            on_destroyed=self.egress.stop,
+            on_destroyed=self._vm_gone,
         )
         self.reconciler = Reconciler(
             db=self.db,
@@ -274,7 +277,7 @@ class Core:
             bus=self.bus,
             interval=settings.reconcile_interval,
             boot_timeout=settings.vm_boot_timeout,
-            on_gone=self.egress.stop,
+            on_gone=self._vm_gone,
         )
         node_times = NodeTimes(settings.node_heartbeat, settings.node_lease, settings.node_grace)
         self.placement = Placement(name=settings.node_name, clock=self.clock, times=node_times)
@@ -287,6 +290,9 @@ class Core:
             boot_timeout=_service_boot_timeout(settings),
             limits=self.limits,
             placement=self.placement,
+            on_running=lambda vm_id, state_dir: self.egress.start_cli(
+                vm_id, state_dir / "egress.sock"
+            ),
         )
         self.vms.poke = self._poke
         self.boot_queue = BootQueue(
@@ -345,6 +351,13 @@ class Core:
         async with self.db.read() as repo:
             row = await repo.node_row(node)
         return row.internal_url if row is not None else None
+        self.grants: GrantService | None = None
+
+    async def _vm_gone(self, vm_id: str) -> None:
+        """A VM is destroyed or vanished: its egress stops, its logins go to the vault."""
+        await self.egress.stop(vm_id)
+        if self.grants is not None:
+            await self.grants.released(vm_id)
 
     @property
     def sessions(self) -> SessionService:
@@ -393,15 +406,36 @@ class Core:
             placement=self.placement,
         )
         self._sessions.poke = self._poke
+        self.grants = GrantService(
+            db=self.db,
+            runtime=self.routed,  # a login's holder VM may be on another node
+            clock=self.clock,
+            vault=self.vault,
+            providers=self.providers,
+            tasks=self.tasks,
+            sync_interval=self.settings.credential_sync,
+            retention=self.settings.credential_retention,
+        )
+        self.scheduler.before_destroy = self.grants.before_destroy
         self.handoff = HandoffService(
+            db=self.db,
+            runtime=self.routed,
+            clock=self.clock,
+            grants=self.grants,
+            providers=self.providers,
+            bus=self.bus,
+        )
+        self._sessions.after_capture = self.handoff.after_capture
+        self.health = CredentialHealth(
             db=self.db,
             runtime=self.routed,
             clock=self.clock,
             vault=self.vault,
             providers=self.providers,
             bus=self.bus,
+            interval_s=self.settings.credential_check_ms / 1000,
+            expiring_within=timedelta(milliseconds=self.settings.credential_expiring_ms),
         )
-        self._sessions.after_capture = self.handoff.after_capture
 
     async def start(self) -> None:
         """Open, adopt what runs, recover sessions, then run the loops. The node is
@@ -422,11 +456,16 @@ class Core:
         await self.nodes.register(ready=True)
         self.tasks.spawn(self.nodes.run(), name="nodes")
         self.tasks.spawn(self.boot_queue.run(), name="boot-queue")
+        await self.vms.adopt()
         if self.channel is not None:
             self.tasks.spawn(self.channel.run(), name="events")
         self.tasks.spawn(self.scheduler.run(), name="scheduler")
         self.tasks.spawn(self.reconciler.run(), name="reconciler")
         self.tasks.spawn(self.leases.run(), name="leases")
+        if self.settings.credential_check_ms > 0:
+            self.tasks.spawn(self.health.run(), name="credential-health")
+        if self.grants is not None:
+            self.tasks.spawn(self.grants.run(), name="credential-sync")
         if self.settings.warm_pool > 0:
             await self.warm_pool.recover()
             self.tasks.spawn(self.warm_pool.run(), name="warm-pool")

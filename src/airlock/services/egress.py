@@ -14,6 +14,12 @@ distinct domains per provider (then ``other``), so a page cannot grow the label 
 The browser's own background noise (``KNOWN_NOISE``) is counted, but makes no timeline
 event and no notice for the person. In learn mode allowed hosts are recorded too, for
 ``airlock egress suggest``.
+
+A CLI VM gets a proxy too (``start_cli``): the vendor CLIs and the ``oauth2`` refresher in
+it refresh their logins at the providers' token endpoints, and reach the vendors' APIs,
+through it. Its policy (``cli_vm_policy``) is every provider's own rules and required
+endpoints (no SSO bundles: nobody signs in there); its denials count in the metric and
+the log, under the provider name ``cli``, not on any session's timeline.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from airlock.clock import Clock
 from airlock.domain.egress_policy import (
     Decision,
     EgressPolicy,
+    HostRule,
     Verdict,
     registrable_domain,
     render_items,
@@ -44,6 +51,7 @@ from airlock.store.tables import EgressHost
 log = logging.getLogger("airlock.egress")
 
 MAX_METRIC_HOSTS = 50  # distinct registrable domains per provider in the metric's labels
+CLI_POLICY = "cli"  # the provider name a CLI VM's policy and metrics carry
 MAX_HOSTS_PER_SESSION = 500  # distinct hosts counted per session; more go to "(other)"
 _VISIBLE = (Decision.DENIED,)  # what the person is told about (noise is not)
 
@@ -62,6 +70,21 @@ class _Vm:
     provider: str
 
 
+def cli_vm_policy(policies: Mapping[str, EgressPolicy]) -> EgressPolicy:
+    """What a CLI VM may reach: each provider's rules, required endpoints and targets (the
+    operator's overrides included), without SSO bundles; learn mode does not carry over."""
+    allow: dict[HostRule, None] = {}
+    deny: dict[HostRule, None] = {}
+    targets: dict[HostRule, tuple[str, int]] = {}
+    for policy in policies.values():
+        allow.update(dict.fromkeys((*policy.required, *policy.allow)))
+        deny.update(dict.fromkeys(policy.deny))
+        targets.update(policy.targets)
+    return EgressPolicy(
+        CLI_POLICY, allow=tuple(allow), deny=tuple(deny), targets=tuple(targets.items())
+    )
+
+
 class EgressManager:
     def __init__(
         self,
@@ -74,6 +97,7 @@ class EgressManager:
         flush_interval: float = 2.0,
     ) -> None:
         self.policies = dict(policies or {})
+        self.cli_policy = cli_vm_policy(self.policies)
         self._db = db
         self._clock = clock or Clock()
         self._metrics = metrics
@@ -128,6 +152,21 @@ class EgressManager:
         if self._db is not None and self._flusher is None and not self._tasks.closed:
             self._flusher = self._tasks.spawn(self._flush_loop(), name="egress-flush")
 
+    async def start_cli(self, vm_id: str, socket_path: Path) -> None:
+        """The proxy of a CLI VM (``cli_policy``); its decisions are not a session's."""
+        await self.stop(vm_id)
+        if not socket_path.parent.is_dir():  # a runtime without state dirs on this host
+            log.warning("CLI VM %s has no state dir here: no egress proxy", vm_id)
+            return
+        policy = self.cli_policy
+
+        def observe(verdict: Verdict) -> None:
+            self._observe("", policy, verdict)
+
+        proxy = EgressProxy(policy, vm_id=vm_id, observer=observe)
+        await proxy.serve(socket_path)
+        self._proxies[vm_id] = _Vm(proxy, "", CLI_POLICY)
+
     async def stop(self, vm_id: str) -> None:
         vm = self._proxies.pop(vm_id, None)
         if vm is not None:
@@ -153,7 +192,7 @@ class EgressManager:
             self._metrics.egress_denials.labels(
                 policy.provider, verdict.decision.value, self._metric_host(policy, verdict)
             ).inc()
-        if not record or self._db is None:
+        if not record or self._db is None or not session_id:
             return
         seen = self._seen.setdefault(session_id, set())
         host = verdict.host

@@ -11,37 +11,41 @@ controller decrypts the credentials and, through the VM's guest agent:
    injected;
 3. asks the CLI itself (``Provider.verification``) whether it is logged in.
 
-The result is recorded on the credentials row (``injected_*``: the session's
-``credentials.injected``) and as an audit event. A refresh token should live in one place:
-the browser VM's copy is wiped at capture, and when a credential goes into a VM while other
-live VMs hold the same or an earlier token of that provider, the answer and the event say
-that those may be logged out (the vendors rotate single-use refresh tokens).
+The result is recorded on the credentials row (``injected_*``: what the session JSON's
+``credentials`` say under ``injected``) and as an audit event.
+
+A login has one holder (``services.grants``): putting it into a VM while another VM holds it
+is a **move**. Under the login's move lease the controller takes the files back from the old
+holder (read, removed there), seals them in the vault when the CLI had refreshed them, and
+only then writes them into the new VM. A holder that cannot be reached makes the move fail
+(``holder_unreachable``, 503) unless the caller says ``force``; then the event and the
+answer say that a stale copy may remain there. A login captured for an account that already
+has one replaces it (renewal in place): the new files go where the old login was, or into
+the session's ``cliVmId``, and the old holder loses the old files.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-
 from airlock.agent.client import AgentClient, FileWrite
 from airlock.clock import Clock
-from airlock.domain.vms import LIVE, VmRole, VmState
+from airlock.domain import grants as grant_policy
+from airlock.domain.grants import MoveOutcome, VersionSource
+from airlock.domain.vms import VmRole, VmState
 from airlock.errors import AirlockError, Conflict, CredentialError, NotFound, Unavailable
-from airlock.providers.base import Account, Credentials, InjectFile, Provider, RunOutcome
+from airlock.providers.base import InjectFile, Provider, RunOutcome
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
+from airlock.services.grants import GrantService, HolderUnreachable, Lease, record_capture
 from airlock.store.db import Database
-from airlock.store.repo import Repo
-from airlock.store.tables import AuthSession, Credential, Event, Vm
-from airlock.vault import Sealed, Vault
+from airlock.store.tables import Grant
 
 log = logging.getLogger("airlock.handoff")
 
@@ -60,12 +64,15 @@ _READ_BACK = (
     "        out['files'][p] = [None, None, e.errno]\n"
     "print(json.dumps(out))\n"
 )
+_CHANGED = "changed since written"
 _EXISTING = 'for p; do [ -e "$p" ] && printf "%s\\n" "$p"; done; exit 0'
 
 
 @dataclass(frozen=True, slots=True)
 class Injection:
-    """What one handoff did; ``notice`` warns about other holders of a refresh token."""
+    """What one handoff did. ``moved_from``: the VM the login was taken from (None: it came
+    from the vault); ``other_holders`` and ``notice``: a VM that may still hold a stale copy
+    (only after a forced move from a holder that could not be reached)."""
 
     vm_id: str
     provider: str
@@ -75,6 +82,9 @@ class Injection:
     check: str
     summary: str
     files: list[str]
+    grant_id: str = ""
+    version: int = 1
+    moved_from: str | None = None
     other_holders: list[str] = field(default_factory=list)
     notice: str | None = None
 
@@ -86,43 +96,104 @@ class HandoffService:
         db: Database,
         runtime: Runtime,
         clock: Clock,
-        vault: Vault,
+        grants: GrantService,
         providers: dict[str, Provider],
         bus: SessionBus,
     ) -> None:
         self.db = db
         self.runtime = runtime
         self.clock = clock
-        self.vault = vault
+        self.grants = grants
         self.providers = providers
         self.bus = bus
 
     async def after_capture(self, session_id: str) -> None:
-        """Inject a fresh capture into the session's CLI VM, if it named one. Never raises:
-        the capture is stored; a failed handoff is an event, and the route can retry."""
+        """Place a fresh capture: into the session's CLI VM if it named one, else where the
+        login it renews was. Never raises: the capture is stored; a failed handoff is an
+        event, and the route can retry."""
         async with self.db.read() as repo:
             session = await repo.auth_session(session_id)
             cred = await repo.credential_of_session(session_id)
-        if session is None or cred is None or session.cli_vm_id is None:
+            grant = await repo.grant(cred.grant_id) if cred and cred.grant_id else None
+            renewed = (
+                [
+                    g
+                    for g in await repo.grants(superseded=True, user_id=grant.user_id)
+                    if g.superseded_by == grant.id
+                ]
+                if grant
+                else []
+            )
+            live = {
+                vm.id
+                for vm in await repo.vms(
+                    ids=[g.holder_vm_id for g in renewed if g.holder_vm_id],
+                    states=[s.value for s in VmState if s.live],
+                )
+            }
+        if session is None or grant is None:
+            return
+        target = session.cli_vm_id
+        if target is None:
+            target = next((g.holder_vm_id for g in renewed if g.holder_vm_id in live), None)
+        for old in renewed:
+            await self._retire(old, grant, keep_files=old.holder_vm_id == target)
+        if target is None:
             return
         try:
-            await self._inject(cred, session.cli_vm_id, session.user_id, actor="controller")
+            await self.place(grant, target, session.user_id, actor="controller")
         except AirlockError as exc:
             log.warning(
                 "handoff failed: %s",
                 exc.message,
-                extra={"session_id": session_id, "vm_id": session.cli_vm_id},
+                extra={"session_id": session_id, "vm_id": target},
             )
         except Exception:
-            log.exception(
-                "handoff failed", extra={"session_id": session_id, "vm_id": session.cli_vm_id}
-            )
+            log.exception("handoff failed", extra={"session_id": session_id, "vm_id": target})
         await self.bus.publish(session_id)
 
+    async def _retire(self, old: Grant, new: Grant, *, keep_files: bool) -> None:
+        """A login replaced by a new one of the same account: its holder gives it up (its
+        files are removed there, unless the new login's files are about to overwrite them)."""
+        holder = old.holder_vm_id
+        if holder is None:
+            return
+        async with self.grants.moving(old.id, target=None) as lease:
+            assert lease is not None  # a waiting claim returns a lease or raises
+            if not keep_files:
+                try:
+                    # The same provider's files: the new login's paths (the old one's
+                    # secrets, and so its file list, were wiped when it was superseded).
+                    paths = sorted((await self.grants.current(new)).raw)
+                    await self.grants.files(holder, paths, take=True)
+                except (HolderUnreachable, CredentialError) as exc:
+                    log.warning("the renewed login stays in %s: %s", holder, exc.message)
+            now = self.clock.now()
+            async with self.db.transaction() as repo:
+                await repo.set_grant_if_owner(
+                    old.id, lease.owner, holder_vm_id=None, holder_since=now
+                )
+                repo.add_event(
+                    at=now,
+                    kind="credential",
+                    subject_id=old.session_id or old.id,
+                    session_id=old.session_id,
+                    vm_id=holder,
+                    cause="retired",
+                    actor="controller",
+                    detail={
+                        "provider": old.provider,
+                        "grantId": old.id,
+                        "from": holder,
+                        "filesRemoved": not keep_files,
+                    },
+                )
+
     async def inject_latest(
-        self, *, vm_id: str, user_id: str, provider_id: str, actor: str
+        self, *, vm_id: str, user_id: str, provider_id: str, actor: str, force: bool = False
     ) -> Injection:
-        """The user's latest capture for ``provider_id`` into one of their CLI VMs."""
+        """The user's newest login for ``provider_id`` into one of their CLI VMs: a move
+        when another VM holds it."""
         if provider_id not in self.providers:
             known = ", ".join(sorted(self.providers))
             raise NotFound(
@@ -132,30 +203,146 @@ class HandoffService:
             vm = await repo.vm(vm_id)
             if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI:
                 raise NotFound(f"no CLI VM {vm_id} for this user", code="vm_not_found")
-            cred = await repo.session.scalar(
-                select(Credential)
-                .where(Credential.user_id == user_id, Credential.provider == provider_id)
-                .order_by(Credential.captured_at.desc(), Credential.id.desc())
-                .limit(1)
-            )
-        if cred is None:
+            # A capture stored by a controller that knew no logins becomes one now.
+            for capture in await repo.captures_without_grant(user_id, provider_id):
+                await record_capture(repo, capture.session_id, now=capture.captured_at)
+            logins = await repo.grants(user_id=user_id, provider=provider_id)
+        if not logins:
             raise NotFound(
                 f"no {provider_id} credentials captured for this user; log in first",
                 code="credentials_not_found",
             )
-        injection = await self._inject(cred, vm_id, user_id, actor=actor)
-        await self.bus.publish(cred.session_id)
+        injection = await self.place(logins[0], vm_id, user_id, actor=actor, force=force)
+        if logins[0].session_id:
+            await self.bus.publish(logins[0].session_id)
         return injection
 
-    # --- the handoff itself ------------------------------------------------------------
-    async def _inject(self, cred: Credential, vm_id: str, user_id: str, *, actor: str) -> Injection:
-        provider = self.providers.get(cred.provider)
+    # --- the move ----------------------------------------------------------------------
+    async def place(
+        self, grant: Grant, vm_id: str, user_id: str, *, actor: str, force: bool = False
+    ) -> Injection:
+        """Make ``vm_id`` the login's one holder (``services.grants``, module docstring)."""
+        provider = self.providers.get(grant.provider)
         if provider is None:
             raise Unavailable(
-                f"provider {cred.provider} is no longer configured", code="provider_unavailable"
+                f"provider {grant.provider} is no longer configured", code="provider_unavailable"
             )
-        await self._check_target(vm_id, user_id, cred, actor)
-        creds = self._decrypt(cred)
+        await self._check_target(vm_id, user_id, grant, actor)
+        async with self.grants.moving(grant.id, target=vm_id) as lease:
+            assert lease is not None
+            async with self.db.read() as repo:
+                row = await repo.grant(grant.id)
+            if row is None:
+                raise NotFound("the login was deleted during the handoff")
+            grant = row
+            plan = grant_policy.plan_move(holder=grant.holder_vm_id, target=vm_id)
+            stale: str | None = None
+            if plan.take_from is not None:
+                stale = await self._take_from(
+                    grant, plan.take_from, lease, actor, force=force and not plan.same_vm
+                )
+            await self._displace(grant, vm_id, actor)
+            return await self._deliver(
+                grant,
+                provider,
+                vm_id,
+                actor,
+                lease,
+                moved_from=None if plan.same_vm else plan.take_from,
+                stale=stale,
+                same_vm=plan.same_vm,
+            )
+
+    async def _take_from(
+        self, grant: Grant, holder: str, lease: Lease, actor: str, *, force: bool
+    ) -> str | None:
+        """Take the login back from its holder: its files removed there, sealed here when
+        they changed, the vault its holder until the target has it. Returns the holder when
+        a stale copy may remain (forced)."""
+        async with self.db.read() as repo:
+            vm = await repo.vm(holder)
+        gone = vm is None or VmState(vm.state).terminal
+        stale: str | None = None
+        if not gone:
+            try:
+                files = await self.grants.take(holder, grant)
+                await self.grants.seal(
+                    grant, files, source=VersionSource.MOVE, vm_id=holder, lease=lease
+                )
+            except HolderUnreachable as exc:
+                if not force:
+                    await self.grants.event(
+                        grant, "move_refused", holder, actor, {"error": exc.message[:300]}
+                    )
+                    raise HolderUnreachable(
+                        f"the {grant.provider} login is held by CLI VM {holder}, which cannot "
+                        f"be reached ({exc.message}); nothing was moved. Retry, or pass "
+                        "force=true to move the vault's newest version anyway (a stale copy "
+                        "may remain there)"
+                    ) from None
+                stale = holder
+                await self.grants.event(
+                    grant,
+                    "move_forced",
+                    holder,
+                    actor,
+                    {
+                        "from": holder,
+                        "error": exc.message[:300],
+                        "notice": f"a stale copy may remain in {holder}",
+                    },
+                )
+        now = self.clock.now()
+        async with self.db.transaction() as repo:
+            if not await repo.set_grant_if_owner(
+                grant.id, lease.owner, holder_vm_id=None, holder_since=now, updated_at=now
+            ):
+                raise Conflict(
+                    f"the move lease of login {grant.id} was lost", code="move_lease_lost"
+                )
+        return stale
+
+    async def _displace(self, grant: Grant, vm_id: str, actor: str) -> None:
+        """Another login of the same provider (another account) held by the target: its
+        files are about to be overwritten, so the vault takes it back first."""
+        async with self.db.read() as repo:
+            others = [
+                g
+                for g in await repo.grants(holder_vm_id=vm_id, provider=grant.provider)
+                if g.id != grant.id
+            ]
+        for other in others:
+            async with self.grants.moving(other.id, target=None) as lease:
+                assert lease is not None
+                try:
+                    files = await self.grants.read(vm_id, other)
+                    await self.grants.seal(
+                        other, files, source=VersionSource.MOVE, vm_id=vm_id, lease=lease
+                    )
+                except (HolderUnreachable, CredentialError):
+                    pass
+                now = self.clock.now()
+                async with self.db.transaction() as repo:
+                    await repo.set_grant_if_owner(
+                        other.id, lease.owner, holder_vm_id=None, holder_since=now
+                    )
+                await self.grants.event(
+                    other, "displaced", vm_id, actor, {"from": vm_id, "by": grant.id}
+                )
+
+    async def _deliver(
+        self,
+        grant: Grant,
+        provider: Provider,
+        vm_id: str,
+        actor: str,
+        lease: Lease,
+        *,
+        moved_from: str | None,
+        stale: str | None,
+        same_vm: bool,
+    ) -> Injection:
+        creds = await self.grants.current(grant)
         plan = provider.injection(creds)
         written: list[str] = []
         check_ms: int | None = None
@@ -167,6 +354,8 @@ class HandoffService:
                     [FileWrite(f.path, f.content, f.mode) for f in files]
                 )
                 intact, summary = await self._read_back(agent, files)
+                if not intact and summary.startswith(_CHANGED):
+                    intact, summary = await self._refreshed_since(grant, provider, vm_id, files)
                 check = "read-back of the written files (SHA-256, mode 0600, owner)"
                 verification = provider.verification()
                 if intact and verification is not None:
@@ -180,7 +369,7 @@ class HandoffService:
             finally:
                 await agent.close()
         except AirlockError as exc:
-            await self._failed(cred, vm_id, actor, exc.message)
+            await self._failed(grant, vm_id, actor, exc.message, moved_from=moved_from)
             if await self._vm_state(vm_id) not in (VmState.RUNNING, None):
                 raise Conflict(
                     f"CLI VM {vm_id} is being destroyed; the credentials were not injected",
@@ -189,9 +378,22 @@ class HandoffService:
             raise Unavailable(
                 f"could not inject into CLI VM {vm_id}: {exc.message}", code="injection_failed"
             ) from None
-        return await self._record(cred, vm_id, actor, intact, check, summary, written, check_ms)
+        return await self._record(
+            grant,
+            vm_id,
+            actor,
+            lease,
+            verified=intact,
+            check=check,
+            summary=summary,
+            written=written,
+            check_ms=check_ms,
+            moved_from=moved_from,
+            stale=stale,
+            same_vm=same_vm,
+        )
 
-    async def _check_target(self, vm_id: str, user_id: str, cred: Credential, actor: str) -> None:
+    async def _check_target(self, vm_id: str, user_id: str, grant: Grant, actor: str) -> None:
         async with self.db.read() as repo:
             vm = await repo.vm(vm_id)
         if vm is None or vm.user_id != user_id or vm.role != VmRole.CLI:
@@ -202,39 +404,13 @@ class HandoffService:
             if VmState(vm.state).terminal:
                 what = f"is {vm.state}"
             message = f"CLI VM {vm_id} {what}; the credentials were not injected"
-            await self._failed(cred, vm_id, actor, message)
+            await self._failed(grant, vm_id, actor, message, moved_from=None)
             raise Conflict(message, code="vm_not_running")
 
     async def _vm_state(self, vm_id: str) -> VmState | None:
         async with self.db.read() as repo:
             vm = await repo.vm(vm_id)
         return VmState(vm.state) if vm is not None else None
-
-    def _decrypt(self, cred: Credential) -> Credentials:
-        plaintext = self.vault.open_sealed(
-            Sealed(cred.key_id, cred.nonce, cred.ciphertext),
-            context=f"{cred.session_id}:{cred.provider}",
-        )
-        body = json.loads(plaintext)
-        try:
-            raw = {p: base64.b64decode(d) for p, d in body["raw"].items()}
-        except (KeyError, TypeError, ValueError):
-            raise CredentialError("the stored credentials carry no raw files") from None
-        account = body.get("account") or {}
-        return Credentials(
-            provider=cred.provider,
-            access_token=body.get("accessToken") or "",
-            refresh_token=body.get("refreshToken"),
-            expires_at=cred.expires_at,
-            scopes=list(cred.scopes or []),
-            account=Account(
-                id=account.get("id"),
-                email=account.get("email"),
-                organization=account.get("organization"),
-            ),
-            plan=cred.plan,
-            raw=raw,
-        )
 
     async def _skip_existing(self, agent: AgentClient, plan: list[InjectFile]) -> list[InjectFile]:
         optional = [f.path for f in plan if f.only_if_absent]
@@ -254,111 +430,128 @@ class HandoffService:
             seen = report["files"]
         except (ValueError, KeyError, TypeError):
             return False, f"read-back failed (exit {result.exit_code})"
+        changed = []
         for f in files:
             digest, mode, owner = seen.get(f.path, [None, None, None])
-            if digest != hashlib.sha256(f.content).hexdigest():
+            if digest is None:
                 return False, f"{f.path} does not hold what was written"
             if mode != f.mode or owner != uid:
                 return False, f"{f.path} has mode {mode:o} owner {owner}, expected {f.mode:o} {uid}"
+            if digest != hashlib.sha256(f.content).hexdigest():
+                changed.append(f.path)
+        if changed:
+            return False, f"{_CHANGED}: {', '.join(changed)}"
         return True, f"{len(files)} file(s) intact, mode 0600, owned by uid {uid}"
 
-    async def _failed(self, cred: Credential, vm_id: str, actor: str, message: str) -> None:
-        async with self.db.transaction() as repo:
-            repo.add_event(
-                at=self.clock.now(),
-                kind="credential",
-                subject_id=cred.session_id,
-                session_id=cred.session_id,
-                vm_id=vm_id,
-                cause="injection_failed",
-                actor=actor,
-                detail={"provider": cred.provider, "error": message[:300]},
-            )
+    async def _refreshed_since(
+        self, grant: Grant, provider: Provider, vm_id: str, files: list[InjectFile]
+    ) -> tuple[bool, str]:
+        """A file that changed between the write and the read-back: the VM's CLI may have
+        refreshed it at once (it holds the login now). Accepted only when it is a valid
+        login of the same account, as the provider reads it; the next sync seals it."""
+        written = {f.path: f.content for f in files if not f.only_if_absent}
+        try:
+            now_there = await self.grants.files(vm_id, sorted(written), take=False)
+            current = {p: c for p, c in now_there.items() if c is not None}
+            creds = provider.normalise({**written, **current}, now=self.clock.now())
+        except (HolderUnreachable, CredentialError):
+            return False, "the login's files changed after they were written"
+        account = grant_policy.account_key(asdict(creds.account))
+        if account and grant.account and account != grant.account:
+            return False, "the login's files changed after they were written (another account)"
+        return True, "the files were written, and the CLI in the VM has refreshed them since"
+
+    async def _failed(
+        self, grant: Grant, vm_id: str, actor: str, message: str, *, moved_from: str | None
+    ) -> None:
+        detail: dict[str, Any] = {"error": message[:300]}
+        if moved_from is not None:
+            detail["from"] = moved_from
+            detail["notice"] = "the login is in the vault: inject it again"
+        await self.grants.event(grant, "injection_failed", vm_id, actor, detail)
 
     async def _record(
         self,
-        cred: Credential,
+        grant: Grant,
         vm_id: str,
         actor: str,
+        lease: Lease,
+        *,
         verified: bool,
         check: str,
         summary: str,
         written: list[str],
         check_ms: int | None,
+        moved_from: str | None,
+        stale: str | None,
+        same_vm: bool,
     ) -> Injection:
         now = self.clock.now()
+        notice = None
+        if stale is not None:
+            notice = (
+                f"{stale} could not be reached: a stale copy of this {grant.provider} login "
+                "may remain there; if its CLI refreshes it, this VM may be logged out"
+            )
+        outcome = MoveOutcome.MOVED if moved_from is not None else MoveOutcome.INJECTED
         async with self.db.transaction() as repo:
-            others = await self._other_holders(repo, cred, vm_id)
-            row = await repo.session.get(Credential, cred.id)
-            if row is None:
-                raise NotFound("the credentials were deleted during the handoff")
-            row.injected_vm_id, row.injected_at, row.injected_verified = vm_id, now, verified
-            notice = None
-            if others:
-                notice = (
-                    f"{', '.join(others)} also hold{'s' if len(others) == 1 else ''} a "
-                    f"{cred.provider} refresh token of this user and may be logged out: the "
-                    "vendor rotates refresh tokens, and only one copy keeps working"
+            row = await repo.grant(grant.id, lock=True)
+            if row is None or row.move_owner != lease.owner:
+                raise Conflict(
+                    f"the move lease of login {grant.id} was lost", code="move_lease_lost"
                 )
+            await repo.set_grant(grant.id, holder_vm_id=vm_id, holder_since=now, updated_at=now)
+            if same_vm:
+                outcome = MoveOutcome.ALREADY_THERE
+            cred = await repo.credential_of_session(grant.session_id) if grant.session_id else None
+            if cred is not None:
+                cred.injected_vm_id, cred.injected_at, cred.injected_verified = vm_id, now, verified
             repo.add_event(
                 at=now,
                 kind="credential",
-                subject_id=cred.session_id,
-                session_id=cred.session_id,
+                subject_id=grant.session_id or grant.id,
+                session_id=grant.session_id,
                 vm_id=vm_id,
                 cause="injected",
                 actor=actor,
                 detail={
-                    "provider": cred.provider,
+                    "provider": grant.provider,
+                    "grantId": grant.id,
+                    "move": outcome.value,
+                    "from": moved_from,
+                    "to": vm_id,
+                    "version": row.current_version,
                     "verified": verified,
                     "check": check,
                     "result": summary,
                     "checkMs": check_ms,
                     "files": written,
-                    "otherHolders": others,
+                    "otherHolders": [stale] if stale else [],
                     **({"notice": notice} if notice else {}),
                 },
             )
+            version = row.current_version
         log.info(
             "credentials injected",
             extra={
-                "session_id": cred.session_id,
+                "session_id": grant.session_id,
                 "vm_id": vm_id,
-                "provider": cred.provider,
+                "provider": grant.provider,
                 "verified": verified,
             },
         )
         return Injection(
             vm_id=vm_id,
-            provider=cred.provider,
-            session_id=cred.session_id,
+            provider=grant.provider,
+            session_id=grant.session_id or "",
             at=now,
             verified=verified,
             check=check,
             summary=summary,
             files=written,
-            other_holders=others,
+            grant_id=grant.id,
+            version=version,
+            moved_from=moved_from,
+            other_holders=[stale] if stale else [],
             notice=notice,
         )
-
-    async def _other_holders(self, repo: Repo, cred: Credential, vm_id: str) -> list[str]:
-        """Live VMs other than ``vm_id`` that were given this user's credentials for the
-        provider (this capture or an earlier one)."""
-        held = await repo.session.scalars(
-            select(Event.vm_id)
-            .join(AuthSession, AuthSession.id == Event.session_id)
-            .where(
-                AuthSession.user_id == cred.user_id,
-                AuthSession.provider == cred.provider,
-                Event.kind == "credential",
-                Event.cause == "injected",
-                Event.vm_id != vm_id,
-            )
-        )
-        ids = sorted({v for v in held if v})
-        if not ids:
-            return []
-        live = await repo.session.scalars(
-            select(Vm.id).where(Vm.id.in_(ids), Vm.state.in_(list(LIVE)))
-        )
-        return sorted(live)

@@ -1,5 +1,5 @@
-"""``airlock vault rotate``: every credential re-encrypted under a new key, while the
-controller keeps running.
+"""``airlock vault rotate``: every credential (each capture, each login version) re-encrypted
+under a new key, while the controller keeps running.
 
 1. A new key is added to the key file and made current (the file is replaced atomically;
    running controllers reload it at their next seal or read, so new captures use it).
@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, update
 
 from airlock.clock import Clock
+from airlock.services.grants import context_of
 from airlock.store.db import Database
-from airlock.store.tables import Credential
+from airlock.store.tables import Credential, Grant, GrantVersion
 from airlock.vault import Sealed, Vault, VaultError
 
 log = logging.getLogger("airlock.keys")
@@ -44,6 +45,7 @@ async def rotate(db: Database, vault: Vault, clock: Clock, *, batch: int = BATCH
     while report.passes < MAX_PASSES:
         report.passes += 1
         moved = await _pass(db, vault, new_key, batch)
+        moved += await _pass_versions(db, vault, new_key, batch)
         report.reencrypted += moved
         if moved == 0 and not await _old_rows(db, new_key, 1):
             break
@@ -67,12 +69,65 @@ async def rotate(db: Database, vault: Vault, clock: Clock, *, batch: int = BATCH
     return report
 
 
-async def _old_rows(db: Database, new_key: str, limit: int) -> list[Credential]:
+# A wiped secret (a superseded capture, ``store.repo.wipe_versions``) has nothing to rotate.
+_SEALED_CREDENTIAL = Credential.nonce != b""
+_SEALED_VERSION = GrantVersion.ciphertext.is_not(None)
+
+
+async def _old_rows(db: Database, new_key: str, limit: int) -> list[object]:
     async with db.transaction() as repo:
-        rows = await repo.session.scalars(
-            select(Credential).where(Credential.key_id != new_key).limit(limit)
+        rows: list[object] = list(
+            await repo.session.scalars(
+                select(Credential)
+                .where(Credential.key_id != new_key, _SEALED_CREDENTIAL)
+                .limit(limit)
+            )
         )
-        return list(rows)
+        rows += list(
+            await repo.session.scalars(
+                select(GrantVersion)
+                .where(GrantVersion.key_id != new_key, _SEALED_VERSION)
+                .limit(limit)
+            )
+        )
+        return rows
+
+
+async def _pass_versions(db: Database, vault: Vault, new_key: str, batch: int) -> int:
+    """The sealed versions of logins (``grant_versions``), as ``_pass`` does credentials."""
+    moved = 0
+    while True:
+        async with db.transaction() as repo:
+            rows = list(
+                (
+                    await repo.session.execute(
+                        select(GrantVersion, Grant)
+                        .join(Grant, Grant.id == GrantVersion.grant_id)
+                        .where(GrantVersion.key_id != new_key, _SEALED_VERSION)
+                        .order_by(GrantVersion.id)
+                        .limit(batch)
+                    )
+                ).all()
+            )
+            if not rows:
+                return moved
+            for row, grant in rows:
+                assert row.key_id is not None and row.nonce is not None
+                assert row.ciphertext is not None
+                context = context_of(grant, row)
+                plaintext = vault.open_sealed(
+                    Sealed(row.key_id, row.nonce, row.ciphertext), context=context
+                )
+                sealed = vault.seal(plaintext, context=context)
+                if sealed.key_id != new_key:
+                    raise VaultError("another rotation made a newer key current; run again")
+                result = await repo.session.execute(
+                    update(GrantVersion)
+                    .where(GrantVersion.id == row.id, GrantVersion.key_id == row.key_id)
+                    .values(key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext)
+                    .execution_options(synchronize_session=False)
+                )
+                moved += int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def _pass(db: Database, vault: Vault, new_key: str, batch: int) -> int:
@@ -82,7 +137,7 @@ async def _pass(db: Database, vault: Vault, new_key: str, batch: int) -> int:
             rows = list(
                 await repo.session.scalars(
                     select(Credential)
-                    .where(Credential.key_id != new_key)
+                    .where(Credential.key_id != new_key, _SEALED_CREDENTIAL)
                     .order_by(Credential.id)
                     .limit(batch)
                 )

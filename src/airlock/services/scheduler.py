@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
 from airlock.domain.sessions import FailureReason, SessionStatus
-from airlock.domain.vms import DESTROYABLE, DestroyReason, VmState
+from airlock.domain.vms import DESTROYABLE, DestroyReason, VmRole, VmState
 from airlock.metrics import Metrics
 from airlock.runtimes.base import Runtime
 from airlock.services import records
@@ -59,6 +59,8 @@ class Scheduler:
         self.bus = bus
         self.tasks = tasks
         self.on_destroyed = on_destroyed
+        # Set by Core: a CLI VM about to be destroyed hands its logins back to the vault.
+        self.before_destroy: Callable[[str], Awaitable[None]] | None = None
         self._poked = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         # Set by Core: asks the node holding a VM of another node to destroy it now
@@ -191,6 +193,8 @@ class Scheduler:
 
     async def _destroy_claimed(self, vm: Vm) -> None:
         async with self._slots:
+            if self.before_destroy is not None and vm.role == VmRole.CLI.value:
+                await self.before_destroy(vm.id)
             try:
                 await self.runtime.destroy(vm.id)
             except Exception as exc:

@@ -17,6 +17,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from airlock.agent.client import AgentClient
 from airlock.aio import TaskOwner
 from airlock.clock import Clock
-from airlock.domain.deadlines import DeadlinePolicy
+from airlock.domain.deadlines import DeadlinePolicy, Plan
 from airlock.domain.leases import LeasePolicy
 from airlock.domain.sessions import FailureReason, SessionStatus
 from airlock.domain.vms import DESTROYABLE, IN_SERVICE, DestroyReason, VmState
@@ -33,14 +34,15 @@ from airlock.errors import AirlockError, CredentialError
 from airlock.metrics import Metrics
 from airlock.providers.base import Credentials, Provider
 from airlock.runtimes.base import Runtime
-from airlock.services import records
+from airlock.services import grants, records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.leases import browser_spec
 from airlock.services.scheduler import Scheduler
 from airlock.services.vm_boot import BootFailed, VmBooter
 from airlock.store.db import Database
-from airlock.store.tables import Credential
+from airlock.store.repo import Repo
+from airlock.store.tables import Credential, Vm
 from airlock.vault import Vault
 
 log = logging.getLogger("airlock.sessions")
@@ -276,6 +278,7 @@ class LoginRunner:
                         captured_at=now,
                     )
                 )
+                await grants.record_capture(repo, session_id, now=now)  # the login (one holder)
                 repo.add_event(
                     at=now,
                     kind="credential",
@@ -296,19 +299,11 @@ class LoginRunner:
                 )
                 self.metrics.sessions.labels(SessionStatus.COMPLETED).inc()
                 stored = True
-                if vm.state in IN_SERVICE:
-                    plan = self.policy.on_completed(now)
-                    await records.move_vm(
-                        repo,
-                        vm,
-                        plan.state,
-                        now=now,
-                        cause="completed",
-                        actor="controller",
-                        session_id=session_id,
-                        destroy_after=plan.destroy_after,
-                        destroy_reason=DestroyReason.GRACE_ENDED,
-                    )
+                plan = self.policy.on_completed(now)
+                end = DestroyReason.GRACE_ENDED
+                await _wind_down(
+                    repo, vm, plan, end, now=now, cause="completed", session_id=session_id
+                )
         await self._wipe(vm_id, session_id)
         await self.egress.stop(vm_id)
         self.scheduler.poke()
@@ -352,19 +347,10 @@ class LoginRunner:
             )
             self.metrics.sessions.labels(SessionStatus.FAILED).inc()
             vm = await repo.vm(session.vm_id, lock=True) if session.vm_id else None
-            if vm is not None and vm.state in IN_SERVICE:
+            if vm is not None:
                 plan = self.policy.on_failed(now)
-                await records.move_vm(
-                    repo,
-                    vm,
-                    plan.state,
-                    now=now,
-                    cause=reason,
-                    actor="controller",
-                    session_id=session_id,
-                    destroy_after=plan.destroy_after,
-                    destroy_reason=_reason_after_failure(plan.state),
-                )
+                end = _reason_after_failure(plan.state)
+                await _wind_down(repo, vm, plan, end, now=now, cause=reason, session_id=session_id)
         self.scheduler.poke()
         await self.bus.publish(session_id)
 
@@ -383,7 +369,34 @@ def _plaintext(creds: Credentials) -> bytes:
     return json.dumps(body).encode()
 
 
-def _reason_after_failure(state: VmState) -> str:
+async def _wind_down(
+    repo: Repo,
+    vm: Vm,
+    plan: Plan,
+    end: DestroyReason,
+    *,
+    now: datetime,
+    cause: str,
+    session_id: str,
+) -> None:
+    """The session ended: its VM, if still in service, follows the policy's plan (a
+    grace, or a debug keep); ``end`` is the reason its destroy will carry."""
+    if vm.state not in IN_SERVICE:
+        return
+    await records.move_vm(
+        repo,
+        vm,
+        plan.state,
+        now=now,
+        cause=cause,
+        actor="controller",
+        session_id=session_id,
+        destroy_after=plan.destroy_after,
+        destroy_reason=end,
+    )
+
+
+def _reason_after_failure(state: VmState) -> DestroyReason:
     if state is VmState.RETAINED:
         return DestroyReason.RETENTION_ENDED
     return DestroyReason.FAILED

@@ -31,7 +31,7 @@ from airlock.errors import Conflict, Forbidden, InvalidInput, NotFound, Unavaila
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
 from airlock.runtimes.base import Runtime
-from airlock.services import quotas, records
+from airlock.services import grants, quotas, records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.leases import browser_spec
@@ -192,10 +192,7 @@ class SessionService:
                 "credential export is off on this controller (AIRLOCK_CREDENTIAL_EXPORT=false)",
                 code="credential_export_disabled",
             )
-        plaintext = self.vault.open_sealed(
-            Sealed(credential.key_id, credential.nonce, credential.ciphertext),
-            context=f"{session.id}:{credential.provider}",
-        )
+        plaintext = await self._newest_secret(session, credential)
         async with self.db.transaction() as repo:
             repo.add_event(
                 at=self.clock.now(),
@@ -213,6 +210,27 @@ class SessionService:
         )
         secret: dict[str, Any] = json.loads(plaintext)
         return secret
+
+    async def _newest_secret(self, session: AuthSession, credential: Credential) -> bytes:
+        """The login's newest version (what its holder last refreshed), not the capture's
+        copy, whose refresh token the CLI may long have rotated (``services.grants``)."""
+        async with self.db.read() as repo:
+            grant = await repo.grant(credential.grant_id) if credential.grant_id else None
+            version = await repo.grant_version(grant.id, grant.current_version) if grant else None
+        if grant is None or version is None:
+            return self.vault.open_sealed(
+                Sealed(credential.key_id, credential.nonce, credential.ciphertext),
+                context=f"{session.id}:{credential.provider}",
+            )
+        if version.key_id is None or version.nonce is None or version.ciphertext is None:
+            raise Conflict(
+                "this login was replaced by a newer one and its secrets were wiped",
+                code="credentials_superseded",
+            )
+        return self.vault.open_sealed(
+            Sealed(version.key_id, version.nonce, version.ciphertext),
+            context=grants.context_of(grant, version),
+        )
 
     async def events(self, session: AuthSession) -> builtins.list[Event]:
         async with self.db.read() as repo:

@@ -1,6 +1,8 @@
 """VMs as the API sees them: create a user's long-lived CLI VM, list, read, delete.
 
-A CLI VM has no deadline (``destroy_after`` stays empty) until its owner deletes it.
+A CLI VM has no deadline (``destroy_after`` stays empty) until its owner deletes it. Once
+it runs (and again when a restarted controller adopts it) ``on_running`` gives it what it
+needs from the controller: its egress proxy.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 
 from airlock.clock import Clock
 from airlock.domain.quotas import Limits, Scope, StartKind
@@ -51,7 +54,9 @@ class VmService:
         boot_timeout: float,
         limits: Limits,
         placement: Placement | None = None,
+        on_running: Callable[[str, Path], Awaitable[None]] | None = None,
     ) -> None:
+        self.on_running = on_running
         self.db = db
         self.runtime = runtime
         self.clock = clock
@@ -126,6 +131,7 @@ class VmService:
             raise RuntimeFailure(f"the CLI VM did not start: {failed.cause}") from failed
         if running is None:
             raise Conflict(f"the CLI VM {vm.id} was destroyed while it booted", code="vm_destroyed")
+        await self._running(vm.id, running.state_dir)
         return vm
 
     async def _wait_placed(self, vm: Vm) -> Vm:
@@ -167,6 +173,8 @@ class VmService:
             )
         if not won:
             await self.runtime.destroy(vm.id)
+            return None
+        await self._running(vm.id, running.state_dir)
         return None
 
     async def give_up(self, vm: Vm, why: str, *, actor: str) -> None:
@@ -192,6 +200,25 @@ class VmService:
                     destroyed_at=now,
                     last_error=f"{NO_HOST}: {why}"[:500],
                 )
+
+    async def adopt(self) -> None:
+        """After a restart: every CLI VM of this node that runs gets ``on_running`` again."""
+        running = {v.vm_id: v for v in await self.runtime.list() if v.role is VmRole.CLI}
+        async with self.db.read() as repo:
+            rows = await repo.vms(
+                role=VmRole.CLI.value, states=[VmState.RUNNING.value], node=self.db.node
+            )
+        for vm in rows:
+            if vm.id in running:
+                await self._running(vm.id, running[vm.id].state_dir)
+
+    async def _running(self, vm_id: str, state_dir: Path) -> None:
+        if self.on_running is None:
+            return
+        try:
+            await self.on_running(vm_id, state_dir)
+        except Exception:  # the VM runs; without its proxy it reaches nothing, as before
+            log.exception("could not set up CLI VM %s", vm_id, extra={"vm_id": vm_id})
 
     async def delete(self, vm_id: str, *, user_id: str | None, actor: str) -> Vm:
         """Destroy a VM at its owner's request (a browser VM's live session is cancelled

@@ -171,6 +171,75 @@ class Credential(Base):
     injected_vm_id: Mapped[str | None] = mapped_column(String(64))
     injected_at: Mapped[datetime | None]
     injected_verified: Mapped[bool | None]
+    # The login this capture made (``grants``); the capture is its version 1. NULL only for
+    # a row written between the migration and the first start of a controller that knows it.
+    grant_id: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+class Grant(Base):
+    """A login: one account of one provider for one user, with exactly one holder.
+
+    ``holder_vm_id`` is the one CLI VM that may refresh it, NULL when only the vault has it.
+    Its files live in ``grant_versions``; ``current_version`` is the newest. A move claims the
+    row with a lease (``move_*``) taken under the row lock; health (``state`` and the
+    expiries) is kept by the health checks."""
+
+    __tablename__ = "grants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    account: Mapped[str] = mapped_column(String(255), default="")  # domain.grants.account_key
+    session_id: Mapped[str | None] = mapped_column(String(64))  # the capture's session
+    holder_vm_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    holder_since: Mapped[datetime | None]
+    state: Mapped[str] = mapped_column(String(16), default="active")  # domain.grants.GrantState
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    state_changed_at: Mapped[datetime | None]
+    access_expires_at: Mapped[datetime | None]
+    refresh_expires_at: Mapped[datetime | None]
+    last_refresh_seen_at: Mapped[datetime | None]
+    last_checked_at: Mapped[datetime | None]
+    last_synced_at: Mapped[datetime | None]
+    current_version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    # Renewal in place: a newer login of the same account replaced this one.
+    superseded_at: Mapped[datetime | None]
+    superseded_by: Mapped[str | None] = mapped_column(String(64))
+    # A move under way: who (a random id per move), until when, and into which VM.
+    move_owner: Mapped[str | None] = mapped_column(String(64))
+    move_lease_until: Mapped[datetime | None]
+    move_target_vm_id: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_grants_user_provider_account", "user_id", "provider", "account"),)
+
+
+class GrantVersion(Base):
+    """One sealed version of a login's files. Kept for audit; the secret of a superseded
+    version is wiped (``nonce``/``ciphertext`` NULL, ``wiped_at`` set) after a retention."""
+
+    __tablename__ = "grant_versions"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    grant_id: Mapped[str] = mapped_column(ForeignKey("grants.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))  # domain.grants.VersionSource
+    session_id: Mapped[str | None] = mapped_column(String(64))
+    vm_id: Mapped[str | None] = mapped_column(String(64))  # read back from this VM
+    key_id: Mapped[str | None] = mapped_column(String(64))
+    nonce: Mapped[bytes | None] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    superseded_at: Mapped[datetime | None]
+    wiped_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_grant_versions_grant_version", "grant_id", "version", unique=True),
+        Index("ix_grant_versions_superseded", "wiped_at", "superseded_at"),
+    )
 
 
 class Event(Base):

@@ -1,11 +1,23 @@
 """The HTTP routes, one module per group: auth sessions, the VNC
-socket and viewer tokens, a session's egress denials, VMs, providers, operations."""
+socket and viewer tokens, a session's egress denials, VMs, logins (credentials),
+providers, operations."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from airlock.api.routes import egress, internal, nodes, ops, providers, sessions, viewer, vms, vnc
+from airlock.api.routes import (
+    credentials,
+    egress,
+    internal,
+    nodes,
+    ops,
+    providers,
+    sessions,
+    viewer,
+    vms,
+    vnc,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     sessions.router,
@@ -13,6 +25,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     viewer.router,
     vnc.router,
     vms.router,
+    credentials.router,
     providers.router,
     ops.router,
     nodes.router,

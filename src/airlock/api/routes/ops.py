@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from airlock.api import schemas
 from airlock.api.deps import CoreDep
+from airlock.domain.grants import GrantState
 from airlock.domain.vms import VmRole, VmState
 
 log = logging.getLogger("airlock.api")
@@ -68,6 +69,7 @@ async def readyz(core: CoreDep) -> JSONResponse:
 async def metrics(core: CoreDep) -> Response:
     async with core.db.read() as repo:
         counts = await repo.count_vms()
+        logins = await repo.count_grants()
     gauge = core.metrics.vms
     gauge.clear()
     # Every role and state is exported, zeros included, so a series does not vanish
@@ -77,4 +79,11 @@ async def metrics(core: CoreDep) -> Response:
             gauge.labels(role.value, state.value).set(0)
     for role_name, state_name, n in counts:
         gauge.labels(role_name, state_name).set(n)
+    by_state = core.metrics.credentials
+    by_state.clear()
+    for provider in core.providers:
+        for grant_state in GrantState:
+            by_state.labels(provider, grant_state.value).set(0)
+    for provider, state_name, n in logins:
+        by_state.labels(provider, state_name).set(n)
     return Response(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from airlock.api import schemas
 from airlock.api.deps import CoreDep, PrincipalDep
@@ -111,6 +111,11 @@ class InjectRequest(BaseModel):
 
     provider: str = Field(min_length=1, max_length=64)
     userId: str | None = Field(None, max_length=128)
+    force: StrictBool = Field(
+        False,
+        description="Move the login even when the VM that holds it cannot be reached (the "
+        "vault's newest version goes in; a stale copy may remain there).",
+    )
 
 
 class InjectOut(BaseModel):
@@ -121,11 +126,18 @@ class InjectOut(BaseModel):
     check: str = Field(description="Which check verified the login, and why it is the best.")
     result: str
     files: list[str]
+    movedFrom: str | None = Field(
+        None,
+        description="The CLI VM the login was taken from (its files removed there); null "
+        "when it came from the vault or was already here.",
+    )
+    version: int = Field(description="The login's version now in this VM (1: the capture).")
     otherHolders: list[str] = Field(
-        description="Other live VMs holding this user's refresh token for the provider."
+        description="VMs that may still hold a stale copy of this login: only after a "
+        "forced move from a holder that could not be reached."
     )
     notice: str | None = Field(
-        None, description="Set when other VMs may be logged out by this handoff."
+        None, description="Set when a stale copy may remain elsewhere (a forced move)."
     )
 
 
@@ -138,6 +150,8 @@ def _inject_out(i: Injection) -> InjectOut:
         check=i.check,
         result=i.summary,
         files=i.files,
+        movedFrom=i.moved_from,
+        version=i.version,
         otherHolders=i.other_holders,
         notice=i.notice,
     )
@@ -146,7 +160,7 @@ def _inject_out(i: Injection) -> InjectOut:
 @router.post(
     "/{vmId}/credentials",
     response_model=InjectOut,
-    summary="Log a CLI VM in with the user's latest credentials for a provider",
+    summary="Log a CLI VM in with the user's login for a provider (a move if another VM holds it)",
     responses=schemas.errors(*schemas.API_ERRORS, 404, 409, 413, 503),
 )
 async def inject_credentials(
@@ -156,6 +170,10 @@ async def inject_credentials(
     assert user_id is not None
     await core.vms.get(vm_id, user_id)  # 404 for a foreign or malformed id, before anything
     injection = await core.handoff.inject_latest(
-        vm_id=vm_id, user_id=user_id, provider_id=body.provider, actor=principal.actor
+        vm_id=vm_id,
+        user_id=user_id,
+        provider_id=body.provider,
+        actor=principal.actor,
+        force=body.force,
     )
     return _inject_out(injection)

@@ -1,6 +1,7 @@
 // The dashboard: sign in with an API token (kept in sessionStorage, this tab only), start
-// logins, watch sessions and CLI VMs (polled while the tab is visible), open a session's
-// live view, and read its timeline.
+// logins, watch sessions, CLI VMs and the logins each holds (polled while the tab is
+// visible), log a VM in, again, or move a login into it, open a session's live view, and
+// read its timeline.
 
 const POLL_MS = 2_000;
 const KEY = "airlock.token";
@@ -10,6 +11,8 @@ let token = sessionStorage.getItem(KEY) || "";
 let pollTimer = null;
 let lastSessions = "";
 let lastVms = "";
+let lastLogins = "";
+let providers = []; // GET /api/providers: {id, name, available, reason?}
 let timelineFor = null;
 
 function message(text) {
@@ -37,6 +40,22 @@ async function api(method, path, body) {
 
 function when(iso) {
   return iso ? new Date(iso).toLocaleTimeString() : "";
+}
+
+function day(iso) {
+  return iso ? new Date(iso).toLocaleString() : "";
+}
+
+const providerName = (id) => providers.find((p) => p.id === id)?.name || id;
+
+// What a person needs to know of a login: its state and, where known, when it ends (the
+// refresh token's end, else the access token's).
+function loginSummary(c) {
+  const end = c.refreshExpiresAt || c.accessExpiresAt;
+  const word = { active: "active", expiring: "expiring", expired: "expired", revoked: "revoked",
+    needs_login: "needs login" }[c.state] || c.state;
+  if (!end || ["revoked", "needs_login"].includes(c.state)) return word; // no end to wait for
+  return `${word}, ${new Date(end) > new Date() ? "expires" : "expired"} ${day(end)}`;
 }
 
 function cell(text, className) {
@@ -95,10 +114,11 @@ function signOut() {
 async function loadProviders() {
   const box = $("providers");
   try {
-    const providers = await api("GET", "/api/providers");
+    providers = await api("GET", "/api/providers");
+    lastVms = ""; // the VMs' rows name the providers: draw them again
     box.replaceChildren(
       ...providers.map((p) =>
-        button(`Log in ${p.id}`, () => startLogin(p.id), {
+        button(`Log in ${p.name}`, () => startLogin(p.id), {
           disabled: !p.available,
           title: [p.available ? p.name : `${p.name}: ${p.reason}`, p.accounts]
             .filter(Boolean)
@@ -120,15 +140,27 @@ async function loadProviders() {
   }
 }
 
-async function startLogin(provider) {
+async function startLogin(provider, cliVmId) {
   message("");
   try {
-    const session = await api("POST", "/api/auth/start", { provider });
+    const body = cliVmId ? { provider, cliVmId } : { provider };
+    const session = await api("POST", "/api/auth/start", body);
     openViewer(session.novncURL);
     await refresh();
   } catch (e) {
-    message(`Cannot start the ${provider} login: ${e.message}`);
+    message(`Cannot start the ${providerName(provider)} login: ${e.message}`);
   }
+}
+
+async function moveHere(provider, vmId) {
+  message("");
+  try {
+    const moved = await api("POST", `/api/vms/${vmId}/credentials`, { provider });
+    message(moved.notice || "");
+  } catch (e) {
+    message(`Cannot move the ${providerName(provider)} login into ${vmId}: ${e.message}`);
+  }
+  await refresh();
 }
 
 function openViewer(url) {
@@ -181,18 +213,99 @@ function renderSessions(sessions) {
 const urls = new Map(); // sessionId -> the newest novncURL (its token is the freshest)
 const latestUrl = (id) => urls.get(id);
 
-function renderVms(vms) {
-  const key = JSON.stringify(vms);
+// One line per provider in a CLI VM's row: the logins it holds (state and expiry, and
+// "Log in again"), or "Move here" for one held elsewhere (another VM, the vault), or "Log in".
+function vmLogins(vm, logins) {
+  const box = document.createElement("td");
+  box.className = "logins";
+  if (vm.state !== "running") {
+    const held = logins.filter((c) => c.holderVmId === vm.vmId);
+    box.textContent = held.map((c) => `${providerName(c.provider)}: ${loginSummary(c)}`).join("; ");
+    return box;
+  }
+  for (const p of providers.filter((p) => p.available)) {
+    const here = logins.filter((c) => c.provider === p.id && c.holderVmId === vm.vmId);
+    const elsewhere = logins.filter((c) => c.provider === p.id && c.holderVmId !== vm.vmId);
+    const line = document.createElement("div");
+    line.className = "login";
+    line.dataset.provider = p.id;
+    const name = document.createElement("strong");
+    name.textContent = p.name;
+    line.append(name);
+    const where = `${p.name} in ${vm.vmId}`;
+    if (here.length) {
+      for (const c of here) {
+        const state = document.createElement("span");
+        state.className = `state-${c.state}`;
+        state.textContent = ` ${c.account ? `${c.account}: ` : ""}${loginSummary(c)} `;
+        line.append(state);
+      }
+      const attention = here.some((c) => c.state !== "active");
+      line.append(button("Log in again", () => startLogin(p.id, vm.vmId), {
+        className: attention ? "primary" : "", ariaLabel: `Log in again: ${where}`,
+      }));
+    } else if (elsewhere.length) {
+      const c = elsewhere[0];
+      const note = document.createElement("span");
+      note.className = "muted";
+      note.textContent = ` ${c.holderVmId ? `in ${c.holderVmId}` : "in the vault"}, ${loginSummary(c)} `;
+      line.append(note, button("Move here", () => moveHere(p.id, vm.vmId), {
+        ariaLabel: `Move here: ${where}`,
+      }));
+    } else {
+      const note = document.createElement("span");
+      note.className = "muted";
+      note.textContent = " not logged in ";
+      line.append(note, button("Log in", () => startLogin(p.id, vm.vmId), {
+        ariaLabel: `Log in: ${where}`,
+      }));
+    }
+    box.append(line);
+  }
+  return box;
+}
+
+function renderVms(vms, logins) {
+  const key = JSON.stringify([vms, logins]);
   if (key === lastVms) return;
   lastVms = key;
   $("vms").replaceChildren(
     ...vms.map((vm) => {
       const tr = document.createElement("tr");
+      tr.dataset.vmId = vm.vmId;
       const actions = cell("", "actions");
       if (!["destroying", "destroyed", "lost"].includes(vm.state)) {
         actions.append(button("Destroy", () => act("DELETE", `/api/vms/${vm.vmId}`)));
       }
-      tr.append(cell(vm.vmId), cell(vm.state, `state-${vm.state}`), cell(when(vm.createdAt)), actions);
+      tr.append(
+        cell(vm.vmId),
+        cell(vm.state, `state-${vm.state}`),
+        vmLogins(vm, logins),
+        cell(when(vm.createdAt)),
+        actions,
+      );
+      return tr;
+    }),
+  );
+}
+
+function renderLogins(logins) {
+  const key = JSON.stringify(logins);
+  if (key === lastLogins) return;
+  lastLogins = key;
+  $("logins").replaceChildren(
+    ...logins.map((c) => {
+      const tr = document.createElement("tr");
+      tr.dataset.grantId = c.grantId;
+      const end = c.refreshExpiresAt || c.accessExpiresAt;
+      tr.append(
+        cell(providerName(c.provider)),
+        cell(c.account),
+        cell(c.holderVmId || "the vault"),
+        cell(c.state === "needs_login" ? "needs login" : c.state, `state-${c.state}`),
+        cell(day(end)),
+        cell(c.stateReason || ""),
+      );
       return tr;
     }),
   );
@@ -232,13 +345,15 @@ async function refresh() {
   clearTimeout(pollTimer);
   if (!token) return;
   try {
-    const [sessions, vms] = await Promise.all([
+    const [sessions, vms, logins] = await Promise.all([
       api("GET", "/api/auth/sessions?limit=50"),
       api("GET", "/api/vms?role=cli"),
+      api("GET", "/api/credentials"),
     ]);
     for (const s of sessions) if (s.novncURL) urls.set(s.sessionId, s.novncURL);
     renderSessions(sessions);
-    renderVms(vms);
+    renderVms(vms, logins);
+    renderLogins(logins);
     if (timelineFor) await showTimeline(timelineFor);
   } catch (e) {
     if (e.status === 401) {

@@ -10,7 +10,7 @@ so a controller with another key file refuses to start instead of handing out vi
 and seals its peers cannot check or open.
 
 Revision ID: 0005_nodes
-Revises: 0004
+Revises: 0005_grants
 Create Date: 2026-12-01
 """
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_nodes"
-down_revision = "0004"
+down_revision = "0005_grants"
 branch_labels = None
 depends_on = None
 
