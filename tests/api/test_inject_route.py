@@ -11,7 +11,7 @@ from sqlalchemy import update
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from airlock.providers.oauth2 import TOKENS_PATH
-from airlock.services.grants import record_capture
+from airlock.services.grant_records import record_capture
 from airlock.store.tables import AuthSession, Credential
 from tests.api.conftest import Api
 from tests.api.test_routes import SECRET

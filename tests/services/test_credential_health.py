@@ -21,7 +21,7 @@ from airlock.providers import claude_code, codex
 from airlock.providers.oauth2 import TOKENS_PATH
 from airlock.services.core import Core
 from airlock.services.credential_health import bus_key
-from airlock.services.grants import credentials_body
+from airlock.services.grant_records import credentials_body
 from airlock.store.tables import Grant, GrantVersion
 from tests.idp_live import LiveIdp, grant_of, live_idp
 from tests.lifecycle_helpers import finish_login, wait_for

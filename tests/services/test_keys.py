@@ -151,7 +151,7 @@ async def test_rotation_covers_login_versions_and_skips_wiped_secrets(
     """Each capture is a login's version 1 (the same sealed blob) and later versions are
     sealed under their own context: all are re-encrypted. A wiped secret has nothing to
     rotate: it neither fails the rotation nor keeps an old key alive."""
-    from airlock.services.grants import context_of, record_capture
+    from airlock.services.grant_records import context_of, record_capture
 
     core = await make_core(start=False)
     assert core.vault is not None

@@ -41,7 +41,7 @@ from airlock.errors import AirlockError, CredentialError
 from airlock.providers.base import Provider, RunOutcome
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
-from airlock.services.grants import context_of, credentials_from_body
+from airlock.services.grant_records import context_of, credentials_from_body
 from airlock.store.db import Database
 from airlock.store.tables import Grant, GrantVersion, Vm
 from airlock.vault import Sealed, Vault, VaultError

@@ -43,7 +43,8 @@ from airlock.errors import AirlockError, Conflict, CredentialError, NotFound, Un
 from airlock.providers.base import InjectFile, Provider, RunOutcome
 from airlock.runtimes.base import Runtime
 from airlock.services.bus import SessionBus
-from airlock.services.grants import GrantService, HolderUnreachable, Lease, record_capture
+from airlock.services.grant_records import record_capture
+from airlock.services.grants import GrantService, HolderUnreachable, Lease
 from airlock.store.db import Database
 from airlock.store.tables import Grant
 

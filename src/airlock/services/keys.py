@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, update
 
 from airlock.clock import Clock
-from airlock.services.grants import context_of
+from airlock.services.grant_records import context_of
 from airlock.store.db import Database
 from airlock.store.tables import Credential, Grant, GrantVersion
 from airlock.vault import Sealed, Vault, VaultError

@@ -34,7 +34,7 @@ from airlock.errors import AirlockError, CredentialError
 from airlock.metrics import Metrics
 from airlock.providers.base import Credentials, Provider
 from airlock.runtimes.base import Runtime
-from airlock.services import grants, records
+from airlock.services import grant_records, records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.leases import browser_spec
@@ -278,7 +278,8 @@ class LoginRunner:
                         captured_at=now,
                     )
                 )
-                await grants.record_capture(repo, session_id, now=now)  # the login (one holder)
+                # the login, with its one holder
+                await grant_records.record_capture(repo, session_id, now=now)
                 repo.add_event(
                     at=now,
                     kind="credential",

@@ -31,7 +31,7 @@ from airlock.errors import Conflict, Forbidden, InvalidInput, NotFound, Unavaila
 from airlock.metrics import Metrics
 from airlock.providers.base import Provider
 from airlock.runtimes.base import Runtime
-from airlock.services import grants, quotas, records
+from airlock.services import grant_records, quotas, records
 from airlock.services.bus import SessionBus
 from airlock.services.egress import EgressManager
 from airlock.services.leases import browser_spec
@@ -229,7 +229,7 @@ class SessionService:
             )
         return self.vault.open_sealed(
             Sealed(version.key_id, version.nonce, version.ciphertext),
-            context=grants.context_of(grant, version),
+            context=grant_records.context_of(grant, version),
         )
 
     async def events(self, session: AuthSession) -> builtins.list[Event]:

@@ -9,7 +9,7 @@ taken up yet. Rows from before are all claimed (their controller booted them).
 so a controller with another key file refuses to start instead of handing out viewer tokens
 and seals its peers cannot check or open.
 
-Revision ID: 0005_nodes
+Revision ID: 0006_nodes
 Revises: 0005_grants
 Create Date: 2026-12-01
 """
@@ -17,7 +17,7 @@ Create Date: 2026-12-01
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_nodes"
+revision = "0006_nodes"
 down_revision = "0005_grants"
 branch_labels = None
 depends_on = None
