@@ -90,3 +90,12 @@ def file_plan(value: Any, where: Callable[[str], Path]) -> FilePlan:
             raise OpError("bad_request", f"mode of {path} must be an int in 0..0o7777")
         plan.append((path, where(path), content, mode))
     return plan
+
+
+def run_args(
+    message: dict[str, Any], max_timeout_s: float
+) -> tuple[list[str], float, dict[str, str]]:
+    """A ``run`` op's argv, its timeout (30 s unless given) and the environment it adds."""
+    argv = str_list(message.get("argv"), "argv")
+    timeout = number(message.get("timeout_s"), "timeout_s", 30.0, max_timeout_s)
+    return argv, timeout, str_dict(message.get("env"), "env")

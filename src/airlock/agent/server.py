@@ -44,12 +44,13 @@ from airlock.agent.oparg import (
     home_path,
     number,
     rel_path,
+    run_args,
     str_dict,
     str_list,
     target_path,
 )
 from airlock.agent.protocol import EGRESS_PORT, LEASE_EXPIRED_EXIT, START_PAGE_PORT
-from airlock.agent.tasks import Owner, exited
+from airlock.agent.tasks import Owner, exited, spawn_piped
 
 log = logging.getLogger("airlock.agent")
 
@@ -380,22 +381,10 @@ class Agent:
         return {"written": written}
 
     async def _op_run(self, message: dict[str, Any]) -> protocol.RunResult:
-        argv = str_list(message.get("argv"), "argv")
-        timeout = number(message.get("timeout_s"), "timeout_s", 30.0, MAX_RUN_TIMEOUT_S)
-        env = self._child_env()
-        env.update(str_dict(message.get("env"), "env"))
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=self.config.home,
-                process_group=0,  # its own group, in the VM's session (CPU weight)
-            )
-        except OSError as exc:
-            raise OpError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
+        argv, timeout, extra_env = run_args(message, MAX_RUN_TIMEOUT_S)
+        env = self._child_env() | extra_env
+        # its own group, in the VM's session (CPU weight)
+        proc = await spawn_piped(argv, env=env, cwd=self.config.home, process_group=0)
         self._owner.children.add(proc)
         assert proc.stdout is not None and proc.stderr is not None
         out, err = bytearray(), bytearray()

@@ -9,7 +9,10 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
+
+from airlock.agent.oparg import OpError
 
 log = logging.getLogger("airlock.agent")
 
@@ -84,3 +87,22 @@ async def exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+async def spawn_piped(
+    argv: list[str], *, env: dict[str, str], cwd: Path, **options: Any
+) -> asyncio.subprocess.Process:
+    """Start a ``run`` op's program, its output piped back and no input; OpError
+    ``spawn_failed`` when it cannot start."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            **options,
+        )
+    except OSError as exc:
+        raise OpError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None

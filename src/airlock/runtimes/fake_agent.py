@@ -33,9 +33,11 @@ from airlock.agent.oparg import (
     home_path,
     number,
     rel_path,
+    run_args,
     str_dict,
     str_list,
 )
+from airlock.agent.tasks import spawn_piped
 from airlock.domain.vms import VmRole
 from airlock.runtimes.skeleton import write_private
 
@@ -285,22 +287,9 @@ class FakeAgent:
         return {"wiped": [p for p in paths if shred(_in_home(vm, rel_path(p, "path")))]}
 
     async def _run(self, vm: FakeVm, message: dict[str, Any]) -> protocol.RunResult:
-        argv = str_list(message.get("argv"), "argv")
-        timeout = number(message.get("timeout_s"), "timeout_s", 30.0, MAX_RUN_TIMEOUT_S)
-        env = {"PATH": RUN_PATH, "HOME": str(vm.home), "LANG": "C.UTF-8"}
-        env.update(str_dict(message.get("env"), "env"))
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=vm.home,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise OpError("spawn_failed", f"cannot start {argv[0]}: {exc.strerror}") from None
+        argv, timeout, extra_env = run_args(message, MAX_RUN_TIMEOUT_S)
+        env = {"PATH": RUN_PATH, "HOME": str(vm.home), "LANG": "C.UTF-8"} | extra_env
+        proc = await spawn_piped(argv, env=env, cwd=vm.home, start_new_session=True)
         timed_out = False
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
