@@ -324,3 +324,22 @@ async def test_a_login_completes_after_the_database_was_away_while_it_was_watche
     await finish_login(api.runtime, ready["vm"]["vmId"])
     done = await api.wait_session(session_id, "completed")
     assert done["credentials"]["captured"] is True
+
+
+async def test_a_request_while_the_database_is_away_is_told_to_retry(
+    fake_api: FakeApi, db_url: str
+) -> None:
+    """503 ``database_unavailable`` with ``Retry-After``, not a bare 500, and the same
+    request answers again once the database is back."""
+    api = fake_api
+    r = await api.client.post(
+        "/api/auth/start", json={"provider": "oauth2", "userId": "alice"}, headers=api.service
+    )
+    session_id = r.json()["sessionId"]
+    async with database_away(db_url):
+        r = await api.client.get(f"/api/auth/session/{session_id}", headers=api.alice)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "database_unavailable"
+        assert r.headers["Retry-After"] == "5"
+    r = await api.client.get(f"/api/auth/session/{session_id}", headers=api.alice)
+    assert r.status_code == 200, r.text

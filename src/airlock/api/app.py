@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +39,7 @@ from airlock.errors import AirlockError, Unauthorized
 from airlock.services.core import Core
 from airlock.services.viewers import ViewerRegistry
 from airlock.settings import Settings
+from airlock.store.db import database_unavailable
 
 log = logging.getLogger("airlock.api")
 
@@ -113,6 +115,8 @@ def _json_error(status: int, code: str, message: str, **headers: str) -> JSONRes
     return JSONResponse(error_body(code, message), status_code=status, headers=headers or None)
 
 
+DATABASE_RETRY_AFTER_S = 5  # a pool timeout or a failover: a few seconds, not a minute
+
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -148,7 +152,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return _json_error(exc.status_code, code, message, **(exc.headers or {}))
 
+    async def database_error(_: Request, exc: Exception) -> JSONResponse:
+        if not database_unavailable(exc):
+            raise exc  # a wrong query is a bug: InternalErrors logs it and answers 500
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return _json_error(
+            503,
+            "database_unavailable",
+            "the database is not answering right now; retry shortly",
+            **{"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )
+
     app.add_exception_handler(AirlockError, airlock_error)
+    app.add_exception_handler(SQLAlchemyError, database_error)
     app.add_exception_handler(IllegalTransition, illegal_transition)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -24,6 +24,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -65,6 +66,16 @@ def _sqlite_begin_deferred(conn: Connection) -> None:
 
 def _sqlite_path(url: str) -> str:
     return url.split(":///", 1)[-1]
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot answer right now (the pool ran dry, the
+    server refused or cut the connection, SQLite's file is locked or broken), as opposed to
+    a query that is wrong: the first is worth a retry, the second is a bug."""
+    if isinstance(exc, sa_exc.TimeoutError):  # the pool's limit, waited for in vain
+        return True
+    wrong = (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.DataError)
+    return isinstance(exc, sa_exc.DBAPIError) and not isinstance(exc, wrong)
 
 
 def make_engine(url: str) -> AsyncEngine:
