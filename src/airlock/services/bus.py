@@ -112,6 +112,10 @@ class SessionBus:
         finally:
             self._leave(session_id)
 
+    def parked(self) -> int:
+        """Waits in progress right now (streams idle between changes, not in a read)."""
+        return sum(len(entry.futures) for entry in self._entries.values())
+
     async def _wait_entry(self, entry: _Entry, seen: int, timeout: float) -> None:
         if entry.version != seen or timeout <= 0:
             return
