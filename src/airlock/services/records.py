@@ -11,7 +11,7 @@ from typing import Any
 from airlock.domain import sessions as session_sm
 from airlock.domain import vms as vm_sm
 from airlock.domain.sessions import SessionStatus
-from airlock.domain.vms import VmState
+from airlock.domain.vms import DestroyReason, VmState
 from airlock.store.repo import Repo
 from airlock.store.tables import AuthSession, Vm
 
@@ -106,3 +106,28 @@ async def move_session(
         for key, value in values.items():
             setattr(session, key, value)
     return won
+
+
+async def record_boot_failure(repo: Repo, vm: Vm, *, now: datetime, actor: str, error: str) -> bool:
+    """A VM that never booted: ``destroying`` then ``destroyed`` with ``boot_failed`` and
+    the error, in one transaction; False when another move won the row first."""
+    if not await move_vm(
+        repo,
+        vm,
+        VmState.DESTROYING,
+        now=now,
+        cause=DestroyReason.BOOT_FAILED,
+        actor=actor,
+        destroy_reason=DestroyReason.BOOT_FAILED,
+    ):
+        return False
+    return await move_vm(
+        repo,
+        vm,
+        VmState.DESTROYED,
+        now=now,
+        cause=DestroyReason.BOOT_FAILED,
+        actor=actor,
+        destroyed_at=now,
+        last_error=error[:500],
+    )

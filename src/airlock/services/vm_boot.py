@@ -135,25 +135,9 @@ class VmBooter:
         except BootFailed as failed:
             async with self.db.transaction() as repo:
                 now = self.clock.now()
-                if await records.move_vm(
-                    repo,
-                    vm,
-                    VmState.DESTROYING,
-                    now=now,
-                    cause=DestroyReason.BOOT_FAILED,
-                    actor=actor,
-                    destroy_reason=DestroyReason.BOOT_FAILED,
-                ):
-                    await records.move_vm(
-                        repo,
-                        vm,
-                        VmState.DESTROYED,
-                        now=now,
-                        cause=DestroyReason.BOOT_FAILED,
-                        actor=actor,
-                        destroyed_at=now,
-                        last_error=str(failed.cause)[:500],
-                    )
+                await records.record_boot_failure(
+                    repo, vm, now=now, actor=actor, error=str(failed.cause)
+                )
             raise
         detail = dict(running.detail)
         if keep_state_dir:

@@ -181,25 +181,9 @@ class VmService:
         """No node could take ``vm``: it ends here with the reason its creator answers."""
         now = self.clock.now()
         async with self.db.transaction() as repo:
-            if await records.move_vm(
-                repo,
-                vm,
-                VmState.DESTROYING,
-                now=now,
-                cause=DestroyReason.BOOT_FAILED,
-                actor=actor,
-                destroy_reason=DestroyReason.BOOT_FAILED,
-            ):
-                await records.move_vm(
-                    repo,
-                    vm,
-                    VmState.DESTROYED,
-                    now=now,
-                    cause=DestroyReason.BOOT_FAILED,
-                    actor=actor,
-                    destroyed_at=now,
-                    last_error=f"{NO_HOST}: {why}"[:500],
-                )
+            await records.record_boot_failure(
+                repo, vm, now=now, actor=actor, error=f"{NO_HOST}: {why}"
+            )
 
     async def adopt(self) -> None:
         """After a restart: every CLI VM of this node that runs gets ``on_running`` again."""
