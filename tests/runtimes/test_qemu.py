@@ -20,6 +20,7 @@ from airlock.domain.vms import VmRole
 from airlock.errors import RuntimeFailure
 from airlock.runtimes.base import VmSpec
 from airlock.runtimes.qemu import QemuRuntime, kvm_openable, probe_kvm
+from airlock.runtimes.vmdir import UNIX_PATH_MAX, unix_path
 from tests.qemu_image import image_dir, minimal_image
 
 # A test may build the image first (make test builds it before pytest; plain pytest may not).
@@ -28,14 +29,20 @@ pytestmark = [pytest.mark.qemu, pytest.mark.timeout(900)]
 MINIMAL = {VmRole.BROWSER: "minimal", VmRole.CLI: "minimal"}
 
 
+# The VMs live this deep, so every socket path in a state dir is longer than sun_path's 107
+# bytes, as under an operator's deep data dir (QEMU could not bind them: it failed to start).
+DEEP = "a-data-dir-deep-enough-that-its-socket-paths-pass-sun-path-107-bytes"
+
+
 @pytest.fixture
 async def runtime(tmp_path: Path) -> AsyncIterator[QemuRuntime]:
     minimal_image()
-    rt = QemuRuntime(tmp_path / "vms", image_dir(), flavors=MINIMAL, boot_timeout_s=90)
+    vms = tmp_path / DEEP / "vms"
+    rt = QemuRuntime(vms, image_dir(), flavors=MINIMAL, boot_timeout_s=90)
     yield rt
-    for vm in await QemuRuntime(tmp_path / "vms", image_dir(), flavors=MINIMAL).list():
+    for vm in await QemuRuntime(vms, image_dir(), flavors=MINIMAL).list():
         await rt.destroy(vm.vm_id)
-    assert not any((tmp_path / "vms").iterdir())
+    assert not vms.exists() or not any(vms.iterdir())
 
 
 def qemu_pids(state_dir: Path) -> list[int]:
@@ -80,7 +87,9 @@ async def test_boot_agent_lifecycle_and_adoption(runtime: QemuRuntime, tmp_path:
         await writer.drain()
         writer.close()
 
-    proxy = await asyncio.start_unix_server(greet, str(vm.state_dir / "egress.sock"))
+    assert len(os.fsencode(vm.state_dir / "agent.sock")) > UNIX_PATH_MAX
+    with unix_path(vm.state_dir / "egress.sock") as egress_name:
+        proxy = await asyncio.start_unix_server(greet, egress_name)
     probe = (
         "import socket; s = socket.create_connection(('127.0.0.1', 3128), 10); "
         "s.sendall(b'ping'); print(s.recv(100).decode())"
@@ -97,7 +106,7 @@ async def test_boot_agent_lifecycle_and_adoption(runtime: QemuRuntime, tmp_path:
     assert secret.encode() not in cmdline
 
     # A restarted controller (a new runtime object) finds the VM and talks to it.
-    adopted = QemuRuntime(tmp_path / "vms", image_dir(), flavors=MINIMAL)
+    adopted = QemuRuntime(tmp_path / DEEP / "vms", image_dir(), flavors=MINIMAL)
     [found] = await adopted.list()
     assert (found.vm_id, found.pid, found.role) == ("q1", vm.pid, VmRole.CLI)
     assert found.detail["accel"] == vm.detail["accel"]

@@ -40,6 +40,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from airlock.agent.streams import open_unix, unix_path
+
 log = logging.getLogger("airlock.agent.mux")
 
 OPEN, DATA, CLOSE, SYNC, SYNC_ACK, WINDOW_UPDATE = 1, 2, 3, 4, 5, 6
@@ -204,7 +206,7 @@ class Mux:
 
     async def _serve_target(self, chan: int, channel: _Channel, path: str) -> None:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 10)
+            reader, writer = await asyncio.wait_for(open_unix(path), 10)
         except (OSError, TimeoutError):
             log.warning("channel %d: cannot reach %s", chan, path)
             await self._close(chan)
@@ -279,7 +281,7 @@ class Mux:
 # -- the two kinds of line ----------------------------------------------------------------
 async def _line_socket(path: str) -> tuple[asyncio.StreamReader, Send, Callable[[], None]]:
     """Host side: QEMU's chardev socket for the port."""
-    reader, writer = await asyncio.open_unix_connection(path)
+    reader, writer = await open_unix(path)
 
     async def send(data: bytes) -> None:
         writer.write(data)
@@ -400,7 +402,8 @@ async def serve(
         ) -> None:
             await mux.accept(name, r, w)
 
-        servers.append(await asyncio.start_unix_server(on_conn, path))
+        with unix_path(path) as bind_name:
+            servers.append(await asyncio.start_unix_server(on_conn, bind_name))
         os.chmod(path, 0o600)
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -1,4 +1,5 @@
-"""Byte streams for the guest and its bridges: one message line, one pipe, one splice.
+"""Byte streams for the guest and its bridges: one message line, one pipe, one splice, and
+Unix sockets at any path length.
 Standard library and ``agent.protocol`` only (it runs inside the VM).
 
 The agent, the vsock bridge, the controller's agent client and the Firecracker double all
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+from collections.abc import Iterator
 
 from airlock.agent import protocol
 
 PIPE_CHUNK = 64 * 1024
+UNIX_PATH_MAX = 107  # sun_path's bytes, without its terminating NUL
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -74,3 +78,26 @@ async def splice(a: Stream, b: Stream) -> None:
         await asyncio.gather(forward, backward, return_exceptions=True)
         for _, w in (a, b):
             w.close()
+
+
+@contextlib.contextmanager
+def unix_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A name to bind or connect the Unix socket at ``path`` by, valid inside the block: the
+    path itself, or when it is longer than sun_path allows (a deep data dir), the same place
+    through ``/proc/self/fd`` of its directory."""
+    raw = os.fspath(path)
+    if len(os.fsencode(raw)) <= UNIX_PATH_MAX:
+        yield raw
+        return
+    directory, name = os.path.split(raw)
+    fd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
+
+
+async def open_unix(path: str | os.PathLike[str], *, limit: int = 2**16) -> Stream:
+    """Connect to the Unix socket at ``path``, however long the path."""
+    with unix_path(path) as name:
+        return await asyncio.open_unix_connection(name, limit=limit)

@@ -62,10 +62,12 @@ from airlock.runtimes.vmdir import (
     PidRecord,
     is_alive,
     log_excerpt,
+    open_unix,
     proc_stat,
     read_meta,
     read_pid,
     set_cpu_nice,
+    unix_path,
 )
 
 log = logging.getLogger(__name__)
@@ -84,9 +86,9 @@ INSTALL_HINT = "apt-get install qemu-system-x86 qemu-utils (scripts/setup.sh --w
 
 # -- processes ------------------------------------------------------------------------------
 def _find_qemu(state_dir: Path) -> list[int]:
-    """QEMU processes started for this state dir (by their QMP socket path on the command
+    """QEMU processes started for this state dir (by their pid file's path on the command
     line): for a VM whose pid file was never written (a controller died mid-create)."""
-    needle = os.fsencode(state_dir / "qmp.sock")
+    needle = os.fsencode(state_dir / "qemu.pid")
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -259,6 +261,9 @@ class QemuRuntime(VmDirRuntime):
     def _qemu_argv(self, spec: VmSpec, state_dir: Path, image: Image, accel: str) -> list[str]:
         assert self.qemu is not None
         s = str(state_dir)
+        # Its sockets are named relative to the state dir, QEMU's working directory at
+        # launch: an absolute path under a deep data dir passes sun_path's 107 bytes, and
+        # QEMU cannot bind it. Files have no such limit and stay absolute.
         # QEMU opens its files, sockets and /dev/kvm as root, then drops to the VM's uid
         # (-runas) under its seccomp filter (QEMU_SANDBOX).
         drop: list[str] = []
@@ -304,7 +309,7 @@ class QemuRuntime(VmDirRuntime):
             "-device",
             "virtio-serial-pci",
             "-chardev",
-            f"socket,id=mux,path={s}/mux.sock,server=on,wait=off",
+            "socket,id=mux,path=mux.sock,server=on,wait=off",
             "-device",
             f"virtserialport,chardev=mux,name={MUX_PORT}",
             "-device",
@@ -312,7 +317,7 @@ class QemuRuntime(VmDirRuntime):
             "-serial",
             f"file:{s}/console.log",
             "-qmp",
-            f"unix:{s}/qmp.sock,server=on,wait=off",
+            "unix:qmp.sock,server=on,wait=off",
             "-pidfile",
             f"{s}/qemu.pid",
             "-daemonize",
@@ -333,6 +338,7 @@ class QemuRuntime(VmDirRuntime):
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
+                cwd=state_dir,  # the sockets' paths are relative to it
                 start_new_session=True,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 timeout=30,
@@ -362,11 +368,11 @@ class QemuRuntime(VmDirRuntime):
             "-m",
             "airlock.agent.mux",
             "--connect",
-            f"{state_dir}/mux.sock",
+            "mux.sock",  # relative to its working directory, the state dir (sun_path)
             "--listen",
-            f"agent={state_dir}/agent.sock",
+            "agent=agent.sock",
             "--listen",
-            f"vnc={state_dir}/vnc.sock",
+            "vnc=vnc.sock",
             "--target",
             f"egress={egress}",
         ]
@@ -377,6 +383,7 @@ class QemuRuntime(VmDirRuntime):
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
+                cwd=state_dir,
                 start_new_session=True,
                 env={
                     "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -415,7 +422,7 @@ class QemuRuntime(VmDirRuntime):
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(state_dir / "vnc.sock"))
+                reader, writer = await open_unix(state_dir / "vnc.sock")
                 try:
                     banner = await asyncio.wait_for(reader.readexactly(12), 5)
                 finally:
@@ -431,13 +438,11 @@ class QemuRuntime(VmDirRuntime):
     async def _connect_agent(
         self, state_dir: Path, secret: str, timeout_s: float = 10
     ) -> AgentClient:
-        reader, writer = await asyncio.open_unix_connection(
-            str(state_dir / "agent.sock"), limit=MAX_MESSAGE + 1
-        )
+        reader, writer = await open_unix(state_dir / "agent.sock", limit=MAX_MESSAGE + 1)
         return await AgentClient.connect(reader, writer, secret, timeout_s=timeout_s)
 
     async def _connect_vnc(self, state_dir: Path) -> Stream:
-        return await asyncio.open_unix_connection(str(state_dir / "vnc.sock"))
+        return await open_unix(state_dir / "vnc.sock")
 
     # -- destroy ----------------------------------------------------------------------------
     async def _destroy_locked(self, vm_id: str, state_dir: Path) -> bool:
@@ -453,7 +458,8 @@ class QemuRuntime(VmDirRuntime):
         """Ask QEMU to quit over QMP; True if it said yes. The kill comes after regardless."""
         qmp = QMPClient(f"airlock-{state_dir.name}")
         try:
-            await asyncio.wait_for(qmp.connect(str(state_dir / "qmp.sock")), 2)
+            with unix_path(state_dir / "qmp.sock") as path:
+                await asyncio.wait_for(qmp.connect(path), 2)
             await asyncio.wait_for(qmp.execute("quit"), 2)
             return True
         except Exception as exc:  # any QMP failure: the kill below still ends it

@@ -8,7 +8,6 @@ other; they share this module and ``skeleton`` (the part of a runtime that is no
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -17,8 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-UNIX_PATH_MAX = 107
+# The runtimes' Unix-socket helpers are the guest's (standard library), re-exported here.
+from airlock.agent.streams import UNIX_PATH_MAX as UNIX_PATH_MAX
+from airlock.agent.streams import Stream as Stream
+from airlock.agent.streams import open_unix as open_unix
+from airlock.agent.streams import unix_path as unix_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,18 +79,6 @@ def is_young(meta: dict[str, Any], grace_s: float) -> bool:
     except (KeyError, ValueError):
         return False
     return (datetime.now(UTC) - created).total_seconds() < grace_s
-
-
-async def open_unix(path: Path, *, limit: int = 2**16) -> Stream:
-    """Connect to a Unix socket whose path may be longer than sun_path allows, by going
-    through ``/proc/self/fd`` of its directory."""
-    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
-        return await asyncio.open_unix_connection(str(path), limit=limit)
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}/{path.name}", limit=limit)
-    finally:
-        os.close(fd)
 
 
 # CPU weights: the nice value of a VM's scheduling group. The controller runs at 0, so its
