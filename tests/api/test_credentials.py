@@ -153,16 +153,19 @@ async def test_the_events_stream_sends_the_list_again_when_a_login_changes(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_the_cli_lists_the_same_logins(api: Api) -> None:
+async def test_the_cli_lists_the_same_logins(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
+    from airlock import cli_common
     from airlock.cli import app
 
+    # A wide terminal, so the table is not folded. The console took its width from COLUMNS
+    # when it was imported (an xdist worker has COLUMNS=80), so the env below is too late.
+    monkeypatch.setattr(cli_common.out, "width", 200)
     await add_login(api, "alice", grant_id="g-alice-1", state=GrantState.EXPIRING)
     env = {
         "AIRLOCK_DATA_DIR": str(api.core.settings.data_dir),
         "AIRLOCK_DATABASE_URL": api.core.settings.database_url or "",
-        "COLUMNS": "200",  # a wide terminal: the table is not folded
     }
     result = await asyncio.to_thread(
         CliRunner().invoke, app, ["credentials", "ls", "--json"], env=env

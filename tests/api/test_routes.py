@@ -554,3 +554,50 @@ async def test_openapi_lists_every_route(api: Api) -> None:
     assert listed == EXPECTED_ROUTES
     docs = await api.client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+# A count that keeps SQLite busy for a moment: a read a client can leave in the middle of.
+SLOW_SQL = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) "
+    "SELECT count(*) FROM c"
+)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_stream_left_in_the_middle_of_a_read_lets_the_read_finish(api: Api) -> None:
+    """A viewer closes the tab while its stream re-reads the session: the read runs to its
+    end and gives its connection back to the pool. Cut inside a query instead, aiosqlite
+    never closes the SQLite connection, and a task waits on it for ever (the orphan-task
+    guard of every test reports it)."""
+    from sqlalchemy import text
+
+    session, _vm = await api.add_session("alice")
+    r = await api.client.get(f"/api/auth/session/{session.id}", headers=api.auth("alice"))
+    first = sse.schemas.SessionOut.model_validate(r.json())
+    reading = asyncio.Event()
+
+    async def slow_read() -> sse.schemas.SessionOut:
+        async with api.core.db.read() as repo:
+            reading.set()
+            await repo.session.execute(text(SLOW_SQL))
+        return first
+
+    stream = sse.session_stream(
+        api.core, session.id, version=api.core.bus.version(session.id), first=first, read=slow_read
+    )
+
+    async def watch() -> None:
+        async for _text in stream:
+            pass
+
+    watcher = asyncio.create_task(watch())
+    await wait_for(lambda: api.core.bus.parked() == 1, timeout=5, what="the stream waits")
+    await api.core.bus.publish(session.id)
+    await asyncio.wait_for(reading.wait(), 5)
+    watcher.cancel()  # the client left, in the middle of the read
+    await asyncio.sleep(0)
+    watcher.cancel()  # a second cancel (the server closing the request) cuts the close too
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+    pool = api.core.db.engine.pool
+    await wait_for(lambda: pool.checkedout() == 0, timeout=10, what="the read's connection back")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi.responses import StreamingResponse
 
@@ -27,12 +29,38 @@ from airlock.services.core import Core
 SSE_HEARTBEAT_S = 15.0
 HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
+T = TypeVar("T")
 Read = Callable[[], Awaitable[schemas.SessionOut]]  # raises NotFound once it is gone
 Extra = Callable[[], Awaitable[str | None]]  # an extra event's data, None: nothing to say
 
 
 def response(stream: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(stream, media_type="text/event-stream", headers=HEADERS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: Exception
+
+
+async def _to_the_end(core: Core, read: Callable[[], Awaitable[T]]) -> T:
+    """``read()``, run to its end even when the stream is cancelled meanwhile (the client
+    left mid-read): a SQLite connection cut inside a query is never closed by aiosqlite,
+    which leaks the connection and a task that waits on it for ever. The read is the core's
+    task; a stream that left drops its result."""
+
+    async def outcome() -> T | _Failed:
+        try:
+            return await read()
+        except Exception as exc:  # handed to the stream, not logged as a crashed task
+            return _Failed(exc)
+
+    if core.tasks.closed:  # shutting down: nothing may be spawned, and the stream ends
+        return await read()
+    result = await asyncio.shield(core.tasks.spawn(outcome(), name="sse-read"))
+    if isinstance(result, _Failed):
+        raise result.error
+    return result
 
 
 def _key(view: schemas.SessionOut) -> str:
@@ -76,7 +104,7 @@ async def _stream(
             last_write = loop.time()
             yield f"event: session\ndata: {view.model_dump_json(by_alias=True)}\n\n"
         for name, extra in extras.items():
-            data = await extra()
+            data = await _to_the_end(core, extra)
             if data is not None and data != sent[name]:
                 sent[name] = data
                 last_write = loop.time()
@@ -96,6 +124,6 @@ async def _stream(
                 break
         last_read = loop.time()
         try:
-            view = await read()
+            view = await _to_the_end(core, read)
         except NotFound:
             return
