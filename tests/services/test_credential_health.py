@@ -242,3 +242,45 @@ async def test_a_login_whose_files_are_on_their_way_is_not_judged(
         await agent.close()
     assert await core.health.check_all() == []
     assert (await one_grant(core, "fay")).state == GrantState.ACTIVE.value
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_login_whose_check_fails_leaves_the_others_judged_and_nothing_running(
+    make_core: CoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One login's check raises (its VM's agent broke, say) while another's is still going:
+    the round goes on to judge the other and ends with no check running. A gather let the
+    first exception end the round at once, with the other check left running past it."""
+    core = await make_core(credential_check_ms=0)
+    now = core.clock.now()
+    async with core.db.transaction() as repo:
+        for grant_id in ("g-fails", "g-slow"):
+            repo.add_grant(
+                Grant(
+                    id=grant_id,
+                    user_id="erin",
+                    provider="oauth2",
+                    account="",
+                    holder_vm_id=None,
+                    state=GrantState.ACTIVE.value,
+                    current_version=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    running: set[str] = set()
+    judged: list[str] = []
+
+    async def check_one(grant: Grant, version: object, vm: object) -> None:
+        running.add(grant.id)
+        try:
+            if grant.id == "g-fails":
+                raise RuntimeError("the holder's agent broke")
+            await asyncio.sleep(0.2)  # a check that takes a moment (its VM's CLI runs)
+            judged.append(grant.id)
+        finally:
+            running.discard(grant.id)
+
+    monkeypatch.setattr(core.health, "_check_one", check_one)
+    assert await core.health.check_all() == []
+    assert judged == ["g-slow"] and running == set()

@@ -105,7 +105,9 @@ async def test_a_rotation_that_cannot_finish_keeps_every_old_key(make_core: Core
         await repo.session.execute(
             update(Credential)
             .where(Credential.id == victim.id)
-            .values(ciphertext=b"\0" + victim.ciphertext[1:])
+            # Every bit of the first byte flipped: a constant byte left it as it was when
+            # the ciphertext began with it (1 run in 256).
+            .values(ciphertext=bytes([victim.ciphertext[0] ^ 0xFF]) + victim.ciphertext[1:])
         )
 
     with pytest.raises(VaultError, match="does not decrypt"):

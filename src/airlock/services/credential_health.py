@@ -120,13 +120,23 @@ class CredentialHealth:
             limit = asyncio.Semaphore(CHECKS_AT_ONCE)
 
             async def one(grant: Grant) -> HealthChange | None:
+                # One login's failure (its VM, the database for a moment) is logged and
+                # judged again next round; it neither ends the others' checks nor, as a
+                # gather's first exception did, leaves them running past the round.
                 async with limit:
                     version = versions.get((grant.id, grant.current_version))
                     vm = vms.get(grant.holder_vm_id or "")
-                    return await self._check_one(grant, version, vm)
+                    try:
+                        return await self._check_one(grant, version, vm)
+                    except Exception:
+                        log.exception(
+                            "the health check of a login failed", extra={"grant_id": grant.id}
+                        )
+                        return None
 
-            results = await asyncio.gather(*(one(g) for g in grants))
-        return [c for c in results if c is not None]
+            async with asyncio.TaskGroup() as group:
+                checks = [group.create_task(one(g)) for g in grants]
+        return [c for c in (task.result() for task in checks) if c is not None]
 
     async def _check_one(
         self, grant: Grant, version: GrantVersion | None, vm: Vm | None
