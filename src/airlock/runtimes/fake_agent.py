@@ -258,8 +258,11 @@ class FakeAgent:
             left = deadline - time.monotonic()
             if vm.captured is not None or left <= 0:
                 break
+            # asyncio.timeout, not wait_for: on 3.11 wait_for makes a task per call, and a
+            # thousand VMs' captures wait here once a second each.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(vm.changed.wait(), min(left, CAPTURE_POLL_S))
+                async with asyncio.timeout(min(left, CAPTURE_POLL_S)):
+                    await vm.changed.wait()
         if vm.captured is None:
             return {"captured": False}
         return {

@@ -286,6 +286,20 @@ class Repo(NodeRows, GrantRows):
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
+    async def set_vms(self, vm_ids: Sequence[str], expect: Iterable[VmState], **values: Any) -> int:
+        """``set_vm`` for many VMs in one statement (in chunks, for SQLite's bound-parameter
+        limit); how many rows it changed."""
+        changed = 0
+        for at in range(0, len(vm_ids), 500):
+            result = await self.session.execute(
+                update(Vm)
+                .where(Vm.id.in_(list(vm_ids[at : at + 500])), Vm.state.in_(list(expect)))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            changed += int(result.rowcount)  # type: ignore[attr-defined]
+        return changed
+
     async def warm_vms(
         self,
         states: Iterable[VmState],
