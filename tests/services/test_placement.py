@@ -116,3 +116,33 @@ async def test_logins_land_only_on_active_nodes_and_boot_on_their_node(
 
 async def _destroyed(core: Core, vm_id: str) -> bool:
     return (await core.vms.get(vm_id, None)).state == VmState.DESTROYED.value
+
+
+async def test_a_node_whose_boot_fails_hands_the_login_back_and_another_boots_it(
+    make_core: CoreFactory,
+) -> None:
+    """node-b is chosen (it looks freer) but cannot boot a browser VM (its Chromium is
+    gone): it hands the row back, node-a boots it, and the person's login goes on there;
+    nothing of it stays on b."""
+    a = await make_core(node="a", **NODES)
+    b = await make_core(node="b", **NODES)
+    b.runtime.chromium = "/nonexistent/chromium"  # type: ignore[attr-defined]  # sandbox's
+    async with a.db.transaction() as repo:
+        await repo.set_node("node-a", browser_capacity=3)  # b (0 of 64) is the freer one
+    session, vm = await a.sessions.start(user_id="alice", provider_id="oauth2", actor="test")
+    assert vm.node == "node-b"
+
+    async def awaiting() -> bool:
+        got, _vm = await a.sessions.get(session.id, None)
+        assert got.status != SessionStatus.FAILED.value, got.failure_message
+        return got.status == SessionStatus.AWAITING_USER.value
+
+    await wait_for(awaiting, timeout=90, what="the login awaits its user on another node")
+    moved = await a.vms.get(vm.id, None)
+    assert moved.node == "node-a"
+    causes = await _events(a, vm.id)
+    assert causes.count("handed_back") == 1 and causes.count("booted") == 1
+    assert vm.id in await running_ids(a.runtime)
+    assert vm.id not in await running_ids(b.runtime)
+    await a.sessions.cancel(session.id, None, actor="test")
+    await wait_for(lambda: _destroyed(a, vm.id), timeout=30)
