@@ -26,6 +26,7 @@ from airlock.api.app import create_app
 from airlock.providers.oauth2 import TOKENS_PATH, demo_oauth2_provider
 from airlock.runtimes.fake import FakeRuntime
 from airlock.runtimes.vmdir import proc_stat, read_pid
+from airlock.services import session_login
 from airlock.services.core import Core
 from airlock.settings import Settings
 from tests.api.live import serve
@@ -300,10 +301,16 @@ async def database_away(db_url: str) -> AsyncIterator[None]:
 
 
 async def test_a_login_completes_after_the_database_was_away_while_it_was_watched(
-    fake_api: FakeApi, db_url: str, caplog: pytest.LogCaptureFixture
+    fake_api: FakeApi,
+    db_url: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A capture watch that meets a database error keeps watching. It used to end there
     (a pool timeout under load did it), and that session never saw its capture."""
+    # The watch reads the rows every round, not every third: it meets the outage within
+    # one capture poll.
+    monkeypatch.setattr(session_login, "ROWS_EVERY", 1)
     api = fake_api
     r = await api.client.post(
         "/api/auth/start", json={"provider": "oauth2", "userId": "alice"}, headers=api.service
