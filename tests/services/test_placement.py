@@ -146,3 +146,27 @@ async def test_a_node_whose_boot_fails_hands_the_login_back_and_another_boots_it
     assert vm.id not in await running_ids(b.runtime)
     await a.sessions.cancel(session.id, None, actor="test")
     await wait_for(lambda: _destroyed(a, vm.id), timeout=30)
+
+
+async def test_a_warm_vm_on_another_node_is_taken_first(make_core: CoreFactory) -> None:
+    """node-b keeps a warm VM, node-a none: a login started through node-a goes to b's warm
+    VM (no cold boot anywhere), b starts the login on it and the person's login goes on."""
+    from tests.services.test_warm_pool import pool_ready
+
+    a = await make_core(node="a", **NODES)
+    b = await make_core(node="b", warm_pool=1, **NODES)
+    [warm] = await pool_ready(b, 1)
+    session, vm = await a.sessions.start(user_id="alice", provider_id="oauth2", actor="test")
+    assert (vm.id, vm.node) == (warm, "node-b")
+
+    async def awaiting() -> bool:
+        got, _vm = await a.sessions.get(session.id, None)
+        assert got.status != SessionStatus.FAILED.value, got.failure_message
+        return got.status == SessionStatus.AWAITING_USER.value
+
+    await wait_for(awaiting, timeout=60, what="the login awaits its user on b's warm VM")
+    causes = await _events(a, vm.id)
+    assert "warm_claimed" in causes and causes.count("booted") == 1  # its boot as a warm VM
+    assert await running_ids(a.runtime) == set()
+    await a.sessions.cancel(session.id, None, actor="test")
+    await wait_for(lambda: _destroyed(a, vm.id), timeout=30)
