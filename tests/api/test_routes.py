@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 
 from airlock.api import sse
@@ -19,6 +20,7 @@ from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from airlock.store.tables import AuthSession, Credential
 from tests.api.conftest import BASE_URL, Api, ApiFactory
+from tests.api.live import serve
 from tests.lifecycle_helpers import wait_for
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -294,32 +296,47 @@ async def _move_vm(api: Api, vm_id: str, frm: VmState, to: VmState, publish: str
 async def test_events_follow_changes_until_the_vm_is_gone(make_api: ApiFactory) -> None:
     api = await make_api(events_resync_ms=200)  # the safety net's re-read, made short
     session, vm = await api.add_session("alice")
-    stream = asyncio.create_task(
-        api.client.get(f"/api/auth/session/{session.id}/events", headers=api.auth("alice"))
-    )
-    await asyncio.sleep(0.3)
-    await _move_vm(api, vm.id, VmState.RUNNING, VmState.DRAINING, publish=session.id)
-    await asyncio.sleep(0.3)
-    # No publish: as if a process that announces nothing (the CLI on SQLite) made the
-    # change; the safety net's re-read finds it.
-    await _move_vm(api, vm.id, VmState.DRAINING, VmState.DESTROYED, publish=None)
-    r = await asyncio.wait_for(stream, 10)
-    events, _ = parse_sse(r.text)
+    received: list[str] = []
+    async with (
+        serve(api.app, lifespan=False) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as client,
+        client.stream(
+            "GET", f"/api/auth/session/{session.id}/events", headers=api.auth("alice")
+        ) as r,
+    ):
+        # Each change once the stream has sent the state before it (read as it comes).
+        async for line in r.aiter_lines():
+            received.append(line)
+            if line.startswith("data: ") and '"running"' in line:
+                await _move_vm(api, vm.id, VmState.RUNNING, VmState.DRAINING, publish=session.id)
+            elif line.startswith("data: ") and '"draining"' in line:
+                # No publish: as if a process that announces nothing (the CLI on SQLite)
+                # made the change; the safety net's re-read finds it.
+                await _move_vm(api, vm.id, VmState.DRAINING, VmState.DESTROYED, publish=None)
+    events, _ = parse_sse("\n".join(received) + "\n")
     states = [e["vm"]["state"] for e in events]
     assert states == ["running", "draining", "destroyed"]
     assert events[-1]["novncURL"] is None
 
 
 async def test_events_send_heartbeats(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a real socket, read as it comes: two heartbeats, then the change, then the end.
+    (It used to wait half a second and count what came: one heartbeat on a loaded host.)"""
     monkeypatch.setattr(sse, "SSE_HEARTBEAT_S", 0.1)
     session, vm = await api.add_session("alice")
-    stream = asyncio.create_task(
-        api.client.get(f"/api/auth/session/{session.id}/events", headers=api.auth("alice"))
-    )
-    await asyncio.sleep(0.5)
-    await _move_vm(api, vm.id, VmState.RUNNING, VmState.LOST, publish=session.id)
-    r = await asyncio.wait_for(stream, 10)
-    events, heartbeats = parse_sse(r.text)
+    received: list[str] = []
+    async with (
+        serve(api.app, lifespan=False) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as client,
+        client.stream(
+            "GET", f"/api/auth/session/{session.id}/events", headers=api.auth("alice")
+        ) as r,
+    ):
+        async for line in r.aiter_lines():
+            received.append(line)
+            if received.count(": keepalive") == 2 and line == ": keepalive":
+                await _move_vm(api, vm.id, VmState.RUNNING, VmState.LOST, publish=session.id)
+    events, heartbeats = parse_sse("\n".join(received) + "\n")
     assert [e["vm"]["state"] for e in events] == ["running", "lost"]  # nothing repeated
     assert heartbeats >= 2
 
