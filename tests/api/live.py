@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -53,3 +54,32 @@ async def serve(app: FastAPI, *, lifespan: bool, port: int = 0) -> AsyncIterator
                 await task
         finally:
             sock.close()
+
+
+OnLine = Callable[[str, list[str]], Awaitable[None]]
+
+
+async def read_sse(
+    app: FastAPI,
+    path: str,
+    on_line: OnLine,
+    *,
+    headers: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> str:
+    """An SSE stream's whole text, read over a real socket as it comes (the in-process
+    client hands a stream over only once it ended). ``on_line(line, lines so far)`` runs
+    after each line, so a test changes things once the stream has sent what comes
+    before, instead of sleeping and hoping it had."""
+    lines: list[str] = []
+    async with (
+        serve(app, lifespan=False) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as client,
+        client.stream("GET", path, headers=headers, params=params) as r,
+    ):
+        assert r.status_code == 200, await r.aread()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        async for line in r.aiter_lines():
+            lines.append(line)
+            await on_line(line, lines)
+    return "\n".join(lines) + "\n"

@@ -10,7 +10,6 @@ import asyncio
 import json
 from datetime import timedelta
 
-import httpx
 import pytest
 
 from airlock.api.routes import credentials as credential_routes
@@ -18,7 +17,7 @@ from airlock.domain.grants import GrantState, VersionSource, version_context
 from airlock.services.credential_health import bus_key
 from airlock.store.tables import Grant, GrantVersion
 from tests.api.conftest import Api
-from tests.api.live import serve
+from tests.api.live import read_sse
 
 ACCESS = "at-secret-5d1f3a"
 REFRESH = "rt-secret-8e2c71"
@@ -139,26 +138,18 @@ async def test_the_events_stream_sends_the_list_again_when_a_login_changes(
 ) -> None:
     monkeypatch.setattr(credential_routes, "SSE_MAX_S", 3.0)  # the test reads a whole stream
     await add_login(api, "alice", grant_id="g-1")
-    lines: list[str] = []
-    async with (
-        serve(api.app, lifespan=False) as url,
-        httpx.AsyncClient(base_url=url, timeout=20) as client,
-        client.stream("GET", "/api/credentials/events", headers=api.auth("alice")) as r,
-    ):
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        async for line in r.aiter_lines():  # read as it comes: the change after the first
-            lines.append(line)
-            first_event = (
-                line.startswith("data: ") and sum(x.startswith("data: ") for x in lines) == 1
-            )
-            if first_event:
-                async with api.core.db.transaction() as repo:
-                    await repo.set_grant("g-1", state=GrantState.REVOKED.value)
-                await api.core.bus.publish(bus_key("alice"))
-    text = "\n".join(lines) + "\n"
+
+    async def revoke_after_the_first(line: str, lines: list[str]) -> None:
+        if line.startswith("data: ") and sum(x.startswith("data: ") for x in lines) == 1:
+            async with api.core.db.transaction() as repo:
+                await repo.set_grant("g-1", state=GrantState.REVOKED.value)
+            await api.core.bus.publish(bus_key("alice"))
+
+    text = await read_sse(
+        api.app, "/api/credentials/events", revoke_after_the_first, headers=api.auth("alice")
+    )
     assert text.startswith("retry: ")
-    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    events = [json.loads(x[6:]) for x in text.splitlines() if x.startswith("data: ")]
     assert [[c["state"] for c in e] for e in events] == [["active"], ["revoked"]]
     assert text.count("event: credentials") == 2  # nothing repeated without a change
 

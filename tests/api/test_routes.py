@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import pytest
 
 from airlock.api import sse
@@ -20,7 +19,7 @@ from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmRole, VmState
 from airlock.store.tables import AuthSession, Credential
 from tests.api.conftest import BASE_URL, Api, ApiFactory
-from tests.api.live import serve
+from tests.api.live import read_sse
 from tests.lifecycle_helpers import wait_for
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -296,24 +295,18 @@ async def _move_vm(api: Api, vm_id: str, frm: VmState, to: VmState, publish: str
 async def test_events_follow_changes_until_the_vm_is_gone(make_api: ApiFactory) -> None:
     api = await make_api(events_resync_ms=200)  # the safety net's re-read, made short
     session, vm = await api.add_session("alice")
-    received: list[str] = []
-    async with (
-        serve(api.app, lifespan=False) as url,
-        httpx.AsyncClient(base_url=url, timeout=10) as client,
-        client.stream(
-            "GET", f"/api/auth/session/{session.id}/events", headers=api.auth("alice")
-        ) as r,
-    ):
-        # Each change once the stream has sent the state before it (read as it comes).
-        async for line in r.aiter_lines():
-            received.append(line)
-            if line.startswith("data: ") and '"running"' in line:
-                await _move_vm(api, vm.id, VmState.RUNNING, VmState.DRAINING, publish=session.id)
-            elif line.startswith("data: ") and '"draining"' in line:
-                # No publish: as if a process that announces nothing (the CLI on SQLite)
-                # made the change; the safety net's re-read finds it.
-                await _move_vm(api, vm.id, VmState.DRAINING, VmState.DESTROYED, publish=None)
-    events, _ = parse_sse("\n".join(received) + "\n")
+
+    async def change(line: str, _lines: list[str]) -> None:
+        # Each change once the stream has sent the state before it.
+        if line.startswith("data: ") and '"running"' in line:
+            await _move_vm(api, vm.id, VmState.RUNNING, VmState.DRAINING, publish=session.id)
+        elif line.startswith("data: ") and '"draining"' in line:
+            # No publish: as if a process that announces nothing (the CLI on SQLite)
+            # made the change; the safety net's re-read finds it.
+            await _move_vm(api, vm.id, VmState.DRAINING, VmState.DESTROYED, publish=None)
+
+    path = f"/api/auth/session/{session.id}/events"
+    events, _ = parse_sse(await read_sse(api.app, path, change, headers=api.auth("alice")))
     states = [e["vm"]["state"] for e in events]
     assert states == ["running", "draining", "destroyed"]
     assert events[-1]["novncURL"] is None
@@ -324,19 +317,14 @@ async def test_events_send_heartbeats(api: Api, monkeypatch: pytest.MonkeyPatch)
     (It used to wait half a second and count what came: one heartbeat on a loaded host.)"""
     monkeypatch.setattr(sse, "SSE_HEARTBEAT_S", 0.1)
     session, vm = await api.add_session("alice")
-    received: list[str] = []
-    async with (
-        serve(api.app, lifespan=False) as url,
-        httpx.AsyncClient(base_url=url, timeout=10) as client,
-        client.stream(
-            "GET", f"/api/auth/session/{session.id}/events", headers=api.auth("alice")
-        ) as r,
-    ):
-        async for line in r.aiter_lines():
-            received.append(line)
-            if received.count(": keepalive") == 2 and line == ": keepalive":
-                await _move_vm(api, vm.id, VmState.RUNNING, VmState.LOST, publish=session.id)
-    events, heartbeats = parse_sse("\n".join(received) + "\n")
+
+    async def after_two_heartbeats(line: str, lines: list[str]) -> None:
+        if line == ": keepalive" and lines.count(": keepalive") == 2:
+            await _move_vm(api, vm.id, VmState.RUNNING, VmState.LOST, publish=session.id)
+
+    path = f"/api/auth/session/{session.id}/events"
+    text = await read_sse(api.app, path, after_two_heartbeats, headers=api.auth("alice"))
+    events, heartbeats = parse_sse(text)
     assert [e["vm"]["state"] for e in events] == ["running", "lost"]  # nothing repeated
     assert heartbeats >= 2
 

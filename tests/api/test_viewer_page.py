@@ -4,7 +4,6 @@ write them); the whole flow through a real VM is tests/e2e/test_viewer.py."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from airlock.api.deps import ViewerSigner
 from airlock.domain.sessions import SessionStatus
 from airlock.domain.vms import VmState
 from tests.api.conftest import Api
+from tests.api.live import read_sse
 from tests.api.test_errors import assert_error
 from tests.api.test_routes import _move_vm, parse_sse
 
@@ -125,15 +125,14 @@ async def test_events_with_the_viewer_token_carry_no_viewer_url(api: Api) -> Non
     assert_error(await api.client.get(url), 401)
     assert_error(await api.client.get(url, headers=api.auth("alice")), 401)
 
-    stream = asyncio.create_task(api.client.get(url, params={"token": token}))
-    await asyncio.sleep(0.3)
-    await _move_vm(api, vm.id, VmState.RUNNING, VmState.DRAINING, publish=session.id)
-    await asyncio.sleep(0.3)
-    await _move_vm(api, vm.id, VmState.DRAINING, VmState.DESTROYED, publish=session.id)
-    r = await asyncio.wait_for(stream, 10)
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/event-stream")
-    events, _ = parse_sse(r.text)
+    async def change(line: str, _lines: list[str]) -> None:
+        # Each change once the stream has sent the state before it.
+        if line.startswith("data: ") and '"running"' in line:
+            await _move_vm(api, vm.id, VmState.RUNNING, VmState.DRAINING, publish=session.id)
+        elif line.startswith("data: ") and '"draining"' in line:
+            await _move_vm(api, vm.id, VmState.DRAINING, VmState.DESTROYED, publish=session.id)
+
+    events, _ = parse_sse(await read_sse(api.app, url, change, params={"token": token}))
     assert [e["vm"]["state"] for e in events] == ["running", "draining", "destroyed"]
     assert all(e["novncURL"] is None for e in events)
     assert events[0]["sessionId"] == session.id

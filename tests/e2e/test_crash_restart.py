@@ -63,9 +63,14 @@ async def test_kill9_during_grace_then_restart(server_factory: Any) -> None:
         wait = (destroy_after - datetime.now(destroy_after.tzinfo)).total_seconds() - 0.5
         assert wait > 1, "the restart took longer than the grace period; raise GRACE_MS"
         await asyncio.sleep(wait)
-        assert vm_id in {v.vm_id for v in await server.runtime.list()}
         vm = (await client.get(f"/api/vms/{vm_id}")).json()
-        assert vm["state"] == "draining"
+        running = {v.vm_id for v in await server.runtime.list()}
+        # On a loaded host the two looks can end past the deadline: what they saw before it
+        # must be a VM that still drains (the destroy's own time is checked below as well).
+        if datetime.now(destroy_after.tzinfo) < destroy_after:
+            assert vm["state"] == "draining" and vm_id in running
+        else:
+            assert vm["state"] in ("draining", "destroying", "destroyed")
         # Destroyed at the deadline by the new process.
         gone = await poll(client, f"/api/vms/{vm_id}", "state", "destroyed", timeout=5)
         assert parse(gone["destroyedAt"]) >= destroy_after

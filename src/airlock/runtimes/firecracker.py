@@ -334,7 +334,10 @@ class FirecrackerRuntime(VmDirRuntime):
         self._procs[plan.vm_id] = proc
         plan.proc = proc
         # `ip netns exec` and the jailer exec Firecracker in place: this pid is the VMM.
-        plan.record = record_pid(plan.state_dir / "pid", proc.pid, what="Firecracker")
+        try:
+            plan.record = record_pid(plan.state_dir / "pid", proc.pid, what="Firecracker")
+        except RuntimeFailure:  # gone before its pid was recorded: say with what, as below
+            raise RuntimeFailure(f"Firecracker exited with {proc.wait(timeout=5)}") from None
         api = plan.state_dir / API_SOCK
         deadline = time.monotonic() + min(self.boot_timeout_s, 10.0)
         while not api.exists():

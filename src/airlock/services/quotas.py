@@ -5,8 +5,9 @@ node, both with ``Retry-After``)."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 
+from airlock.clock import Clock
 from airlock.domain.quotas import Limits, Refusal, Scope, StartKind, decide
 from airlock.errors import AirlockError, TooManyRequests, Unavailable
 from airlock.store.repo import Repo
@@ -20,12 +21,15 @@ async def check(
     *,
     user_id: str,
     limits: Limits,
-    now: datetime,
+    clock: Clock,
     login_timeout: timedelta,
 ) -> Refusal | None:
     """Take the quota locks (held until ``repo``'s transaction ends: the caller inserts
-    its row in the same transaction), count, decide."""
+    its row in the same transaction), count, decide. The time is read once the locks are
+    held: a start that waited for them behind others must not count from before their
+    rows (its ``Retry-After`` came out a second past the 10-minute login deadline)."""
     await repo.lock_quota(user_id)
+    now = clock.now()
     usage = await repo.quota_usage(user_id, now=now, login_timeout=login_timeout)
     refusal = decide(kind, usage, limits, now)
     if refusal is not None:

@@ -325,7 +325,7 @@ class SessionService:
             StartKind.LOGIN,
             user_id=session.user_id,
             limits=self.limits,
-            now=now,
+            clock=self.clock,
             login_timeout=self.policy.durations.login_timeout,
         )
         if self.placement is not None and refusal is not None and refusal.scope is Scope.NODE:

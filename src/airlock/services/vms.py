@@ -108,7 +108,7 @@ class VmService:
                 StartKind.CLI_VM,
                 user_id=user_id,
                 limits=self.limits,
-                now=now,
+                clock=self.clock,
                 login_timeout=timedelta(0),  # CLI VMs have no login
             )
             # A user's own limit is the user's; where there is room is placement's.
