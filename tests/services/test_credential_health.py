@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -147,6 +147,23 @@ VENDOR_CHECKS: dict[str, tuple[str, Callable[[], bytes]]] = {
 }
 
 
+def active_grant(
+    grant_id: str, user: str, provider_id: str, *, holder: str | None, now: datetime
+) -> Grant:
+    """A login's row at version 1, ``active``, held by ``holder`` (None: the vault)."""
+    return Grant(
+        id=grant_id,
+        user_id=user,
+        provider=provider_id,
+        account="",
+        holder_vm_id=holder,
+        state=GrantState.ACTIVE.value,
+        current_version=1,
+        created_at=now,
+        updated_at=now,
+    )
+
+
 async def hold(core: Core, user: str, provider_id: str, files: dict[str, bytes], vm_id: str) -> str:
     """A login of ``provider_id`` held by ``vm_id``, as a move leaves it: its files sealed
     as the newest version in the vault, and written into the VM."""
@@ -162,19 +179,7 @@ async def hold(core: Core, user: str, provider_id: str, files: dict[str, bytes],
     )
     now = core.clock.now()
     async with core.db.transaction() as repo:
-        repo.add_grant(
-            Grant(
-                id=grant_id,
-                user_id=user,
-                provider=provider_id,
-                account="",
-                holder_vm_id=vm_id,
-                state=GrantState.ACTIVE.value,
-                current_version=1,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        repo.add_grant(active_grant(grant_id, user, provider_id, holder=vm_id, now=now))
         await repo.session.flush()
         repo.add_grant_version(
             GrantVersion(
@@ -255,19 +260,7 @@ async def test_a_login_whose_check_fails_leaves_the_others_judged_and_nothing_ru
     now = core.clock.now()
     async with core.db.transaction() as repo:
         for grant_id in ("g-fails", "g-slow"):
-            repo.add_grant(
-                Grant(
-                    id=grant_id,
-                    user_id="erin",
-                    provider="oauth2",
-                    account="",
-                    holder_vm_id=None,
-                    state=GrantState.ACTIVE.value,
-                    current_version=1,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            repo.add_grant(active_grant(grant_id, "erin", "oauth2", holder=None, now=now))
     running: set[str] = set()
     judged: list[str] = []
 
